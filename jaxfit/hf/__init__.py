@@ -1,0 +1,137 @@
+"""Hugging Face checkpoint import and export for every jaxfit model family.
+
+Public API::
+
+    model, params = jaxfit.hf.load_pretrained("openai/clip-vit-base-patch32")
+    jaxfit.hf.save_pretrained(model, params, "out_dir")  # transformers can load out_dir
+
+A family is a module ``jaxfit.hf.<family>`` that provides:
+
+* ``MODEL_TYPES``: the ``model_type`` values of ``config.json`` it handles;
+* ``MODEL_CLASS``: its linen module class (instances carry ``.config``);
+* ``config_from_hf(hf_config: dict) -> config`` and ``config_to_hf(config) -> dict``;
+* ``rules(config) -> list[jaxfit.hf.mapping.Rule]``: the name map;
+* ``init_inputs(config) -> dict``: keyword inputs for ``model.init`` (tiny shapes);
+* ``IGNORE``: substrings of HF tensor names that may be present without a rule.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import json
+import os
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxfit.hf import io, mapping
+
+FAMILIES = {"clip": "jaxfit.hf.clip", "gpt2": "jaxfit.hf.gpt2", "llama": "jaxfit.hf.llama"}
+
+
+def family_for_model_type(model_type: str) -> ModuleType:
+    """The family module for an HF ``model_type``; ``ValueError`` if jaxfit has none."""
+    for name in FAMILIES.values():
+        try:
+            fam = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        if model_type in fam.MODEL_TYPES:
+            return fam
+    raise ValueError(f"no jaxfit model family for Hugging Face model_type {model_type!r}")
+
+
+def family_for_model(model: Any) -> ModuleType:
+    """The family module whose ``MODEL_CLASS`` is ``type(model)``; ``TypeError`` if none."""
+    for name in FAMILIES.values():
+        try:
+            fam = importlib.import_module(name)
+        except ModuleNotFoundError:
+            continue
+        if isinstance(model, fam.MODEL_CLASS):
+            return fam
+    raise TypeError(f"no Hugging Face export for {type(model).__name__}")
+
+
+def abstract_params(model, family: ModuleType):
+    """Parameter tree of ``jax.ShapeDtypeStruct`` for ``model`` (no memory allocated)."""
+    inputs = family.init_inputs(model.config)
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
+    return shapes["params"]
+
+
+def load_pretrained(
+    path_or_name: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    compute_dtype: Any = None,
+    **config_overrides,
+):
+    """Load an HF checkpoint (local directory or Hub name) as ``(model, params)``.
+
+    Tensors are streamed from ``model.safetensors`` (or its shards) one at a time and
+    converted to ``dtype`` on the host; torch is not needed.
+
+    Args:
+      path_or_name: a directory with ``config.json`` + safetensors, or a Hub name.
+      dtype: parameter storage dtype (``param_dtype``), float32 by default.
+      compute_dtype: the model's compute ``dtype`` (default: same as ``dtype``).
+      **config_overrides: fields of the family's config to replace (e.g.
+        ``remat_policy="full"``).
+
+    Returns:
+      ``(model, params)``: a linen module and its ``params`` tree (nested dicts).
+
+    Raises:
+      FileNotFoundError: no such directory / Hub repository, or no weights in it.
+      ValueError: an unsupported ``model_type`` or a tensor that does not fit the model.
+    """
+    directory = io.resolve(path_or_name)
+    hf_config = io.read_config(directory)
+    family = family_for_model_type(hf_config.get("model_type", ""))
+    config = family.config_from_hf(hf_config)
+    config = dataclasses.replace(
+        config, dtype=compute_dtype or dtype, param_dtype=dtype, **config_overrides
+    )
+    model = family.MODEL_CLASS(config)
+    shapes = abstract_params(model, family)
+    with io.TensorReader(directory) as reader:
+        params = mapping.load_params(
+            family.rules(config),
+            reader.__getitem__,
+            shapes,
+            dtype=dtype,
+            available=set(reader.keys()),
+            ignore=family.IGNORE,
+        )
+    return model, params
+
+
+def save_pretrained(model, params, out_dir: str | os.PathLike, *, dtype: Any = None) -> Path:
+    """Write ``config.json`` + safetensors that ``transformers`` ``from_pretrained`` loads.
+
+    Args:
+      model: a jaxfit model (its ``.config`` gives the architecture).
+      params: its parameter tree.
+      out_dir: output directory (created).
+      dtype: tensor dtype in the files (default: the parameters' dtype).
+
+    Returns:
+      ``out_dir`` as a ``Path``.
+    """
+    family = family_for_model(model)
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    io.write_tensors(mapping.export_params(family.rules(model.config), params, dtype=dtype), out)
+    hf_config = family.config_to_hf(model.config)
+    tmp = out / "config.json.tmp"
+    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    os.replace(tmp, out / "config.json")
+    return out
+
+
+__all__ = ["load_pretrained", "save_pretrained", "family_for_model_type", "family_for_model"]

@@ -1,0 +1,210 @@
+"""Building blocks shared by every jaxfit model family.
+
+Every projection in every model goes through :class:`Dense`, so that later weight
+transforms (LoRA adapter leaves, int8/NF4 quantised leaves) plug in at one place.
+Every stack of identical layers goes through :func:`stack_layers`, which applies
+``nn.remat`` with a named ``jax.checkpoint_policies`` policy and ``nn.scan`` over the
+layer axis (parameters of a scanned stack carry a leading ``[num_layers]`` axis).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Names saved for the backward pass by the ``names`` / ``offload`` policies. Models tag
+# tensors with ``checkpoint_name(x, NAME)``.
+SAVEABLE_NAMES = ("attn_out", "mlp_out")
+
+REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names", "offload")
+
+
+def remat_policy(name: str) -> Callable | None:
+    """Map a remat policy name to a ``jax.checkpoint_policies`` policy.
+
+    Args:
+      name: one of ``REMAT_POLICIES``.
+        ``none``: no rematerialisation (every activation kept; ``nn.remat`` not applied).
+        ``full``: nothing saveable, everything recomputed in the backward pass.
+        ``dots``: matmul outputs saved (``dots_saveable``).
+        ``dots_no_batch``: matmuls without batch dimensions saved (weights x activations).
+        ``names``: only tensors tagged with a name in ``SAVEABLE_NAMES`` saved.
+        ``offload``: tagged tensors offloaded to pinned host memory (GPU/TPU only).
+
+    Returns:
+      The policy callable, or ``None`` for ``full`` (``jax.checkpoint``'s default) and
+      ``none``.
+
+    Raises:
+      ValueError: unknown name.
+    """
+    policies = jax.checkpoint_policies
+    if name in ("none", "full"):
+        return None
+    if name == "dots":
+        return policies.dots_saveable
+    if name == "dots_no_batch":
+        return policies.dots_with_no_batch_dims_saveable
+    if name == "names":
+        return policies.save_only_these_names(*SAVEABLE_NAMES)
+    if name == "offload":
+        return policies.save_and_offload_only_these_names(
+            names_which_can_be_saved=[],
+            names_which_can_be_offloaded=list(SAVEABLE_NAMES),
+            offload_src="device",
+            offload_dst="pinned_host",
+        )
+    raise ValueError(f"unknown remat policy {name!r}; expected one of {REMAT_POLICIES}")
+
+
+def stack_layers(
+    block: type[nn.Module],
+    *,
+    num_layers: int,
+    remat: str = "none",
+    scan: bool = True,
+    static_argnums: tuple[int, ...] = (),
+    in_axes: Any = nn.broadcast,
+) -> type[nn.Module]:
+    """Return a module class that applies ``block`` ``num_layers`` times.
+
+    The returned class is constructed with the same keyword arguments as ``block`` and
+    called as ``stack(carry, *args)``; ``block.__call__`` must have the signature
+    ``(carry, *args) -> (carry, None)`` (the ``nn.scan`` convention). With ``scan=True``
+    the parameters of all layers are stacked along a new leading axis of size
+    ``num_layers`` under the single name the caller gives the stack.
+
+    Args:
+      block: linen module class of one layer.
+      num_layers: number of layers.
+      remat: a name from ``REMAT_POLICIES``; ``none`` disables ``nn.remat``.
+      scan: stack with ``nn.scan`` (one compiled layer body); ``False`` is not supported
+        yet and raises, kept as a field so configs can name it.
+      static_argnums: forwarded to ``nn.remat`` (argument indices counted with ``self``).
+      in_axes: ``nn.scan`` axes of the extra positional args (default: every extra arg
+        is broadcast to all layers, e.g. masks and positions).
+
+    Raises:
+      ValueError: unknown remat policy, or ``scan=False``.
+    """
+    if not scan:
+        raise ValueError("stack_layers: only scan=True is implemented")
+    layer = block
+    if remat != "none":
+        layer = nn.remat(
+            block, policy=remat_policy(remat), prevent_cse=False, static_argnums=static_argnums
+        )
+    else:
+        remat_policy(remat)  # validate the name
+    return nn.scan(
+        layer,
+        variable_axes={"params": 0},
+        split_rngs={"params": True, "dropout": True},
+        in_axes=in_axes,
+        length=num_layers,
+        metadata_params={nn.PARTITION_NAME: "layers"},
+    )
+
+
+class Dense(nn.Module):
+    """``y = x @ kernel + bias`` over the last axis of ``x``.
+
+    The single projection layer of every jaxfit model. Parameters are named like
+    ``nn.Dense`` (``kernel [in, out]``, ``bias [out]``) so HF name maps only transpose
+    (PyTorch ``nn.Linear.weight`` is ``[out, in]``).
+
+    Attributes:
+      features: output size ``out``.
+      use_bias: add a bias.
+      dtype: compute dtype (inputs and kernel are cast to it); ``None`` keeps the input's.
+      param_dtype: storage dtype of the parameters (float32 master weights by default).
+      kernel_init: initialiser of ``kernel``.
+    """
+
+    features: int
+    use_bias: bool = True
+    dtype: Dtype | None = None
+    param_dtype: Dtype = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros_init()
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param(
+            "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
+        )
+        dtype = self.dtype or x.dtype
+        y = jnp.matmul(x.astype(dtype), jnp.asarray(kernel, dtype))
+        if self.use_bias:
+            bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            y = y + jnp.asarray(bias, dtype)
+        return y
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+    """``x * sigmoid(1.702 x)``, the GELU approximation of OpenAI CLIP (``clip/model.py``)."""
+    return x * jax.nn.sigmoid(1.702 * x)
+
+
+ACTIVATIONS: dict[str, Callable] = {
+    "quick_gelu": quick_gelu,
+    "gelu": lambda x: jax.nn.gelu(x, approximate=False),
+    "gelu_new": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_pytorch_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+
+
+def activation(name: str) -> Callable:
+    """Activation by its Hugging Face ``hidden_act`` name; raises ``ValueError`` if unknown."""
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+
+
+def attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    *,
+    causal: bool,
+    padding_mask: jax.Array | None = None,
+    segment_ids: jax.Array | None = None,
+    implementation: str | None = None,
+) -> jax.Array:
+    """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
+
+    On GPU with ``implementation=None`` XLA may pick cuDNN flash attention; on CPU it
+    runs the XLA reference. Grouped-query attention is handled by the callee when
+    ``k``/``v`` have fewer heads than ``q`` (``num_heads % num_kv_heads == 0``).
+
+    Args:
+      q: ``[batch, q_len, num_heads, head_dim]``.
+      k, v: ``[batch, kv_len, num_kv_heads, head_dim]``.
+      causal: apply a causal mask (query ``i`` sees keys ``<= i``).
+      padding_mask: optional ``[batch, kv_len]`` bool/int, 1 for real tokens.
+      segment_ids: optional ``[batch, len]`` int; tokens attend only within equal ids
+        (packed documents); requires ``q_len == kv_len``.
+      implementation: ``None``, ``"xla"`` or ``"cudnn"``.
+
+    Returns:
+      ``[batch, q_len, num_heads, head_dim]`` in ``q``'s dtype.
+    """
+    mask = None
+    if padding_mask is not None:
+        mask = padding_mask.astype(bool)[:, None, None, :]
+    if segment_ids is not None:
+        seg = segment_ids[:, :, None] == segment_ids[:, None, :]
+        seg = seg[:, None, :, :]
+        mask = seg if mask is None else jnp.logical_and(mask, seg)
+    return jax.nn.dot_product_attention(
+        q, k, v, mask=mask, is_causal=causal, implementation=implementation
+    )
