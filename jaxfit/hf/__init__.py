@@ -12,7 +12,10 @@ A family is a module ``jaxfit.hf.<family>`` that provides:
 * ``config_from_hf(hf_config: dict) -> config`` and ``config_to_hf(config) -> dict``;
 * ``rules(config) -> list[jaxfit.hf.mapping.Rule]``: the name map;
 * ``init_inputs(config) -> dict``: keyword inputs for ``model.init`` (tiny shapes);
-* ``IGNORE``: substrings of HF tensor names that may be present without a rule.
+* ``IGNORE``: substrings of HF tensor names that may be present without a rule;
+* optionally ``canonical_names(names) -> dict``: canonical (rule) name -> stored name, for
+  checkpoints whose tensor names differ from what ``transformers`` writes today (e.g. the
+  original ``gpt2`` Hub checkpoint stores ``h.0...`` instead of ``transformer.h.0...``).
 """
 
 from __future__ import annotations
@@ -100,12 +103,15 @@ def load_pretrained(
     model = family.MODEL_CLASS(config)
     shapes = abstract_params(model, family)
     with io.TensorReader(directory) as reader:
+        names = {n: n for n in reader.keys()}
+        if hasattr(family, "canonical_names"):
+            names = family.canonical_names(reader.keys())
         params = mapping.load_params(
             family.rules(config),
-            reader.__getitem__,
+            lambda name: reader[names.get(name, name)],
             shapes,
             dtype=dtype,
-            available=set(reader.keys()),
+            available=set(names),
             ignore=family.IGNORE,
         )
     return model, params

@@ -86,9 +86,7 @@ class TensorReader:
                 for k in f.keys():
                     self.weight_map[k] = SINGLE_FILE
         else:
-            raise FileNotFoundError(
-                f"no {SINGLE_FILE} or {INDEX_FILE} in {str(self.directory)!r}"
-            )
+            raise FileNotFoundError(f"no {SINGLE_FILE} or {INDEX_FILE} in {str(self.directory)!r}")
         self._stack = ExitStack()
         self._files: dict[str, object] = {}
 
@@ -146,7 +144,7 @@ def write_tensors(
     shards: list[dict[str, np.ndarray]] = [{}]
     size = 0
     for name, arr in items:
-        arr = np.ascontiguousarray(arr)
+        arr = np.asarray(arr, order="C")  # keeps 0-d tensors 0-d (ascontiguousarray: [1])
         if shards[-1] and size + arr.nbytes > max_shard_bytes:
             shards.append({})
             size = 0

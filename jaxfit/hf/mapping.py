@@ -147,7 +147,8 @@ def export_params(rules: list[Rule], params, *, dtype=None) -> Iterator[tuple[st
         if dtype is not None:
             value = value.astype(dtype)
         if rule.num_layers is None:
-            yield rule.hf, np.ascontiguousarray(rule.transform.to_hf(value))
+            # order="C" rather than np.ascontiguousarray, which turns 0-d tensors into [1].
+            yield rule.hf, np.asarray(rule.transform.to_hf(value), order="C")
         else:
             for i, name in enumerate(rule.hf_names()):
-                yield name, np.ascontiguousarray(rule.transform.to_hf(value[i]))
+                yield name, np.asarray(rule.transform.to_hf(value[i]), order="C")

@@ -167,7 +167,9 @@ def activation(name: str) -> Callable:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}")
+        raise ValueError(
+            f"unknown activation {name!r}; expected one of {sorted(ACTIVATIONS)}"
+        ) from None
 
 
 def attention(
@@ -178,6 +180,7 @@ def attention(
     causal: bool,
     padding_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
+    mask: jax.Array | None = None,
     implementation: str | None = None,
 ) -> jax.Array:
     """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
@@ -193,18 +196,24 @@ def attention(
       padding_mask: optional ``[batch, kv_len]`` bool/int, 1 for real tokens.
       segment_ids: optional ``[batch, len]`` int; tokens attend only within equal ids
         (packed documents); requires ``q_len == kv_len``.
+      mask: optional bool array broadcastable to ``[batch, num_heads, q_len, kv_len]``,
+        True where a query may attend a key; combined (AND) with the masks above (used by
+        KV-cached decoding, where query ``s`` sits at absolute position ``index + s``).
       implementation: ``None``, ``"xla"`` or ``"cudnn"``.
 
     Returns:
       ``[batch, q_len, num_heads, head_dim]`` in ``q``'s dtype.
     """
-    mask = None
+    extra_mask, mask = mask, None
     if padding_mask is not None:
         mask = padding_mask.astype(bool)[:, None, None, :]
     if segment_ids is not None:
         seg = segment_ids[:, :, None] == segment_ids[:, None, :]
         seg = seg[:, None, :, :]
         mask = seg if mask is None else jnp.logical_and(mask, seg)
+    if extra_mask is not None:
+        extra_mask = extra_mask.astype(bool)
+        mask = extra_mask if mask is None else jnp.logical_and(mask, extra_mask)
     return jax.nn.dot_product_attention(
         q, k, v, mask=mask, is_causal=causal, implementation=implementation
     )

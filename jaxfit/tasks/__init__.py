@@ -1,0 +1,32 @@
+"""Tasks: what is trained (model, data, loss, evaluation), selected by ``config.task``.
+
+A task object is built as ``Task(config, workdir, mesh)`` and provides:
+
+* ``model``: the linen module;
+* ``init_params(rng) -> params``: pure, jittable initialisation (used under
+  ``jax.eval_shape`` for shapes and ``jax.jit(out_shardings=...)`` to place them);
+* ``initial_params(rng, shardings) -> params``: the parameters a fresh run starts from
+  (random, or loaded from ``config.init_from``), placed with ``shardings``;
+* ``loss_and_grad(params, batch, rng) -> ((loss, metrics), grads)``: pure, jittable;
+* ``train_iterator()``: an iterator of host batches with ``get_state()`` / ``set_state()``;
+* ``evaluate(params) -> dict[str, float]``: metrics without namespace prefix;
+* ``skip_counts() -> dict[str, int]``: data records skipped so far, by reason;
+* ``throughput(examples_per_sec) -> dict[str, float]``: task-specific ``perf/`` metrics
+  (tokens/s and MFU for language models);
+* ``export(params, out_dir)``: write a Hugging Face directory (model + tokenizer).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+TASKS = {"clip": "jaxfit.tasks.clip:CLIPTask", "lm": "jaxfit.tasks.lm:LMTask"}
+
+
+def build_task(config, workdir, mesh):
+    """Instantiate the task named by ``config.task``; ``ValueError`` if unknown."""
+    name = config.get("task", None)
+    if name not in TASKS:
+        raise ValueError(f"config.task={name!r}; expected one of {sorted(TASKS)}")
+    module, cls = TASKS[name].split(":")
+    return getattr(importlib.import_module(module), cls)(config, workdir, mesh)

@@ -1,0 +1,199 @@
+"""Experiment configs: loading ``file.py[:arg]`` with ``--config.x=y`` overrides, checks, saving.
+
+A config file defines ``get_config(arg: str | None) -> ml_collections.ConfigDict`` (the
+big_vision / Flax-examples convention). ``arg`` is the text after the colon in
+``--config configs/clip_coco.py:demo,batch=32`` and is parsed by
+``configs.common.parse_arg``. Overrides use ``ml_collections.config_flags``: every field is
+overridable as ``--config.optim.lr=3e-4`` with its type checked, and unknown keys are
+rejected. The resolved config is written to ``WORKDIR/config.json``.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+import ml_collections
+from absl import flags
+from ml_collections import config_flags
+
+PRECISIONS = ("fp32", "bf16")  # extended by the quantisation work: int8, nf4
+RHYTHM_FIELDS = ("total_steps", "log_every", "eval_every", "ckpt_every", "seed", "precision")
+
+
+class ConfigError(ValueError):
+    """A config file, argument or override is invalid; the message names the key."""
+
+
+def parse_argv(argv: Sequence[str], *, extra_flags: dict[str, str] | None = None):
+    """Parse ``--config FILE[:ARG] [--config.key=value ...]`` and extra string flags.
+
+    Args:
+      argv: command line including the program name (``sys.argv``).
+      extra_flags: names and help texts of additional string flags (e.g. ``workdir``);
+        their values are returned in a dict (``None`` when absent).
+
+    Returns:
+      ``(config, values)``: the locked ``ConfigDict`` and a dict of the extra flags.
+
+    Raises:
+      ConfigError: missing or unloadable config file, an unknown override key, or a
+        value of the wrong type; the message names the key or file.
+    """
+    argv = list(argv)
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file(
+        "config",
+        None,
+        "Config file: path.py[:arg].",
+        flag_values=fv,
+        sys_argv=argv,
+        lock_config=True,
+    )
+    for name, help_text in (extra_flags or {}).items():
+        flags.DEFINE_string(name, None, help_text, flag_values=fv)
+    try:
+        fv(argv)
+    except AttributeError as e:  # config_flags: override of a key the config lacks
+        key = str(e).strip("\"'")
+        bad = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+        raise ConfigError(
+            f"unknown config key {key!r} in {bad[0] if bad else 'an override'}; "
+            "see the config file for the available fields"
+        ) from None
+    except flags.Error as e:
+        raise ConfigError(str(e)) from None
+    except OSError as e:
+        raise ConfigError(f"could not load the config file: {e}") from None
+    if fv["config"].value is None:
+        raise ConfigError("--config FILE[:ARG] is required")
+    config = fv["config"].value
+    try:
+        validate(config)
+    except OSError as e:  # config_flags defers a failed get_config to first access
+        cause = e.__cause__ or e
+        raise ConfigError(f"could not load the config file: {cause}") from None
+    return config, {name: fv[name].value for name in (extra_flags or {})}
+
+
+def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """Programmatic form of :func:`parse_argv`.
+
+    Args:
+      spec: ``"configs/clip_coco.py:demo"``.
+      overrides: ``["optim.lr=3e-4", "total_steps=10"]`` (no ``--config.`` prefix).
+    """
+    argv = ["jaxfit", f"--config={spec}"] + [f"--config.{o}" for o in overrides]
+    return parse_argv(argv)[0]
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+    """Check the fields every training config shares.
+
+    Raises:
+      ConfigError: a missing run-rhythm field, an unknown precision, a non-positive step
+        count or interval.
+    """
+    for name in RHYTHM_FIELDS:
+        if name not in config:
+            raise ConfigError(f"config lacks the required field {name!r}")
+    if config.precision not in PRECISIONS:
+        raise ConfigError(f"precision={config.precision!r}; expected one of {PRECISIONS}")
+    for name in ("total_steps", "log_every", "eval_every", "ckpt_every"):
+        if config[name] <= 0:
+            raise ConfigError(f"{name}={config[name]} must be positive")
+    if "batch_size" in config and "micro_batch_size" in config:
+        if config.micro_batch_size <= 0 or config.batch_size % config.micro_batch_size:
+            raise ConfigError(
+                f"batch_size={config.batch_size} must be a positive multiple of "
+                f"micro_batch_size={config.micro_batch_size}"
+            )
+
+
+def save_config(config: ml_collections.ConfigDict, workdir: str | os.PathLike) -> Path:
+    """Write ``WORKDIR/config.json`` atomically and return its path."""
+    path = Path(workdir) / "config.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(config.to_dict(), indent=2, sort_keys=True, default=str))
+    os.replace(tmp, path)
+    return path
+
+
+def load_saved_config(workdir: str | os.PathLike) -> ml_collections.ConfigDict:
+    """Read the ``config.json`` a training run wrote into ``workdir``.
+
+    Raises:
+      FileNotFoundError: naming the expected path.
+    """
+    path = Path(workdir) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"no config.json in workdir {str(workdir)!r}")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+
+def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
+    """Parse a config argument ``"demo,batch=32,lr=1e-4"`` into typed fields.
+
+    Each comma-separated item is ``key=value`` or a bare ``flag`` (set to True). A value
+    takes the type of its default (``bool`` accepts true/false/1/0); keys without a
+    default are rejected so a typo cannot pass silently. (Convention of big_vision's
+    ``parse_arg``.)
+
+    Raises:
+      ValueError: an unknown key or a value that does not parse as the default's type.
+    """
+    out = ml_collections.ConfigDict(defaults)
+    if not arg:
+        return out
+    for item in arg.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, eq, value = item.partition("=")
+        if key not in defaults:
+            raise ValueError(f"config argument {key!r} is unknown; known: {sorted(defaults)}")
+        default = defaults[key]
+        if not eq:
+            if not isinstance(default, bool):
+                raise ValueError(f"config argument {key!r} needs a value ({key}=...)")
+            out[key] = True
+        elif isinstance(default, bool):
+            if value.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(f"config argument {key}={value!r} is not a boolean")
+            out[key] = value.lower() in ("true", "1")
+        elif isinstance(default, str):
+            out[key] = value
+        else:
+            try:
+                parsed = ast.literal_eval(value)
+                out[key] = type(default)(parsed)
+            except (ValueError, SyntaxError, TypeError):
+                raise ValueError(
+                    f"config argument {key}={value!r} is not a {type(default).__name__}"
+                ) from None
+    return out
+
+
+def run_rhythm(
+    config: ml_collections.ConfigDict,
+    *,
+    total_steps: int,
+    log_every: int,
+    eval_every: int,
+    ckpt_every: int,
+    seed: int = 0,
+    precision: str = "bf16",
+    keep_checkpoints: int = 3,
+) -> None:
+    """Set the top-level fields every training config shares (see jaxfit.config)."""
+    config.total_steps = total_steps  # optimizer steps (one step = one effective batch)
+    config.log_every = log_every  # steps between train-metric writes
+    config.eval_every = eval_every  # steps between evaluations (and at the end)
+    config.ckpt_every = ckpt_every  # steps between checkpoints (also at the end / on signal)
+    config.keep_checkpoints = keep_checkpoints  # newest checkpoints kept on disk
+    config.seed = seed  # one seed for init, data order and dropout
+    config.precision = precision  # fp32 | bf16 (bf16 compute, float32 master weights)

@@ -1,0 +1,426 @@
+"""Image-caption sources: COCO captions JSON, CSV/JSONL tables, Hugging Face datasets.
+
+``load_source(data_cfg, split)`` reads one split into a list of ``ImageCaptions`` records,
+one per image with all of its captions, and a ``SkipCounter`` saying what was dropped.
+
+Config fields read by ``load_source`` (defaults in ``default_data_config()``; every string
+may contain ``{split}``, replaced by the split name ``data.train_split`` / ``data.val_split``):
+
+* ``format``: ``"coco"``, ``"csv"`` or ``"hf"``.
+* ``root``: data directory. coco/csv: relative ``captions_file`` / ``image_dir`` are
+  resolved against it. hf: passed as ``data_dir`` to ``datasets.load_dataset`` (the
+  folder for ``hf_name="imagefolder"``; may be empty for a Hub dataset).
+* ``captions_file`` (coco, csv): the COCO captions JSON (``annotations/captions_{split}.json``)
+  or a CSV (header row) / JSONL (``.jsonl`` suffix) table with one row per caption or per
+  image.
+* ``image_dir`` (coco, csv): folder holding the image files named in the annotations.
+* ``image_column``, ``caption_column`` (csv, hf): column names. A caption cell may hold a
+  string or (JSONL, hf) a list of strings. In hf the image column is an ``Image`` feature
+  (stored path or bytes) or a string path relative to ``root``.
+* ``hf_name`` (hf): ``datasets.load_dataset`` name: a Hub dataset, or ``"imagefolder"``
+  for a local folder of images with ``metadata.jsonl``. ``hf_cache_dir`` (hf): cache
+  directory (empty = the datasets default).
+* ``train_split``, ``val_split``: split names substituted for ``{split}`` (coco, csv) or
+  passed to ``load_dataset(split=...)`` (hf).
+* ``holdout_fraction``: if > 0, both splits read ``train_split`` and an image goes to
+  "val" iff a stable hash of its id falls below this fraction (for sources with one split,
+  such as Flickr8k's ``captions.txt``); ``val_split`` is then unused.
+* ``max_images``: keep only the first N images of the split (0 = all).
+
+Bad input never crashes a run and never passes silently: a missing image file, an empty
+caption, an image left without captions, an unparseable row are dropped here, counted
+under a named reason in the ``SkipCounter`` and logged. Images that fail to *decode* are
+found later, by the pipeline (``data.pipeline``), and counted as ``undecodable_image``.
+A missing data root, annotation file or image folder raises ``FileNotFoundError`` naming
+the path at start.
+"""
+
+from __future__ import annotations
+
+import collections
+import csv
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import threading
+from collections.abc import Iterable
+from pathlib import Path
+
+import ml_collections
+
+logger = logging.getLogger(__name__)
+
+FORMATS = ("coco", "csv", "hf")
+_LOG_FIRST = 10  # log this many skips per reason individually, then only count them
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageCaptions:
+    """One image and all of its captions.
+
+    Attributes:
+      image_id: stable identifier (COCO id, CSV image name, HF path or content hash).
+      image: a file path, or the encoded image bytes (HF datasets that embed images).
+      captions: non-empty list of non-empty, stripped captions.
+    """
+
+    image_id: str
+    image: str | bytes
+    captions: list[str]
+
+
+class SkipCounter:
+    """Thread-safe named counters of dropped inputs, with logging.
+
+    ``add(reason, detail=..., key=...)`` counts one skip; with ``key`` a reason counts each
+    key once (an undecodable image met again in the next epoch is not counted twice). The
+    first few skips per reason are logged at WARNING with their detail, the rest at DEBUG.
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
+        self._keys: dict[str, set] = collections.defaultdict(set)
+
+    def add(self, reason: str, detail: str = "", *, key=None, n: int = 1) -> bool:
+        """Count ``n`` skips for ``reason``; returns False (and counts nothing) for a seen key."""
+        with self._lock:
+            if key is not None:
+                if key in self._keys[reason]:
+                    return False
+                self._keys[reason].add(key)
+            self._counts[reason] += n
+            count = self._counts[reason]
+        level = logging.WARNING if count <= _LOG_FIRST else logging.DEBUG
+        logger.log(level, "skipped (%s #%d): %s", reason, count, detail or "-")
+        if count == _LOG_FIRST + 1 and level == logging.DEBUG:
+            logger.warning("more '%s' skips are logged at DEBUG level only", reason)
+        return True
+
+    def __getitem__(self, reason: str) -> int:
+        with self._lock:
+            return self._counts[reason]
+
+    @property
+    def total(self) -> int:
+        with self._lock:
+            return sum(self._counts.values())
+
+    def as_dict(self) -> dict[str, int]:
+        """``{reason: count}`` for every reason counted so far."""
+        with self._lock:
+            return dict(self._counts)
+
+    def metrics(self, prefix: str = "data/skipped_") -> dict[str, int]:
+        """Counts named for the metric writer: ``{"data/skipped_missing_image": 3, ...}``."""
+        return {prefix + k: v for k, v in self.as_dict().items()}
+
+    def update(self, other: SkipCounter) -> None:
+        """Add another counter's counts and keys into this one."""
+        for reason, count in other.as_dict().items():
+            with self._lock:
+                self._counts[reason] += count
+                self._keys[reason] |= other._keys.get(reason, set())
+
+    def __repr__(self) -> str:
+        return f"SkipCounter({self.as_dict()})"
+
+
+def default_data_config() -> ml_collections.ConfigDict:
+    """All data fields with defaults (COCO 2017 layout); see the module docstring.
+
+    Fields read by ``load_source``: format, root, captions_file, image_dir, image_column,
+    caption_column, hf_name, hf_cache_dir, train_split, val_split, holdout_fraction,
+    max_images. The remaining fields are read by whoever builds the pipeline and the
+    tokenizer (``data.pipeline.augment_from_config``, ``data.tokenizers.tokenizer_from_config``).
+    """
+    c = ml_collections.ConfigDict()
+    c.format = "coco"  # "coco" | "csv" | "hf"
+    c.root = ""  # data directory (coco/csv base; hf data_dir)
+    c.captions_file = "annotations/captions_{split}.json"  # coco JSON or csv/jsonl table
+    c.image_dir = "{split}"  # image folder, relative to root
+    c.image_column = "image"  # csv/hf image column
+    c.caption_column = "caption"  # csv/hf caption column (string or list of strings)
+    c.hf_name = "imagefolder"  # datasets.load_dataset name (Hub name or "imagefolder")
+    c.hf_cache_dir = ""  # datasets cache dir ("" = default)
+    c.train_split = "train2017"
+    c.val_split = "val2017"
+    c.holdout_fraction = 0.0  # >0: carve "val" out of train_split by hashed image id
+    c.max_images = 0  # keep only the first N images per split (0 = all)
+    # Pipeline (data.pipeline): grain worker threads, CLIP augmentation.
+    c.num_threads = 8  # image decode/preprocess threads
+    c.augment = False  # random resized crop for training
+    c.crop_scale_min = 0.9  # smallest crop area fraction (open_clip: 0.9)
+    c.hflip = False  # horizontal flips (breaks "left"/"right" captions)
+    # Tokenizer (data.tokenizers): "" = train a byte-level BPE on the train captions.
+    c.tokenizer = ""  # HF tokenizer dir or Hub name, e.g. openai/clip-vit-base-patch32
+    c.vocab_size = 8192  # for a trained BPE
+    c.context_length = 77  # tokens per caption incl. <|startoftext|> / <|endoftext|>
+    return c
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _split_name(cfg, split: str) -> str:
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if cfg.get("holdout_fraction", 0.0) > 0:
+        return cfg.train_split
+    return cfg.train_split if split == "train" else cfg.val_split
+
+
+def _resolve(root: Path, template: str, split_name: str) -> Path:
+    p = Path(template.format(split=split_name)).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _require_root(cfg) -> Path:
+    if not cfg.root:
+        raise FileNotFoundError(
+            f"data.root is empty: data.format={cfg.format!r} needs the data directory"
+        )
+    root = Path(cfg.root).expanduser()
+    if not root.is_dir():
+        raise FileNotFoundError(
+            f"data root {str(root)!r} does not exist (data.format={cfg.format!r} expects "
+            f"{cfg.captions_file!r} and {cfg.image_dir!r} under it)"
+        )
+    return root
+
+
+def _require_file(path: Path, what: str) -> None:
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+
+
+def _require_dir(path: Path, what: str) -> None:
+    if not path.is_dir():
+        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+
+
+def _captions_of(value) -> list:
+    """A caption cell as a list (a string, a list of strings, or None)."""
+    if value is None:
+        return []
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+class _Grouper:
+    """Groups (image, caption) pairs by image id, keeping first-appearance order."""
+
+    def __init__(self, counter: SkipCounter):
+        self.counter = counter
+        self.images: dict[str, str | bytes] = {}
+        self.captions: dict[str, list[str]] = {}
+
+    def add_image(self, image_id: str, image: str | bytes) -> None:
+        if image_id not in self.images:
+            self.images[image_id] = image
+            self.captions[image_id] = []
+
+    def add_caption(self, image_id: str, caption) -> None:
+        text = caption.strip() if isinstance(caption, str) else ""
+        if not text:
+            self.counter.add("empty_caption", f"image {image_id}: {caption!r}")
+            return
+        self.captions[image_id].append(text)
+
+    def records(self, exists) -> list[ImageCaptions]:
+        out = []
+        for image_id, image in self.images.items():
+            caps = self.captions[image_id]
+            if isinstance(image, str) and not exists(image):
+                self.counter.add("missing_image", f"{image} (image {image_id})")
+            elif not caps:
+                self.counter.add("no_caption", f"image {image_id} has no non-empty caption")
+            else:
+                out.append(ImageCaptions(image_id, image, caps))
+        return out
+
+
+def _file_checker(image_dir: Path):
+    """``exists(path)`` that lists ``image_dir`` once instead of one stat per image."""
+    names = set(os.listdir(image_dir)) if image_dir.is_dir() else set()
+    prefix = str(image_dir) + os.sep
+
+    def exists(path: str) -> bool:
+        if path.startswith(prefix) and os.sep not in path[len(prefix) :]:
+            return path[len(prefix) :] in names
+        return os.path.isfile(path)
+
+    return exists
+
+
+# ----------------------------------------------------------------------------- formats
+
+
+def _load_coco(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
+    root = _require_root(cfg)
+    ann_file = _resolve(root, cfg.captions_file, split_name)
+    image_dir = _resolve(root, cfg.image_dir, split_name)
+    _require_file(ann_file, "COCO captions file")
+    _require_dir(image_dir, "COCO image folder")
+    with open(ann_file) as f:
+        coco = json.load(f)
+    for key in ("images", "annotations"):
+        if key not in coco:
+            raise ValueError(f"{str(ann_file)!r} is not a COCO captions file: no {key!r} list")
+    g = _Grouper(counter)
+    for im in coco["images"]:
+        g.add_image(str(im["id"]), str(image_dir / im["file_name"]))
+    for ann in coco["annotations"]:
+        image_id = str(ann.get("image_id"))
+        if image_id not in g.images:
+            counter.add("unknown_image_id", f"annotation {ann.get('id')} -> image {image_id}")
+            continue
+        g.add_caption(image_id, ann.get("caption"))
+    return g.records(_file_checker(image_dir))
+
+
+def _read_table(path: Path) -> Iterable[dict]:
+    if path.suffix == ".jsonl":
+        with open(path) as f:
+            for i, line in enumerate(f):
+                if line.strip():
+                    try:
+                        yield json.loads(line)
+                    except json.JSONDecodeError as e:
+                        yield {"__error__": f"{path}:{i + 1}: {e}"}
+    else:
+        with open(path, newline="") as f:
+            yield from csv.DictReader(f)
+
+
+def _load_csv(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
+    root = _require_root(cfg)
+    table = _resolve(root, cfg.captions_file, split_name)
+    image_dir = _resolve(root, cfg.image_dir, split_name)
+    _require_file(table, "captions table")
+    _require_dir(image_dir, "image folder")
+    g = _Grouper(counter)
+    for i, row in enumerate(_read_table(table)):
+        if not isinstance(row, dict):
+            counter.add("bad_row", f"{table} row {i + 1}: not an object: {row!r:.80}")
+            continue
+        if "__error__" in row:
+            counter.add("bad_row", row["__error__"])
+            continue
+        if i == 0:
+            missing = {cfg.image_column, cfg.caption_column} - set(row)
+            if missing:
+                raise ValueError(
+                    f"{str(table)!r} has no column(s) {sorted(missing)}; columns: {sorted(row)}"
+                )
+        name = row.get(cfg.image_column)
+        if not isinstance(name, str) or not name.strip():
+            counter.add("bad_row", f"{table} row {i + 1}: no {cfg.image_column!r}")
+            continue
+        name = name.strip()
+        g.add_image(name, str(image_dir / name))
+        for cap in _captions_of(row.get(cfg.caption_column)):
+            g.add_caption(name, cap)
+    return g.records(_file_checker(image_dir))
+
+
+def _load_hf(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
+    import datasets  # slow import; only for this format
+
+    data_dir = None
+    if cfg.root:
+        data_dir = str(_require_root(cfg))
+    elif cfg.hf_name == "imagefolder":
+        raise FileNotFoundError("data.root is empty: hf_name='imagefolder' needs the folder")
+    try:
+        ds = datasets.load_dataset(
+            cfg.hf_name, data_dir=data_dir, split=split_name, cache_dir=cfg.hf_cache_dir or None
+        )
+    except FileNotFoundError as e:
+        raise FileNotFoundError(
+            f"Hugging Face dataset {cfg.hf_name!r} (data_dir={data_dir!r}, split="
+            f"{split_name!r}) not found: {e}"
+        ) from e
+    missing = {cfg.image_column, cfg.caption_column} - set(ds.column_names)
+    if missing:
+        raise ValueError(
+            f"dataset {cfg.hf_name!r} has no column(s) {sorted(missing)}; "
+            f"columns: {ds.column_names}"
+        )
+    ds = ds.select_columns([cfg.image_column, cfg.caption_column])
+    if isinstance(ds.features[cfg.image_column], datasets.Image):
+        ds = ds.cast_column(cfg.image_column, datasets.Image(decode=False))
+    base = Path(data_dir) if data_dir else Path.cwd()
+    g = _Grouper(counter)
+    for batch in ds.iter(batch_size=1024):
+        for image, caps in zip(batch[cfg.image_column], batch[cfg.caption_column]):
+            if isinstance(image, dict):  # Image(decode=False): {"path", "bytes"}
+                path, data = image.get("path"), image.get("bytes")
+            else:
+                path, data = image, None
+            if data:  # group by content: stored paths of embedded images need not be unique
+                image_id = "sha1:" + hashlib.sha1(data).hexdigest()
+                value: str | bytes = data
+            elif path:
+                value = str(path if os.path.isabs(path) else base / path)
+                image_id = path
+            else:
+                counter.add("missing_image", "row without image path or bytes")
+                continue
+            g.add_image(image_id, value)
+            for cap in _captions_of(caps):
+                g.add_caption(image_id, cap)
+    return g.records(os.path.isfile)
+
+
+_LOADERS = {"coco": _load_coco, "csv": _load_csv, "hf": _load_hf}
+
+
+def _in_holdout(image_id: str, fraction: float) -> bool:
+    h = hashlib.md5(image_id.encode()).digest()
+    return int.from_bytes(h[:8], "little") / 2**64 < fraction
+
+
+def load_source(data_cfg, split: str) -> tuple[list[ImageCaptions], SkipCounter]:
+    """Read one split of an image-caption source (fields: see the module docstring).
+
+    Args:
+      data_cfg: ``ConfigDict`` (or any attribute/``get`` mapping) with the fields of
+        ``default_data_config()``.
+      split: ``"train"`` or ``"val"``.
+
+    Returns:
+      ``(records, counter)``: one ``ImageCaptions`` per kept image, in file order, and the
+      counts of what was dropped (reasons: ``missing_image``, ``empty_caption``,
+      ``no_caption``, ``unknown_image_id``, ``bad_row``).
+
+    Raises:
+      FileNotFoundError: the data root, annotation/captions file or image folder is
+        missing (the message names the path), or the HF dataset cannot be found.
+      ValueError: unknown ``format`` or ``split``, a missing column, a malformed COCO file.
+    """
+    if data_cfg.format not in _LOADERS:
+        raise ValueError(f"data.format must be one of {FORMATS}, got {data_cfg.format!r}")
+    split_name = _split_name(data_cfg, split)
+    counter = SkipCounter()
+    records = _LOADERS[data_cfg.format](data_cfg, split_name, counter)
+    fraction = data_cfg.get("holdout_fraction", 0.0)
+    if fraction > 0:
+        want_val = split == "val"
+        records = [r for r in records if _in_holdout(r.image_id, fraction) == want_val]
+    if data_cfg.get("max_images", 0) > 0:
+        records = records[: data_cfg.max_images]
+    n_caps = sum(len(r.captions) for r in records)
+    logger.info(
+        "data %s/%s (%s): %d images, %d captions; skipped %s",
+        data_cfg.format,
+        split,
+        split_name,
+        len(records),
+        n_caps,
+        counter.as_dict() or "nothing",
+    )
+    return records, counter

@@ -1,0 +1,308 @@
+"""Tokenize a text split once into a flat token file on disk, cached by content key.
+
+Layout, for split ``s`` and cache key ``k`` in ``cache_dir``:
+
+* ``s-k.bin``: all tokens of all documents, in document order, as a flat little-endian
+  array (``uint16`` when ``vocab_size <= 65536``, else ``uint32``); read with ``np.memmap``.
+  Each document is laid out as ``[BOS] tokens EOS``; BOS is there only when the config's
+  ``add_bos`` is set and the tokenizer has a BOS distinct from its EOS (GPT-2's BOS *is*
+  its EOS, which already separates documents).
+* ``s-k.mask.bin`` (instruction data only): ``uint8``, one per token: 1 on completion
+  tokens and on the EOS that ends the completion, 0 on BOS and prompt tokens.
+* ``s-k.json``: sidecar (``format_version``, ``key``, ``split``, ``dtype``, ``num_tokens``,
+  ``vocab_size``, ``eos_token_id``, ``bos_token_id``, ``add_bos``, ``documents``,
+  ``has_loss_mask``, ``loss_tokens``, ``stats`` (a ``TextStats`` dict), ``tokenizer``
+  fingerprint, ``source`` fingerprint). Written last: a token file exists iff its sidecar
+  does. Every file is written to a temporary name and renamed (atomic on POSIX).
+
+The key is the sha256 of the source fingerprint (file paths, sizes, mtimes; see
+``text_sources.source_fingerprint``), the tokenizer fingerprint, the config fields that
+change the tokens (:data:`KEY_FIELDS`) and :data:`FORMAT_VERSION`; an unchanged run reuses
+the file without reading the text.
+
+Prompt and completion are tokenized separately, so the loss boundary is exact even where
+BPE would have merged across it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from itertools import chain
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jaxfit.data.text_sources import (
+    Document,
+    InstructionExample,
+    TextStats,
+    load_documents,
+    source_fingerprint,
+)
+from jaxfit.data.text_tokenizer import TextTokenizer
+
+logger = logging.getLogger(__name__)
+
+FORMAT_VERSION = 1
+# Text-config fields that change the token stream of a split.
+KEY_FIELDS = (
+    "format",
+    "path",
+    "val_path",
+    "hf_name",
+    "hf_config",
+    "hf_split",
+    "hf_val_split",
+    "text_field",
+    "instruction",
+    "prompt_field",
+    "completion_field",
+    "prompt_template",
+    "split_by_blank_lines",
+    "doc_separator",
+    "decode_errors",
+    "val_fraction",
+    "add_bos",
+)
+_ENCODE_CHUNK = 2048  # documents per encode_batch call
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """``uint16`` when every id ``< vocab_size`` fits (``vocab_size <= 65536``), else ``uint32``."""
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
+
+
+@dataclasses.dataclass
+class TokenFile:
+    """An opened token file.
+
+    Attributes:
+      path: the ``.bin`` token file.
+      meta: the sidecar dict.
+      tokens: ``np.memmap`` ``[num_tokens]`` of ``meta["dtype"]`` (read-only).
+      loss_mask: ``np.memmap`` ``[num_tokens]`` ``uint8`` or None (plain LM: loss everywhere).
+    """
+
+    path: Path
+    meta: dict
+    tokens: np.ndarray
+    loss_mask: np.ndarray | None
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.meta["num_tokens"])
+
+    @property
+    def eos_token_id(self) -> int:
+        return int(self.meta["eos_token_id"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["vocab_size"])
+
+    @property
+    def stats(self) -> TextStats:
+        return TextStats.from_dict(self.meta["stats"])
+
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> TokenFile:
+        """Open ``<name>.bin`` with its ``<name>.json`` sidecar (and mask, if any).
+
+        Raises:
+          FileNotFoundError: sidecar or data missing.
+          ValueError: file sizes disagree with the sidecar (a truncated write).
+        """
+        path = Path(path)
+        meta = json.loads(_sidecar(path).read_text())
+        n, dtype = int(meta["num_tokens"]), np.dtype(meta["dtype"])
+        if path.stat().st_size != n * dtype.itemsize:
+            raise ValueError(
+                f"token file {path} has {path.stat().st_size} bytes, sidecar says {n} x {dtype}"
+            )
+        tokens = _memmap(path, dtype, n)
+        mask = _memmap(_mask_path(path), np.dtype(np.uint8), n) if meta["has_loss_mask"] else None
+        return cls(path, meta, tokens, mask)
+
+
+def _memmap(path: Path, dtype: np.dtype, n: int) -> np.ndarray:
+    if n == 0:
+        return np.zeros((0,), dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(n,))
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_suffix(".json")
+
+
+def _mask_path(path: Path) -> Path:
+    return path.with_suffix(".mask.bin")
+
+
+def cache_key(cfg: Any, tokenizer: TextTokenizer, split: str) -> str:
+    """16-hex-digit key of (inputs, tokenizer, token-relevant config, format version)."""
+    desc = {
+        "format_version": FORMAT_VERSION,
+        "split": split,
+        "source": source_fingerprint(cfg, split),
+        "tokenizer": tokenizer.fingerprint(),
+        "config": {k: cfg[k] for k in KEY_FIELDS},
+    }
+    return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _uses_bos(tokenizer: TextTokenizer, add_bos: bool) -> bool:
+    bos = tokenizer.bos_token_id
+    return bool(add_bos) and bos is not None and bos != tokenizer.eos_token_id
+
+
+def write_token_file(
+    documents: Sequence[Document],
+    tokenizer: TextTokenizer,
+    path: str | os.PathLike,
+    *,
+    add_bos: bool,
+    meta: dict | None = None,
+) -> TokenFile:
+    """Tokenize ``documents`` into ``path`` (+ mask and sidecar), atomically.
+
+    Args:
+      documents: ``str`` documents, or all :class:`InstructionExample` (then a loss mask
+        is written).
+      tokenizer: the run's tokenizer.
+      path: the ``.bin`` to write; the sidecar is ``path`` with suffix ``.json``.
+      add_bos: prepend BOS to each document (only if the tokenizer's BOS != EOS).
+      meta: extra sidecar fields (key, split, stats, ...).
+
+    Raises:
+      ValueError: documents mix str and instruction examples, or the tokenizer produced
+        an id ``>= vocab_size``.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    instruction = bool(documents) and isinstance(documents[0], InstructionExample)
+    if any(isinstance(d, InstructionExample) != instruction for d in documents):
+        raise ValueError("documents mix plain text and instruction examples")
+    dtype = token_dtype(tokenizer.vocab_size)
+    eos = [tokenizer.eos_token_id]
+    bos = [tokenizer.bos_token_id] if _uses_bos(tokenizer, add_bos) else []
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    tmp_mask = _mask_path(path).with_name(f"{_mask_path(path).name}.tmp-{os.getpid()}")
+    num_tokens = loss_tokens = 0
+    try:
+        with open(tmp, "wb") as f, open(tmp_mask, "wb") if instruction else _Null() as fm:
+            for i in range(0, len(documents), _ENCODE_CHUNK):
+                chunk = documents[i : i + _ENCODE_CHUNK]
+                if instruction:
+                    prompts = tokenizer.encode_batch([d.prompt for d in chunk])
+                    comps = tokenizer.encode_batch([d.completion for d in chunk])
+                    seqs = [bos + p + c + eos for p, c in zip(prompts, comps)]
+                    masks = [
+                        [0] * (len(bos) + len(p)) + [1] * (len(c) + 1)
+                        for p, c in zip(prompts, comps)
+                    ]
+                    m = np.fromiter(chain.from_iterable(masks), np.uint8)
+                    fm.write(m.tobytes())
+                    loss_tokens += int(m.sum())
+                else:
+                    seqs = [bos + ids + eos for ids in tokenizer.encode_batch(chunk)]
+                arr = np.fromiter(chain.from_iterable(seqs), np.int64)
+                if arr.size and (arr.max() >= tokenizer.vocab_size or arr.min() < 0):
+                    raise ValueError(
+                        f"tokenizer {tokenizer.source!r} produced id {arr.max()} outside "
+                        f"[0, {tokenizer.vocab_size})"
+                    )
+                f.write(arr.astype(dtype).tobytes())
+                num_tokens += arr.size
+        sidecar = {
+            "format_version": FORMAT_VERSION,
+            **(meta or {}),
+            "dtype": dtype.name,
+            "num_tokens": num_tokens,
+            "vocab_size": tokenizer.vocab_size,
+            "eos_token_id": tokenizer.eos_token_id,
+            "bos_token_id": tokenizer.bos_token_id,
+            "add_bos": bool(bos),
+            "documents": len(documents),
+            "has_loss_mask": instruction,
+            "loss_tokens": loss_tokens if instruction else num_tokens,
+            "tokenizer": tokenizer.fingerprint(),
+        }
+        os.replace(tmp, path)
+        if instruction:
+            os.replace(tmp_mask, _mask_path(path))
+        tmp_side = _sidecar(path).with_name(f"{_sidecar(path).name}.tmp-{os.getpid()}")
+        tmp_side.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+        os.replace(tmp_side, _sidecar(path))
+    finally:
+        for t in (tmp, tmp_mask):
+            if t.exists():
+                t.unlink()
+    return TokenFile.open(path)
+
+
+class _Null:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+def build_token_file(
+    cfg: Any,
+    tokenizer: TextTokenizer,
+    split: str,
+    cache_dir: str | os.PathLike,
+    *,
+    documents: Callable[[], tuple[Sequence[Document], TextStats]] | None = None,
+) -> TokenFile:
+    """The token file of ``split``, reused from ``cache_dir`` when its key matches.
+
+    Args:
+      cfg: text config (``jaxfit.data.text.default_text_config()`` fields).
+      tokenizer: the run's tokenizer (part of the key).
+      split: ``"train"`` or ``"validation"``.
+      cache_dir: directory for ``<split>-<key>.{bin,json}``.
+      documents: called only on a cache miss to get ``(documents, stats)``; default
+        ``load_documents(cfg, split)``.
+
+    Raises:
+      as ``load_documents`` (missing files, empty corpus, ...).
+    """
+    key = cache_key(cfg, tokenizer, split)
+    path = Path(cache_dir) / f"{split}-{key}.bin"
+    if _sidecar(path).is_file():
+        try:
+            tf = TokenFile.open(path)
+            if tf.meta.get("key") == key:
+                logger.info("reusing token file %s (%d tokens)", path, tf.num_tokens)
+                return tf
+        except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
+            logger.warning("rebuilding token file %s: %s", path, e)
+    docs, stats = documents() if documents is not None else load_documents(cfg, split)
+    tf = write_token_file(
+        docs,
+        tokenizer,
+        path,
+        add_bos=cfg.add_bos,
+        meta={
+            "key": key,
+            "split": split,
+            "stats": stats.as_dict(),
+            "source": source_fingerprint(cfg, split),
+        },
+    )
+    logger.info(
+        "wrote %s: %d documents, %d tokens (%s)",
+        path,
+        tf.meta["documents"],
+        tf.num_tokens,
+        tf.meta["dtype"],
+    )
+    return tf

@@ -1,0 +1,90 @@
+"""Sample text from a causal LM with a KV cache.
+
+  python -m jaxfit.generate --model PATH --prompt "Once upon a time" \
+      [--max_new_tokens 64] [--temperature 0.8] [--top_k 50] [--top_p 0.95] [--seed 0]
+
+``PATH`` is a Hugging Face model directory (or Hub name) with its tokenizer, or a jaxfit
+workdir (its latest checkpoint and the run's tokenizer). ``--temperature 0`` is greedy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxfit import hf, sampling
+
+
+def load_model_and_tokenizer(path: str):
+    """``(model, params, encode, decode, eos_token_id)`` for a workdir or an HF model.
+
+    Raises:
+      FileNotFoundError: neither a jaxfit workdir with a checkpoint nor an HF model.
+    """
+    p = Path(path)
+    saved = p / "config.json"
+    if saved.is_file() and "task" in json.loads(saved.read_text()):
+        from jaxfit import trainer
+
+        _, task, params, _ = trainer.restore_params(p)
+        tok = task.tokenizer
+        return task.model, params, tok.encode, tok.decode, tok.eos_token_id
+    from transformers import AutoTokenizer
+
+    model, params = hf.load_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(str(hf.io.resolve(path)))
+    return (
+        model,
+        params,
+        lambda s: tok(s)["input_ids"],
+        lambda ids: tok.decode(ids, skip_special_tokens=False),
+        tok.eos_token_id,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    ap = argparse.ArgumentParser(prog="python -m jaxfit.generate", description=__doc__)
+    ap.add_argument("--model", required=True, help="HF model dir / Hub name, or jaxfit workdir")
+    ap.add_argument("--prompt", required=True)
+    ap.add_argument("--max_new_tokens", type=int, default=64)
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
+    ap.add_argument("--top_k", type=int, default=None)
+    ap.add_argument("--top_p", type=float, default=None)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--num_samples", type=int, default=1)
+    args = ap.parse_args(argv)
+    try:
+        model, params, encode, decode, eos = load_model_and_tokenizer(args.model)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ids = np.asarray(encode(args.prompt), np.int32)
+    prompt = np.repeat(ids[None], args.num_samples, axis=0)
+    out = sampling.generate(
+        model,
+        params,
+        prompt,
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=eos,
+        rng=jax.random.key(args.seed),
+    )
+    for row in out:
+        row = list(row)
+        if eos is not None and eos in row:
+            row = row[: row.index(eos)]
+        print(args.prompt + decode(row))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

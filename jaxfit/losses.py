@@ -1,0 +1,230 @@
+"""Losses: CLIP's contrastive loss (with exact GradCache accumulation) and causal-LM loss.
+
+All reductions run in float32 whatever the compute dtype of the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxfit.accumulate import merge_micro, split_micro
+
+PyTree = Any
+Metrics = dict[str, jax.Array]
+
+# CLIP clips the learned temperature so that logits are scaled by at most 100
+# (Radford et al. 2021, Sec. 2.5; open_clip clamps ``logit_scale`` to ln(100) after each
+# step). Here the clamp is applied in the forward pass.
+MAX_LOGIT_SCALE = 100.0
+
+
+def logit_scale_value(logit_scale: jax.Array) -> jax.Array:
+    """Applied temperature ``exp(min(logit_scale, log 100))`` in float32.
+
+    ``logit_scale`` is the LOG-parameter stored in the model (CLIP initialises it to
+    ``log(1/0.07)``). Same formula as the CLIP model file's ``logit_scale_value``.
+    """
+    return jnp.exp(jnp.minimum(jnp.asarray(logit_scale, jnp.float32), jnp.log(MAX_LOGIT_SCALE)))
+
+
+def contrastive_loss(
+    image_embeds: jax.Array, text_embeds: jax.Array, logit_scale: jax.Array
+) -> tuple[jax.Array, Metrics]:
+    """Symmetric InfoNCE loss of CLIP over in-batch negatives.
+
+    ``logits = scale * image_embeds @ text_embeds.T`` (float32, HIGHEST matmul precision so
+    that GPUs do not silently use TF32), then the mean of the image->text and text->image
+    cross-entropies with the diagonal as targets. Source: Radford et al. 2021, "Learning
+    Transferable Visual Models From Natural Language Supervision", Fig. 3; identical to
+    ``transformers.models.clip.modeling_clip.clip_loss`` (named
+    ``image_text_contrastive_loss`` since transformers 5).
+
+    Args:
+      image_embeds: ``[N, D]`` L2-normalised image embeddings (any float dtype).
+      text_embeds: ``[N, D]`` L2-normalised text embeddings; row i is the caption of image i.
+      logit_scale: scalar LOG-temperature parameter (see :func:`logit_scale_value`).
+
+    Returns:
+      ``(loss, metrics)``: scalar float32 loss (nats); metrics ``loss``, ``logit_scale``
+      (the applied scale), ``accuracy_i2t`` and ``accuracy_t2i`` (in-batch top-1, in [0, 1]).
+
+    Raises:
+      ValueError: embeddings are not 2-D or their shapes differ.
+    """
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"expected image/text embeddings of equal shape [N, D], got {image_embeds.shape} "
+            f"and {text_embeds.shape}"
+        )
+    scale = logit_scale_value(logit_scale)
+    logits_per_image = scale * jnp.matmul(
+        image_embeds.astype(jnp.float32),
+        text_embeds.astype(jnp.float32).T,
+        precision=jax.lax.Precision.HIGHEST,
+    )
+    labels = jnp.arange(logits_per_image.shape[0])
+    loss_i2t = _mean_xent(logits_per_image, labels)
+    loss_t2i = _mean_xent(logits_per_image.T, labels)
+    loss = 0.5 * (loss_i2t + loss_t2i)
+    metrics = {
+        "loss": loss,
+        "logit_scale": scale,
+        "accuracy_i2t": jnp.mean(jnp.argmax(logits_per_image, axis=1) == labels),
+        "accuracy_t2i": jnp.mean(jnp.argmax(logits_per_image, axis=0) == labels),
+    }
+    return loss, metrics
+
+
+def _mean_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    loss_sum, n = cross_entropy(logits, labels)
+    return loss_sum / n
+
+
+def gradcache(
+    embed_fn: Callable[[PyTree, PyTree], PyTree],
+    loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, Metrics]],
+    params: PyTree,
+    batch: PyTree,
+    num_micro_batches: int,
+) -> tuple[tuple[jax.Array, Metrics], PyTree]:
+    """Exact gradient of a batch-coupled loss, computed ``num_micro_batches`` examples at a time.
+
+    GradCache (Gao et al. 2021, "Scaling Deep Contrastive Learning Batch Size under Memory
+    Limited Setup", arXiv:2101.06983, Sec. 3.2): for ``L(params, E(params, batch))``,
+
+    1. embed every micro-batch forward only (``lax.map``; no activations kept);
+    2. take ``value_and_grad`` of ``loss_fn`` w.r.t. (params, full-batch embeddings): the
+       loss, its direct parameter gradient (e.g. ``logit_scale``) and the embedding
+       gradients ``dL/dE`` (the cached "representation gradients");
+    3. for each micro-batch, re-run the forward under ``jax.vjp`` and pull back its slice
+       of ``dL/dE`` into parameter gradients, summed over micro-batches in a ``lax.scan``.
+
+    The result equals ``jax.value_and_grad`` on the whole batch up to float reassociation,
+    at the activation memory of one micro-batch plus the ``[B, D]`` embeddings, for the cost
+    of one extra forward pass. With ``num_micro_batches == 1`` the plain
+    ``jax.value_and_grad`` is used directly.
+
+    Args:
+      embed_fn: ``embed_fn(params, micro_batch) -> embeddings`` pytree whose leaves have a
+        per-example leading axis. MUST be deterministic (no dropout / rng): it is evaluated
+        twice per micro-batch and both evaluations must agree. CLIP has no dropout.
+      loss_fn: ``loss_fn(params, embeddings) -> (loss, metrics)`` on the FULL batch's
+        embeddings (leading axis ``B``); ``loss`` is a scalar.
+      params: parameter pytree (float leaves).
+      batch: pytree of arrays with a common leading batch axis ``B``.
+      num_micro_batches: ``k``; every batch leaf's leading size must be divisible by it.
+        Micro-batch i holds examples ``i, i + k, i + 2k, ...`` so that, with the batch
+        sharded over D devices, each micro-batch is spread over all of them (keep
+        ``B // k`` divisible by D).
+
+    Returns:
+      ``((loss, metrics), grads)`` with ``grads`` shaped and typed like ``params``.
+      Per-micro-batch gradients are accumulated in float32 and cast to each parameter's
+      dtype at the end.
+
+    Raises:
+      ValueError: ``num_micro_batches < 1`` or a batch leaf's leading size is not divisible.
+    """
+    k = int(num_micro_batches)
+    if k < 1:
+        raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
+    if k == 1:
+        return jax.value_and_grad(lambda p: loss_fn(p, embed_fn(p, batch)), has_aux=True)(params)
+
+    micro = split_micro(batch, k, "batch")
+
+    # (1) Forward only: nothing is differentiated through this map, so XLA keeps no
+    # activations; stop_gradient makes that explicit if gradcache is itself differentiated.
+    embeds = jax.lax.stop_gradient(jax.lax.map(lambda mb: embed_fn(params, mb), micro))
+
+    # (2) Loss on the full batch of embeddings; gradients w.r.t. params and embeddings.
+    (loss, metrics), (direct_grads, embed_grads) = jax.value_and_grad(
+        loss_fn, argnums=(0, 1), has_aux=True
+    )(params, merge_micro(embeds))
+    embed_grads = split_micro(embed_grads, k, "embedding gradient")
+
+    # (3) Re-run each micro-batch under vjp and accumulate the pulled-back gradients.
+    def body(acc, xs):
+        mb, cotangent = xs
+        _, vjp_fn = jax.vjp(lambda p: embed_fn(p, mb), params)
+        (grads,) = vjp_fn(cotangent)
+        return jax.tree.map(lambda a, g: a + g.astype(jnp.float32), acc, grads), None
+
+    # The float32 accumulator starts at loss_fn's direct gradient (e.g. logit_scale's).
+    acc0 = jax.tree.map(lambda d: d.astype(jnp.float32), direct_grads)
+    acc, _ = jax.lax.scan(body, acc0, (micro, embed_grads))
+    grads = jax.tree.map(lambda a, p: a.astype(jnp.result_type(p)), acc, params)
+    return (loss, metrics), grads
+
+
+def cross_entropy(
+    logits: jax.Array, targets: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
+    """Summed softmax cross-entropy over the last axis, in float32.
+
+    ``loss_i = logsumexp(logits_i) - logits_i[targets_i]`` (nats).
+
+    Args:
+      logits: ``[..., V]`` any float dtype (upcast to float32).
+      targets: ``[...]`` integer class ids in ``[0, V)``; negative ids (e.g. HF's ``-100``)
+        are ignored like ``torch.nn.functional.cross_entropy(ignore_index=-100)``.
+      mask: optional ``[...]`` weights (bool/0-1); zero entries are ignored.
+
+    Returns:
+      ``(loss_sum, token_count)``: float32 scalars; the mean is ``loss_sum / token_count``
+      (guard ``token_count == 0`` yourself, or use :func:`causal_lm_loss`).
+    """
+    logits = logits.astype(jnp.float32)
+    valid = targets >= 0
+    weights = valid.astype(jnp.float32)
+    if mask is not None:
+        weights = weights * mask.astype(jnp.float32)
+    safe_targets = jnp.where(valid, targets, 0)
+    target_logits = jnp.take_along_axis(logits, safe_targets[..., None], axis=-1)[..., 0]
+    losses = jax.nn.logsumexp(logits, axis=-1) - target_logits
+    return jnp.sum(losses * weights), jnp.sum(weights)
+
+
+def causal_lm_loss(
+    logits: jax.Array, labels: jax.Array, loss_mask: jax.Array | None = None
+) -> tuple[jax.Array, Metrics]:
+    """Next-token cross-entropy: position t predicts ``labels[:, t + 1]``.
+
+    Args:
+      logits: ``[B, T, V]`` model outputs for inputs ``input_ids`` (any float dtype; the
+        log-softmax runs in float32).
+      labels: ``[B, T]`` int token ids, normally ``input_ids`` itself (HF convention: the
+        shift happens here). Negative ids are ignored.
+      loss_mask: optional ``[B, T]``, aligned with ``labels``: 1 where ``labels[:, t]`` is a
+        target to be predicted, 0 for padding / prompt tokens. Position 0 is never a target.
+
+    Returns:
+      ``(mean_loss, metrics)``: mean over counted tokens (0 if none, never NaN); metrics
+      ``loss``, ``num_tokens`` (float32 count of targets) and ``accuracy`` (top-1 over
+      counted tokens). Matches ``torch.nn.functional.cross_entropy(logits[:, :-1],
+      labels[:, 1:], ignore_index=-100)`` with masked labels set to -100.
+
+    Raises:
+      ValueError: shapes disagree.
+    """
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(
+            f"expected logits [B, T, V] and labels [B, T], got {logits.shape} and {labels.shape}"
+        )
+    if loss_mask is not None and loss_mask.shape != labels.shape:
+        raise ValueError(f"loss_mask shape {loss_mask.shape} != labels shape {labels.shape}")
+    logits = logits[:, :-1]
+    targets = labels[:, 1:]
+    mask = None if loss_mask is None else loss_mask[:, 1:]
+    loss_sum, n = cross_entropy(logits, targets, mask)
+    denom = jnp.maximum(n, 1.0)
+    weights = (targets >= 0).astype(jnp.float32)
+    if mask is not None:
+        weights = weights * mask.astype(jnp.float32)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    loss = loss_sum / denom
+    return loss, {"loss": loss, "num_tokens": n, "accuracy": jnp.sum(correct * weights) / denom}

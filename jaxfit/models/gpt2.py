@@ -1,0 +1,293 @@
+"""GPT-2 causal language model (Radford et al. 2019, "Language Models are Unsupervised
+Multitask Learners"), numerically equivalent to ``transformers``' ``GPT2LMHeadModel``
+(``transformers/models/gpt2/modeling_gpt2.py``).
+
+Learned absolute positions, pre-LayerNorm blocks (``x + attn(ln_1(x))``,
+``x + mlp(ln_2(x))``), a tanh-approximated GELU MLP of width ``n_inner`` (``4 * n_embd``
+by default), a final ``ln_f`` and an LM head tied to the token embedding.
+
+Parameter tree (per-layer leaves carry a leading ``[n_layer]`` axis)::
+
+    wte/embedding [vocab, n_embd]        wpe/embedding [n_positions, n_embd]
+    h/ln_1/{scale,bias}  h/attn/c_attn/{kernel [D, 3D], bias}  h/attn/c_proj/{kernel, bias}
+    h/ln_2/{scale,bias}  h/mlp/c_fc/{kernel [D, n_inner], bias}  h/mlp/c_proj/{kernel, bias}
+    ln_f/{scale,bias}    lm_head/kernel [n_embd, vocab]   (only when not tied)
+
+Calls (all through ``model.apply({"params": p}, ..., method=...)``):
+
+* ``__call__(input_ids, segment_ids=None, positions=None) -> logits [B, S, vocab] float32``
+* ``hidden_states(input_ids, segment_ids=None, positions=None) -> [B, S, n_embd]`` (after
+  ``ln_f``, compute dtype) and ``logits(hidden) -> float32 [..., vocab]`` (the head alone,
+  e.g. per chunk of a chunked cross-entropy); ``model.head_kernel(params) -> [n_embd, vocab]``.
+* ``decode(input_ids, cache) -> (logits, cache)`` with ``cache = model.init_cache(batch,
+  max_len)`` (see :mod:`jaxfit.models.kv_cache`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from jaxfit.models import kv_cache, layers
+
+Dtype = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class GPT2Config:
+    """GPT-2 architecture (HF ``GPT2Config`` field names) and jaxfit execution options.
+
+    Attributes:
+      vocab_size, n_positions, n_embd, n_layer, n_head: sizes as in HF.
+      n_inner: MLP width; ``None`` means ``4 * n_embd``.
+      activation_function: HF name (``gelu_new`` = tanh GELU).
+      layer_norm_epsilon, initializer_range: as in HF.
+      bos_token_id, eos_token_id, pad_token_id: special ids (``None`` when absent).
+      tie_word_embeddings: LM head = ``wte`` transposed (GPT-2 default).
+      dtype: compute dtype; param_dtype: parameter storage dtype.
+      remat_policy: a name from ``layers.REMAT_POLICIES``; scan_layers: ``nn.scan`` the stack.
+      attention_impl: ``None``/``"xla"``/``"cudnn"`` for ``jax.nn.dot_product_attention``.
+    """
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    initializer_range: float = 0.02
+    bos_token_id: int | None = 50256
+    eos_token_id: int | None = 50256
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
+        layers.activation(self.activation_function)  # validate
+        layers.remat_policy(self.remat_policy)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def intermediate_size(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+
+def _dense(cfg: GPT2Config, features: int, name: str, std: float | None = None):
+    return layers.Dense(
+        features,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(std or cfg.initializer_range),
+        name=name,
+    )
+
+
+def _layer_norm(cfg: GPT2Config, name: str):
+    return nn.LayerNorm(
+        epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
+    )
+
+
+class GPT2Attention(nn.Module):
+    """Fused-QKV causal self-attention (``GPT2Attention``)."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, segment_ids, layer_cache, index):
+        cfg = self.config
+        b, s, _ = x.shape
+        qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)
+        q, k, v = (t.reshape(b, s, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, -1))
+        out, layer_cache = kv_cache.causal_attention(
+            q,
+            k,
+            v,
+            layer_cache=layer_cache,
+            index=index,
+            segment_ids=segment_ids,
+            implementation=cfg.attention_impl,
+        )
+        # Residual projections get std 0.02 / sqrt(2 * n_layer) (GPT-2 paper, sec. 2.3).
+        std = cfg.initializer_range / (2 * cfg.n_layer) ** 0.5
+        out = _dense(cfg, cfg.n_embd, "c_proj", std)(out.reshape(b, s, cfg.n_embd))
+        return out, layer_cache
+
+
+class GPT2MLP(nn.Module):
+    """``c_proj(act(c_fc(x)))`` (``GPT2MLP``)."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x):
+        cfg = self.config
+        h = _dense(cfg, cfg.intermediate_size, "c_fc")(x)
+        h = layers.activation(cfg.activation_function)(h)
+        std = cfg.initializer_range / (2 * cfg.n_layer) ** 0.5
+        return _dense(cfg, cfg.n_embd, "c_proj", std)(h)
+
+
+class GPT2Block(nn.Module):
+    """One pre-LN block; ``(x, segment_ids, layer_cache, index) -> (x, layer_cache)``."""
+
+    config: GPT2Config
+
+    @nn.compact
+    def __call__(self, x, segment_ids, layer_cache, index):
+        cfg = self.config
+        attn, layer_cache = GPT2Attention(cfg, name="attn")(
+            _layer_norm(cfg, "ln_1")(x), segment_ids, layer_cache, index
+        )
+        x = x + checkpoint_name(attn, "attn_out")
+        mlp = GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+        x = x + checkpoint_name(mlp, "mlp_out")
+        return x, layer_cache
+
+
+class GPT2LMHeadModel(nn.Module):
+    """GPT-2 with its LM head; see the module docstring for the calls and parameters."""
+
+    config: GPT2Config
+
+    def setup(self):
+        cfg = self.config
+        embed_init = nn.initializers.normal(cfg.initializer_range)
+        self.wte = nn.Embed(
+            cfg.vocab_size,
+            cfg.n_embd,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=embed_init,
+        )
+        self.wpe = nn.Embed(
+            cfg.n_positions,
+            cfg.n_embd,
+            dtype=cfg.dtype,
+            param_dtype=cfg.param_dtype,
+            embedding_init=embed_init,
+        )
+        stack = layers.stack_layers(
+            GPT2Block,
+            num_layers=cfg.n_layer,
+            remat=cfg.remat_policy,
+            scan=cfg.scan_layers,
+            in_axes=(nn.broadcast, 0, nn.broadcast),
+        )
+        self.h = stack(cfg)
+        self.ln_f = nn.LayerNorm(
+            epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype
+        )
+        if not cfg.tie_word_embeddings:
+            self.lm_head = layers.Dense(
+                cfg.vocab_size,
+                use_bias=False,
+                dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype,
+                kernel_init=embed_init,
+            )
+
+    def _backbone(self, input_ids, positions, segment_ids, layer_cache, index):
+        if positions is None:
+            b, s = input_ids.shape
+            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+        x = self.wte(input_ids) + self.wpe(positions)
+        x, layer_cache = self.h(x, segment_ids, layer_cache, index)
+        return self.ln_f(x), layer_cache
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Final hidden states ``[batch, seq, n_embd]`` (after ``ln_f``, compute dtype).
+
+        Args: as :meth:`__call__`.
+        """
+        return self._backbone(input_ids, positions, segment_ids, None, None)[0]
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """The LM head: ``hidden [..., n_embd] -> logits [..., vocab]`` float32."""
+        cfg = self.config
+        if cfg.tie_word_embeddings:
+            emb = jnp.asarray(self.wte.embedding, cfg.dtype)
+            out = jnp.matmul(hidden.astype(cfg.dtype), emb.T)
+        else:
+            out = self.lm_head(hidden)
+        return out.astype(jnp.float32)
+
+    def __call__(
+        self,
+        input_ids: jax.Array,
+        segment_ids: jax.Array | None = None,
+        positions: jax.Array | None = None,
+    ) -> jax.Array:
+        """Next-token logits.
+
+        Args:
+          input_ids: ``[batch, seq]`` int token ids.
+          segment_ids: optional ``[batch, seq]`` int; packed documents attend only within
+            equal ids.
+          positions: optional ``[batch, seq]`` int positions (default ``0..seq-1``); give
+            positions restarting at 0 for each packed document. Must be ``< n_positions``.
+
+        Returns:
+          ``[batch, seq, vocab_size]`` float32 logits.
+        """
+        return self.logits(self.hidden_states(input_ids, segment_ids, positions))
+
+    def decode(
+        self, input_ids: jax.Array, cache: kv_cache.KVCache
+    ) -> tuple[jax.Array, kv_cache.KVCache]:
+        """Run ``input_ids [batch, n]`` at positions ``cache.index + (0..n-1)``.
+
+        Use ``n = prompt_len`` once (prefill) and then ``n = 1`` per generated token.
+
+        Returns:
+          ``(logits [batch, n, vocab] float32, cache)`` with ``index`` advanced by ``n``.
+        """
+        b, s = input_ids.shape
+        pos = kv_cache.positions(cache, b, s)
+        hidden, (k, v) = self._backbone(input_ids, pos, None, (cache.k, cache.v), cache.index)
+        return self.logits(hidden), kv_cache.KVCache(k=k, v=v, index=cache.index + s)
+
+    def init_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:
+        """An empty :class:`~jaxfit.models.kv_cache.KVCache` (no parameters needed).
+
+        Raises:
+          ValueError: ``max_len > n_positions`` (learned positions end there).
+        """
+        cfg = self.config
+        if max_len > cfg.n_positions:
+            raise ValueError(f"max_len={max_len} exceeds n_positions={cfg.n_positions}")
+        return kv_cache.init_cache(
+            num_layers=cfg.n_layer,
+            batch=batch,
+            max_len=max_len,
+            num_kv_heads=cfg.n_head,
+            head_dim=cfg.head_dim,
+            dtype=cfg.dtype,
+        )
+
+    def head_kernel(self, params) -> jax.Array:
+        """The LM head kernel ``[n_embd, vocab]`` from a parameter tree (tied: ``wte.T``)."""
+        if self.config.tie_word_embeddings:
+            return params["wte"]["embedding"].T
+        return params["lm_head"]["kernel"]

@@ -1,0 +1,146 @@
+"""Selecting parameters by name: the one way jaxfit picks leaves of a parameter tree.
+
+Every leaf of a pytree has a *path string*, its keys joined by ``/``
+(``"text_model/layers/mlp/fc1/kernel"``). Rules are regular expressions applied with
+``re.search`` to that string. Weight-decay masks (``optim.py``), parameter shardings
+(``sharding.py``) and, later, LoRA targets, quantisation and freezing all select leaves
+through :func:`match` / :func:`assign`, so one set of names serves every feature
+(the big_vision convention of regex rules over parameter names).
+
+Works on any pytree: nested dicts of arrays, ``jax.ShapeDtypeStruct`` trees from
+``jax.eval_shape``, ``flax.struct`` dataclasses (attribute names become path parts) and
+lists/tuples (the index becomes a path part).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import Any, TypeVar
+
+import jax
+import numpy as np
+
+PyTree = Any
+T = TypeVar("T")
+
+
+def _key_str(key: Any) -> str:
+    """One path entry (``jax.tree_util`` key or plain value) as a string."""
+    if isinstance(key, jax.tree_util.DictKey):
+        return str(key.key)
+    if isinstance(key, jax.tree_util.GetAttrKey):
+        return key.name
+    if isinstance(key, jax.tree_util.SequenceKey):
+        return str(key.idx)
+    if isinstance(key, jax.tree_util.FlattenedIndexKey):
+        return str(key.key)
+    return str(key)
+
+
+def path_str(path: tuple) -> str:
+    """Join a pytree key path into ``"a/b/c"``.
+
+    Args:
+      path: a key path as produced by ``jax.tree_util.tree_flatten_with_path``
+        (``DictKey``, ``GetAttrKey``, ``SequenceKey``, ``FlattenedIndexKey`` entries) or a
+        tuple of plain strings/ints.
+
+    Returns:
+      The entries joined by ``/``, e.g. ``"text_model/layers/mlp/fc1/kernel"``.
+    """
+    return "/".join(_key_str(k) for k in path)
+
+
+def flatten(params: PyTree) -> dict[str, Any]:
+    """Flatten a pytree into ``{path_str: leaf}`` in tree-flatten order.
+
+    Raises:
+      ValueError: two leaves map to the same path string (e.g. a dict key containing ``/``).
+    """
+    out: dict[str, Any] = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        name = path_str(path)
+        if name in out:
+            raise ValueError(f"two parameters share the path string {name!r}")
+        out[name] = leaf
+    return out
+
+
+def _compile(patterns: Sequence[str]) -> list[re.Pattern]:
+    if isinstance(patterns, str):
+        raise TypeError(f"patterns must be a sequence of strings, got the string {patterns!r}")
+    compiled = []
+    for pattern in patterns:
+        try:
+            compiled.append(re.compile(pattern))
+        except re.error as e:
+            raise ValueError(f"invalid parameter pattern {pattern!r}: {e}") from e
+    return compiled
+
+
+def match(params: PyTree, patterns: Sequence[str]) -> PyTree:
+    """Boolean tree: True where any pattern ``re.search``es the leaf's path string.
+
+    Args:
+      params: any pytree (arrays or ``jax.ShapeDtypeStruct`` leaves).
+      patterns: regular expressions, e.g. ``[r"(^|/)bias$", r"norm"]``. An empty
+        sequence matches nothing.
+
+    Returns:
+      A pytree with the structure of ``params`` and Python ``bool`` leaves (usable as an
+      ``optax`` mask).
+
+    Raises:
+      ValueError: a pattern is not a valid regular expression.
+      TypeError: ``patterns`` is a single string (a common slip: wrap it in a list).
+    """
+    compiled = _compile(patterns)
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: any(c.search(path_str(path)) for c in compiled), params
+    )
+
+
+def assign(params: PyTree, rules: Sequence[tuple[str, T]], default: T) -> PyTree:
+    """Tree of values chosen per leaf by the FIRST rule whose pattern matches its path.
+
+    Args:
+      params: any pytree.
+      rules: ``(pattern, value)`` pairs tried in order, e.g. sharding rules
+        ``[(r"embedding$", P("fsdp", None)), (r"kernel$", P(None, "fsdp"))]``.
+      default: value for leaves no rule matches.
+
+    Returns:
+      A pytree with the structure of ``params`` holding the chosen values. Values that are
+      themselves pytrees (tuples, ``PartitionSpec``) become leaves of the result only if
+      the caller treats the result with ``is_leaf``; prefer leaf-like values.
+
+    Raises:
+      ValueError: a pattern is not a valid regular expression.
+    """
+    compiled = list(zip(_compile([p for p, _ in rules]), [v for _, v in rules]))
+
+    def pick(path, _):
+        name = path_str(path)
+        for pattern, value in compiled:
+            if pattern.search(name):
+                return value
+        return default
+
+    return jax.tree_util.tree_map_with_path(pick, params)
+
+
+def unmatched(params: PyTree, patterns: Sequence[str]) -> list[str]:
+    """The patterns that match no leaf path of ``params`` (in the given order).
+
+    Use it to catch typos in LoRA targets, freeze lists or decay masks:
+    ``if bad := unmatched(params, cfg.lora.targets): raise ValueError(...)``.
+    """
+    names = list(flatten(params))
+    return [p for p, c in zip(patterns, _compile(patterns)) if not any(c.search(n) for n in names)]
+
+
+def count(params: PyTree) -> int:
+    """Total number of scalar elements over all leaves (arrays or ``ShapeDtypeStruct``)."""
+    leaves = jax.tree_util.tree_leaves(params)
+    return int(sum(int(np.prod(x.shape if hasattr(x, "shape") else np.shape(x))) for x in leaves))

@@ -1,0 +1,70 @@
+"""Throughput accounting: FLOPs per token of a decoder, model FLOPs utilisation (MFU).
+
+MFU (Chowdhery et al. 2022, PaLM, Appendix B) is the achieved rate of *model* FLOPs
+(the FLOPs the architecture needs, without rematerialisation) over the device's peak.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+# Dense bf16 tensor-core peak without sparsity, TFLOP/s, and memory, GiB. Sources: NVIDIA
+# product pages / architecture whitepapers ("Ada Lovelace architecture" whitepaper,
+# Appendix A for GeForce RTX 40 cards, FP16/BF16 tensor with FP32 accumulate, dense; A100
+# and H100/H200 datasheets, dense = half the "with sparsity" figure).
+@dataclasses.dataclass(frozen=True)
+class Device:
+    name: str
+    peak_bf16_tflops: float
+    memory_gib: float
+    source: str
+
+
+DEVICES = {
+    d.name: d
+    for d in (
+        Device("rtx4070", 58.3, 12, "Ada whitepaper App. A: RTX 4070, FP16 tensor FP32 acc"),
+        Device("rtx4070ti", 80.2, 12, "Ada whitepaper App. A: RTX 4070 Ti, FP16 tensor FP32 acc"),
+        Device("rtx4090", 165.2, 24, "Ada whitepaper App. A: RTX 4090, FP16 tensor FP32 acc"),
+        Device("rtx3090", 71.0, 24, "Ampere GA102 whitepaper: RTX 3090, FP16 tensor FP32 acc"),
+        Device("a100-40gb", 312.0, 40, "A100 datasheet: BF16 tensor core, dense"),
+        Device("a100-80gb", 312.0, 80, "A100 datasheet: BF16 tensor core, dense"),
+        Device("h100-sxm", 989.4, 80, "H100 datasheet: BF16 tensor core SXM, dense"),
+        Device("h200", 989.4, 141, "H200 datasheet: BF16 tensor core, dense"),
+    )
+}
+
+
+def device(name: str) -> Device:
+    """Look a device up by name; ``ValueError`` listing the known names otherwise."""
+    try:
+        return DEVICES[name]
+    except KeyError:
+        raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)}") from None
+
+
+def decoder_flops_per_token(
+    num_params: int, num_layers: int, hidden_size: int, seq_len: int, *, training: bool = True
+) -> float:
+    """Model FLOPs per token of a decoder-only transformer.
+
+    ``6 N + 12 L d T`` for a training step (forward + backward), ``2 N + 4 L d T`` for a
+    forward pass: the matmul FLOPs of the weights (Kaplan et al. 2020, sec. 2.1) plus the
+    attention score and value products (PaLM, Appendix B; nanoGPT's ``estimate_mfu``).
+    ``N`` should exclude the position embeddings (they take no FLOPs).
+
+    Args:
+      num_params: non-embedding-lookup parameter count ``N`` (a tied LM head counts).
+      num_layers: ``L``.
+      hidden_size: ``d`` (= heads x head_dim).
+      seq_len: context length ``T``.
+      training: forward + backward (x3) or forward only.
+    """
+    forward = 2 * num_params + 4 * num_layers * hidden_size * seq_len
+    return float(3 * forward if training else forward)
+
+
+def mfu(flops_per_second: float, device_name: str) -> float:
+    """Fraction (0-1) of the device's dense bf16 peak that ``flops_per_second`` reaches."""
+    return flops_per_second / (device(device_name).peak_bf16_tflops * 1e12)

@@ -1,0 +1,215 @@
+"""Autoregressive generation with a KV cache for the jaxfit causal language models.
+
+``generate`` prefills the prompt in one call of ``model.decode``, then produces one token
+per iteration of a ``lax.while_loop`` (which stops early once every sequence has emitted
+EOS); prefill and loop are compiled together, once per (model, batch, prompt length,
+``max_new_tokens``, number of EOS ids). Temperature, top-k, top-p, the EOS ids and the seed
+are run-time values, so changing them does not recompile.
+
+Sampling follows ``transformers``' ``generate`` (``transformers/generation/utils.py``,
+``_get_logits_processor``): logits are divided by the temperature
+(``TemperatureLogitsWarper``), then filtered by top-k (``TopKLogitsWarper``) and top-p
+(``TopPLogitsWarper``, nucleus sampling, Holtzman et al. 2019,
+https://arxiv.org/abs/1904.09751), in that order (all in
+``transformers/generation/logits_process.py``), and a token is drawn with
+``jax.random.categorical``. ``temperature=0`` is greedy decoding (argmax).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def filter_logits(logits: jax.Array, top_k: jax.Array | int, top_p: jax.Array | float) -> jax.Array:
+    """Top-k then top-p filtering (``TopKLogitsWarper`` then ``TopPLogitsWarper``).
+
+    One ascending sort serves both filters, and ``top_k``/``top_p`` may be traced values,
+    so changing them does not recompile. Tokens whose logit is below the k-th largest are
+    set to ``-inf`` (ties with it kept, as in HF); then, over what remains, tokens in the
+    low-probability tail whose cumulative probability (ascending order) is ``<= 1 - top_p``
+    are removed, always keeping the most likely token (HF, ``min_tokens_to_keep=1``).
+    Both removals are applied as a threshold on the logit value, so tokens tied exactly at
+    the top-p boundary are all kept where HF's scatter may drop some of them.
+
+    Args:
+      logits: ``[..., vocab]`` float32.
+      top_k: int in ``[1, vocab]`` (``vocab`` = off; larger values are clipped).
+      top_p: float in ``(0, 1]`` (``1`` = off, as HF skips the warper).
+
+    Returns:
+      ``logits`` with filtered entries set to ``-inf``.
+    """
+    vocab = logits.shape[-1]
+    asc = jnp.sort(logits, axis=-1)
+    k = jnp.clip(jnp.asarray(top_k, jnp.int32), 1, vocab)
+    kth = jax.lax.dynamic_index_in_dim(asc, vocab - k, axis=asc.ndim - 1, keepdims=True)
+    asc = jnp.where(asc < kth, -jnp.inf, asc)
+    cum = jnp.cumsum(jax.nn.softmax(asc, axis=-1), axis=-1)
+    remove = (cum <= 1 - top_p).at[..., -1].set(False)
+    first_kept = jnp.argmax(~remove, axis=-1)[..., None]
+    tp = jnp.take_along_axis(asc, first_kept, axis=-1)
+    tp = jnp.where(jnp.asarray(top_p) >= 1, -jnp.inf, tp)
+    return jnp.where(logits < jnp.maximum(kth, tp), -jnp.inf, logits)
+
+
+def top_k_filter(logits: jax.Array, k: int | jax.Array) -> jax.Array:
+    """``TopKLogitsWarper``: logits below the ``k``-th largest set to ``-inf``."""
+    return filter_logits(logits, k, 1.0)
+
+
+def top_p_filter(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+    """``TopPLogitsWarper`` (nucleus): keep the most likely tokens holding mass ``> p``."""
+    return filter_logits(logits, logits.shape[-1], p)
+
+
+def sample_logits(
+    logits: jax.Array,
+    rng: jax.Array,
+    *,
+    temperature: float | jax.Array,
+    top_k: int | jax.Array,
+    top_p: float | jax.Array,
+) -> jax.Array:
+    """Next tokens ``[batch]`` int32 from ``logits [batch, vocab]`` float32.
+
+    ``temperature == 0`` is argmax (a ``lax.cond``, so the sort is skipped at run time);
+    otherwise ``categorical(filter_logits(logits / temperature, top_k, top_p))``.
+    """
+
+    def greedy(_):
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+    def draw(_):
+        scaled = logits / jnp.maximum(temperature, 1e-6)
+        filtered = filter_logits(scaled, top_k, top_p)
+        return jax.random.categorical(rng, filtered, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(temperature == 0, greedy, draw, None)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+def _generate(
+    model,
+    params,
+    prompt,
+    rng,
+    temperature,
+    top_k,
+    top_p,
+    eos_ids,
+    pad_id,
+    *,
+    max_new_tokens: int,
+):
+    batch, prompt_len = prompt.shape
+    variables = {"params": params}
+    sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def is_eos(tok):
+        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+
+    # The last token sampled is never fed back, so the cache needs prompt + new - 1 slots.
+    cache = model.init_cache(batch, prompt_len + max_new_tokens - 1)
+    logits, cache = model.apply(variables, prompt, cache, method="decode")
+    rng, sub = jax.random.split(rng)
+    tok = sample(logits[:, -1], sub)
+    out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
+    done = is_eos(tok)
+
+    def cond(state):
+        t, _, _, _, _, done = state
+        return (t < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        t, tok, cache, rng, out, done = state
+        logits, cache = model.apply(variables, tok[:, None], cache, method="decode")
+        rng, sub = jax.random.split(rng)
+        new = jnp.where(done, pad_id, sample(logits[:, -1], sub))
+        out = jax.lax.dynamic_update_slice(out, new[:, None], (0, t))
+        return t + 1, new, cache, rng, out, done | is_eos(new)
+
+    state = (jnp.int32(1), tok, cache, rng, out, done)
+    return jax.lax.while_loop(cond, body, state)[4]
+
+
+def generate(
+    model,
+    params,
+    prompt_ids,
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | Sequence[int] | None = None,
+    pad_token_id: int | None = None,
+    rng: jax.Array | None = None,
+) -> np.ndarray:
+    """Generate continuations of ``prompt_ids`` with a KV cache.
+
+    Args:
+      model: a jaxfit causal LM (``GPT2LMHeadModel``, ``LlamaForCausalLM``: any module with
+        ``config.vocab_size``, ``init_cache(batch, max_len)`` and a ``decode`` method).
+      params: its parameter tree.
+      prompt_ids: ``[batch, prompt_len]`` or ``[prompt_len]`` int ids; all prompts of a
+        batch have the same length (no padding).
+      max_new_tokens: number of tokens to generate (>= 1).
+      temperature: softmax temperature; ``0`` means greedy decoding.
+      top_k: keep the ``k`` most likely tokens (``None``: all).
+      top_p: nucleus sampling mass in ``(0, 1]`` (``None``: off).
+      eos_token_id: id(s) that end a sequence; later positions of that sequence are padded.
+        ``None`` never stops early.
+      pad_token_id: the padding id (default: the first EOS id, else 0; HF's convention).
+      rng: a ``jax.random.key`` (needed when sampling; default ``key(0)``).
+
+    Returns:
+      ``np.ndarray [batch, max_new_tokens]`` int32 of generated ids only (``[max_new_tokens]``
+      for a 1-D prompt); each sequence ends with its first EOS and padding after it.
+
+    Raises:
+      ValueError: bad arguments, or (GPT-2) ``prompt_len + max_new_tokens - 1`` beyond
+        ``n_positions``.
+    """
+    prompt = np.asarray(prompt_ids)
+    single = prompt.ndim == 1
+    if single:
+        prompt = prompt[None]
+    if prompt.ndim != 2 or prompt.shape[1] == 0:
+        raise ValueError(f"prompt_ids must be [batch, len>0] or [len>0], got {prompt.shape}")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be a positive int, got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if eos_token_id is None:
+        eos = []
+    elif isinstance(eos_token_id, int | np.integer):
+        eos = [int(eos_token_id)]
+    else:
+        eos = [int(e) for e in eos_token_id]
+    if pad_token_id is None:
+        pad_token_id = eos[0] if eos else 0
+    eos_ids = np.asarray(eos or [-1], np.int32)  # -1 never matches a token
+    vocab = model.config.vocab_size
+    out = _generate(
+        model,
+        params,
+        jnp.asarray(prompt, jnp.int32),
+        rng if rng is not None else jax.random.key(0),
+        jnp.float32(temperature),
+        jnp.int32(min(top_k or vocab, vocab)),
+        jnp.float32(1.0 if top_p is None else top_p),
+        jnp.asarray(eos_ids),
+        jnp.int32(pad_token_id),
+        max_new_tokens=int(max_new_tokens),
+    )
+    out = np.asarray(out)
+    return out[0] if single else out

@@ -1,0 +1,210 @@
+"""CLIP contrastive training on image-caption data (the task behind ``configs/clip_coco.py``).
+
+Loss: the symmetric InfoNCE of CLIP (``losses.contrastive_loss``) over the FULL batch,
+with exact accumulation over micro-batches by GradCache (``losses.gradcache``): with
+``batch_size = k * micro_batch_size`` every example sees all ``batch_size - 1`` in-batch
+negatives, as if the batch were processed at once. Evaluation: image<->text recall@K over
+all captions of the validation split (``evals.retrieval``).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxfit import hf, losses
+from jaxfit.data import image_text, pipeline, synthetic, tokenizers
+from jaxfit.evals import retrieval
+from jaxfit.models import clip as clip_model
+
+log = logging.getLogger(__name__)
+
+COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def ensure_synthetic_data(config, workdir: Path) -> None:
+    """Write the synthetic demo set when ``data.synthetic.enabled`` (once per root).
+
+    The images go to ``data.root`` or, when it is empty, ``WORKDIR/synthetic_coco``
+    (``data.root`` is then set to it in the saved config of the task, not the caller's).
+    """
+    syn = config.data.synthetic
+    root = Path(config.data.root or workdir / "synthetic_coco")
+    if not (root / "annotations").is_dir():
+        log.info("writing the synthetic demo dataset to %s", root)
+        synthetic.write_synthetic_coco(
+            root,
+            num_train=syn.num_train,
+            num_val=syn.num_val,
+            image_size=syn.image_size,
+            seed=syn.seed,
+            train_split=config.data.train_split,
+            val_split=config.data.val_split,
+        )
+    with config.unlocked():
+        config.data.root = str(root)
+
+
+def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.CLIPConfig:
+    """A from-scratch ``CLIPConfig`` from ``config.model``, sized to the tokenizer."""
+    m = config.model
+    text = clip_model.CLIPTextConfig(
+        vocab_size=tokenizer.vocab_size,
+        max_position_embeddings=tokenizer.context_length,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        **m.text.to_dict(),
+    )
+    vision = clip_model.CLIPVisionConfig(**m.vision.to_dict())
+    dtype = COMPUTE_DTYPES[config.precision]
+    return clip_model.CLIPConfig(
+        text=text,
+        vision=vision,
+        projection_dim=m.projection_dim,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        remat_policy=m.remat_policy,
+    )
+
+
+class CLIPTask:
+    """See ``jaxfit.tasks`` for the interface. Reads ``config.{data, model, init_from,
+    batch_size, micro_batch_size, eval, precision, seed}``."""
+
+    def __init__(self, config, workdir, mesh):
+        self.config = config
+        self.workdir = Path(workdir)
+        self.mesh = mesh
+        if config.data.synthetic.enabled:
+            ensure_synthetic_data(config, self.workdir)
+        data = config.data
+        self.train_records, self.train_skips = image_text.load_source(data, "train")
+        self.val_records, self.val_skips = image_text.load_source(data, "val")
+        if config.eval.max_images:
+            self.val_records = self.val_records[: config.eval.max_images]
+        self._pretrained = None
+        if config.init_from:
+            self._pretrained = hf.load_pretrained(
+                config.init_from,
+                dtype=jnp.float32,
+                compute_dtype=COMPUTE_DTYPES[config.precision],
+                remat_policy=config.model.remat_policy,
+            )
+            self.model = self._pretrained[0]
+            source = data.tokenizer or config.init_from
+            context = self.model.config.text.max_position_embeddings
+            self.tokenizer = tokenizers.CaptionTokenizer.from_pretrained(source, context)
+        else:
+            self.tokenizer = tokenizers.tokenizer_from_config(
+                data,
+                self.workdir / "tokenizer",
+                lambda: (c for r in self.train_records for c in r.captions),
+            )
+            self.model = clip_model.CLIPModel(model_config(config, self.tokenizer))
+        self.image_size = self.model.config.vision.image_size
+        self.num_micro_batches = config.batch_size // config.micro_batch_size
+        self._eval_counter = image_text.SkipCounter()
+        self._encode_image = jax.jit(
+            lambda p, x: self.model.apply({"params": p}, x, method="encode_image")
+        )
+        self._encode_text = jax.jit(
+            lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, method="encode_text")
+        )
+
+    # -- parameters ---------------------------------------------------------------------
+    def init_params(self, rng: jax.Array):
+        c = self.model.config
+        ids = jnp.zeros((1, c.text.max_position_embeddings), jnp.int32)
+        pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
+        return self.model.init(rng, ids, pixels)["params"]
+
+    def initial_params(self, rng: jax.Array, shardings):
+        if self._pretrained is not None:
+            params = jax.device_put(self._pretrained[1], shardings)
+            self._pretrained = None  # the host copy is not needed any more
+            return params
+        return jax.jit(self.init_params, out_shardings=shardings)(rng)
+
+    # -- training -----------------------------------------------------------------------
+    def _embed(self, params, batch):
+        return self.model.apply(
+            {"params": params},
+            batch["input_ids"],
+            batch["pixel_values"],
+            batch["attention_mask"],
+            method="embed",
+        )
+
+    @staticmethod
+    def _loss(params, embeds):
+        image_embeds, text_embeds = embeds
+        return losses.contrastive_loss(image_embeds, text_embeds, params["logit_scale"])
+
+    def loss_and_grad(self, params, batch, rng):
+        del rng  # CLIP has no dropout; GradCache requires a deterministic forward
+        return losses.gradcache(self._embed, self._loss, params, batch, self.num_micro_batches)
+
+    def train_iterator(self):
+        data = self.config.data
+        return pipeline.train_iterator(
+            self.train_records,
+            self.tokenizer,
+            image_size=self.image_size,
+            global_batch_size=self.config.batch_size,
+            seed=self.config.seed,
+            augment=pipeline.augment_from_config(data),
+            num_threads=data.num_threads,
+            counter=self.train_skips,
+        )
+
+    def skip_counts(self) -> dict[str, int]:
+        counts = dict(self.train_skips.as_dict())
+        for k, v in self._eval_counter.as_dict().items():
+            counts[f"eval_{k}"] = v
+        return counts
+
+    def throughput(self, examples_per_sec: float) -> dict[str, float]:
+        return {"perf/images_per_sec": examples_per_sec}
+
+    # -- evaluation ---------------------------------------------------------------------
+    def evaluate(self, params) -> dict[str, float]:
+        """Recall@K (percent) on the validation split; ``eval.ks`` gives K."""
+        images, texts, text_to_image = [], [], []
+        batches = pipeline.eval_batches(
+            self.val_records,
+            self.tokenizer,
+            image_size=self.image_size,
+            batch_size=self.config.eval.batch_size,
+            num_threads=self.config.data.num_threads,
+            counter=self._eval_counter,
+        )
+        for kind, batch in batches:
+            valid = batch["valid"]
+            if kind == "image":
+                emb = self._encode_image(params, batch["pixel_values"])
+                images.append(np.asarray(emb)[valid])
+            else:
+                emb = self._encode_text(params, batch["input_ids"], batch["attention_mask"])
+                texts.append(np.asarray(emb)[valid])
+                text_to_image.append(batch["image_index"][valid])
+        out = retrieval.recall_at_k(
+            np.concatenate(images),
+            np.concatenate(texts),
+            np.concatenate(text_to_image),
+            ks=tuple(self.config.eval.ks),
+        )
+        out["num_images"] = float(sum(len(x) for x in images))
+        out["num_captions"] = float(sum(len(x) for x in texts))
+        return out
+
+    # -- export -------------------------------------------------------------------------
+    def export(self, params, out_dir) -> Path:
+        """Write a Hugging Face ``CLIPModel`` directory plus the tokenizer."""
+        out = hf.save_pretrained(self.model, params, out_dir)
+        self.tokenizer.save(out)
+        return out

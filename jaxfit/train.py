@@ -1,0 +1,37 @@
+"""Train a model: ``python -m jaxfit.train --config configs/clip_coco.py[:ARG] --workdir DIR``.
+
+Any config field can be overridden as ``--config.optim.lr=3e-4``. A workdir that holds a
+checkpoint is resumed. See README.md.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from jaxfit import config as config_lib
+from jaxfit import trainer
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config, flags = config_lib.parse_argv(
+            argv or sys.argv, extra_flags={"workdir": "Run directory (checkpoints, logs)."}
+        )
+    except config_lib.ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not flags["workdir"]:
+        print("error: --workdir DIR is required", file=sys.stderr)
+        return 2
+    results = trainer.train(config, flags["workdir"])
+    evals = {k: round(v, 3) for k, v in results.items() if k.startswith("eval/")}
+    print(f"done: {evals}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

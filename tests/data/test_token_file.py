@@ -1,0 +1,173 @@
+"""Token files: layout (EOS/BOS), dtype choice, cache reuse and invalidation, loss mask."""
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxfit.data.token_file as token_file_mod
+from jaxfit.data.text import default_text_config, prepare_text_data
+from jaxfit.data.text_sources import InstructionExample, TextStats
+from jaxfit.data.text_tokenizer import TextTokenizer, load_or_train
+from jaxfit.data.token_file import TokenFile, build_token_file, token_dtype, write_token_file
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+DOCS = ["First document, short.", "Second one\nhas two lines.", "Third: the end!"]
+
+
+@pytest.fixture(scope="module")
+def bpe(tmp_path_factory) -> TextTokenizer:
+    c = default_text_config().tokenizer
+    c.vocab_size = 320
+    corpus = DOCS * 30 + ["What is two plus two? Four. The answer is four."] * 30
+    return load_or_train(c, tmp_path_factory.mktemp("tok"), lambda: corpus)
+
+
+def word_level(specials, **special_map) -> TextTokenizer:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["hello", "world", "again", "[UNK]"]
+    vocab = {t: i for i, t in enumerate(specials + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return TextTokenizer(PreTrainedTokenizerFast(tokenizer_object=tok, **special_map))
+
+
+def test_token_dtype_boundary():
+    assert token_dtype(50257) == np.uint16 and token_dtype(65536) == np.uint16
+    assert token_dtype(65537) == np.uint32 and token_dtype(128256) == np.uint32
+
+
+def test_layout_eos_between_documents(tmp_path, bpe):
+    tf = write_token_file(DOCS, bpe, tmp_path / "t.bin", add_bos=True)  # BOS == EOS: no BOS
+    expected = sum((ids + [bpe.eos_token_id] for ids in bpe.encode_batch(DOCS)), [])
+    assert tf.tokens.dtype == np.uint16 and tf.tokens.tolist() == expected
+    assert (tf.num_tokens, tf.meta["documents"], tf.meta["add_bos"]) == (len(expected), 3, False)
+    assert tf.loss_mask is None
+    assert bpe.decode(tf.tokens).split("<|endoftext|>") == DOCS + [""]
+    assert os.path.getsize(tmp_path / "t.bin") == 2 * len(expected)
+
+
+def test_bos_only_when_distinct_and_asked(tmp_path):
+    tok = word_level(["<s>", "</s>"], bos_token="<s>", eos_token="</s>")
+    docs = ["hello world", "again"]
+    on = write_token_file(docs, tok, tmp_path / "on.bin", add_bos=True)
+    assert on.tokens.tolist() == [0, 2, 3, 1, 0, 4, 1] and on.meta["add_bos"]
+    off = write_token_file(docs, tok, tmp_path / "off.bin", add_bos=False)
+    assert off.tokens.tolist() == [2, 3, 1, 4, 1]
+
+
+def test_uint32_for_large_vocabulary(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(70_000)}
+    vocab["<eos>"] = 70_000
+    t = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    t.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = TextTokenizer(PreTrainedTokenizerFast(tokenizer_object=t, eos_token="<eos>"))
+    tf = write_token_file(["w1 w69999 w65536", "w65535"], tok, tmp_path / "big.bin", add_bos=True)
+    assert tf.meta["dtype"] == "uint32" and tf.tokens.dtype == np.uint32
+    assert tf.tokens.tolist() == [1, 69999, 65536, 70000, 65535, 70000]
+
+
+def test_instruction_loss_mask_covers_completion_and_eos(tmp_path, bpe):
+    ex = [
+        InstructionExample("What is two plus two?", " Four."),
+        InstructionExample("", "The answer is four."),
+    ]
+    tf = write_token_file(ex, bpe, tmp_path / "sft.bin", add_bos=True)
+    assert tf.loss_mask is not None and tf.loss_mask.dtype == np.uint8
+    tokens, mask = tf.tokens.tolist(), tf.loss_mask.tolist()
+    p0, c0 = bpe.encode(ex[0].prompt), bpe.encode(ex[0].completion)
+    c1 = bpe.encode(ex[1].completion)
+    eos = bpe.eos_token_id
+    assert tokens == p0 + c0 + [eos] + c1 + [eos]
+    assert mask == [0] * len(p0) + [1] * (len(c0) + 1) + [1] * (len(c1) + 1)
+    masked = [t for t, m in zip(tokens, mask) if m]
+    assert bpe.decode(masked) == " Four.<|endoftext|>The answer is four.<|endoftext|>"
+    assert tf.meta["loss_tokens"] == sum(mask)
+    with pytest.raises(ValueError, match="mix"):
+        write_token_file([ex[0], "plain"], bpe, tmp_path / "mixed.bin", add_bos=False)
+
+
+def _cfg(path: Path, **kw):
+    c = default_text_config()
+    c.path = str(path)
+    for k, v in kw.items():
+        c[k] = v
+    return c
+
+
+def test_cache_reuse_and_invalidation(tmp_path, bpe, monkeypatch):
+    src = tmp_path / "corpus.txt"
+    src.write_text("\n\n".join(DOCS))
+    calls = []
+    real = token_file_mod.load_documents
+    monkeypatch.setattr(
+        token_file_mod, "load_documents", lambda c, s: calls.append(s) or real(c, s)
+    )
+    cache = tmp_path / "cache"
+    c = _cfg(src, split_by_blank_lines=True)
+    first = build_token_file(c, bpe, "train", cache)
+    stamp = os.stat(first.path).st_mtime_ns
+    second = build_token_file(c, bpe, "train", cache)
+    assert calls == ["train"]  # second call did not read or tokenize
+    assert second.path == first.path and os.stat(second.path).st_mtime_ns == stamp
+    assert second.tokens.tolist() == first.tokens.tolist()
+    assert sorted(p.name for p in cache.iterdir()) == sorted(
+        [first.path.name, first.path.with_suffix(".json").name]
+    )  # no temporary files left
+    side = json.loads(first.path.with_suffix(".json").read_text())
+    assert side["key"] in first.path.name and side["stats"]["documents"] == 3
+
+    other = build_token_file(_cfg(src), bpe, "train", cache)  # a token-relevant field changed
+    assert other.path != first.path and calls == ["train", "train"] and other.meta["documents"] == 1
+
+    src.write_text("\n\n".join(DOCS + ["A fourth document."]))  # content (size/mtime) changed
+    changed = build_token_file(c, bpe, "train", cache)
+    assert changed.path != first.path and changed.meta["documents"] == 4
+
+    expected = changed.tokens.tolist()
+    changed.path.write_bytes(b"\x00")  # a truncated file is rebuilt, not trusted
+    rebuilt = build_token_file(c, bpe, "train", cache)
+    assert len(calls) == 4 and rebuilt.tokens.tolist() == expected
+
+
+def test_open_rejects_truncated_file(tmp_path, bpe):
+    tf = write_token_file(DOCS, bpe, tmp_path / "t.bin", add_bos=False)
+    with open(tf.path, "r+b") as f:
+        f.truncate(4)
+    with pytest.raises(ValueError, match="sidecar says"):
+        TokenFile.open(tf.path)
+
+
+def test_prepare_text_data_end_to_end(tmp_path):
+    src = tmp_path / "d.jsonl"
+    src.write_text("".join(json.dumps({"text": f"doc number {i} " * 5}) + "\n" for i in range(40)))
+    c = _cfg(src, val_fraction=0.1)
+    c.tokenizer.vocab_size = 300
+    data = prepare_text_data(c, tmp_path / "run")
+    assert data.train.meta["documents"] == 36 and data.validation.meta["documents"] == 4
+    assert data.train.meta["tokenizer"] == data.tokenizer.fingerprint()
+    assert isinstance(data.train.stats, TextStats) and data.train.stats.documents == 36
+    val_text = data.tokenizer.decode(data.validation.tokens)
+    assert val_text.startswith("doc number 36 ") and "doc number 35" not in val_text
+    again = prepare_text_data(c, tmp_path / "run")  # resume: same tokenizer and files
+    assert again.train.path == data.train.path and again.validation.path == data.validation.path
+    assert again.tokenizer.fingerprint() == data.tokenizer.fingerprint()
+
+
+@pytest.mark.shared_data
+def test_tinystories_with_separator_file(tmp_path, bpe):
+    p = SHARED / "tinystories_sample" / "tinystories_sample_cs336.txt"
+    if not p.exists():
+        pytest.skip(f"shared data {p} not available")
+    c = _cfg(p, doc_separator="<|endoftext|>")
+    tf = build_token_file(c, bpe, "train", tmp_path)
+    n_docs = len([d for d in p.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()])
+    assert tf.meta["documents"] == n_docs > 1
+    assert int((np.asarray(tf.tokens) == bpe.eos_token_id).sum()) == n_docs

@@ -1,0 +1,117 @@
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from jaxfit import optim, sharding, step
+from jaxfit.checkpoint import Checkpointer, to_abstract
+
+
+def _state(seed=0):
+    """A TrainState after one real update: non-trivial Adam moments, mixed dtypes."""
+    rng = np.random.default_rng(seed)
+    params = {
+        "dense": {
+            "kernel": jnp.asarray(rng.normal(size=(4, 3)), jnp.float32),
+            "bias": jnp.asarray(rng.normal(size=3), jnp.float32),
+        },
+        "emb": jnp.asarray(rng.normal(size=(5, 2)), jnp.bfloat16),
+        "logit_scale": jnp.float32(2.6592),
+    }
+    cfg = optim.default_optim_config()
+    cfg.warmup_steps = 0
+    tx, _ = optim.make_optimizer(cfg, 100, params)
+    state = step.create_train_state(params, tx, jax.random.key(seed + 42))
+    grads = jax.tree.map(lambda p: jnp.ones_like(p) * 0.5, params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    return state.replace(
+        step=state.step + 1, params=optax.apply_updates(state.params, updates), opt_state=opt_state
+    )
+
+
+META = {"data": {"epoch": 1, "position": 1234}, "config": {"lr": 1e-4, "name": "clip"}}
+
+
+def _assert_bit_exact(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        assert x.dtype == y.dtype and x.shape == y.shape
+        assert np.asarray(x).tobytes() == np.asarray(y).tobytes()
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    state = _state()
+    with Checkpointer(tmp_path / "ckpt") as ckpt:
+        assert ckpt.latest_step() is None
+        assert ckpt.save(1, state, META)
+        ckpt.wait()
+        assert ckpt.latest_step() == 1
+        restored, meta = ckpt.restore(to_abstract(state))
+    _assert_bit_exact(restored, state)
+    assert isinstance(restored, step.TrainState)
+    assert meta == META
+
+
+def test_restore_into_abstract_state_with_shardings(tmp_path):
+    """The trainer's path: shapes from eval_shape, shardings attached by to_abstract."""
+    state = _state()
+    mesh = sharding.make_mesh()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(7, state, {})
+        ckpt.wait()
+        abstract = to_abstract(jax.eval_shape(lambda: state), sharding.replicated(mesh))
+        restored, meta = ckpt.restore(abstract, step=7)
+    _assert_bit_exact(restored, state)
+    assert meta == {}
+    for x in jax.tree.leaves(restored):
+        assert x.sharding == sharding.replicated(mesh)
+
+
+def test_keeps_last_k_and_interval(tmp_path):
+    state = _state()
+    with Checkpointer(tmp_path, max_to_keep=2, save_interval_steps=2) as ckpt:
+        saved = {s: ckpt.save(s, state, {"step": s}) for s in range(1, 7)}
+        # Orbax always takes the first save of a directory (InitialSavePolicy).
+        assert saved == {1: True, 2: True, 3: False, 4: True, 5: False, 6: True}
+        assert ckpt.save(7, state, {"step": 7}, force=True)
+        assert not ckpt.save(7, state, {"step": 7}, force=True)  # already there
+        ckpt.wait()
+        assert ckpt.all_steps() == [6, 7]
+        assert ckpt.restore(to_abstract(state), step=6)[1] == {"step": 6}
+    assert sorted(int(d) for d in os.listdir(tmp_path) if d.isdigit()) == [6, 7]
+
+
+def test_interrupted_save_is_ignored(tmp_path):
+    """A save killed before orbax's final rename leaves only a tmp dir; it must not count."""
+    state = _state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(5, state, {"step": 5})
+    # What an interrupted save of step 9 looks like on disk: a full payload, never renamed.
+    shutil.copytree(tmp_path / "5", tmp_path / "9.orbax-checkpoint-tmp-1700000000")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.latest_step() == 5
+        assert ckpt.all_steps() == [5]
+        restored, meta = ckpt.restore(to_abstract(state))
+        assert meta == {"step": 5}
+        # A later save of the same step number still works.
+        assert ckpt.save(9, state, {"step": 9})
+        ckpt.wait()
+        assert ckpt.latest_step() == 9
+    _assert_bit_exact(restored, state)
+
+
+def test_errors(tmp_path):
+    with Checkpointer(tmp_path) as ckpt:
+        with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+            ckpt.restore({"a": jax.ShapeDtypeStruct((2,), jnp.float32)})
+        with pytest.raises(TypeError, match="JSON"):
+            ckpt.save(1, {"a": jnp.zeros(2)}, {"blob": b"bytes"})
+        assert ckpt.latest_step() is None
+        ckpt.save(1, {"a": jnp.zeros(2)}, {})
+        ckpt.wait()
+        with pytest.raises(FileNotFoundError, match=r"step 3.*\[1\]"):
+            ckpt.restore({"a": jax.ShapeDtypeStruct((2,), jnp.float32)}, step=3)

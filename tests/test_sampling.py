@@ -1,0 +1,135 @@
+"""``jaxfit.sampling``: greedy decoding token-for-token against ``transformers``' ``generate``,
+EOS handling, sampling filters against HF's logits warpers, seeded sampling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsWarper
+
+import jaxfit.hf as jhf
+from jaxfit import sampling
+
+VOCAB, PROMPT, NEW = 53, 6, 10
+
+HF_CONFIGS = {
+    "gpt2": lambda: transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            vocab_size=VOCAB, n_positions=32, n_embd=32, n_layer=2, n_head=4,
+            initializer_range=0.3, bos_token_id=None, eos_token_id=None,
+        )
+    ),
+    "llama": lambda: transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.3,
+            bos_token_id=None, eos_token_id=None,
+        )
+    ),
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module", params=sorted(HF_CONFIGS))
+def family(request, tmp_path_factory):
+    torch.manual_seed(0)
+    hf_model = HF_CONFIGS[request.param]().eval()
+    path = tmp_path_factory.mktemp(request.param)
+    hf_model.save_pretrained(path)
+    model, params = jhf.load_pretrained(path)
+    prompts = np.random.RandomState(0).randint(0, VOCAB, (2, PROMPT))
+    return hf_model, model, params, prompts
+
+
+def _hf_greedy(hf_model, prompts, eos=None) -> np.ndarray:
+    with torch.no_grad():
+        out = hf_model.generate(
+            torch.tensor(prompts),
+            attention_mask=torch.ones(prompts.shape, dtype=torch.long),
+            do_sample=False,
+            max_new_tokens=NEW,
+            eos_token_id=eos,
+            pad_token_id=eos if eos is not None else 0,
+        )
+    return out[:, prompts.shape[1] :].numpy()
+
+
+def test_greedy_matches_transformers(family):
+    hf_model, model, params, prompts = family
+    ref = _hf_greedy(hf_model, prompts)
+    assert ref.shape == (2, NEW)
+    out = sampling.generate(model, params, prompts, max_new_tokens=NEW, temperature=0)
+    np.testing.assert_array_equal(out, ref)
+
+    # Stop at EOS: make the 3rd token of sequence 0 the EOS id (not earlier in either row).
+    eos = int(ref[0, 2])
+    if eos in ref[0, :2] or eos in ref[1, :2]:
+        pytest.skip("degenerate random model for this EOS test")
+    ref_eos = _hf_greedy(hf_model, prompts, eos)
+    out_eos = sampling.generate(
+        model, params, prompts, max_new_tokens=NEW, temperature=0, eos_token_id=eos
+    )
+    n = ref_eos.shape[1]  # HF stops once every row is done; jaxfit always returns NEW
+    np.testing.assert_array_equal(out_eos[:, :n], ref_eos)
+    assert (out_eos[:, n:] == eos).all()
+    np.testing.assert_array_equal(out_eos[0, :3], ref[0, :3])
+    assert (out_eos[0, 3:] == eos).all()  # padded with the EOS id after the first EOS
+
+
+def test_single_prompt(family):
+    hf_model, model, params, prompts = family
+    if isinstance(hf_model, transformers.LlamaForCausalLM):
+        pytest.skip("family-independent; one family keeps compiles few")
+    out = sampling.generate(model, params, prompts[0], max_new_tokens=NEW, temperature=0)
+    batch = sampling.generate(model, params, prompts, max_new_tokens=NEW, temperature=0)
+    assert out.shape == (NEW,)
+    np.testing.assert_array_equal(out, batch[0])
+
+
+def test_sampling_top_k1_is_greedy_and_seeded(family):
+    _, model, params, prompts = family
+    greedy = sampling.generate(model, params, prompts, max_new_tokens=NEW, temperature=0)
+    top1 = sampling.generate(
+        model, params, prompts, max_new_tokens=NEW, temperature=0.7, top_k=1,
+        rng=jax.random.key(3),
+    )  # fmt: skip
+    np.testing.assert_array_equal(top1, greedy)
+
+    def sample(seed):
+        return sampling.generate(
+            model, params, prompts, max_new_tokens=NEW, temperature=1.5, top_p=0.95,
+            rng=jax.random.key(seed),
+        )  # fmt: skip
+
+    a, b, c = sample(0), sample(0), sample(1)
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (2, NEW) and a.min() >= 0 and a.max() < VOCAB
+    assert (a != c).any()
+
+
+def test_filters_match_transformers_warpers():
+    rng = np.random.RandomState(0)
+    logits = rng.randn(4, 50).astype(np.float32) * 3
+    tied = logits.copy()
+    tied[0, :5] = tied[0, 10]  # ties with the k-th value are kept, as in HF
+    for k in (1, 5, 50, 80):
+        ref = TopKLogitsWarper(k)(None, torch.tensor(tied)).numpy()
+        np.testing.assert_array_equal(np.asarray(sampling.top_k_filter(tied, k)), ref)
+    for p in (0.05, 0.5, 0.9, 1.0):
+        ref = TopPLogitsWarper(p)(None, torch.tensor(logits)).numpy()
+        np.testing.assert_array_equal(np.asarray(sampling.top_p_filter(logits, p)), ref)
+    for k, p in ((3, 0.9), (20, 0.5), (20, 0.99)):  # HF order: top-k, then top-p
+        ref = TopPLogitsWarper(p)(None, TopKLogitsWarper(k)(None, torch.tensor(logits)))
+        out = sampling.filter_logits(jnp.asarray(logits), jnp.int32(k), jnp.float32(p))
+        np.testing.assert_array_equal(np.asarray(out), ref.numpy())
+
+
+def test_argument_errors(family):
+    _, model, params, prompts = family
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        sampling.generate(model, params, prompts, max_new_tokens=0)
+    with pytest.raises(ValueError, match="top_p"):
+        sampling.generate(model, params, prompts, max_new_tokens=2, top_p=0.0)
+    with pytest.raises(ValueError, match="prompt_ids"):
+        sampling.generate(model, params, np.zeros((1, 0), np.int32), max_new_tokens=2)

@@ -1,0 +1,163 @@
+"""The training loop end to end on the CLIP task: resume, learning, evaluation CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+import pytest
+
+from jaxfit import config as config_lib
+from jaxfit import trainer
+from jaxfit.evals.retrieval import chance_recall
+from jaxfit.evaluate import main as evaluate_main
+from jaxfit.train import main as train_main
+
+REPO = Path(__file__).resolve().parents[1]
+CLIP_CONFIG = str(REPO / "configs" / "clip_coco.py")
+
+
+def tiny_clip_config(data_root: Path, *overrides: str):
+    """The demo config shrunk further for fast tests (synthetic data in ``data_root``)."""
+    return config_lib.load_config(
+        f"{CLIP_CONFIG}:demo",
+        [
+            f"data.root={data_root}",
+            "data.synthetic.num_train=64",
+            "data.synthetic.num_val=16",
+            "data.synthetic.image_size=32",
+            "model.text.num_hidden_layers=1",
+            "model.vision.num_hidden_layers=1",
+            "model.vision.image_size=16",
+            "batch_size=16",
+            "micro_batch_size=8",
+            "eval.batch_size=16",
+            "total_steps=6",
+            "log_every=2",
+            "eval_every=6",
+            "ckpt_every=3",
+            "data.num_threads=2",
+            "optim.warmup_steps=1",
+            *overrides,
+        ],
+    )
+
+
+def _params(workdir):
+    return trainer.restore_params(workdir)[2]
+
+
+def test_resume_is_exact(tmp_path):
+    data = tmp_path / "data"
+    straight = tmp_path / "straight"
+    trainer.train(tiny_clip_config(data), straight)
+
+    class Interrupt(Exception):
+        pass
+
+    def stop_at_4(step, state):
+        if step == 4:
+            raise Interrupt
+
+    resumed = tmp_path / "resumed"
+    with pytest.raises(Interrupt):
+        trainer.train(tiny_clip_config(data), resumed, on_step=stop_at_4)
+    # step 3 was checkpointed; step 4's work is lost and must be redone identically.
+    assert trainer.restore_params(resumed)[3] == 3
+    trainer.train(tiny_clip_config(data), resumed)
+    a, b = _params(straight), _params(resumed)
+    jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
+    # the changes were real: the final params differ from the step-3 params
+    p3 = trainer.restore_params(resumed, step=3)[2]
+    assert not np.allclose(np.asarray(p3["logit_scale"]), np.asarray(a["logit_scale"]))
+
+
+def test_logs_checkpoints_and_config(tmp_path):
+    workdir = tmp_path / "run"
+    results = trainer.train(tiny_clip_config(tmp_path / "data"), workdir)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    steps_with_loss = [x["step"] for x in lines if "train/loss" in x]
+    assert steps_with_loss == [2, 4, 6]
+    assert any("eval/i2t_R@1" in x for x in lines)
+    assert list(workdir.glob("events.out.tfevents*")) or list(workdir.rglob("events.out.*"))
+    saved = json.loads((workdir / "config.json").read_text())
+    assert saved["batch_size"] == 16 and saved["task"] == "clip"
+    assert sorted(int(p.name) for p in (workdir / "checkpoints").iterdir() if p.name.isdigit()) == [
+        3,
+        6,
+    ]
+    assert results["eval/num_images"] == 16
+
+
+def test_config_errors_name_the_key(capsys):
+    with pytest.raises(config_lib.ConfigError, match="optim.nope|nope"):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo", ["optim.nope=1"])
+    with pytest.raises(config_lib.ConfigError, match="total_steps"):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo", ["total_steps=abc"])
+    with pytest.raises(config_lib.ConfigError, match="precision"):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo", ["precision=fp8"])
+    with pytest.raises(config_lib.ConfigError, match="micro_batch_size"):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo", ["micro_batch_size=5"])
+    with pytest.raises(config_lib.ConfigError, match="unknown"):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo,stepz=3")
+    with pytest.raises(config_lib.ConfigError, match="nofile.py"):
+        config_lib.load_config(str(REPO / "configs" / "nofile.py"))
+    # the CLI turns them into one clear line and exit status 2
+    code = train_main(["train", f"--config={CLIP_CONFIG}:demo", "--config.optim.nope=1"])
+    assert code == 2 and "nope" in capsys.readouterr().err
+
+
+def test_missing_data_root_stops_at_start(tmp_path):
+    cfg = tiny_clip_config(tmp_path / "data", "data.synthetic.enabled=False")
+    with pytest.raises(FileNotFoundError, match=str(tmp_path / "data")):
+        trainer.train(cfg, tmp_path / "run")
+
+
+def test_cli_train_then_evaluate(tmp_path, capsys):
+    cfg = tiny_clip_config(tmp_path / "data")
+    overrides = [
+        f"--config.{k}={v}"
+        for k, v in {
+            "data.root": tmp_path / "data",
+            "data.synthetic.num_train": 64,
+            "data.synthetic.num_val": 16,
+            "model.text.num_hidden_layers": 1,
+            "model.vision.num_hidden_layers": 1,
+            "model.vision.image_size": 16,
+            "batch_size": 16,
+            "micro_batch_size": 8,
+            "total_steps": 2,
+            "eval_every": 2,
+            "ckpt_every": 2,
+            "optim.warmup_steps": 1,
+        }.items()
+    ]
+    assert cfg.total_steps == 6  # sanity: the helper config differs from the CLI one
+    workdir = tmp_path / "run"
+    code = train_main(["train", f"--config={CLIP_CONFIG}:demo", f"--workdir={workdir}", *overrides])
+    assert code == 0
+    capsys.readouterr()
+    assert evaluate_main(["--workdir", str(workdir)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    last_train_eval = [
+        json.loads(x)
+        for x in (workdir / "metrics.jsonl").read_text().splitlines()
+        if "eval/t2i_R@1" in x
+    ][0]
+    # the same checkpoint evaluated twice gives the same numbers
+    assert printed["eval/t2i_R@1"] == pytest.approx(last_train_eval["eval/t2i_R@1"])
+    assert printed["eval/i2t_R@5"] == pytest.approx(last_train_eval["eval/i2t_R@5"])
+
+
+@pytest.mark.slow
+def test_demo_learns(tmp_path):
+    """The embedded default, at its real size, ends far above chance."""
+    cfg = config_lib.load_config(f"{CLIP_CONFIG}:demo", [f"data.root={tmp_path / 'data'}"])
+    results = trainer.train(cfg, tmp_path / "run")
+    n = int(results["eval/num_images"])
+    chance = chance_recall(n, 5, 10)
+    assert results["eval/t2i_R@10"] > 5 * chance["t2i"]
+    assert results["eval/i2t_R@10"] > 2.5 * chance["i2t"]
+    assert results["train/loss"] < 2.0
