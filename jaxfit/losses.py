@@ -12,23 +12,10 @@ import jax
 import jax.numpy as jnp
 
 from jaxfit.accumulate import merge_micro, split_micro
+from jaxfit.models.clip import logit_scale_value
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
-
-# CLIP clips the learned temperature so that logits are scaled by at most 100
-# (Radford et al. 2021, Sec. 2.5; open_clip clamps ``logit_scale`` to ln(100) after each
-# step). Here the clamp is applied in the forward pass.
-MAX_LOGIT_SCALE = 100.0
-
-
-def logit_scale_value(logit_scale: jax.Array) -> jax.Array:
-    """Applied temperature ``exp(min(logit_scale, log 100))`` in float32.
-
-    ``logit_scale`` is the LOG-parameter stored in the model (CLIP initialises it to
-    ``log(1/0.07)``). Same formula as the CLIP model file's ``logit_scale_value``.
-    """
-    return jnp.exp(jnp.minimum(jnp.asarray(logit_scale, jnp.float32), jnp.log(MAX_LOGIT_SCALE)))
 
 
 def contrastive_loss(
@@ -46,7 +33,8 @@ def contrastive_loss(
     Args:
       image_embeds: ``[N, D]`` L2-normalised image embeddings (any float dtype).
       text_embeds: ``[N, D]`` L2-normalised text embeddings; row i is the caption of image i.
-      logit_scale: scalar LOG-temperature parameter (see :func:`logit_scale_value`).
+      logit_scale: scalar LOG-temperature parameter; the applied scale is
+        ``exp(min(logit_scale, log 100))`` (``jaxfit.models.clip.logit_scale_value``).
 
     Returns:
       ``(loss, metrics)``: scalar float32 loss (nats); metrics ``loss``, ``logit_scale``

@@ -1,10 +1,18 @@
 """Fixtures shared by the whole test suite."""
 
 import functools
+import os
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
+
+# Many tests compile the same small programs (the same tiny model and train step built by
+# different tests): XLA's persistent compilation cache turns the repeats into lookups.
+_CACHE = Path(os.environ.get("JAXFIT_TEST_XLA_CACHE", Path.home() / ".cache" / "jaxfit-xla"))
+jax.config.update("jax_compilation_cache_dir", str(_CACHE))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 # XLA options for tests of tiny models on CPU, where compilation dominates the run time:
 # without LLVM's optimisation passes and with the legacy (non-MLIR) fusion emitters, a

@@ -115,11 +115,20 @@ def _mib(kib: float) -> float:
 # -- workers (each runs in its own process) -------------------------------------------------
 
 
+def _quiet(transformers) -> None:
+    """No progress bars or info/warning lines from transformers (e.g. its ``loss_type``
+    notice) in the benchmark's output."""
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+
+
 def _init_worker(spec: dict, peak: common.PeakRSS) -> dict:
     """Write random GPT-2 weights (transformers' own init) to ``spec["ckpt_dir"]``."""
     import torch
+    import transformers
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    _quiet(transformers)
     torch.manual_seed(spec["seed"])
     config = GPT2Config(
         vocab_size=spec["vocab_size"],
@@ -184,9 +193,7 @@ def _jax_worker(spec: dict, peak: common.PeakRSS) -> dict:
 
     ids, labels = make_batch(spec)
     batch = jax.device_put({"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32)})
-    train_step = step_lib.make_train_step(
-        accumulate.microbatched(sum_loss, 1), optimizer, schedule
-    )
+    train_step = step_lib.make_train_step(accumulate.microbatched(sum_loss, 1), optimizer, schedule)
     _log("jax: compiling")
     t = time.perf_counter()
     compiled = jax.jit(train_step, donate_argnums=0).lower(state, batch).compile()
@@ -219,6 +226,7 @@ def _torch_worker(spec: dict, peak: common.PeakRSS) -> dict:
     import transformers
     from transformers import GPT2LMHeadModel
 
+    _quiet(transformers)
     torch.set_num_threads(spec["threads"])
     cuda = torch.cuda.is_available()
     dev = "cuda" if cuda else "cpu"
@@ -401,7 +409,9 @@ def _loads(res: dict) -> str:
     """``a/b/c -> d/e/f`` 1/5/15-min load averages at the start and end of all workers."""
     loads = [pair for k in FRAMEWORKS for pair in res[k]["load_average"]]
     fmt = lambda x: "/".join(f"{v:.1f}" for v in x)
-    return f"{fmt(loads[0][0])} -> {fmt(loads[-1][1])} (max 1-min {max(p[1][0] for p in loads):.1f})"
+    return (
+        f"{fmt(loads[0][0])} -> {fmt(loads[-1][1])} (max 1-min {max(p[1][0] for p in loads):.1f})"
+    )
 
 
 def format_report(res: dict) -> str:

@@ -112,12 +112,35 @@ def stack_layers(
     )
 
 
+def matmul(x: jax.Array, kernel: Any, dtype: Dtype) -> jax.Array:
+    """``x @ kernel`` in ``dtype`` for a plain kernel array or a weight leaf.
+
+    A *weight leaf* is a pytree node stored in the parameter tree in place of a kernel
+    array (a LoRA adapter over a frozen base, an int8 or NF4 quantised weight). It
+    implements ``matmul(x, dtype) -> y`` itself, so the same model code runs float,
+    quantised or adapted weights. Inside ``nn.scan`` stacks the node's arrays carry the
+    layer axis first and are sliced per layer like any other parameter.
+
+    Args:
+      x: ``[..., in]``.
+      kernel: ``[in, out]`` array, or a weight leaf with a ``matmul`` method.
+      dtype: compute dtype.
+
+    Returns:
+      ``[..., out]`` in ``dtype``.
+    """
+    if hasattr(kernel, "matmul"):
+        return kernel.matmul(x, dtype)
+    return jnp.matmul(x.astype(dtype), jnp.asarray(kernel, dtype))
+
+
 class Dense(nn.Module):
     """``y = x @ kernel + bias`` over the last axis of ``x``.
 
     The single projection layer of every jaxfit model. Parameters are named like
     ``nn.Dense`` (``kernel [in, out]``, ``bias [out]``) so HF name maps only transpose
-    (PyTorch ``nn.Linear.weight`` is ``[out, in]``).
+    (PyTorch ``nn.Linear.weight`` is ``[out, in]``). The kernel may be a weight leaf (see
+    :func:`matmul`): LoRA and quantisation replace leaves, never model code.
 
     Attributes:
       features: output size ``out``.
@@ -140,7 +163,7 @@ class Dense(nn.Module):
             "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
         dtype = self.dtype or x.dtype
-        y = jnp.matmul(x.astype(dtype), jnp.asarray(kernel, dtype))
+        y = matmul(x, kernel, dtype)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
             y = y + jnp.asarray(bias, dtype)

@@ -1,0 +1,133 @@
+"""The CLIP task: exact GradCache accumulation with the real model, data sharded over 4
+devices equals 1 device, corrupt images skipped and counted during training, real data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+from test_trainer import CLIP_CONFIG, REPO, tiny_clip_config
+
+from jaxfit import config as config_lib
+from jaxfit import sharding, trainer
+from jaxfit.evals.retrieval import chance_recall
+from jaxfit.tasks import build_task
+
+SHARED = REPO / ".." / "shared" / "data"
+
+
+def _shared(*parts):
+    path = SHARED.joinpath(*parts)
+    if not path.exists():
+        pytest.skip(f"shared test data not found: {path}")
+    return path
+
+
+def test_gradcache_equals_one_large_batch(tmp_path):
+    config = tiny_clip_config(tmp_path / "data", "micro_batch_size=4")  # 16 = 4 x 4
+    task = build_task(config, tmp_path / "run", sharding.make_mesh())
+    params = task.initial_params(jax.random.key(0), None)
+    batch = next(task.train_iterator())
+    assert task.num_micro_batches == 4
+    (loss_k, m_k), grads_k = jax.jit(task.loss_and_grad)(params, batch, jax.random.key(1))
+    task.num_micro_batches = 1
+    (loss_1, m_1), grads_1 = jax.jit(task.loss_and_grad)(params, batch, jax.random.key(1))
+    np.testing.assert_allclose(loss_k, loss_1, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(grads_k), jax.tree.leaves(grads_1)):
+        np.testing.assert_allclose(a, b, rtol=2e-4, atol=2e-6)
+    assert float(m_k["accuracy_i2t"]) == float(m_1["accuracy_i2t"])
+    # naive accumulation (in-micro-batch negatives only) is a different, smaller-batch loss
+    micro = jax.tree.map(lambda x: x[:4], batch)
+    (loss_micro, _), _ = jax.jit(task.loss_and_grad)(params, micro, jax.random.key(1))
+    assert abs(float(loss_micro) - float(loss_1)) > 0.1
+
+
+_SHARDED_RUN = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import jax
+from test_trainer import tiny_clip_config
+from jaxfit import trainer
+from pathlib import Path
+assert jax.device_count() == {n}, jax.devices()
+cfg = tiny_clip_config(Path({data!r}), "total_steps=4", "log_every=1", "eval_every=4")
+trainer.train(cfg, {workdir!r})
+"""
+
+
+def _run_with_devices(n, tmp_path):
+    workdir = tmp_path / f"run{n}"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
+    env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
+    code = _SHARDED_RUN.format(
+        tests=str(REPO / "tests"), n=n, data=str(tmp_path / "data"), workdir=str(workdir)
+    )
+    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [x["train/loss"] for x in lines if "train/loss" in x], [
+        x["eval/t2i_R@5"] for x in lines if "eval/t2i_R@5" in x
+    ]
+
+
+def test_four_devices_equal_one(tmp_path):
+    """The same run with the batch sharded over 4 (fake CPU) devices and on 1 device."""
+    loss4, eval4 = _run_with_devices(4, tmp_path)
+    loss1, eval1 = _run_with_devices(1, tmp_path)
+    assert len(loss4) == 4
+    np.testing.assert_allclose(loss4, loss1, rtol=1e-4)
+    np.testing.assert_allclose(eval4, eval1, atol=1e-6)
+
+
+def test_corrupt_image_is_skipped_and_counted(tmp_path):
+    data = tmp_path / "data"
+    config = tiny_clip_config(data, "total_steps=2", "eval_every=2")
+    build_task(config, tmp_path / "probe", sharding.make_mesh())  # writes the synthetic set
+    images = sorted((data / "train2017").iterdir())
+    images[0].write_bytes(images[0].read_bytes()[:200])  # truncated JPEG
+    results = trainer.train(config, tmp_path / "run")
+    assert results["data/skipped_undecodable_image"] == 1
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert any('"data/skipped_undecodable_image": 1' in x for x in lines)
+
+
+@pytest.mark.shared_data
+def test_coco_mini_real_images(tmp_path):
+    """Real COCO: val2017/ holds images the val JSON does not list; they are ignored."""
+    root = _shared("coco_mini")
+    config = tiny_clip_config(root, "data.synthetic.enabled=False", "total_steps=2", "eval_every=2")
+    results = trainer.train(config, tmp_path / "run")
+    assert results["eval/num_images"] == 79  # the val JSON lists 79 of the 159 files
+    assert np.isfinite(results["train/loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+def test_flickr8k_learns_above_chance(tmp_path):
+    """A demo-sized CLIP trained on 1,000 real Flickr8k photos retrieves held-out captions
+    far above chance."""
+    root = _shared("flickr8k_1k_small")
+    config = config_lib.load_config(
+        f"{CLIP_CONFIG}:demo,steps=300",
+        [
+            "data.synthetic.enabled=False",
+            "data.format=csv",
+            f"data.root={root}",
+            "data.captions_file=captions.txt",
+            "data.image_dir=images",
+            "data.holdout_fraction=0.1",
+            "data.vocab_size=2048",
+            "data.context_length=32",
+            "eval_every=300",
+        ],
+    )
+    results = trainer.train(config, tmp_path / "run")
+    n = int(results["eval/num_images"])
+    assert 60 < n < 140
+    chance = chance_recall(n, 5, 10)
+    assert results["eval/t2i_R@10"] > 2 * chance["t2i"], results
+    assert results["eval/i2t_R@10"] > 1.5 * chance["i2t"], results
