@@ -26,6 +26,7 @@ import ml_collections
 
 from jaxfit.config import parse_arg, run_rhythm
 from jaxfit.data.image_text import default_data_config
+from jaxfit.lora.training import default_lora_config
 from jaxfit.optim import default_optim_config
 
 
@@ -84,6 +85,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.eps = 1e-6
     c.optim.warmup_steps = 500 if not a.init_from else 100
     c.optim.grad_clip_norm = 1.0
+
+    c.lora = default_lora_config()  # lora.enabled=True: adapters over a frozen base
+    c.lora.targets = ("q_proj", "k_proj", "v_proj", "out_proj")  # CLIP's attention names
 
     # --- evaluation: recall@K on the val split (COCO val2017: 5,000 images, 25k captions)
     c.eval = ml_collections.ConfigDict(dict(batch_size=64, ks=(1, 5, 10), max_images=0))

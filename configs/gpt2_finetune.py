@@ -17,6 +17,7 @@ import ml_collections
 
 from jaxfit.config import parse_arg, run_rhythm
 from jaxfit.data.text import default_text_config
+from jaxfit.lora.training import default_lora_config
 from jaxfit.optim import default_optim_config
 
 
@@ -41,6 +42,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.warmup_steps = 0
     c.optim.min_lr_ratio = 0.0
     c.optim.grad_clip_norm = 1.0
+    c.lora = default_lora_config()  # lora.enabled=True: adapters over a frozen base
     c.eval = ml_collections.ConfigDict(dict(batch_size=8, max_batches=0))
     c.device = "rtx4070ti"
     run_rhythm(c, total_steps=a.steps or 2000, log_every=10, eval_every=250, ckpt_every=250)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
-SumLossFn = Callable[[PyTree, PyTree, jax.Array], tuple[jax.Array, jax.Array, Metrics]]
+SumLossFn = Callable[[PyTree, PyTree, jax.Array, PyTree], tuple[jax.Array, jax.Array, Metrics]]
 
 
 def split_micro(tree: PyTree, k: int, what: str = "batch") -> PyTree:
@@ -60,10 +60,12 @@ def merge_micro(tree: PyTree) -> PyTree:
 def microbatched(
     loss_fn: SumLossFn, num_micro_batches: int
 ) -> Callable[[PyTree, PyTree, jax.Array], tuple[tuple[jax.Array, Metrics], PyTree]]:
-    """Build ``loss_and_grad(params, batch, rng) -> ((loss, metrics), grads)``.
+    """Build ``loss_and_grad(params, batch, rng, frozen=None) -> ((loss, metrics), grads)``.
 
     Args:
-      loss_fn: ``(params, micro_batch, rng) -> (loss_sum, weight, metrics)``: the SUM of
+      loss_fn: ``(params, micro_batch, rng, frozen) -> (loss_sum, weight, metrics)``:
+        gradients are taken w.r.t. ``params`` only (``frozen``: see
+        ``jaxfit.step.make_train_step``); it returns the SUM of
         per-token (or per-example) losses of the micro-batch, the number of terms in it
         (float32 scalar), and scalar metrics (summed over micro-batches, so make them
         sums too, e.g. correct-prediction counts).
@@ -78,24 +80,24 @@ def microbatched(
     if k < 1:
         raise ValueError(f"num_micro_batches must be >= 1, got {num_micro_batches}")
 
-    def sum_and_grad(params, mb, rng):
+    def sum_and_grad(params, mb, rng, frozen):
         def f(p):
-            loss_sum, weight, metrics = loss_fn(p, mb, rng)
+            loss_sum, weight, metrics = loss_fn(p, mb, rng, frozen)
             return loss_sum, (weight, metrics)
 
         (loss_sum, (weight, metrics)), grads = jax.value_and_grad(f, has_aux=True)(params)
         return loss_sum, weight, metrics, grads
 
-    def loss_and_grad(params, batch, rng):
+    def loss_and_grad(params, batch, rng, frozen=None):
         if k == 1:
-            loss_sum, weight, metrics, grads = sum_and_grad(params, batch, rng)
+            loss_sum, weight, metrics, grads = sum_and_grad(params, batch, rng, frozen)
         else:
             micro = split_micro(batch, k)
             rngs = jax.random.split(rng, k)
 
             def body(carry, xs):
                 mb, r = xs
-                loss_sum, weight, metrics, grads = sum_and_grad(params, mb, r)
+                loss_sum, weight, metrics, grads = sum_and_grad(params, mb, r, frozen)
                 acc_loss, acc_weight, acc_metrics, acc_grads = carry
                 return (
                     acc_loss + loss_sum,
@@ -105,7 +107,7 @@ def microbatched(
                 ), None
 
             first = jax.tree.map(lambda x: x[0], micro)
-            metrics_shape = jax.eval_shape(lambda: sum_and_grad(params, first, rng)[2])
+            metrics_shape = jax.eval_shape(lambda: sum_and_grad(params, first, rng, frozen)[2])
             zeros = (
                 jnp.zeros((), jnp.float32),
                 jnp.zeros((), jnp.float32),

@@ -20,7 +20,9 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-PRECISIONS = ("fp32", "bf16")  # extended by the quantisation work: int8, nf4
+# fp32 / bf16 train all weights (or LoRA adapters when lora.enabled); int8 / nf4 train LoRA
+# adapters over a frozen base quantised to int8 or NF4 (QLoRA), computing in bf16.
+PRECISIONS = ("fp32", "bf16", "int8", "nf4")
 RHYTHM_FIELDS = ("total_steps", "log_every", "eval_every", "ckpt_every", "seed", "precision")
 
 

@@ -2,7 +2,9 @@
 
 ``--format hf`` writes a Hugging Face directory (``config.json``, safetensors, tokenizer)
 of the latest checkpoint (or ``--step N``) that ``transformers``' ``from_pretrained``
-loads.
+loads; LoRA adapters are merged into the base. ``--format peft`` writes a LoRA run's
+adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` for
+``peft.PeftModel.from_pretrained`` (``base_model_name_or_path`` = the run's ``init_from``).
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import sys
 
 from jaxfit import trainer
 
-FORMATS = ("hf",)
+FORMATS = ("hf", "peft")
 
 
 def export(workdir: str, out_dir: str, *, fmt: str = "hf", step: int | None = None):
@@ -24,7 +26,7 @@ def export(workdir: str, out_dir: str, *, fmt: str = "hf", step: int | None = No
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
     _, task, params, _ = trainer.restore_params(workdir, step)
-    return task.export(params, out_dir)
+    return task.export_peft(params, out_dir) if fmt == "peft" else task.export(params, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         out = export(args.workdir, args.out, fmt=args.format, step=args.step)
-    except FileNotFoundError as e:
+    except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     print(f"wrote {out}")

@@ -17,7 +17,7 @@ from flax import struct
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
-LossAndGrad = Callable[[PyTree, PyTree, jax.Array], tuple[tuple[jax.Array, Metrics], PyTree]]
+LossAndGrad = Callable[..., tuple[tuple[jax.Array, Metrics], PyTree]]
 
 
 class TrainState(struct.PyTreeNode):
@@ -60,11 +60,16 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, Metrics]]:
-    """Build ``train_step(state, batch) -> (new_state, metrics)``.
+    """Build ``train_step(state, batch, frozen=None) -> (new_state, metrics)``.
 
     Args:
-      loss_and_grad: ``(params, batch, rng) -> ((loss, metrics), grads)``, pure and jittable
-        (e.g. a task's GradCache function).
+      loss_and_grad: ``(params, batch, rng, frozen) -> ((loss, metrics), grads)``, pure and
+        jittable (e.g. a task's GradCache function). ``params`` are the TRAINABLE
+        parameters (all of them, or only LoRA adapters); ``frozen`` is the rest (a frozen,
+        possibly quantised base; ``None`` when everything trains). ``frozen`` is an
+        argument of the jitted step, never a closure constant, so an 8B base is neither
+        embedded in the program nor copied per step; gradients and optimizer state exist
+        for ``params`` only.
       optimizer: from :func:`jaxfit.optim.make_optimizer` (clipping happens inside it).
       schedule: the optimizer's learning-rate schedule, only used for the ``lr`` metric.
 
@@ -75,9 +80,11 @@ def make_train_step(
       Names are not namespaced; the trainer adds ``train/``.
     """
 
-    def train_step(state: TrainState, batch: PyTree) -> tuple[TrainState, Metrics]:
+    def train_step(
+        state: TrainState, batch: PyTree, frozen: PyTree = None
+    ) -> tuple[TrainState, Metrics]:
         rng, step_rng = jax.random.split(state.rng)
-        (loss, metrics), grads = loss_and_grad(state.params, batch, step_rng)
+        (loss, metrics), grads = loss_and_grad(state.params, batch, step_rng, frozen)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {

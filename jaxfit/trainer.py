@@ -23,6 +23,7 @@ from jaxfit import metrics as metrics_lib
 from jaxfit.optim import make_optimizer
 from jaxfit.step import TrainState, create_train_state, make_train_step
 from jaxfit.tasks import build_task
+from jaxfit.tasks.base import param_rng
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,8 @@ def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
     Returns:
       ``(state, state_shardings, meta)``; ``meta`` is ``None`` for a fresh state.
     """
-    rng = jax.random.key(config.seed)
-    init_rng, state_rng = jax.random.split(rng)
+    init_rng = param_rng(config)
+    state_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     abstract_params = jax.eval_shape(task.init_params, init_rng)
     param_shardings = sharding.param_shardings(abstract_params, mesh)
 
@@ -103,16 +104,17 @@ def train(
     config_lib.save_config(config, workdir)
     mesh = sharding.make_mesh()
     task = build_task(config, workdir, mesh)
-    abstract_params = jax.eval_shape(task.init_params, jax.random.key(0))
+    abstract_params = jax.eval_shape(task.init_params, param_rng(config))
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     state, state_shardings, meta = build_state(task, optimizer, config, mesh, ckpt)
     iterator = task.train_iterator()
     if meta is not None:
         iterator.set_state(meta["data"])
+    # Inputs keep the shardings they were placed with (state: out_shardings of its
+    # creation or restore; batch: shard_batch; frozen base: device_put).
     step_fn = jax.jit(
         make_train_step(task.loss_and_grad, optimizer, schedule),
-        in_shardings=(state_shardings, sharding.batch_sharding(mesh)),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
@@ -137,7 +139,7 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
     with _StopSignal() as stop:
         while step < total:
             batch = sharding.shard_batch(next(iterator), mesh)
-            state, metrics = step_fn(state, batch)
+            state, metrics = step_fn(state, batch, task.frozen)
             step += 1
             steps_since += 1
             if on_step is not None:
@@ -185,7 +187,7 @@ def restore_params(workdir: str | Path, step: int | None = None):
     config = config_lib.load_saved_config(workdir)
     mesh = sharding.make_mesh()
     task = build_task(config, workdir, mesh)
-    abstract_params = jax.eval_shape(task.init_params, jax.random.key(0))
+    abstract_params = jax.eval_shape(task.init_params, param_rng(config))
     optimizer, _ = make_optimizer(config.optim, config.total_steps, abstract_params)
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
         found = ckpt.latest_step() if step is None else step

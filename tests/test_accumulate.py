@@ -20,7 +20,7 @@ def _problem(seed=0, batch=8, mask_unequal=False):
     return params, {"x": x, "y": y, "mask": mask}
 
 
-def sum_loss(params, mb, rng):
+def sum_loss(params, mb, rng, frozen=None):
     logits = mb["x"] @ params["w"] + params["b"]
     nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), mb["y"][..., None], -1)[..., 0]
     return (nll * mb["mask"]).sum(), mb["mask"].sum(), {"tokens": mb["mask"].sum()}

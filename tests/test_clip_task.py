@@ -55,30 +55,35 @@ from test_trainer import tiny_clip_config
 from jaxfit import trainer
 from pathlib import Path
 assert jax.device_count() == {n}, jax.devices()
-cfg = tiny_clip_config(Path({data!r}), "total_steps=4", "log_every=1", "eval_every=4")
+cfg = tiny_clip_config(Path({data!r}), "total_steps=3", "log_every=1", "eval_every=3")
 trainer.train(cfg, {workdir!r})
 """
 
 
-def _run_with_devices(n, tmp_path):
+def _start(n, tmp_path):
     workdir = tmp_path / f"run{n}"
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=str(REPO))
     env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={n}"
     code = _SHARDED_RUN.format(
         tests=str(REPO / "tests"), n=n, data=str(tmp_path / "data"), workdir=str(workdir)
     )
-    subprocess.run([sys.executable, "-c", code], env=env, check=True, timeout=600)
+    return workdir, subprocess.Popen([sys.executable, "-c", code], env=env)
+
+
+def _metrics(workdir):
     lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
-    return [x["train/loss"] for x in lines if "train/loss" in x], [
-        x["eval/t2i_R@5"] for x in lines if "eval/t2i_R@5" in x
-    ]
+    loss = [x["train/loss"] for x in lines if "train/loss" in x]
+    return loss, [x["eval/t2i_R@5"] for x in lines if "eval/t2i_R@5" in x]
 
 
 def test_four_devices_equal_one(tmp_path):
     """The same run with the batch sharded over 4 (fake CPU) devices and on 1 device."""
-    loss4, eval4 = _run_with_devices(4, tmp_path)
-    loss1, eval1 = _run_with_devices(1, tmp_path)
-    assert len(loss4) == 4
+    build_task(tiny_clip_config(tmp_path / "data"), tmp_path / "probe", sharding.make_mesh())
+    runs = [_start(n, tmp_path) for n in (4, 1)]  # data written above; run side by side
+    for _, proc in runs:
+        assert proc.wait(timeout=900) == 0
+    (loss4, eval4), (loss1, eval1) = (_metrics(w) for w, _ in runs)
+    assert len(loss4) == 3
     np.testing.assert_allclose(loss4, loss1, rtol=1e-4)
     np.testing.assert_allclose(eval4, eval1, atol=1e-6)
 
@@ -131,3 +136,63 @@ def test_flickr8k_learns_above_chance(tmp_path):
     chance = chance_recall(n, 5, 10)
     assert results["eval/t2i_R@10"] > 2 * chance["t2i"], results
     assert results["eval/i2t_R@10"] > 1.5 * chance["i2t"], results
+
+
+def test_sigterm_checkpoints_and_stops(tmp_path):
+    import signal
+
+    config = tiny_clip_config(tmp_path / "data", "ckpt_every=100")
+
+    def send_sigterm(step, state):
+        if step == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    trainer.train(config, tmp_path / "run", on_step=send_sigterm)
+    ckpt_steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert ckpt_steps == [2]  # saved at the signal, not at ckpt_every, and stopped there
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
+
+
+@pytest.mark.shared_data
+def test_finetune_from_hf_clip_and_export(tmp_path):
+    """init_from: an HF CLIP directory (random weights, the real CLIP tokenizer) trains and
+    exports a directory transformers loads with the fine-tuned weights."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from jaxfit.data.tokenizers import clip_tokenizer_from_bpe
+
+    hf_dir = tmp_path / "clip-random"
+    clip_tokenizer_from_bpe(_shared("tokenizers", "clip", "bpe_simple_vocab_16e6.txt.gz"), hf_dir)
+    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    cfg = transformers.CLIPConfig(
+        text_config=dict(vocab_size=49408, max_position_embeddings=77, **text),
+        vision_config=dict(image_size=32, patch_size=8, **text),
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    transformers.CLIPModel(cfg).save_pretrained(hf_dir)
+    config = tiny_clip_config(tmp_path / "data", "total_steps=2", "eval_every=2")
+    with config.unlocked():
+        config.init_from = str(hf_dir)
+    results = trainer.train(config, tmp_path / "run")
+    assert np.isfinite(results["train/loss"])
+    out = tmp_path / "export"
+    from jaxfit.export import export
+
+    export(str(tmp_path / "run"), str(out))
+    reloaded = transformers.CLIPModel.from_pretrained(out).eval()
+    assert (out / "tokenizer.json").is_file() or (out / "vocab.json").is_file()
+    _, task, params, _ = trainer.restore_params(tmp_path / "run")
+    ids, mask = task.tokenizer.encode(["a red circle", "two blue squares"])
+    pixels = np.random.default_rng(0).normal(size=(2, 32, 32, 3)).astype(np.float32)
+    ours = task.model.apply({"params": params}, ids, pixels, mask)
+    with torch.no_grad():
+        theirs = reloaded(
+            input_ids=torch.as_tensor(ids, dtype=torch.long),
+            attention_mask=torch.as_tensor(mask, dtype=torch.long),
+            pixel_values=torch.as_tensor(pixels.transpose(0, 3, 1, 2)),
+        )
+    np.testing.assert_allclose(ours["logits_per_image"], theirs.logits_per_image, atol=1e-4)
+    start = transformers.CLIPModel.from_pretrained(hf_dir).eval()
+    assert not torch.allclose(start.logit_scale, reloaded.logit_scale)

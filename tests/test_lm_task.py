@@ -110,7 +110,7 @@ def test_tinyshakespeare_from_scratch(tmp_path):
 
 
 @pytest.mark.shared_data
-def test_finetune_local_gpt2_then_export_loads_in_transformers(tmp_path):
+def test_finetune_local_gpt2_then_export_loads_in_transformers(tmp_path, capsys):
     tok_dir = _shared("tokenizers", "gpt2")
     torch = pytest.importorskip("torch")
     import transformers
@@ -154,8 +154,89 @@ def test_finetune_local_gpt2_then_export_loads_in_transformers(tmp_path):
     with torch.no_grad():
         theirs = reloaded(torch.as_tensor(ids)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    # the CLI samples the exported HF directory exactly as transformers' greedy generate
+    capsys.readouterr()
+    args = ["--model", str(out), "--prompt", "the quick", "--temperature", "0"]
+    assert generate_main([*args, "--max_new_tokens", "8"]) == 0
+    printed = capsys.readouterr().out.strip()
+    prompt = torch.as_tensor([tok("the quick")["input_ids"]])
+    with torch.no_grad():
+        ref = reloaded.generate(prompt, max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert printed == tok.decode(ref[0])
     # the fine-tuned weights differ from the starting ones
     start = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
     with torch.no_grad():
         before = start(torch.as_tensor(ids)).logits.numpy()
     assert np.abs(before - theirs).max() > 1e-3
+
+
+@pytest.mark.shared_data
+def test_lora_finetune_checkpoints_adapters_and_exports_peft(tmp_path):
+    torch = pytest.importorskip("torch")
+    peft = pytest.importorskip("peft")
+    import transformers
+
+    from jaxfit.tasks.base import ParamsMixin
+
+    tok_dir = _shared("tokenizers", "gpt2")
+    hf_dir = tmp_path / "gpt2-random"
+    cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=128)
+    torch.manual_seed(0)
+    transformers.GPT2LMHeadModel(cfg).save_pretrained(hf_dir)
+    tok = transformers.GPT2TokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    tok.save_pretrained(hf_dir)
+    text = tmp_path / "train.txt"
+    text.write_text("\n\n".join(f"Item {i}: a small green frog sat on a log." for i in range(200)))
+    config = config_lib.load_config(
+        f"{FINETUNE}:init_from={hf_dir},steps=8",
+        [
+            f"data.path={text}",
+            "data.split_by_blank_lines=True",
+            "seq_len=32",
+            "batch_size=4",
+            "micro_batch_size=2",
+            "eval_every=8",
+            "ckpt_every=8",
+            "log_every=4",
+            "precision=fp32",
+            "eval.max_batches=4",
+            "optim.lr=1e-2",
+            "lora.enabled=True",
+            "lora.rank=4",
+            "lora.dropout=0.1",
+        ],
+    )
+    with config.unlocked():
+        config.lora.targets = ("c_attn", "c_fc")
+    workdir = tmp_path / "run"
+    trainer.train(config, workdir)
+    lines = [json.loads(x) for x in (workdir / "metrics.jsonl").read_text().splitlines()]
+    losses_ = [x["train/loss"] for x in lines if "train/loss" in x]
+    assert losses_[-1] < losses_[0]
+    _, task, params, _ = trainer.restore_params(workdir)
+    leaves = jax.tree_util.tree_leaves_with_path(params)
+    names = {jax.tree_util.keystr(p) for p, _ in leaves}
+    assert names and all("lora_A" in n or "lora_B" in n for n in names)  # adapters only
+    assert len(names) == 2 * 2  # c_attn and c_fc, stacked over the 2 layers
+    # PEFT export: PeftModel on the transformers base computes what jaxfit computes
+    out = tmp_path / "peft"
+    assert export_main(["--workdir", str(workdir), "--out", str(out), "--format", "peft"]) == 0
+    adapter_cfg = json.loads((out / "adapter_config.json").read_text())
+    assert adapter_cfg["r"] == 4 and adapter_cfg["peft_type"] == "LORA"
+    base = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
+    peft_model = peft.PeftModel.from_pretrained(base, out).eval()
+    ids = np.asarray([tok("a small green frog")["input_ids"]])
+    full = ParamsMixin.full_params(params, task.frozen)
+    ours = np.asarray(task.model.apply({"params": full}, ids))
+    with torch.no_grad():
+        theirs = peft_model(torch.as_tensor(ids)).logits.numpy()
+    np.testing.assert_allclose(ours, theirs, atol=1e-4)
+    plain = transformers.GPT2LMHeadModel.from_pretrained(hf_dir).eval()
+    with torch.no_grad():
+        assert np.abs(plain(torch.as_tensor(ids)).logits.numpy() - theirs).max() > 1e-3
+    # hf export merges the adapters: transformers alone gives the same logits
+    merged = tmp_path / "merged"
+    assert export_main(["--workdir", str(workdir), "--out", str(merged)]) == 0
+    with torch.no_grad():
+        m = transformers.GPT2LMHeadModel.from_pretrained(merged).eval()
+        np.testing.assert_allclose(m(torch.as_tensor(ids)).logits.numpy(), theirs, atol=1e-4)

@@ -62,7 +62,7 @@ SCRIPT = textwrap.dedent(
     def loss_fn(p, e):
         return losses.contrastive_loss(e["image"], e["text"], p["logit_scale"])
 
-    def loss_and_grad(p, b, rng):
+    def loss_and_grad(p, b, rng, frozen=None):
         return losses.gradcache(embed_fn, loss_fn, p, b, 2)
 
     rng = np.random.default_rng(0)

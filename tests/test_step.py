@@ -22,8 +22,8 @@ def loss_fn(params, batch):
     return loss, {"mse": loss, "pred_mean": jnp.mean(pred)}
 
 
-def loss_and_grad(params, batch, rng):
-    del rng
+def loss_and_grad(params, batch, rng, frozen=None):
+    del rng, frozen
     return jax.value_and_grad(loss_fn, has_aux=True)(params, batch)
 
 

@@ -301,8 +301,8 @@ def worker_main(kind: str, spec_path: str, out_path: str) -> None:
     """Entry point of a worker process: run ``WORKERS[kind]``, write its result as JSON."""
     peak = common.PeakRSS()  # first, before anything big is allocated
     spec = json.loads(Path(spec_path).read_text())
-    cpus = sorted(os.sched_getaffinity(0))
-    os.sched_setaffinity(0, cpus[: spec["threads"]])  # before XLA sizes its thread pool
+    if hasattr(os, "sched_setaffinity"):  # Linux; before XLA sizes its thread pool
+        os.sched_setaffinity(0, sorted(os.sched_getaffinity(0))[: spec["threads"]])
     load_start = common.load_average()
     result = WORKERS[kind](spec, peak)
     result["load_average"] = [load_start, common.load_average()]

@@ -16,14 +16,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfit import hf, losses
+from jaxfit import losses
 from jaxfit.data import image_text, pipeline, synthetic, tokenizers
 from jaxfit.evals import retrieval
 from jaxfit.models import clip as clip_model
+from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, load_base
 
 log = logging.getLogger(__name__)
-
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 
 
 def ensure_synthetic_data(config, workdir: Path) -> None:
@@ -72,9 +71,11 @@ def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.C
     )
 
 
-class CLIPTask:
+class CLIPTask(ParamsMixin):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{data, model, init_from,
-    batch_size, micro_batch_size, eval, precision, seed}``."""
+    batch_size, micro_batch_size, eval, precision, seed, lora}``."""
+
+    peft_task_type = None  # PEFT has no task type for dual encoders
 
     def __init__(self, config, workdir, mesh):
         self.config = config
@@ -89,12 +90,7 @@ class CLIPTask:
             self.val_records = self.val_records[: config.eval.max_images]
         self._pretrained = None
         if config.init_from:
-            self._pretrained = hf.load_pretrained(
-                config.init_from,
-                dtype=jnp.float32,
-                compute_dtype=COMPUTE_DTYPES[config.precision],
-                remat_policy=config.model.remat_policy,
-            )
+            self._pretrained = load_base(config, remat_policy=config.model.remat_policy)
             self.model = self._pretrained[0]
             source = data.tokenizer or config.init_from
             context = self.model.config.text.max_position_embeddings
@@ -116,19 +112,12 @@ class CLIPTask:
             lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, method="encode_text")
         )
 
-    # -- parameters ---------------------------------------------------------------------
-    def init_params(self, rng: jax.Array):
+    # -- parameters (init_params, initial_params, frozen, export: ParamsMixin) -----------
+    def _init_base(self, rng: jax.Array):
         c = self.model.config
         ids = jnp.zeros((1, c.text.max_position_embeddings), jnp.int32)
         pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
         return self.model.init(rng, ids, pixels)["params"]
-
-    def initial_params(self, rng: jax.Array, shardings):
-        if self._pretrained is not None:
-            params = jax.device_put(self._pretrained[1], shardings)
-            self._pretrained = None  # the host copy is not needed any more
-            return params
-        return jax.jit(self.init_params, out_shardings=shardings)(rng)
 
     # -- training -----------------------------------------------------------------------
     def _embed(self, params, batch):
@@ -145,9 +134,18 @@ class CLIPTask:
         image_embeds, text_embeds = embeds
         return losses.contrastive_loss(image_embeds, text_embeds, params["logit_scale"])
 
-    def loss_and_grad(self, params, batch, rng):
-        del rng  # CLIP has no dropout; GradCache requires a deterministic forward
-        return losses.gradcache(self._embed, self._loss, params, batch, self.num_micro_batches)
+    def loss_and_grad(self, params, batch, rng, frozen=None):
+        # GradCache re-runs each micro-batch's forward, so it must be deterministic: the
+        # CLIP towers have no dropout, and LoRA dropout is not applied here.
+        del rng
+
+        def embed(p, mb):
+            return self._embed(self.full_params(p, frozen), mb)
+
+        def loss(p, embeds):
+            return self._loss(self.full_params(p, frozen), embeds)
+
+        return losses.gradcache(embed, loss, params, batch, self.num_micro_batches)
 
     def train_iterator(self):
         data = self.config.data
@@ -183,6 +181,7 @@ class CLIPTask:
             num_threads=self.config.data.num_threads,
             counter=self._eval_counter,
         )
+        params = self.full_params(params, self.frozen)
         for kind, batch in batches:
             valid = batch["valid"]
             if kind == "image":
@@ -200,11 +199,4 @@ class CLIPTask:
         )
         out["num_images"] = float(sum(len(x) for x in images))
         out["num_captions"] = float(sum(len(x) for x in texts))
-        return out
-
-    # -- export -------------------------------------------------------------------------
-    def export(self, params, out_dir) -> Path:
-        """Write a Hugging Face ``CLIPModel`` directory plus the tokenizer."""
-        out = hf.save_pretrained(self.model, params, out_dir)
-        self.tokenizer.save(out)
         return out

@@ -16,14 +16,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfit import accumulate, hf, losses, perf
+from jaxfit import accumulate, losses, perf
 from jaxfit.data import text as text_data
 from jaxfit.data.synthetic_text import write_synthetic_text
 from jaxfit.models import gpt2, llama
+from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, load_base
 
 log = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
 FAMILIES = {
     "gpt2": (gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
     "llama": (llama.LlamaConfig, llama.LlamaForCausalLM),
@@ -47,7 +47,7 @@ def _shape(model) -> tuple[int, int]:
     return c.num_hidden_layers, c.hidden_size
 
 
-class LMTask:
+class LMTask(ParamsMixin):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{model, init_from, data,
     seq_len, batch_size, micro_batch_size, eval, precision, seed, device}``."""
 
@@ -73,12 +73,7 @@ class LMTask:
         self.tokenizer = self.data.tokenizer
         self._pretrained = None
         if config.init_from:
-            self._pretrained = hf.load_pretrained(
-                config.init_from,
-                dtype=jnp.float32,
-                compute_dtype=dtype,
-                remat_policy=config.model.remat_policy,
-            )
+            self._pretrained = load_base(config, remat_policy=config.model.remat_policy)
             self.model = self._pretrained[0]
         else:
             family = config.model.family
@@ -106,26 +101,19 @@ class LMTask:
         )
         self.num_micro_batches = config.batch_size // config.micro_batch_size
         self._loss_and_grad = accumulate.microbatched(self._sum_loss, self.num_micro_batches)
-        self._eval_sums = jax.jit(lambda p, b: self._sum_loss(p, b, None)[:2])
+        self._eval_sums = jax.jit(lambda p, f, b: self._sum_loss(p, b, None, f)[:2])
         self._num_params = None
 
-    # -- parameters ---------------------------------------------------------------------
-    def init_params(self, rng: jax.Array):
+    # -- parameters (init_params, initial_params, frozen, export: ParamsMixin) -----------
+    def _init_base(self, rng: jax.Array):
         ids = jnp.zeros((1, 8), jnp.int32)
         return self.model.init(rng, ids)["params"]
 
-    def initial_params(self, rng: jax.Array, shardings):
-        if self._pretrained is not None:
-            params = jax.device_put(self._pretrained[1], shardings)
-            self._pretrained = None
-            return params
-        return jax.jit(self.init_params, out_shardings=shardings)(rng)
-
     # -- training -----------------------------------------------------------------------
-    def _sum_loss(self, params, batch, rng):
-        del rng  # the decoders have no dropout
+    def _sum_loss(self, params, batch, rng, frozen):
+        # rng: LoRA dropout keys (the decoders themselves have no dropout); None = eval
         logits = self.model.apply(
-            {"params": params},
+            {"params": self.full_params(params, frozen, rng)},
             batch["input_ids"],
             segment_ids=batch["segment_ids"],
             positions=batch["positions"],
@@ -133,8 +121,8 @@ class LMTask:
         loss_sum, count = losses.cross_entropy(logits, batch["labels"], batch["loss_mask"])
         return loss_sum, count.astype(jnp.float32), {}
 
-    def loss_and_grad(self, params, batch, rng):
-        return self._loss_and_grad(params, batch, rng)
+    def loss_and_grad(self, params, batch, rng, frozen=None):
+        return self._loss_and_grad(params, batch, rng, frozen)
 
     def train_iterator(self):
         return text_data.train_batches(
@@ -152,7 +140,7 @@ class LMTask:
     def throughput(self, examples_per_sec: float) -> dict[str, float]:
         """``perf/tokens_per_sec`` and ``perf/mfu`` against ``config.device``'s peak."""
         if self._num_params is None:
-            shapes = jax.eval_shape(self.init_params, jax.random.key(0))
+            shapes = jax.eval_shape(self._init_base, jax.random.key(0))
             total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
             wpe = shapes.get("wpe", {}).get("embedding")
             self._num_params = total - (int(np.prod(wpe.shape)) if wpe is not None else 0)
@@ -177,18 +165,11 @@ class LMTask:
         for i, batch in enumerate(batches):
             if self.config.eval.max_batches and i >= self.config.eval.max_batches:
                 break
-            s, n = self._eval_sums(params, batch)
+            s, n = self._eval_sums(params, self.frozen, batch)
             total += float(s)
             count += float(n)
         loss = total / max(count, 1.0)
         return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
-
-    # -- export -------------------------------------------------------------------------
-    def export(self, params, out_dir) -> Path:
-        """Write a Hugging Face model directory plus the tokenizer."""
-        out = hf.save_pretrained(self.model, params, out_dir)
-        self.tokenizer.save(out)
-        return out
 
 
 def _pad_vocab(n: int, multiple: int = 64) -> int:

@@ -1,0 +1,81 @@
+"""LoRA in a training run: the ``config.lora`` fields and the trainable/frozen split.
+
+Every task uses the same three calls, so LoRA is a transform of the parameter tree and
+never a branch in model or loop code:
+
+* :func:`split` turns base parameters into ``(trainable, frozen)``: with LoRA disabled,
+  everything trains and ``frozen`` is ``None``; enabled, adapters are added at
+  ``config.lora.targets`` and only they train (the frozen base, possibly quantised, is
+  passed to the jitted step as an argument);
+* :func:`full` rebuilds the parameter tree the model applies (and attaches per-step
+  dropout keys when ``lora.dropout > 0``);
+* :func:`for_export` gives a tree of plain kernels (adapters merged) for HF export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import ml_collections
+
+from jaxfit.lora import adapters
+
+PyTree = Any
+
+
+def default_lora_config() -> ml_collections.ConfigDict:
+    """``config.lora`` with the defaults of jaxfit's QLoRA recipe: r=16, alpha=32,
+    dropout 0.05, the attention projections q/k/v/o (PEFT short names)."""
+    c = ml_collections.ConfigDict()
+    c.enabled = False  # train adapters over a frozen base (forced on by int8/nf4 precision)
+    c.rank = 16
+    c.alpha = 32.0
+    c.dropout = 0.05
+    c.use_rslora = False  # scale alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
+    # PEFT short names, "all-linear", or regexes over parameter paths (jaxfit.lora.targets)
+    c.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    return c
+
+
+def enabled(config) -> bool:
+    """LoRA is on when ``config.lora.enabled`` or the precision quantises the base."""
+    lora = config.get("lora")
+    return bool(lora is not None and lora.enabled) or config.precision in ("int8", "nf4")
+
+
+def split(base: PyTree, config, rng: jax.Array) -> tuple[PyTree, PyTree | None]:
+    """``(trainable, frozen)`` for a run; see the module docstring.
+
+    Raises:
+      ValueError: from :func:`jaxfit.lora.add_lora` (a target matching nothing, a rank
+        larger than a kernel dimension), naming the rule or tensor.
+    """
+    if not enabled(config):
+        return base, None
+    c = config.lora
+    targets = [c.targets] if isinstance(c.targets, str) else list(c.targets)
+    params = adapters.add_lora(
+        base,
+        targets,
+        rank=int(c.rank),
+        alpha=float(c.alpha),
+        rng=rng,
+        use_rslora=bool(c.use_rslora),
+        dropout=float(c.dropout),
+    )
+    return adapters.split_trainable(params)
+
+
+def full(params: PyTree, frozen: PyTree | None, rng: jax.Array | None = None) -> PyTree:
+    """The tree the model applies: ``params`` alone, or adapters combined with the base
+    (with dropout keys from ``rng`` when given)."""
+    if frozen is None:
+        return params
+    tree = adapters.combine(params, frozen)
+    return tree if rng is None else adapters.with_dropout_rng(tree, rng)
+
+
+def for_export(params: PyTree, frozen: PyTree | None) -> PyTree:
+    """Plain-kernel parameters (adapters merged into dequantised bases) for HF export."""
+    return params if frozen is None else adapters.merge(adapters.combine(params, frozen))

@@ -1,0 +1,144 @@
+"""What every task shares: where parameters come from and how LoRA splits them.
+
+A task subclass sets ``self.model``, ``self.config`` and ``self._pretrained`` (``(model,
+params)`` from ``jaxfit.hf.load_pretrained`` or ``None``) and implements
+``_init_base(rng)`` (``model.init`` with tiny inputs). Then:
+
+* ``init_params(rng)``: the TRAINABLE parameters, pure (the trainer runs it under
+  ``jax.eval_shape`` for shapes);
+* ``initial_params(rng, shardings)``: their values for a fresh run, placed;
+* ``frozen``: the frozen base (``None`` without LoRA), placed; built once;
+* ``full_params(params, frozen, rng=None)``: the tree the model applies;
+* ``export(params, out_dir)``: an HF directory (adapters merged) plus the tokenizer.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from jaxfit import hf, quant
+from jaxfit.lora import adapters as lora_adapters
+from jaxfit.lora import peft_io
+from jaxfit.lora import training as lora_training
+
+log = logging.getLogger(__name__)
+
+
+# Compute dtype by precision; int8 / nf4 quantise a frozen base and compute in bf16.
+COMPUTE_DTYPES = {
+    "fp32": jnp.float32,
+    "bf16": jnp.bfloat16,
+    "int8": jnp.bfloat16,
+    "nf4": jnp.bfloat16,
+}
+
+
+def base_dtype(config):
+    """Storage dtype of pretrained weights: float32 master weights when they train; the
+    compute dtype for a frozen LoRA base (half the memory; QLoRA keeps it in bf16)."""
+    return COMPUTE_DTYPES[config.precision] if lora_training.enabled(config) else jnp.float32
+
+
+QUANTISED = ("int8", "nf4")
+
+
+def load_base(config, **overrides):
+    """``(model, params)`` of ``config.init_from``: quantised while streaming for int8 /
+    nf4 precision (the full-precision model never exists at once), float otherwise.
+
+    ``overrides`` are model-config fields (e.g. ``remat_policy``).
+    """
+    dtype = COMPUTE_DTYPES[config.precision]
+    if config.precision in QUANTISED:
+        return quant.load_quantized(
+            config.init_from, config.precision, dtype=dtype, compute_dtype=dtype, **overrides
+        )
+    return hf.load_pretrained(
+        config.init_from, dtype=base_dtype(config), compute_dtype=dtype, **overrides
+    )
+
+
+def param_rng(config) -> jax.Array:
+    """The key parameters (and LoRA adapters) are initialised from: a function of the seed
+    alone, so a resumed run rebuilds the same frozen base."""
+    return jax.random.fold_in(jax.random.key(config.seed), 0)
+
+
+class ParamsMixin:
+    _split_cache = None
+
+    def _init_base(self, rng: jax.Array):
+        raise NotImplementedError
+
+    def init_params(self, rng: jax.Array):
+        return lora_training.split(self._init_base(rng), self.config, rng)[0]
+
+    def _split(self, rng: jax.Array):
+        """``(trainable, frozen)`` from the real base (pretrained or freshly initialised)."""
+        if self._split_cache is None:
+            if self._pretrained is not None:
+                base = self._pretrained[1]
+                self._pretrained = None  # no second host copy
+            else:
+                base = jax.jit(self._init_base)(rng)
+                if self.config.precision in QUANTISED:
+                    base = quant.quantize_params(base, method=self.config.precision)
+            trainable, frozen = lora_training.split(base, self.config, rng)
+            if frozen is not None:
+                full = lora_adapters.combine(trainable, frozen)
+                log.info("LoRA: %s", lora_adapters.trainable_summary(full))
+            self._split_cache = (trainable, frozen)
+        return self._split_cache
+
+    def initial_params(self, rng: jax.Array, shardings):
+        if self._pretrained is None and not lora_training.enabled(self.config):
+            return jax.jit(self._init_base, out_shardings=shardings)(rng)
+        return jax.device_put(self._split(rng)[0], shardings)
+
+    @property
+    def frozen(self):
+        """The placed frozen base (``None`` without LoRA), built on first use from
+        :func:`param_rng` (the same base on every resume)."""
+        if not lora_training.enabled(self.config):
+            return None
+        if getattr(self, "_frozen", None) is None:
+            self._frozen = jax.device_put(self._split(param_rng(self.config))[1])
+        return self._frozen
+
+    @staticmethod
+    def full_params(params, frozen, rng=None):
+        return lora_training.full(params, frozen, rng)
+
+    def export(self, params, out_dir) -> Path:
+        """Write a Hugging Face directory (adapters merged into the base) plus tokenizer."""
+        out = hf.save_pretrained(self.model, lora_training.for_export(params, self.frozen), out_dir)
+        self.tokenizer.save(out)
+        return out
+
+    peft_task_type: str | None = "CAUSAL_LM"
+
+    def export_peft(self, params, out_dir) -> Path:
+        """Write the adapters in PEFT's format (``adapter_config.json`` +
+        ``adapter_model.safetensors``) for ``peft.PeftModel.from_pretrained``.
+
+        Raises:
+          ValueError: the run trains no adapters (export it with ``format=hf``).
+        """
+        if self.frozen is None:
+            raise ValueError("this run has no LoRA adapters; export it in the hf format")
+        c = self.config.lora
+        return peft_io.save_peft(
+            lora_adapters.combine(params, self.frozen),
+            self.model,
+            out_dir,
+            base_model_name_or_path=self.config.init_from or None,
+            rank=int(c.rank),
+            alpha=float(c.alpha),
+            dropout=float(c.dropout),
+            use_rslora=bool(c.use_rslora),
+            task_type=self.peft_task_type,
+        )
