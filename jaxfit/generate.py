@@ -1,7 +1,8 @@
 """Sample text from a causal LM with a KV cache.
 
   python -m jaxfit.generate --model PATH --prompt "Once upon a time" \
-      [--max_new_tokens 64] [--temperature 0.8] [--top_k 50] [--top_p 0.95] [--seed 0]
+      [--max_new_tokens 64] [--temperature 0.8] [--top_k 50] [--top_p 0.95] [--seed 0] \
+      [--quant nf4|int8] [--adapter PEFT_DIR]
 
 ``PATH`` is a Hugging Face model directory (or Hub name) with its tokenizer, or a jaxfit
 workdir (its latest checkpoint and the run's tokenizer). ``--temperature 0`` is greedy.
@@ -18,11 +19,16 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import hf, sampling
+from jaxfit import hf, lora, quant, sampling
 
 
-def load_model_and_tokenizer(path: str):
+def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adapter: str = ""):
     """``(model, params, encode, decode, eos_token_id)`` for a workdir or an HF model.
+
+    For an HF model, ``quant_method`` (``"nf4"`` / ``"int8"``) quantises the weights while
+    loading (``jaxfit.quant.load_quantized``) and ``adapter`` applies a PEFT LoRA directory.
+    A workdir is sampled as trained (its LoRA adapters over its frozen, possibly quantised,
+    base).
 
     Raises:
       FileNotFoundError: neither a jaxfit workdir with a checkpoint nor an HF model.
@@ -34,10 +40,16 @@ def load_model_and_tokenizer(path: str):
 
         _, task, params, _ = trainer.restore_params(p)
         tok = task.tokenizer
+        params = task.full_params(params, task.frozen)
         return task.model, params, tok.encode, tok.decode, tok.eos_token_id
     from transformers import AutoTokenizer
 
-    model, params = hf.load_pretrained(path)
+    if quant_method:
+        model, params = quant.load_quantized(path, quant_method)
+    else:
+        model, params = hf.load_pretrained(path)
+    if adapter:
+        params = lora.load_peft(params, model, adapter)
     tok = AutoTokenizer.from_pretrained(str(hf.io.resolve(path)))
     return (
         model,
@@ -59,9 +71,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--top_p", type=float, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--num_samples", type=int, default=1)
+    ap.add_argument("--quant", choices=("nf4", "int8"), default=None, help="quantise an HF model")
+    ap.add_argument("--adapter", default="", help="PEFT LoRA adapter directory (HF model)")
     args = ap.parse_args(argv)
     try:
-        model, params, encode, decode, eos = load_model_and_tokenizer(args.model)
+        model, params, encode, decode, eos = load_model_and_tokenizer(
+            args.model, quant_method=args.quant, adapter=args.adapter
+        )
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -60,7 +60,7 @@ def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
     """
     init_rng = param_rng(config)
     state_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    abstract_params = jax.eval_shape(task.init_params, init_rng)
+    abstract_params = task.abstract_params()
     param_shardings = sharding.param_shardings(abstract_params, mesh)
 
     def make_state(params):
@@ -104,7 +104,7 @@ def train(
     config_lib.save_config(config, workdir)
     mesh = sharding.make_mesh()
     task = build_task(config, workdir, mesh)
-    abstract_params = jax.eval_shape(task.init_params, param_rng(config))
+    abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
     state, state_shardings, meta = build_state(task, optimizer, config, mesh, ckpt)
@@ -187,7 +187,7 @@ def restore_params(workdir: str | Path, step: int | None = None):
     config = config_lib.load_saved_config(workdir)
     mesh = sharding.make_mesh()
     task = build_task(config, workdir, mesh)
-    abstract_params = jax.eval_shape(task.init_params, param_rng(config))
+    abstract_params = task.abstract_params()
     optimizer, _ = make_optimizer(config.optim, config.total_steps, abstract_params)
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
         found = ckpt.latest_step() if step is None else step

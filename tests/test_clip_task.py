@@ -196,3 +196,18 @@ def test_finetune_from_hf_clip_and_export(tmp_path):
     np.testing.assert_allclose(ours["logits_per_image"], theirs.logits_per_image, atol=1e-4)
     start = transformers.CLIPModel.from_pretrained(hf_dir).eval()
     assert not torch.allclose(start.logit_scale, reloaded.logit_scale)
+
+
+def test_clip_with_lora_trains_adapters_only(tmp_path):
+    config = tiny_clip_config(
+        tmp_path / "data", "total_steps=4", "eval_every=4", "lora.enabled=True", "lora.rank=4"
+    )
+    results = trainer.train(config, tmp_path / "run")
+    assert results["eval/num_images"] == 16
+    _, task, params, _ = trainer.restore_params(tmp_path / "run")
+    names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
+    # q/k/v/out projections of the single layer of each tower, A and B each
+    assert len(names) == 2 * 4 * 2 and all("lora_" in n for n in names)
+    out = task.export_peft(params, tmp_path / "peft")
+    adapter = json.loads((out / "adapter_config.json").read_text())
+    assert adapter["r"] == 4 and adapter["task_type"] is None

@@ -39,7 +39,7 @@ def test_qlora_demo_lowers_the_loss_with_an_nf4_base(tmp_path):
 
 @pytest.mark.shared_data
 @pytest.mark.parametrize("precision", ["nf4", "int8"])
-def test_qlora_from_a_local_hf_llama(tmp_path, precision):
+def test_qlora_from_a_local_hf_llama(tmp_path, precision, capsys):
     torch = pytest.importorskip("torch")
     import transformers
 
@@ -93,3 +93,34 @@ def test_qlora_from_a_local_hf_llama(tmp_path, precision):
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["base_model_name_or_path"] == str(hf_dir)
     assert sorted(adapter["target_modules"]) == ["k_proj", "o_proj", "q_proj", "v_proj"]
+    # generation: the HF base quantised on load + the PEFT adapter = the trained run
+    from jaxfit.generate import main as generate_main
+
+    args = ["--prompt", "Note 7:", "--temperature", "0", "--max_new_tokens", "6"]
+    capsys.readouterr()
+    assert generate_main(["--model", str(workdir), *args]) == 0
+    from_run = capsys.readouterr().out
+    hf_args = ["--model", str(hf_dir), "--quant", precision, "--adapter", str(out)]
+    assert generate_main([*hf_args, *args]) == 0
+    assert capsys.readouterr().out == from_run
+    # further training from the exported adapter (lora.peft_dir) starts where the run ended
+    config2 = config_lib.load_config(
+        f"{QLORA}:init_from={hf_dir},steps=2",
+        [
+            f"data.path={text}",
+            "data.split_by_blank_lines=True",
+            "seq_len=32",
+            "batch_size=4",
+            "micro_batch_size=2",
+            "log_every=1",
+            "eval_every=2",
+            "ckpt_every=2",
+            "eval.max_batches=2",
+            f"precision={precision}",
+            "optim.lr=1e-2",
+            "optim.warmup_steps=1",
+            f"lora.peft_dir={out}",
+        ],
+    )
+    trainer.train(config2, tmp_path / "run2")
+    assert _losses(tmp_path / "run2")[0] < losses[0] - 0.05  # not a fresh adapter

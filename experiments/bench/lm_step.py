@@ -185,8 +185,8 @@ def _jax_worker(spec: dict, peak: common.PeakRSS) -> dict:
     state = step_lib.create_train_state(params, optimizer, jax.random.key(spec["seed"]))
     del params
 
-    def sum_loss(p, batch, rng):  # jaxfit.tasks.lm.LMTask._sum_loss without packing
-        del rng
+    def sum_loss(p, batch, rng, frozen=None):  # tasks.lm.LMTask._sum_loss, no packing
+        del rng, frozen  # no dropout; every parameter trains
         logits = model.apply({"params": p}, batch["input_ids"])
         loss_sum, count = losses.cross_entropy(logits, batch["labels"])
         return loss_sum, count.astype(jnp.float32), {}

@@ -19,7 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
-from jaxfit.lora import adapters
+from jaxfit.lora import adapters, peft_io
 
 PyTree = Any
 
@@ -35,6 +35,9 @@ def default_lora_config() -> ml_collections.ConfigDict:
     c.use_rslora = False  # scale alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
     # PEFT short names, "all-linear", or regexes over parameter paths (jaxfit.lora.targets)
     c.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # a PEFT adapter directory to start from (trained elsewhere); its rank, alpha and
+    # targets replace the fields above
+    c.peft_dir = ""
     return c
 
 
@@ -44,8 +47,10 @@ def enabled(config) -> bool:
     return bool(lora is not None and lora.enabled) or config.precision in ("int8", "nf4")
 
 
-def split(base: PyTree, config, rng: jax.Array) -> tuple[PyTree, PyTree | None]:
-    """``(trainable, frozen)`` for a run; see the module docstring.
+def split(base: PyTree, config, rng: jax.Array, model=None) -> tuple[PyTree, PyTree | None]:
+    """``(trainable, frozen)`` for a run; see the module docstring. With
+    ``lora.peft_dir`` the adapters are read from that PEFT directory (``model`` gives
+    the HF module names) instead of being initialised.
 
     Raises:
       ValueError: from :func:`jaxfit.lora.add_lora` (a target matching nothing, a rank
@@ -54,6 +59,10 @@ def split(base: PyTree, config, rng: jax.Array) -> tuple[PyTree, PyTree | None]:
     if not enabled(config):
         return base, None
     c = config.lora
+    if c.get("peft_dir"):
+        if model is None:
+            raise ValueError("lora.peft_dir needs the model to map PEFT module names")
+        return adapters.split_trainable(peft_io.load_peft(base, model, c.peft_dir))
     targets = [c.targets] if isinstance(c.targets, str) else list(c.targets)
     params = adapters.add_lora(
         base,

@@ -3,17 +3,23 @@
 A task object is built as ``Task(config, workdir, mesh)`` and provides:
 
 * ``model``: the linen module;
-* ``init_params(rng) -> params``: pure, jittable initialisation (used under
-  ``jax.eval_shape`` for shapes and ``jax.jit(out_shardings=...)`` to place them);
-* ``initial_params(rng, shardings) -> params``: the parameters a fresh run starts from
+* ``init_params(rng) -> params`` / ``abstract_params()``: the TRAINABLE parameters (all
+  weights, or LoRA adapters only), pure; and their shapes without memory;
+* ``initial_params(rng, shardings) -> params``: the values a fresh run starts from
   (random, or loaded from ``config.init_from``), placed with ``shardings``;
-* ``loss_and_grad(params, batch, rng) -> ((loss, metrics), grads)``: pure, jittable;
+* ``frozen``: the frozen (possibly quantised) base of a LoRA run, else ``None``; passed
+  to the jitted step as an argument;
+* ``loss_and_grad(params, batch, rng, frozen) -> ((loss, metrics), grads)``: pure,
+  jittable; gradients w.r.t. ``params`` only;
 * ``train_iterator()``: an iterator of host batches with ``get_state()`` / ``set_state()``;
 * ``evaluate(params) -> dict[str, float]``: metrics without namespace prefix;
 * ``skip_counts() -> dict[str, int]``: data records skipped so far, by reason;
 * ``throughput(examples_per_sec) -> dict[str, float]``: task-specific ``perf/`` metrics
   (tokens/s and MFU for language models);
-* ``export(params, out_dir)``: write a Hugging Face directory (model + tokenizer).
+* ``export(params, out_dir)``: write a Hugging Face directory (model + tokenizer);
+  ``export_peft(params, out_dir)``: a LoRA run's adapters in PEFT's format.
+
+``tasks/base.py`` (``ParamsMixin``) implements the parameter half for every task.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ A task subclass sets ``self.model``, ``self.config`` and ``self._pretrained`` (`
 params)`` from ``jaxfit.hf.load_pretrained`` or ``None``) and implements
 ``_init_base(rng)`` (``model.init`` with tiny inputs). Then:
 
-* ``init_params(rng)``: the TRAINABLE parameters, pure (the trainer runs it under
-  ``jax.eval_shape`` for shapes);
+* ``init_params(rng)``: the TRAINABLE parameters, pure; ``abstract_params()`` their
+  shapes (``jax.eval_shape`` of it, or of adapters read from ``lora.peft_dir``);
 * ``initial_params(rng, shardings)``: their values for a fresh run, placed;
 * ``frozen``: the frozen base (``None`` without LoRA), placed; built once;
 * ``full_params(params, frozen, rng=None)``: the tree the model applies;
@@ -75,7 +75,16 @@ class ParamsMixin:
         raise NotImplementedError
 
     def init_params(self, rng: jax.Array):
-        return lora_training.split(self._init_base(rng), self.config, rng)[0]
+        return lora_training.split(self._init_base(rng), self.config, rng, self.model)[0]
+
+    def abstract_params(self):
+        """``jax.ShapeDtypeStruct`` tree of the trainable parameters (no memory used)."""
+        lora = self.config.get("lora")
+        if lora is not None and lora.get("peft_dir"):
+            # adapters read from files cannot be traced: build them once, eagerly
+            trainable = self._split(param_rng(self.config))[0]
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+        return jax.eval_shape(self.init_params, param_rng(self.config))
 
     def _split(self, rng: jax.Array):
         """``(trainable, frozen)`` from the real base (pretrained or freshly initialised)."""
@@ -87,7 +96,7 @@ class ParamsMixin:
                 base = jax.jit(self._init_base)(rng)
                 if self.config.precision in QUANTISED:
                     base = quant.quantize_params(base, method=self.config.precision)
-            trainable, frozen = lora_training.split(base, self.config, rng)
+            trainable, frozen = lora_training.split(base, self.config, rng, self.model)
             if frozen is not None:
                 full = lora_adapters.combine(trainable, frozen)
                 log.info("LoRA: %s", lora_adapters.trainable_summary(full))
