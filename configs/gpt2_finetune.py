@@ -36,6 +36,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seq_len = 512
     c.batch_size = 16  # 4 x 4 accumulation
     c.micro_batch_size = 4
+    # LM head + loss in chunks of this many tokens (0 = all at once; jaxfit.losses.
+    # chunked_cross_entropy). Unchunked, a micro-batch's float32 logits are 2048 tokens x
+    # 50,257 x 4 B = 0.4 GB (about as much again for their gradient): affordable for GPT-2.
+    c.loss_chunk_size = 0
     c.optim = default_optim_config()
     c.optim.lr = 5e-5
     c.optim.weight_decay = 0.01

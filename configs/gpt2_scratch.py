@@ -44,6 +44,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.seq_len = 1024
     c.batch_size = 16
     c.micro_batch_size = 8
+    # LM head + loss in chunks of this many tokens (0 = all at once; jaxfit.losses.
+    # chunked_cross_entropy). Unchunked, a micro-batch's float32 logits are 8192 tokens x
+    # 16,384 x 4 B = 0.5 GB (about as much again for their gradient): affordable here.
+    c.loss_chunk_size = 0
     c.optim = default_optim_config()
     c.optim.lr = 6e-4  # nanoGPT train_gpt2 / GPT-3 small (Brown et al. 2020, Table 2.1)
     c.optim.b2 = 0.95

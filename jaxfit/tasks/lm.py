@@ -112,13 +112,24 @@ class LMTask(ParamsMixin):
     # -- training -----------------------------------------------------------------------
     def _sum_loss(self, params, batch, rng, frozen):
         # rng: LoRA dropout keys (the decoders themselves have no dropout); None = eval
-        logits = self.model.apply(
-            {"params": self.full_params(params, frozen, rng)},
-            batch["input_ids"],
-            segment_ids=batch["segment_ids"],
-            positions=batch["positions"],
-        )
-        loss_sum, count = losses.cross_entropy(logits, batch["labels"], batch["loss_mask"])
+        variables = {"params": self.full_params(params, frozen, rng)}
+        inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
+        chunk_size = self.config.get("loss_chunk_size", 0)
+        if chunk_size > 0:
+            # LM head + loss chunk by chunk: the [B, S, vocab] logits never exist at once.
+            hidden = self.model.apply(
+                variables, batch["input_ids"], method="hidden_states", **inputs
+            )
+            loss_sum, count = losses.chunked_cross_entropy(
+                hidden,
+                lambda h: self.model.apply(variables, h, method="logits"),
+                batch["labels"],
+                batch["loss_mask"],
+                chunk_size=chunk_size,
+            )
+        else:
+            logits = self.model.apply(variables, batch["input_ids"], **inputs)
+            loss_sum, count = losses.cross_entropy(logits, batch["labels"], batch["loss_mask"])
         return loss_sum, count.astype(jnp.float32), {}
 
     def loss_and_grad(self, params, batch, rng, frozen=None):
