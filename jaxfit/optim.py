@@ -1,6 +1,8 @@
 """Optimizer: AdamW with linear warmup + cosine decay, a weight-decay mask and clipping.
 
-The chain is ``clip_by_global_norm(grad_clip_norm) -> adamw(schedule, mask=decay_mask)``.
+The chain is ``clip_by_global_norm(grad_clip_norm) -> adamw(schedule, mask=decay_mask)``;
+``name="adamw8bit"`` stores Adam's moments in 8 bits (:mod:`jaxfit.quant.optim8bit`,
+bitsandbytes' ``AdamW8bit``: ~2 bytes per parameter instead of 8), all else equal.
 Which leaves are decayed is decided by regex rules over parameter paths
 (:mod:`jaxfit.params`), like every other per-parameter choice in jaxfit.
 """
@@ -15,8 +17,12 @@ import ml_collections
 import optax
 
 from jaxfit import params as params_lib
+from jaxfit.quant import optim8bit
 
 PyTree = Any
+
+# optim_cfg.name -> the AdamW transformation (same arguments as optax.adamw).
+OPTIMIZERS = {"adamw": optax.adamw, "adamw8bit": optim8bit.adamw_8bit}
 
 # Leaves NOT weight-decayed. open_clip's rule (src/training/main.py, now
 # open_clip_train/main.py: ``exclude = p.ndim < 2 or "bn"/"ln"/"bias"/"logit_scale" in
@@ -43,7 +49,8 @@ def default_optim_config() -> ml_collections.ConfigDict:
     open_clip's ``--grad-clip-norm`` recipes and nanoGPT.
     """
     cfg = ml_collections.ConfigDict()
-    # Only "adamw" for now.
+    # "adamw" (float32 moments, 8 bytes per parameter) or "adamw8bit" (bitsandbytes-style
+    # blockwise 8-bit moments, ~2 bytes per parameter; leaves < 4096 elements stay float32).
     cfg.name = "adamw"
     # Peak learning rate, reached at the end of warmup.
     cfg.lr = 1e-5
@@ -114,8 +121,11 @@ def make_optimizer(
     Raises:
       ValueError: unknown ``name`` or bad schedule lengths.
     """
-    if optim_cfg.name != "adamw":
-        raise ValueError(f"unknown optimizer {optim_cfg.name!r}; supported: 'adamw'")
+    if optim_cfg.name not in OPTIMIZERS:
+        raise ValueError(
+            f"unknown optimizer {optim_cfg.name!r}; supported: "
+            + ", ".join(repr(name) for name in OPTIMIZERS)
+        )
     schedule = make_schedule(optim_cfg, total_steps)
     no_decay = tuple(optim_cfg.no_decay or ())
     if bad := params_lib.unmatched(params, no_decay):
@@ -130,7 +140,7 @@ def make_optimizer(
         n_decay,
         params_lib.count(params),
     )
-    adamw = optax.adamw(
+    adamw = OPTIMIZERS[optim_cfg.name](
         learning_rate=schedule,
         b1=float(optim_cfg.b1),
         b2=float(optim_cfg.b2),
