@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # ``experiments`` is not installed; plain ``pytest`` runs
+if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytest``)
     sys.path.insert(0, str(REPO))
 # tests/conftest.py's FAST_CPU_COMPILE as XLA_FLAGS (for the benchmark's subprocesses).
 FAST_XLA_FLAGS = (

@@ -31,14 +31,21 @@ The first-step losses must agree (``LOSS_TOLERANCE``); otherwise the run fails a
 is recorded: it guards against timing two different computations.
 
 Each framework runs in its own subprocess (``--worker jax|torch``; a third one, ``init``,
-writes the checkpoint), one after the other, so that peak memory is per framework and the
-two never compete for cores. Memory on CPU is the worker's peak RSS (``ru_maxrss``), also
-shown as the increase over the RSS right after its imports; on GPU it is the device
-allocator's peak (``memory_stats()["peak_bytes_in_use"]``, ``torch.cuda.max_memory_allocated``).
-Threads: each worker is pinned to the first ``--threads`` cores (``sched_setaffinity``, which
-sizes XLA's CPU thread pool) and calls ``torch.set_num_threads(threads)``; the default is all
-cores this process may use. Step time is the median of ``--steps`` steps after ``--warmup``
-steps; each step ends with the loss read back to the host and (jax) the new state ready.
+writes the checkpoint first), so that peak memory is per framework. Only one of them computes
+at any time: they are set up one after the other (imports, weights, jax's compilation), then
+(``--schedule interleaved``, the default) take turns step by step, jax first on even steps
+and torch first on odd ones, so that a machine whose load changes during the run (shared CI
+cores) slows both alike; ``step ratio, paired`` is the median over steps of
+``jax_i / torch_i``. ``--schedule sequential`` runs all steps of one, then of the other.
+Memory on CPU is the worker's peak RSS (``ru_maxrss``), also shown as the increase over the
+RSS right after its imports; on GPU it is the device allocator's peak
+(``memory_stats()["peak_bytes_in_use"]``, ``torch.cuda.max_memory_allocated``; jax then runs
+with ``XLA_PYTHON_CLIENT_PREALLOCATE=false`` as the two share the device). Threads: each
+worker is pinned to the first ``--threads`` cores (``sched_setaffinity``, which sizes XLA's
+CPU thread pool) and calls ``torch.set_num_threads(threads)``; the default is all cores this
+process may use. Step time is the median of ``--steps`` steps after ``--warmup`` steps, as
+measured inside the worker; each step ends with the loss read back to the host and (jax) the
+new state ready.
 """
 
 from __future__ import annotations
@@ -72,10 +79,11 @@ SMALL = dict(n_layer=4, n_embd=256, n_head=4, seq_len=128, batch_size=4, steps=1
 # summation order. bf16: the two frameworks round different intermediates to bf16.
 LOSS_TOLERANCE = {"fp32": 1e-4, "bf16": 5e-2}
 FRAMEWORKS = ("jax", "torch")
+PROTOCOL = "@@lm_step"  # prefix of the workers' protocol lines on stdout
 SECTION = "lm_step: GPT-2 training step, jaxfit vs transformers + PyTorch"
 COLUMNS = (
     "date", "machine", "backend", "versions", "commit", "config",
-    "jax step ms", "torch step ms", "step ratio", "jax tok/s", "torch tok/s",
+    "jax step ms", "torch step ms", "step ratio (paired)", "jax tok/s", "torch tok/s",
     "jax compile s", "jax peak MiB (+imports)", "torch peak MiB (+imports)",
     "peak ratio (increase ratio)", "loss diff", "notes",
 )  # fmt: skip
@@ -97,14 +105,24 @@ def make_batch(spec: dict):
     return ids, labels
 
 
-def _time_steps(run_step, n: int) -> tuple[list[float], list[float]]:
-    """Call ``run_step() -> float loss`` (synchronised) ``n`` times: (seconds, losses)."""
+def _reply(*words: object) -> None:
+    """A protocol line from a worker to the parent (stdout; logs go to stderr)."""
+    print(PROTOCOL, *words, flush=True)
+
+
+def _serve_steps(run_step) -> tuple[list[float], list[float]]:
+    """Worker side of the step protocol: say ``ready``, then for every ``step`` line on
+    stdin time one call of ``run_step() -> float loss`` (which synchronises) and answer
+    ``step <seconds> <loss>``, until ``end``. Returns (seconds, losses) of all steps."""
+    _reply("ready")
     times, losses = [], []
-    for i in range(n):
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
         t = time.perf_counter()
         losses.append(run_step())
         times.append(time.perf_counter() - t)
-        _log(f"  step {i}: {times[-1]:.3f} s, loss {losses[-1]:.5f}")
+        _reply("step", repr(times[-1]), repr(losses[-1]))
     return times, losses
 
 
@@ -205,7 +223,7 @@ def _jax_worker(spec: dict, peak: common.PeakRSS) -> dict:
         jax.block_until_ready(state)
         return float(metrics["loss"])
 
-    times, step_losses = _time_steps(run_step, spec["warmup"] + spec["steps"])
+    times, step_losses = _serve_steps(run_step)
     mem = memory()
     return {
         "compile_s": compile_s,
@@ -277,7 +295,7 @@ def _torch_worker(spec: dict, peak: common.PeakRSS) -> dict:
             torch.cuda.synchronize()
         return loss.item()
 
-    times, step_losses = _time_steps(run_step, spec["warmup"] + spec["steps"])
+    times, step_losses = _serve_steps(run_step)
     mem = memory()
     return {
         "times_s": times,
@@ -312,48 +330,129 @@ def worker_main(kind: str, spec_path: str, out_path: str) -> None:
 # -- parent ----------------------------------------------------------------------------------
 
 
-def _spawn(kind: str, spec_path: Path, workdir: Path) -> dict:
-    out = workdir / f"{kind}.json"
-    cmd = [sys.executable, "-m", "experiments.bench.lm_step", "--worker", kind]
-    cmd += ["--spec", str(spec_path), "--out", str(out)]
-    _log(f"{kind} worker starting")
-    proc = subprocess.run(cmd, cwd=common.REPO_ROOT, check=False)
-    if proc.returncode:
-        raise RuntimeError(f"the {kind} worker failed with exit status {proc.returncode}")
-    return json.loads(out.read_text())
+def _command(kind: str, spec_path: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "experiments.bench.lm_step", "--worker", kind,
+            "--spec", str(spec_path), "--out", str(out)]  # fmt: skip
+
+
+class _Worker:
+    """Parent side of a ``jax``/``torch`` worker: started, set up (imports, weights,
+    compilation) and ``ready`` on construction; :meth:`step` runs one timed step;
+    :meth:`finish` ends it and returns its result dict."""
+
+    def __init__(self, kind: str, spec_path: Path, workdir: Path):
+        self.kind, self.out = kind, workdir / f"{kind}.json"
+        _log(f"{kind} worker starting")
+        env = dict(os.environ)
+        # Interleaved on a GPU, jax must not take 75% of its memory up front (torch shares it).
+        env.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        self.proc = subprocess.Popen(
+            _command(kind, spec_path, self.out),
+            cwd=common.REPO_ROOT,
+            env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._expect("ready")
+
+    def _expect(self, tag: str) -> list[str]:
+        for line in self.proc.stdout:
+            words = line.split()
+            if words[:2] == [PROTOCOL, tag]:
+                return words[2:]
+            sys.stderr.write(line)  # the worker's (or a library's) own output
+        raise RuntimeError(f"the {self.kind} worker exited (status {self.proc.wait()})")
+
+    def step(self) -> tuple[float, float]:
+        """One step: (seconds, loss) as the worker measured them."""
+        self.proc.stdin.write("step\n")
+        self.proc.stdin.flush()
+        seconds, loss = self._expect("step")
+        return float(seconds), float(loss)
+
+    def finish(self) -> dict:
+        self.proc.stdin.close()
+        for line in self.proc.stdout:
+            sys.stderr.write(line)
+        if status := self.proc.wait():
+            raise RuntimeError(f"the {self.kind} worker failed with exit status {status}")
+        return json.loads(self.out.read_text())
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
 
 
 def run_benchmark(spec: dict) -> dict:
-    """Run the init, jax and torch workers (``spec["repeats"]`` times, alternating the
-    order) and return :func:`summarize`'s dict."""
+    """Write the checkpoint (``init`` worker), run the jax and torch workers
+    ``spec["repeats"]`` times (alternating which goes first) on ``spec["schedule"]``, and
+    return :func:`summarize`'s dict.
+
+    ``interleaved``: both workers are set up one after the other, then take turns step by
+    step (order alternating), so that both see the same machine load over time;
+    ``sequential``: all steps of one worker, then all of the other.
+    """
     runs = {k: [] for k in FRAMEWORKS}
+    load_trace = []  # 1-minute load average after every step (pair)
+    n = spec["warmup"] + spec["steps"]
     with tempfile.TemporaryDirectory(prefix="lm_step_") as tmp:
         workdir = Path(tmp)
         spec = {**spec, "ckpt_dir": str(workdir / "ckpt")}
         spec_path = workdir / "spec.json"
         spec_path.write_text(json.dumps(spec))
-        _spawn("init", spec_path, workdir)
+        _log("init worker: writing the random-weight checkpoint")
+        init = subprocess.run(
+            _command("init", spec_path, workdir / "init.json"),
+            cwd=common.REPO_ROOT,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+        if init.returncode:
+            raise RuntimeError(f"the init worker failed with exit status {init.returncode}")
         for r in range(spec["repeats"]):
-            for kind in FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]:
-                runs[kind].append(_spawn(kind, spec_path, workdir))
-    return summarize(spec, runs)
+            order = FRAMEWORKS if r % 2 == 0 else FRAMEWORKS[::-1]
+            groups = [order] if spec["schedule"] == "interleaved" else [(k,) for k in order]
+            for group in groups:
+                workers = {}
+                try:
+                    for kind in group:
+                        workers[kind] = _Worker(kind, spec_path, workdir)
+                    for i in range(n):
+                        done = []
+                        for kind in group if i % 2 == 0 else group[::-1]:
+                            seconds, loss = workers[kind].step()
+                            done.append(f"{kind} {seconds:.3f} s (loss {loss:.5f})")
+                        load_trace.append(common.load_average()[0])
+                        _log(f"step {i}{' (warm-up)' if i < spec['warmup'] else ''}: "
+                             + ", ".join(done))  # fmt: skip
+                    for kind in group:
+                        runs[kind].append(workers[kind].finish())
+                finally:
+                    for w in workers.values():
+                        w.kill()
+    return summarize(spec, runs, load_trace)
 
 
-def summarize(spec: dict, runs: dict[str, list[dict]]) -> dict:
+def summarize(spec: dict, runs: dict[str, list[dict]], load_trace: list[float]) -> dict:
     """Per framework: step-time median / quartiles over the timed steps of all repeats,
     tokens/s, compile and first-step time (medians), peak memory (max), losses; plus the
-    jaxfit / torch ratios and the loss check.
+    jaxfit / torch ratios, the loss check and the 1-minute load average seen during the
+    steps (``load_trace``: one value per step or step pair).
 
     Raises:
       RuntimeError: the frameworks ran different models (parameter or decayed-parameter
         counts differ) or on different backends.
     """
     tokens = spec["batch_size"] * spec["seq_len"]
-    out = {"spec": spec, "tokens_per_step": tokens}
+    out = {"spec": spec, "tokens_per_step": tokens, "load_trace": load_trace}
     for kind in FRAMEWORKS:
         rs = runs[kind]
         timed = [t for r in rs for t in r["times_s"][spec["warmup"] :]]
-        q1, med, q3 = statistics.quantiles(timed, n=4, method="inclusive")
+        q1, med, q3 = (
+            statistics.quantiles(timed, n=4, method="inclusive") if len(timed) > 1 else timed * 3
+        )
         peak = max(r["memory"]["peak_kib"] for r in rs)
         imports = statistics.median(r["memory"]["after_imports_kib"] for r in rs)
         out[kind] = {
@@ -378,8 +477,16 @@ def summarize(spec: dict, runs: dict[str, list[dict]]) -> dict:
     for key in ("n_params", "n_decay", "backend"):
         if jx[key] != pt[key]:
             raise RuntimeError(f"different {key}: jaxfit {jx[key]} vs torch {pt[key]}")
+    paired = [
+        a / b
+        for j, t in zip(runs["jax"], runs["torch"])
+        for a, b in zip(j["times_s"][spec["warmup"] :], t["times_s"][spec["warmup"] :])
+    ]
     out["ratio"] = {
         "step": jx["step_median_s"] / pt["step_median_s"],
+        # Median over steps i of jax_i / torch_i: under "interleaved" the two steps i ran
+        # back to back, so a load change cancels out of each ratio.
+        "step_paired": statistics.median(paired),
         "tokens_per_s": jx["tokens_per_s"] / pt["tokens_per_s"],
         "peak": jx["peak_mib"] / pt["peak_mib"],
         "increase": jx["increase_mib"] / pt["increase_mib"],
@@ -401,16 +508,19 @@ def _config_str(spec: dict) -> str:
         f"AdamW lr {s['lr']:g} betas ({s['b1']:g}, {s['b2']:g}) eps {s['eps']:g} "
         f"wd {s['weight_decay']:g} {clip} (torch {s['torch_adamw']}), "
         f"{s['threads']} threads, median of {s['steps'] * s['repeats']} steps "
-        f"after {s['warmup']} warm-up"
+        f"after {s['warmup']} warm-up, {s['schedule']}"
     )
 
 
 def _loads(res: dict) -> str:
-    """``a/b/c -> d/e/f`` 1/5/15-min load averages at the start and end of all workers."""
-    loads = [pair for k in FRAMEWORKS for pair in res[k]["load_average"]]
-    fmt = lambda x: "/".join(f"{v:.1f}" for v in x)
+    """The 1-min load average during the steps (min / median / max over steps) and the
+    1/5/15-min ones when the first worker started."""
+    trace = res["load_trace"]
+    first = res["jax"]["load_average"][0][0]  # jax's worker starts first
     return (
-        f"{fmt(loads[0][0])} -> {fmt(loads[-1][1])} (max 1-min {max(p[1][0] for p in loads):.1f})"
+        f"1-min load during the steps {min(trace):.1f} / {statistics.median(trace):.1f} / "
+        f"{max(trace):.1f} (min / median / max); at the start "
+        + "/".join(f"{v:.1f}" for v in first)
     )
 
 
@@ -423,6 +533,7 @@ def format_report(res: dict) -> str:
         ("first step (s)", f3(jx["first_step_s"]), f3(pt["first_step_s"]), ""),
         ("step median (ms)", f"{jx['step_median_s'] * 1e3:.1f}",
          f"{pt['step_median_s'] * 1e3:.1f}", f3(ratio["step"])),
+        ("step ratio, paired", "", "", f3(ratio["step_paired"])),
         ("step q1-q3 (ms)",
          f"{jx['step_q1_s'] * 1e3:.1f}-{jx['step_q3_s'] * 1e3:.1f}",
          f"{pt['step_q1_s'] * 1e3:.1f}-{pt['step_q3_s'] * 1e3:.1f}", ""),
@@ -451,28 +562,29 @@ def format_report(res: dict) -> str:
         f"memory: jaxfit {jx['memory_measure']}; torch {pt['memory_measure']}; "
         "'after imports' = in use right after the framework imports, 'increase' = peak - it",
         f"first-step loss check (|diff| <= {res['loss_tolerance']:g}): {verdict}",
-        f"load average 1/5/15 min, start -> end: {_loads(res)}",
+        f"load: {_loads(res)}",
     ]
     return "\n".join(notes)
 
 
-def record(res: dict, note: str = "") -> Path:
+def record(res: dict, note: str = "", path: Path = common.BENCHMARKS_MD) -> Path:
     """Append ``res`` as a dated row to ``docs/BENCHMARKS.md`` (section :data:`SECTION`)."""
     jx, pt, ratio = res["jax"], res["torch"], res["ratio"]
     date = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     backend = jx["backend"] if jx["backend"] == "cpu" else f"{jx['backend']} ({jx['device']})"
     mem = lambda r: f"{r['peak_mib']:.0f} (+{r['increase_mib']:.0f})"
-    notes = f"load avg {_loads(res)}; torch attention {pt['attention']}"
+    notes = f"{_loads(res)}; torch attention {pt['attention']}"
     row = (
         date, common.machine(), backend,
         f"{jx['version']}, {pt['version']}", common.git_commit(), _config_str(res["spec"]),
         f"{jx['step_median_s'] * 1e3:.0f}", f"{pt['step_median_s'] * 1e3:.0f}",
-        f"{ratio['step']:.2f}", f"{jx['tokens_per_s']:.0f}", f"{pt['tokens_per_s']:.0f}",
+        f"{ratio['step']:.2f} ({ratio['step_paired']:.2f})",
+        f"{jx['tokens_per_s']:.0f}", f"{pt['tokens_per_s']:.0f}",
         f"{jx['compile_s']:.1f}", mem(jx), mem(pt),
         f"{ratio['peak']:.2f} ({ratio['increase']:.2f})", f"{res['loss_diff']:.1e}",
         f"{notes}; {note}" if note else notes,
     )  # fmt: skip
-    return common.append_row(SECTION, COLUMNS, row)
+    return common.append_row(SECTION, COLUMNS, row, path=path)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -492,6 +604,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--torch_adamw", choices=("default", "foreach", "fused"), default="default")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=common.cpu_count(), help="default: all cores")
+    p.add_argument(
+        "--schedule",
+        choices=("interleaved", "sequential"),
+        default="interleaved",
+        help="interleaved: the two workers take turns step by step (robust to a changing "
+        "machine load); sequential: one framework's steps, then the other's",
+    )
     p.add_argument("--repeats", type=int, default=1, help="worker pairs, order alternating")
     p.add_argument("--record", action="store_true", help="append a row to docs/BENCHMARKS.md")
     p.add_argument("--note", default="", help="free text for the recorded row's notes")
@@ -509,6 +628,7 @@ def make_spec(args: argparse.Namespace) -> dict:
     for k in ("precision", "lr", "b1", "b2", "eps", "weight_decay", "grad_clip_norm"):
         spec[k] = getattr(args, k)
     spec.update(torch_adamw=args.torch_adamw, seed=args.seed, repeats=args.repeats)
+    spec["schedule"] = args.schedule
     spec["threads"] = min(args.threads, common.cpu_count())
     if spec["seq_len"] > spec["n_positions"]:
         raise ValueError(f"seq_len {spec['seq_len']} > n_positions {spec['n_positions']}")
