@@ -17,42 +17,33 @@ Arguments: ``init_from`` (str), ``all_linear`` (bool), ``demo`` (bool), ``steps`
 
 from __future__ import annotations
 
+import importlib.util
+from pathlib import Path
+
 import ml_collections
 
-from jaxfit.config import parse_arg, run_rhythm
-from jaxfit.data.text import default_text_config
-from jaxfit.lora.training import default_lora_config
-from jaxfit.optim import default_optim_config
+from jaxfit.config import parse_arg
+
+
+def _finetune():
+    """configs/llama_finetune.py: the shared Llama LM recipe this one modifies."""
+    spec = importlib.util.spec_from_file_location(
+        "llama_finetune", Path(__file__).with_name("llama_finetune.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, init_from="", all_linear=False, demo=False, steps=0)
-    c = ml_collections.ConfigDict()
-    c.task = "lm"
+    c = _finetune().get_config(None)
     c.init_from = a.init_from
-    c.model = ml_collections.ConfigDict()
-    c.model.family = "llama"
-    c.model.remat_policy = "full"
-    # from-scratch shape (only when init_from is empty, e.g. the demo)
-    c.model.config = ml_collections.ConfigDict(
-        dict(
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=4,
-            num_attention_heads=8,
-            num_key_value_heads=4,
-            max_position_embeddings=2048,
-            vocab_size=0,
-        )
-    )
-    c.lora = default_lora_config()
+    c.model.config.num_hidden_layers = 4  # from-scratch shape (only without init_from)
     c.lora.enabled = True
     if a.all_linear:
         c.lora.targets = ("all-linear",)
-    c.data = default_text_config()
     c.data.val_fraction = 0.02
-    c.data.synthetic = ml_collections.ConfigDict(dict(enabled=False, num_documents=4000, seed=0))
-    c.seq_len = 1024
     c.batch_size = 16  # 4 x 4 accumulation
     c.micro_batch_size = 4
     # LM head + loss in chunks of this many tokens (0 = all at once; jaxfit.losses.
@@ -62,23 +53,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # 12 GB card. Chunks of 1024 (a quarter of the micro-batch) hold a quarter of that, for
     # one more pass of the head's matmul (the frozen head has no gradient to accumulate).
     c.loss_chunk_size = 1024
-    c.optim = default_optim_config()
     c.optim.lr = 2e-4
     c.optim.b2 = 0.999
     c.optim.weight_decay = 0.0
     c.optim.warmup_steps = 100
     c.optim.min_lr_ratio = 0.0
     c.optim.grad_clip_norm = 0.3  # QLoRA's max_grad_norm
-    c.eval = ml_collections.ConfigDict(dict(batch_size=4, max_batches=50))
-    c.device = "rtx4070ti"
-    run_rhythm(
-        c,
-        total_steps=a.steps or 1000,
-        log_every=10,
-        eval_every=200,
-        ckpt_every=200,
-        precision="nf4",
-    )
+    c.precision = "nf4"
+    c.total_steps = a.steps or 1000
     if a.demo:
         c.data.synthetic.enabled = True
         c.data.split_by_blank_lines = True
