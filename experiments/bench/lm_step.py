@@ -2,7 +2,7 @@
 
 Run from the repository root::
 
-    python -m experiments.bench.lm_step --small            # ~1 minute on 2 CPU cores
+    python -m experiments.bench.lm_step --small            # < 1 minute on 2 CPU cores
     python -m experiments.bench.lm_step --record           # GPT-2 small; adds a row to
                                                            # docs/BENCHMARKS.md
 
@@ -73,7 +73,7 @@ DEFAULTS = dict(
     n_layer=12, n_embd=768, n_head=12, vocab_size=50257, n_positions=1024,
     seq_len=256, batch_size=4, steps=10, warmup=3,
 )  # fmt: skip
-# About a minute on 2 CPU cores, workers' start-up included.
+# Under a minute on 2 idle CPU cores (45 s), workers' start-up included.
 SMALL = dict(n_layer=4, n_embd=256, n_head=4, seq_len=128, batch_size=4, steps=10, warmup=2)
 # |first-step loss jaxfit - torch|: identical weights and batch; fp32 differs only by
 # summation order. bf16: the two frameworks round different intermediates to bf16.
