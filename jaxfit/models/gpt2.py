@@ -29,11 +29,11 @@ import dataclasses
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxfit.models import kv_cache, layers
+from jaxfit.models.decoder import CausalLMMixin
 
 Dtype = Any
 
@@ -161,9 +161,10 @@ class GPT2Block(nn.Module):
         return x, layer_cache
 
 
-class GPT2LMHeadModel(nn.Module):
+class GPT2LMHeadModel(CausalLMMixin, nn.Module):
     """GPT-2 with its LM head; see the module docstring for the calls and parameters."""
 
+    EMBEDDING = "wte"  # token embedding submodule (tied head)
     config: GPT2Config
 
     def setup(self):
@@ -211,63 +212,6 @@ class GPT2LMHeadModel(nn.Module):
         x, layer_cache = self.h(x, segment_ids, layer_cache, index)
         return self.ln_f(x), layer_cache
 
-    def hidden_states(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Final hidden states ``[batch, seq, n_embd]`` (after ``ln_f``, compute dtype).
-
-        Args: as :meth:`__call__`.
-        """
-        return self._backbone(input_ids, positions, segment_ids, None, None)[0]
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """The LM head: ``hidden [..., n_embd] -> logits [..., vocab]`` float32."""
-        cfg = self.config
-        if cfg.tie_word_embeddings:
-            emb = jnp.asarray(self.wte.embedding, cfg.dtype)
-            out = jnp.matmul(hidden.astype(cfg.dtype), emb.T)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Next-token logits.
-
-        Args:
-          input_ids: ``[batch, seq]`` int token ids.
-          segment_ids: optional ``[batch, seq]`` int; packed documents attend only within
-            equal ids.
-          positions: optional ``[batch, seq]`` int positions (default ``0..seq-1``); give
-            positions restarting at 0 for each packed document. Must be ``< n_positions``.
-
-        Returns:
-          ``[batch, seq, vocab_size]`` float32 logits.
-        """
-        return self.logits(self.hidden_states(input_ids, segment_ids, positions))
-
-    def decode(
-        self, input_ids: jax.Array, cache: kv_cache.KVCache
-    ) -> tuple[jax.Array, kv_cache.KVCache]:
-        """Run ``input_ids [batch, n]`` at positions ``cache.index + (0..n-1)``.
-
-        Use ``n = prompt_len`` once (prefill) and then ``n = 1`` per generated token.
-
-        Returns:
-          ``(logits [batch, n, vocab] float32, cache)`` with ``index`` advanced by ``n``.
-        """
-        b, s = input_ids.shape
-        pos = kv_cache.positions(cache, b, s)
-        hidden, (k, v) = self._backbone(input_ids, pos, None, (cache.k, cache.v), cache.index)
-        return self.logits(hidden), kv_cache.KVCache(k=k, v=v, index=cache.index + s)
-
     def init_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:
         """An empty :class:`~jaxfit.models.kv_cache.KVCache` (no parameters needed).
 
@@ -285,9 +229,3 @@ class GPT2LMHeadModel(nn.Module):
             head_dim=cfg.head_dim,
             dtype=cfg.dtype,
         )
-
-    def head_kernel(self, params) -> jax.Array:
-        """The LM head kernel ``[n_embd, vocab]`` from a parameter tree (tied: ``wte.T``)."""
-        if self.config.tie_word_embeddings:
-            return params["wte"]["embedding"].T
-        return params["lm_head"]["kernel"]

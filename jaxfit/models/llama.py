@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxfit.models import kv_cache, layers, rope
+from jaxfit.models.decoder import CausalLMMixin
 
 Dtype = Any
 
@@ -199,9 +200,10 @@ class LlamaBlock(nn.Module):
         return x, layer_cache
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLMMixin, nn.Module):
     """Llama with its LM head; see the module docstring and :mod:`jaxfit.models.gpt2`."""
 
+    EMBEDDING = "embed_tokens"  # token embedding submodule (tied head)
     config: LlamaConfig
 
     def setup(self):
@@ -243,58 +245,6 @@ class LlamaForCausalLM(nn.Module):
         x, layer_cache = self.layers(x, cos_sin, segment_ids, layer_cache, index)
         return self.norm(x), layer_cache
 
-    def hidden_states(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Final hidden states ``[batch, seq, hidden_size]`` (after ``norm``, compute dtype)."""
-        return self._backbone(input_ids, positions, segment_ids, None, None)[0]
-
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """The LM head: ``hidden [..., hidden_size] -> logits [..., vocab]`` float32."""
-        cfg = self.config
-        if cfg.tie_word_embeddings:
-            emb = jnp.asarray(self.embed_tokens.embedding, cfg.dtype)
-            out = jnp.matmul(hidden.astype(cfg.dtype), emb.T)
-        else:
-            out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
-
-    def __call__(
-        self,
-        input_ids: jax.Array,
-        segment_ids: jax.Array | None = None,
-        positions: jax.Array | None = None,
-    ) -> jax.Array:
-        """Next-token logits.
-
-        Args:
-          input_ids: ``[batch, seq]`` int token ids.
-          segment_ids: optional ``[batch, seq]`` int; packed documents attend only within
-            equal ids.
-          positions: optional ``[batch, seq]`` int RoPE positions (default ``0..seq-1``);
-            give positions restarting at 0 for each packed document.
-
-        Returns:
-          ``[batch, seq, vocab_size]`` float32 logits.
-        """
-        return self.logits(self.hidden_states(input_ids, segment_ids, positions))
-
-    def decode(
-        self, input_ids: jax.Array, cache: kv_cache.KVCache
-    ) -> tuple[jax.Array, kv_cache.KVCache]:
-        """Run ``input_ids [batch, n]`` at positions ``cache.index + (0..n-1)``.
-
-        Returns:
-          ``(logits [batch, n, vocab] float32, cache)`` with ``index`` advanced by ``n``.
-        """
-        b, s = input_ids.shape
-        pos = kv_cache.positions(cache, b, s)
-        hidden, (k, v) = self._backbone(input_ids, pos, None, (cache.k, cache.v), cache.index)
-        return self.logits(hidden), kv_cache.KVCache(k=k, v=v, index=cache.index + s)
-
     def init_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:
         """An empty :class:`~jaxfit.models.kv_cache.KVCache`: ``[layers, batch, max_len,
         num_key_value_heads, head_dim]`` keys/values in the compute dtype."""
@@ -307,9 +257,3 @@ class LlamaForCausalLM(nn.Module):
             head_dim=cfg.head_dim,
             dtype=cfg.dtype,
         )
-
-    def head_kernel(self, params) -> jax.Array:
-        """The LM head kernel ``[hidden_size, vocab]`` from a parameter tree."""
-        if self.config.tie_word_embeddings:
-            return params["embed_tokens"]["embedding"].T
-        return params["lm_head"]["kernel"]
