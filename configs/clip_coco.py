@@ -75,6 +75,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # remat; GradCache makes the 8 micro-batches one exact contrastive batch of 128.
     c.batch_size = 128
     c.micro_batch_size = 16
+    # Similarities in blocks of this many rows (0 = the whole [batch, batch] at once;
+    # jaxfit.losses.chunked_contrastive_loss): worth it from batches of ~16k, where the
+    # float32 similarity matrix and its gradient reach GBs.
+    c.loss_chunk_size = 0
 
     # --- optimisation: AdamW, warmup + cosine. From scratch: open_clip's ViT-B/32 lr 5e-4
     # with wd 0.2 (open_clip README, LAION runs); fine-tuning: 1e-5, wd 0.1.

@@ -29,6 +29,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.family = "gpt2"  # from init_from's config.json; kept for from-scratch overrides
     c.model.remat_policy = "dots_no_batch"
+    # "" = jax picks (cuDNN flash attention on GPU where it applies, else XLA); "xla",
+    # "cudnn", or "chunked" (blocks of queries: no [seq, seq] scores; jaxfit.models.layers)
+    c.model.attention_impl = ""
     c.model.config = ml_collections.ConfigDict(dict(vocab_size=0))
     c.data = default_text_config()
     c.data.val_fraction = 0.05  # ignored when data.val_path is set

@@ -31,6 +31,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.family = "gpt2"
     c.model.remat_policy = "dots_no_batch"
+    # "" = jax picks (cuDNN flash attention on GPU where it applies, else XLA); "xla",
+    # "cudnn", or "chunked" (blocks of queries: no [seq, seq] scores; jaxfit.models.layers)
+    c.model.attention_impl = ""
     c.model.config = ml_collections.ConfigDict(
         dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=0)
     )  # vocab_size 0: the tokenizer's, rounded up to a multiple of 64

@@ -28,6 +28,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.family = "llama"
     c.model.remat_policy = "full"
+    # "" = jax picks (cuDNN flash attention on GPU where it applies, else XLA); "xla",
+    # "cudnn", or "chunked" (blocks of queries: no [seq, seq] scores; jaxfit.models.layers)
+    c.model.attention_impl = ""
     # from-scratch shape when init_from is empty (a ~20M Llama; vocab from the tokenizer)
     c.model.config = ml_collections.ConfigDict(
         dict(

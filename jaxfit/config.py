@@ -30,13 +30,20 @@ class ConfigError(ValueError):
     """A config file, argument or override is invalid; the message names the key."""
 
 
-def parse_argv(argv: Sequence[str], *, extra_flags: dict[str, str] | None = None):
+def parse_argv(
+    argv: Sequence[str],
+    *,
+    extra_flags: dict[str, str] | None = None,
+    bool_flags: dict[str, str] | None = None,
+):
     """Parse ``--config FILE[:ARG] [--config.key=value ...]`` and extra string flags.
 
     Args:
       argv: command line including the program name (``sys.argv``).
       extra_flags: names and help texts of additional string flags (e.g. ``workdir``);
         their values are returned in a dict (``None`` when absent).
+      bool_flags: names and help texts of boolean flags (``--search``; default False),
+        returned in the same dict.
 
     Returns:
       ``(config, values)``: the locked ``ConfigDict`` and a dict of the extra flags.
@@ -57,6 +64,8 @@ def parse_argv(argv: Sequence[str], *, extra_flags: dict[str, str] | None = None
     )
     for name, help_text in (extra_flags or {}).items():
         flags.DEFINE_string(name, None, help_text, flag_values=fv)
+    for name, help_text in (bool_flags or {}).items():
+        flags.DEFINE_bool(name, False, help_text, flag_values=fv)
     try:
         fv(argv)
     except AttributeError as e:  # config_flags: override of a key the config lacks
@@ -78,7 +87,8 @@ def parse_argv(argv: Sequence[str], *, extra_flags: dict[str, str] | None = None
     except OSError as e:  # config_flags defers a failed get_config to first access
         cause = e.__cause__ or e
         raise ConfigError(f"could not load the config file: {cause}") from None
-    return config, {name: fv[name].value for name in (extra_flags or {})}
+    names = [*(extra_flags or {}), *(bool_flags or {})]
+    return config, {name: fv[name].value for name in names}
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -199,3 +209,7 @@ def run_rhythm(
     config.keep_checkpoints = keep_checkpoints  # newest checkpoints kept on disk
     config.seed = seed  # one seed for init, data order and dropout
     config.precision = precision  # fp32 | bf16 (bf16 compute, float32 master weights)
+    # "12GiB": at the start of a fresh run, let the planner (jaxfit.plan) choose
+    # micro_batch_size, model.remat_policy and loss_chunk_size to fit this much device
+    # memory; "" = use the values of the config as they are.
+    config.fit_budget = ""

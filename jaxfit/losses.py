@@ -1,5 +1,6 @@
-"""Losses: CLIP's contrastive loss (with exact GradCache accumulation) and causal-LM loss
-(plain, or chunked over tokens so the full ``[tokens, vocab]`` logits never exist).
+"""Losses: CLIP's contrastive loss (plain, or chunked over rows so the full ``[B, B]``
+logits never exist; with exact GradCache accumulation) and causal-LM loss (plain, or
+chunked over tokens so the full ``[tokens, vocab]`` logits never exist).
 
 All reductions run in float32 whatever the compute dtype of the model.
 """
@@ -45,11 +46,7 @@ def contrastive_loss(
     Raises:
       ValueError: embeddings are not 2-D or their shapes differ.
     """
-    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
-        raise ValueError(
-            f"expected image/text embeddings of equal shape [N, D], got {image_embeds.shape} "
-            f"and {text_embeds.shape}"
-        )
+    _check_embed_shapes(image_embeds, text_embeds)
     scale = logit_scale_value(logit_scale)
     logits_per_image = scale * jnp.matmul(
         image_embeds.astype(jnp.float32),
@@ -67,6 +64,120 @@ def contrastive_loss(
         "accuracy_t2i": jnp.mean(jnp.argmax(logits_per_image, axis=0) == labels),
     }
     return loss, metrics
+
+
+def _check_embed_shapes(image_embeds: jax.Array, text_embeds: jax.Array) -> None:
+    if image_embeds.ndim != 2 or image_embeds.shape != text_embeds.shape:
+        raise ValueError(
+            f"expected image/text embeddings of equal shape [N, D], got {image_embeds.shape} "
+            f"and {text_embeds.shape}"
+        )
+
+
+def chunked_contrastive_loss(
+    image_embeds: jax.Array,
+    text_embeds: jax.Array,
+    logit_scale: jax.Array,
+    *,
+    chunk_size: int,
+) -> tuple[jax.Array, Metrics]:
+    """:func:`contrastive_loss` without materialising the ``[N, N]`` logits.
+
+    Same formula (Radford et al. 2021, CLIP, Fig. 3 pseudo-code), computed by rows:
+
+    ``loss_i2t = mean_i [logsumexp_j(s <x_i, y_j>) - s <x_i, y_i>]`` over image rows ``x_i``
+    against all texts ``y_j``, ``loss_t2i`` the same with the roles swapped, and
+    ``loss = (loss_i2t + loss_t2i) / 2`` with ``s = logit_scale_value(logit_scale)``. The
+    embeddings are cast to float32 and the matmuls use HIGHEST precision, as in
+    :func:`contrastive_loss`. The positive (diagonal) logits ``s <x_i, y_i>`` are row-wise
+    dot products (``O(N D)``). Each direction runs a ``lax.scan`` over row chunks of
+    ``chunk_size`` (the last one zero-padded and masked when ``chunk_size`` does not
+    divide ``N``) whose body is ``jax.checkpoint``-ed: a chunk's ``[chunk_size, N]``
+    logits are recomputed in the backward pass instead of stored, so at most one chunk's
+    logits (and their gradient) exist at once instead of several ``[N, N]`` float32
+    buffers (16 MiB each at ``N = 2048``, 1 GiB at ``N = 16384``). Cost: each direction's
+    ``2 N^2 D`` FLOPs matmul runs once more in the backward pass. The same trick as
+    :func:`chunked_cross_entropy`, over the in-batch negatives instead of the vocabulary.
+
+    The result equals :func:`contrastive_loss` (loss, metrics and gradients w.r.t. both
+    embeddings and ``logit_scale``) up to float reassociation; it is a drop-in
+    replacement, e.g. as the ``loss_fn`` of :func:`gradcache`.
+
+    Args:
+      image_embeds: ``[N, D]`` L2-normalised image embeddings (any float dtype; upcast to
+        float32).
+      text_embeds: ``[N, D]`` L2-normalised text embeddings; row i is the caption of image i.
+      logit_scale: scalar LOG-temperature parameter; the applied scale is
+        ``exp(min(logit_scale, log 100))`` (``jaxfit.models.clip.logit_scale_value``).
+      chunk_size: rows per chunk (keyword-only, static Python int). ``chunk_size <= 0`` or
+        ``>= N`` falls back to :func:`contrastive_loss` itself. A chunk's float32 logits
+        and their gradient take ``2 * chunk_size * N * 4`` bytes.
+
+    Returns:
+      ``(loss, metrics)`` exactly as :func:`contrastive_loss`: scalar float32 loss (nats);
+      metrics ``loss``, ``logit_scale`` (the applied scale), ``accuracy_i2t`` and
+      ``accuracy_t2i`` (in-batch top-1, in [0, 1]).
+
+    Raises:
+      ValueError: embeddings are not 2-D or their shapes differ.
+    """
+    _check_embed_shapes(image_embeds, text_embeds)
+    n = image_embeds.shape[0]
+    chunk_size = int(chunk_size)
+    if chunk_size <= 0 or chunk_size >= n:
+        return contrastive_loss(image_embeds, text_embeds, logit_scale)
+    scale = logit_scale_value(logit_scale)
+    img = image_embeds.astype(jnp.float32)
+    txt = text_embeds.astype(jnp.float32)
+    positives = scale * jnp.sum(img * txt, axis=-1)  # [N] diagonal logits
+    loss_i2t, acc_i2t = _chunked_infonce_rows(img, txt, positives, scale, chunk_size)
+    loss_t2i, acc_t2i = _chunked_infonce_rows(txt, img, positives, scale, chunk_size)
+    loss = 0.5 * (loss_i2t + loss_t2i)
+    metrics = {
+        "loss": loss,
+        "logit_scale": scale,
+        "accuracy_i2t": acc_i2t,
+        "accuracy_t2i": acc_t2i,
+    }
+    return loss, metrics
+
+
+def _chunked_infonce_rows(
+    rows: jax.Array, cols: jax.Array, positives: jax.Array, scale: jax.Array, chunk_size: int
+) -> tuple[jax.Array, jax.Array]:
+    """Mean over rows i of ``logsumexp_j(scale <rows_i, cols_j>) - positives_i`` and the
+    top-1 accuracy (``argmax_j == i``), ``chunk_size`` rows at a time. float32 in/out."""
+    n = rows.shape[0]
+    num_chunks = -(-n // chunk_size)
+    pad = num_chunks * chunk_size - n
+    weights = jnp.ones((n,), jnp.float32)
+    if pad:  # zero rows: finite logits (all 0), weight 0, so no loss and zero gradient
+        rows = jnp.pad(rows, ((0, pad), (0, 0)))
+        positives = jnp.pad(positives, (0, pad))
+        weights = jnp.pad(weights, (0, pad))
+    xs = (
+        rows.reshape(num_chunks, chunk_size, rows.shape[-1]),
+        positives.reshape(num_chunks, chunk_size),
+        weights.reshape(num_chunks, chunk_size),
+        jnp.arange(num_chunks * chunk_size).reshape(num_chunks, chunk_size),
+    )
+
+    # Save nothing inside a chunk: its [chunk, N] logits are recomputed by the backward
+    # pass. prevent_cse=False is safe inside scan.
+    @functools.partial(jax.checkpoint, prevent_cse=False)
+    def chunk_terms(r_c, pos_c, w_c, idx_c, cols, scale):
+        logits = scale * jnp.matmul(r_c, cols.T, precision=jax.lax.Precision.HIGHEST)
+        loss_c = jnp.sum((jax.nn.logsumexp(logits, axis=-1) - pos_c) * w_c)
+        correct_c = jnp.sum((jnp.argmax(logits, axis=-1) == idx_c) * w_c)
+        return loss_c, correct_c
+
+    def body(carry, x):
+        loss_c, correct_c = chunk_terms(*x, cols, scale)
+        return (carry[0] + loss_c, carry[1] + correct_c), None
+
+    zero = jnp.zeros((), jnp.float32)
+    (loss_sum, correct), _ = jax.lax.scan(body, (zero, zero), xs)
+    return loss_sum / n, correct / n
 
 
 def _mean_xent(logits: jax.Array, labels: jax.Array) -> jax.Array:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jaxfit.plan.flops import decoder_flops_per_token  # noqa: F401  (re-exported)
+
 
 # Dense bf16 tensor-core peak without sparsity, TFLOP/s, and memory, GiB. Sources: NVIDIA
 # product pages / architecture whitepapers ("Ada Lovelace architecture" whitepaper,
@@ -42,27 +44,6 @@ def device(name: str) -> Device:
         return DEVICES[name]
     except KeyError:
         raise ValueError(f"unknown device {name!r}; known: {sorted(DEVICES)}") from None
-
-
-def decoder_flops_per_token(
-    num_params: int, num_layers: int, hidden_size: int, seq_len: int, *, training: bool = True
-) -> float:
-    """Model FLOPs per token of a decoder-only transformer.
-
-    ``6 N + 12 L d T`` for a training step (forward + backward), ``2 N + 4 L d T`` for a
-    forward pass: the matmul FLOPs of the weights (Kaplan et al. 2020, sec. 2.1) plus the
-    attention score and value products (PaLM, Appendix B; nanoGPT's ``estimate_mfu``).
-    ``N`` should exclude the position embeddings (they take no FLOPs).
-
-    Args:
-      num_params: non-embedding-lookup parameter count ``N`` (a tied LM head counts).
-      num_layers: ``L``.
-      hidden_size: ``d`` (= heads x head_dim).
-      seq_len: context length ``T``.
-      training: forward + backward (x3) or forward only.
-    """
-    forward = 2 * num_params + 4 * num_layers * hidden_size * seq_len
-    return float(3 * forward if training else forward)
 
 
 def mfu(flops_per_second: float, device_name: str) -> float:

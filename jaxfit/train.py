@@ -11,6 +11,7 @@ import sys
 
 from jaxfit import config as config_lib
 from jaxfit import trainer
+from jaxfit.plan.apply import OutOfMemoryError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -27,7 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     if not flags["workdir"]:
         print("error: --workdir DIR is required", file=sys.stderr)
         return 2
-    results = trainer.train(config, flags["workdir"])
+    try:
+        results = trainer.train(config, flags["workdir"])
+    except OutOfMemoryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     evals = {k: round(v, 3) for k, v in results.items() if k.startswith("eval/")}
     print(f"done: {evals}")
     return 0

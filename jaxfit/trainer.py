@@ -10,12 +10,14 @@ the same parameters as one that ran straight through.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import jax
+import numpy as np
 
 from jaxfit import checkpoint, sharding
 from jaxfit import config as config_lib
@@ -52,13 +54,14 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
-    """Create the train state in its shardings, or restore it from the latest checkpoint.
+def abstract_train_state(task, optimizer, config, mesh):
+    """Shapes and shardings of the train state, without memory.
 
     Returns:
-      ``(state, state_shardings, meta)``; ``meta`` is ``None`` for a fresh state.
+      ``(abstract_state, state_shardings, make_state)``: a ``TrainState`` of
+      ``jax.ShapeDtypeStruct``, the matching ``TrainState`` of shardings, and
+      ``make_state(params) -> TrainState`` (a fresh state at step 0; jittable).
     """
-    init_rng = param_rng(config)
     state_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     abstract_params = task.abstract_params()
     param_shardings = sharding.param_shardings(abstract_params, mesh)
@@ -70,12 +73,34 @@ def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
     repl = sharding.replicated(mesh)
     state_shardings = jax.tree.map(lambda _: repl, abstract_state)
     state_shardings = state_shardings.replace(params=param_shardings)
+    return abstract_state, state_shardings, make_state
+
+
+def jit_train_step(task, optimizer, schedule, state_shardings, mesh):
+    """The jitted ``step(state, batch, frozen) -> (state, metrics)`` every run uses (and the
+    planner compiles): the state donated and kept in ``state_shardings``."""
+    return jax.jit(
+        make_train_step(task.loss_and_grad, optimizer, schedule),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )
+
+
+def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
+    """Create the train state in its shardings, or restore it from the latest checkpoint.
+
+    Returns:
+      ``(state, state_shardings, meta)``; ``meta`` is ``None`` for a fresh state.
+    """
+    abstract_state, state_shardings, make_state = abstract_train_state(
+        task, optimizer, config, mesh
+    )
     latest = ckpt.latest_step()
     if latest is not None:
         log.info("resuming from checkpoint at step %d in %s", latest, ckpt.directory)
         state, meta = ckpt.restore(checkpoint.to_abstract(abstract_state, state_shardings))
         return state, state_shardings, meta
-    params = task.initial_params(init_rng, param_shardings)
+    params = task.initial_params(param_rng(config), state_shardings.params)
     state = jax.jit(make_state, out_shardings=state_shardings)(params)
     return state, state_shardings, None
 
@@ -99,25 +124,30 @@ def train(
     Raises:
       FloatingPointError: a non-finite loss or gradient norm.
     """
+    from jaxfit.plan import apply as plan_apply  # noqa: PLC0415 (the planner imports us)
+
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
+    config = plan_apply.apply_plan(config, workdir)
     config_lib.save_config(config, workdir)
     mesh = sharding.make_mesh()
     task = build_task(config, workdir, mesh)
     abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
     ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
-    state, state_shardings, meta = build_state(task, optimizer, config, mesh, ckpt)
+    try:
+        state, state_shardings, meta = build_state(task, optimizer, config, mesh, ckpt)
+    except Exception as e:
+        ckpt.close()
+        if plan_apply.is_out_of_memory(e):
+            raise plan_apply.OutOfMemoryError.from_config(config, e, "initialisation") from e
+        raise
     iterator = task.train_iterator()
     if meta is not None:
         iterator.set_state(meta["data"])
     # Inputs keep the shardings they were placed with (state: out_shardings of its
     # creation or restore; batch: shard_batch; frozen base: device_put).
-    step_fn = jax.jit(
-        make_train_step(task.loss_and_grad, optimizer, schedule),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
+    step_fn = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
     start = int(jax.device_get(state.step))
     writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps, initial_step=start)
     if start == 0:
@@ -136,10 +166,11 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
     total = config.total_steps
     batch_size = config.batch_size
     t_last, steps_since = time.perf_counter(), 0
+    start = step
     with _StopSignal() as stop:
         while step < total:
             batch = sharding.shard_batch(next(iterator), mesh)
-            state, metrics = step_fn(state, batch, task.frozen)
+            state, metrics = _run_step(step_fn, state, batch, task, config, first=step == start)
             step += 1
             steps_since += 1
             if on_step is not None:
@@ -160,7 +191,8 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
                 results.update(scalars)
             if step % config.eval_every == 0 or last:
                 t0 = time.perf_counter()
-                ev = {f"eval/{k}": v for k, v in task.evaluate(state.params).items()}
+                ev = run_evaluation(task, state.params, writer.workdir, step)
+                ev = {f"eval/{k}": v for k, v in ev.items()}
                 ev["perf/eval_time_s"] = time.perf_counter() - t0
                 writer.write_scalars(step, ev)
                 results.update(ev)
@@ -172,6 +204,38 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
                 log.warning("stopped at step %d on signal; checkpoint written", step)
                 break
     return results
+
+
+def _run_step(step_fn, state, batch, task, config, *, first: bool):
+    """One step; an out-of-memory error in the first step of this process (which also
+    compiles it) becomes an :class:`OutOfMemoryError` that says what to change."""
+    if not first:
+        return step_fn(state, batch, task.frozen)
+    from jaxfit.plan import apply as plan_apply  # noqa: PLC0415
+
+    try:
+        return step_fn(state, batch, task.frozen)
+    except Exception as e:
+        if plan_apply.is_out_of_memory(e):
+            raise plan_apply.OutOfMemoryError.from_config(config, e, "the first step") from e
+        raise
+
+
+def run_evaluation(task, params, workdir: str | Path, step: int) -> dict[str, float]:
+    """The task's evaluation metrics at ``step``; a task with ``evaluate_examples`` also
+    has its per-example results saved to ``WORKDIR/eval/step_<step>.npz`` (atomically,
+    process 0 only; read by ``experiments/compare_runs.py``)."""
+    if not hasattr(task, "evaluate_examples"):
+        return dict(task.evaluate(params))
+    metrics, examples = task.evaluate_examples(params)
+    if examples and jax.process_index() == 0:
+        path = Path(workdir) / "eval" / f"step_{int(step)}.npz"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.savez(f, **examples)
+        os.replace(tmp, path)
+    return metrics
 
 
 def restore_params(workdir: str | Path, step: int | None = None):
@@ -208,7 +272,9 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     returns them.
     """
     config, task, params, found = restore_params(workdir, step)
-    results = {f"eval/{k}": float(v) for k, v in task.evaluate(params).items()}
+    results = {
+        f"eval/{k}": float(v) for k, v in run_evaluation(task, params, workdir, found).items()
+    }
     writer = metrics_lib.MetricWriter(Path(workdir), total_steps=config.total_steps, console=False)
     try:
         writer.write_scalars(found, results)
@@ -218,4 +284,12 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     return results
 
 
-__all__ = ["train", "evaluate", "restore_params", "build_state"]
+__all__ = [
+    "abstract_train_state",
+    "build_state",
+    "evaluate",
+    "jit_train_step",
+    "restore_params",
+    "run_evaluation",
+    "train",
+]

@@ -22,7 +22,13 @@ from typing import Any
 
 import ml_collections
 
-from jaxfit.data.text_batches import EvalBatches, TrainBatches, eval_batches, train_batches
+from jaxfit.data.text_batches import (
+    BATCH_INT_KEYS,
+    EvalBatches,
+    TrainBatches,
+    eval_batches,
+    train_batches,
+)
 from jaxfit.data.text_sources import (
     Document,
     InstructionExample,
@@ -35,6 +41,7 @@ from jaxfit.data.text_tokenizer import TextTokenizer, default_tokenizer_config, 
 from jaxfit.data.token_file import TokenFile, build_token_file, token_dtype
 
 __all__ = [
+    "BATCH_INT_KEYS",
     "Document",
     "EvalBatches",
     "InstructionExample",

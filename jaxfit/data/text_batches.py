@@ -41,6 +41,9 @@ import numpy as np
 
 from jaxfit.data.token_file import TokenFile
 
+# Keys of a batch: int32 [batch, seq_len] each, plus "loss_mask" float32 [batch, seq_len].
+BATCH_INT_KEYS = ("input_ids", "labels", "segment_ids", "positions")
+
 
 def _batch_from_windows(
     tokens: np.ndarray, valid: np.ndarray, mask: np.ndarray | None, eos: int

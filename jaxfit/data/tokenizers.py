@@ -20,6 +20,7 @@ Three ways to get one:
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import json
 import logging
@@ -39,6 +40,18 @@ EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
 META_FILE = "jaxfit_tokenizer.json"  # context_length (+ training settings), next to tokenizer.json
 DEFAULT_CONTEXT_LENGTH = 77  # openai/CLIP text context length
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizerShape:
+    """What a CLIP text config needs of a caption tokenizer, without one (planning builds
+    the model before any tokenizer is trained). The special ids are placeholders."""
+
+    vocab_size: int
+    context_length: int
+    bos_token_id: int = 0
+    eos_token_id: int = 1
+    pad_token_id: int = 1
 
 
 class CaptionTokenizer:

@@ -67,6 +67,37 @@ def abstract_params(model, family: ModuleType):
     return shapes["params"]
 
 
+def model_from_config(
+    path_or_name: str | os.PathLike,
+    *,
+    dtype: Any = jnp.float32,
+    compute_dtype: Any = None,
+    **config_overrides,
+):
+    """The linen module of an HF checkpoint from its ``config.json`` alone (no weights read;
+    for a Hub name only ``config.json`` is fetched).
+
+    Args:
+      path_or_name, dtype, compute_dtype, config_overrides: as :func:`load_pretrained`.
+
+    Returns:
+      ``(model, family, hf_config)``: the module, its family module and the raw
+      ``config.json`` dict.
+
+    Raises:
+      FileNotFoundError: no such directory / Hub repository, or no config.json in it.
+      ValueError: an unsupported ``model_type``.
+    """
+    directory = io.resolve(path_or_name, patterns=("config.json",))
+    hf_config = io.read_config(directory)
+    family = family_for_model_type(hf_config.get("model_type", ""))
+    config = family.config_from_hf(hf_config)
+    config = dataclasses.replace(
+        config, dtype=compute_dtype or dtype, param_dtype=dtype, **config_overrides
+    )
+    return family.MODEL_CLASS(config), family, hf_config
+
+
 def load_pretrained(
     path_or_name: str | os.PathLike,
     *,
@@ -94,20 +125,16 @@ def load_pretrained(
       ValueError: an unsupported ``model_type`` or a tensor that does not fit the model.
     """
     directory = io.resolve(path_or_name)
-    hf_config = io.read_config(directory)
-    family = family_for_model_type(hf_config.get("model_type", ""))
-    config = family.config_from_hf(hf_config)
-    config = dataclasses.replace(
-        config, dtype=compute_dtype or dtype, param_dtype=dtype, **config_overrides
+    model, family, _ = model_from_config(
+        directory, dtype=dtype, compute_dtype=compute_dtype, **config_overrides
     )
-    model = family.MODEL_CLASS(config)
     shapes = abstract_params(model, family)
     with io.TensorReader(directory) as reader:
         names = {n: n for n in reader.keys()}
         if hasattr(family, "canonical_names"):
             names = family.canonical_names(reader.keys())
         params = mapping.load_params(
-            family.rules(config),
+            family.rules(model.config),
             lambda name: reader[names.get(name, name)],
             shapes,
             dtype=dtype,

@@ -23,13 +23,20 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 
 
-def resolve(path_or_name: str | os.PathLike) -> Path:
+# What a checkpoint download fetches: config, weights and tokenizer files.
+CHECKPOINT_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken")
+
+
+def resolve(
+    path_or_name: str | os.PathLike, patterns: tuple[str, ...] = CHECKPOINT_PATTERNS
+) -> Path:
     """Return a local directory for a checkpoint path or a Hub repository name.
 
     A local directory is returned as is. Otherwise ``path_or_name`` is taken as a Hub
     name (``openai/clip-vit-base-patch32``) and fetched with
-    ``huggingface_hub.snapshot_download`` (config, safetensors and tokenizer files only;
-    honours ``HF_HUB_OFFLINE`` and the local cache).
+    ``huggingface_hub.snapshot_download`` (only files matching ``patterns``: by default
+    config, safetensors and tokenizer files; ``("config.json",)`` for the architecture
+    alone; honours ``HF_HUB_OFFLINE`` and the local cache).
 
     Raises:
       FileNotFoundError: not a directory and the Hub could not provide it.
@@ -44,7 +51,7 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
 
         local = snapshot_download(
             str(path_or_name),
-            allow_patterns=["*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken"],
+            allow_patterns=list(patterns),
         )
     except Exception as e:  # network errors, unknown repo, offline mode
         raise FileNotFoundError(

@@ -14,7 +14,17 @@ from jaxfit.models import kv_cache
 
 
 class CausalLMMixin:
-    # subclasses set EMBEDDING = name of the token-embedding submodule
+    # subclasses set EMBEDDING = name of the token-embedding submodule, and
+    # POSITION_EMBEDDING that of learned absolute positions if they have them
+    POSITION_EMBEDDING: str | None = None
+
+    def lookup_only_params(self) -> tuple[str, ...]:
+        """Top-level parameter names that are only looked up (no matmul FLOPs): position
+        embeddings, and the token embedding unless it is tied as the LM head."""
+        names = (self.POSITION_EMBEDDING,) if self.POSITION_EMBEDDING else ()
+        if not self.config.tie_word_embeddings:
+            names += (self.EMBEDDING,)
+        return names
 
     def hidden_states(
         self,

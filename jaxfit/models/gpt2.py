@@ -165,6 +165,7 @@ class GPT2LMHeadModel(CausalLMMixin, nn.Module):
     """GPT-2 with its LM head; see the module docstring for the calls and parameters."""
 
     EMBEDDING = "wte"  # token embedding submodule (tied head)
+    POSITION_EMBEDDING = "wpe"  # learned positions: a lookup, no FLOPs
     config: GPT2Config
 
     def setup(self):

@@ -195,6 +195,42 @@ def activation(name: str) -> Callable:
         ) from None
 
 
+# Queries per block of implementation="chunked" attention.
+ATTENTION_CHUNK = 512
+
+
+def _chunked_attention(q, k, v, causal, padding_mask, segment_ids, mask):
+    """``attention`` over blocks of :data:`ATTENTION_CHUNK` queries (see its docstring)."""
+    b, q_len, h, d = q.shape
+    n = q_len // ATTENTION_CHUNK
+    kv_len = k.shape[1]
+    blocks = q.reshape(b, n, ATTENTION_CHUNK, h, d).swapaxes(0, 1)
+
+    def rows(x, start):  # the block's query rows of a [..., q_len, ...]-shaped array
+        return jax.lax.dynamic_slice_in_dim(x, start, ATTENTION_CHUNK, axis=1)
+
+    @jax.checkpoint
+    def block(i, q_block):
+        start = i * ATTENTION_CHUNK
+        allowed = jnp.ones((1, 1, ATTENTION_CHUNK, kv_len), bool)
+        if causal:
+            q_pos = start + jnp.arange(ATTENTION_CHUNK)
+            allowed = allowed & (jnp.arange(kv_len)[None, :] <= q_pos[:, None])[None, None]
+        if segment_ids is not None:
+            seg = rows(segment_ids, start)[:, :, None] == segment_ids[:, None, :]
+            allowed = allowed & seg[:, None]
+        if mask is not None:
+            m = jnp.broadcast_to(mask.astype(bool), (*mask.shape[:2], q_len, kv_len))
+            allowed = allowed & jax.lax.dynamic_slice_in_dim(m, start, ATTENTION_CHUNK, axis=2)
+        return attention(
+            q_block, k, v, causal=False, padding_mask=padding_mask, mask=allowed,
+            implementation="xla",
+        )  # fmt: skip
+
+    out = jax.lax.map(lambda x: block(*x), (jnp.arange(n), blocks))
+    return out.swapaxes(0, 1).reshape(b, q_len, h, d)
+
+
 def attention(
     q: jax.Array,
     k: jax.Array,
@@ -222,11 +258,25 @@ def attention(
       mask: optional bool array broadcastable to ``[batch, num_heads, q_len, kv_len]``,
         True where a query may attend a key; combined (AND) with the masks above (used by
         KV-cached decoding, where query ``s`` sits at absolute position ``index + s``).
-      implementation: ``None``, ``"xla"`` or ``"cudnn"``.
+      implementation: ``None``, ``"xla"`` or ``"cudnn"`` (``jax.nn.dot_product_attention``),
+        or ``"chunked"``: the XLA attention computed for blocks of
+        :data:`ATTENTION_CHUNK` queries at a time, each block under ``jax.checkpoint``,
+        so the ``[batch, heads, q_len, kv_len]`` scores never exist at once (forward or
+        backward): memory ``O(q_chunk x kv_len)`` instead of ``O(q_len x kv_len)``, for a
+        second pass over the scores in the backward pass (query chunking of Rabe &
+        Staats 2021, "Self-attention Does Not Need O(n^2) Memory", arXiv:2112.05682). For
+        devices without cuDNN flash attention, and for planning on a CPU (``jaxfit.plan``)
+        the memory a GPU's flash attention needs. Falls back to ``"xla"`` when ``q_len``
+        is not a multiple of the chunk.
 
     Returns:
       ``[batch, q_len, num_heads, head_dim]`` in ``q``'s dtype.
     """
+    q_len = q.shape[1]
+    if implementation == "chunked":
+        if q_len > ATTENTION_CHUNK and q_len % ATTENTION_CHUNK == 0:
+            return _chunked_attention(q, k, v, causal, padding_mask, segment_ids, mask)
+        implementation = "xla"
     extra_mask, mask = mask, None
     if padding_mask is not None:
         mask = padding_mask.astype(bool)[:, None, None, :]

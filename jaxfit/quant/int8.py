@@ -87,7 +87,11 @@ class Int8Weight(struct.PyTreeNode, leaves.WeightLeaf):
         dtype = jnp.dtype(jnp.result_type(w) if dtype is None else dtype).name
         q, absmax = _quantize(w, transpose=layout == "hf")
         # On the host: XLA would turn the division by a constant into a multiplication.
-        scale = np.asarray(absmax) / np.float32(127)
+        scale = leaves.on_host(
+            lambda a: np.asarray(a, np.float32) / np.float32(127),
+            absmax,
+            result_shapes=jax.ShapeDtypeStruct(np.shape(absmax), jnp.float32),
+        )
         return cls(q=q, scale=jnp.asarray(scale), dtype=dtype)
 
     def dequantize(self, dtype: Any = None) -> jax.Array:

@@ -83,6 +83,21 @@ class WeightLeaf(meta.AxisMetadata):
         return self
 
 
+def on_host(fn, *args, result_shapes):
+    """``fn(*args)`` in host numpy: directly for concrete arrays, through
+    ``jax.pure_callback`` when an argument is traced (under ``jit`` / ``eval_shape``, e.g.
+    planning a quantised base without its weights), so the exact float32 host arithmetic of
+    the bitsandbytes-compatible statistics is the same either way.
+
+    Args:
+      fn: numpy function of ``args`` returning arrays shaped like ``result_shapes``.
+      result_shapes: pytree of ``jax.ShapeDtypeStruct`` of ``fn``'s results.
+    """
+    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
+        return jax.pure_callback(fn, result_shapes, *args)
+    return fn(*(np.asarray(a) for a in args))
+
+
 def is_weight_leaf(x: Any) -> bool:
     """True for a quantised leaf (``Int8Weight`` / ``NF4Weight``)."""
     return isinstance(x, WeightLeaf)

@@ -9,7 +9,6 @@ as stored, without requantising (:mod:`jaxfit.quant.bnb_checkpoint`).
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 from collections.abc import Sequence
@@ -75,13 +74,10 @@ def load_quantized(
         missing bitsandbytes statistics (named), or ``method`` with a bnb checkpoint.
     """
     directory = io.resolve(path_or_name)
-    hf_config = io.read_config(directory)
-    family = hf.family_for_model_type(hf_config.get("model_type", ""))
-    config = family.config_from_hf(hf_config)
-    config = dataclasses.replace(
-        config, dtype=compute_dtype or dtype, param_dtype=dtype, **config_overrides
+    model, family, hf_config = hf.model_from_config(
+        directory, dtype=dtype, compute_dtype=compute_dtype, **config_overrides
     )
-    model = family.MODEL_CLASS(config)
+    config = model.config
     flat_abs = traverse_util.flatten_dict(hf.abstract_params(model, family))
     all_rules = family.rules(config)
     prequantized = bnb_checkpoint.is_bnb_4bit(hf_config)

@@ -195,6 +195,20 @@ def _quantize_4bit(w: jax.Array, *, blocksize: int, transpose: bool):
     return (idx[:, 0] << 4) | idx[:, 1], absmax
 
 
+def _double_quant(absmax: np.ndarray, *, code: np.ndarray, offset=None):
+    """bitsandbytes' double quantisation of the float32 block scales (host numpy):
+    ``absmax - offset`` (offset = their mean, accumulated in float64 and rounded once:
+    deterministic on every backend) in 8-bit blocks of 256 with the dynamic map.
+
+    Returns:
+      ``(q uint8 [n], nested_absmax float32 [ceil(n / 256)], offset float32 scalar)``.
+    """
+    am = np.asarray(absmax, np.float32)
+    off = np.float32(np.mean(am, dtype=np.float64) if offset is None else offset)
+    q, nested = quantize_blockwise(am - off, code, NESTED_BLOCKSIZE)
+    return q, nested, np.asarray(off, np.float32)
+
+
 def _check_blocksize(n: int, blocksize: int, what: str) -> None:
     if blocksize not in BLOCKSIZES:
         raise ValueError(f"NF4 blocksize {blocksize} is not one of bitsandbytes' {BLOCKSIZES}")
@@ -306,19 +320,27 @@ class NF4Weight(struct.PyTreeNode, leaves.WeightLeaf):
             )
             nested_absmax = nested_code = off = None
             if double_quant:
-                am = np.asarray(absmax, np.float32)
-                # float64 accumulation, one rounding: deterministic on every backend.
-                off = np.float32(np.mean(am, dtype=np.float64)) if offsets is None else offsets[idx]
-                q, nested = quantize_blockwise(am - np.float32(off), code, NESTED_BLOCKSIZE)
-                absmax, nested_absmax, nested_code, off = q, nested, code, np.float32(off)
+                n = np.shape(absmax)[0]
+                shapes = (
+                    jax.ShapeDtypeStruct((n,), jnp.uint8),
+                    jax.ShapeDtypeStruct((-(-n // NESTED_BLOCKSIZE),), jnp.float32),
+                    jax.ShapeDtypeStruct((), jnp.float32),
+                )
+                fixed = None if offsets is None else offsets[idx]
+                absmax, nested_absmax, off = leaves.on_host(
+                    functools.partial(_double_quant, code=code, offset=fixed),
+                    absmax,
+                    result_shapes=shapes,
+                )
+                nested_code = code
             layers_.append((packed, absmax, nested_absmax, nested_code, off))
-        # Stack on the host (no per-shape compilation), one transfer per array.
-        arrays = jax.tree.map(
-            lambda *xs: jnp.asarray(
+        if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(layers_)):
+            stack = lambda *xs: jnp.stack(xs).reshape((*lead, *np.shape(xs[0])))  # noqa: E731
+        else:  # stack on the host (no per-shape compilation), one transfer per array
+            stack = lambda *xs: jnp.asarray(  # noqa: E731
                 np.stack([np.asarray(x) for x in xs]).reshape((*lead, *np.shape(xs[0])))
-            ),
-            *layers_,
-        )
+            )
+        arrays = jax.tree.map(stack, *layers_)
         return cls(*arrays, hf_shape=hf_shape, blocksize=blocksize, dtype=dtype)
 
     def absmax_float(self) -> jax.Array:

@@ -1,15 +1,21 @@
 """What every task shares: where parameters come from and how LoRA splits them.
 
-A task subclass sets ``self.model``, ``self.config`` and ``self._pretrained`` (``(model,
-params)`` from ``jaxfit.hf.load_pretrained`` or ``None``) and implements
-``_init_base(rng)`` (``model.init`` with tiny inputs). Then:
+A task subclass sets ``self.model`` and ``self.config`` and implements ``_init_base(rng)``
+(``model.init`` with tiny inputs). With ``config.init_from`` the model comes from the
+checkpoint's ``config.json`` (:func:`base_model`); its weights are read only when first
+needed (``initial_params`` / ``frozen``), so building a task (and planning it,
+``jaxfit.plan``) reads no weights. Then:
 
 * ``init_params(rng)``: the TRAINABLE parameters, pure; ``abstract_params()`` their
   shapes (``jax.eval_shape`` of it, or of adapters read from ``lora.peft_dir``);
+* ``abstract_frozen()``: the frozen base's shapes (quantised leaves included), no memory;
 * ``initial_params(rng, shardings)``: their values for a fresh run, placed;
 * ``frozen``: the frozen base (``None`` without LoRA), placed; built once;
 * ``full_params(params, frozen, rng=None)``: the tree the model applies;
 * ``export(params, out_dir)``: an HF directory (adapters merged) plus the tokenizer.
+
+A task built with ``abstract=True`` (for the planner) reads no data either: it only has
+the model, the loss and ``abstract_batch(batch_size)``.
 """
 
 from __future__ import annotations
@@ -62,6 +68,16 @@ def load_base(config, **overrides):
     )
 
 
+def base_model(config, **overrides):
+    """The module of ``config.init_from`` from its ``config.json`` (no weights read), with
+    the dtypes :func:`load_base` gives it. ``overrides``: model-config fields."""
+    dtype = COMPUTE_DTYPES[config.precision]
+    param_dtype = dtype if config.precision in QUANTISED else base_dtype(config)
+    return hf.model_from_config(
+        config.init_from, dtype=param_dtype, compute_dtype=dtype, **overrides
+    )[0]
+
+
 def param_rng(config) -> jax.Array:
     """The key parameters (and LoRA adapters) are initialised from: a function of the seed
     alone, so a resumed run rebuilds the same frozen base."""
@@ -70,6 +86,7 @@ def param_rng(config) -> jax.Array:
 
 class ParamsMixin:
     _split_cache = None
+    abstract = False  # built for planning: no data, no weights (see the module docstring)
 
     def _init_base(self, rng: jax.Array):
         raise NotImplementedError
@@ -80,22 +97,49 @@ class ParamsMixin:
     def abstract_params(self):
         """``jax.ShapeDtypeStruct`` tree of the trainable parameters (no memory used)."""
         lora = self.config.get("lora")
-        if lora is not None and lora.get("peft_dir"):
+        if lora is not None and lora.get("peft_dir") and not self.abstract:
             # adapters read from files cannot be traced: build them once, eagerly
             trainable = self._split(param_rng(self.config))[0]
             return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
         return jax.eval_shape(self.init_params, param_rng(self.config))
 
+    def _stored_base(self, base):
+        """A from-scratch ``base`` as the run stores it (quantised for int8 / nf4)."""
+        if self.config.precision in QUANTISED:
+            base = quant.quantize_params(base, method=self.config.precision)
+        return base
+
+    @property
+    def frozen_base(self) -> bool:
+        """Whether the base is frozen (LoRA / QLoRA): only adapters train."""
+        return lora_training.enabled(self.config)
+
+    def abstract_frozen(self):
+        """``jax.ShapeDtypeStruct`` tree of the frozen base (``None`` without LoRA): the
+        same structure, shapes and dtypes as :attr:`frozen`, without reading or
+        allocating anything (a checkpoint's base has the shapes of a fresh one)."""
+        if not lora_training.enabled(self.config):
+            return None
+        if self.config.lora.get("peft_dir") and not self.abstract:
+            # adapters read from files cannot be traced: the real base, built once
+            return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), self.frozen)
+
+        def frozen(rng):
+            base = self._stored_base(self._init_base(rng))
+            return lora_training.split(base, self.config, rng, self.model)[1]
+
+        return jax.eval_shape(frozen, param_rng(self.config))
+
     def _split(self, rng: jax.Array):
         """``(trainable, frozen)`` from the real base (pretrained or freshly initialised)."""
+        if self.abstract:
+            raise RuntimeError("a task built with abstract=True has no parameter values")
         if self._split_cache is None:
-            if self._pretrained is not None:
-                base = self._pretrained[1]
-                self._pretrained = None  # no second host copy
-            else:
-                base = jax.jit(self._init_base)(rng)
-                if self.config.precision in QUANTISED:
-                    base = quant.quantize_params(base, method=self.config.precision)
+            if self.config.init_from:
+                remat = self.config.model.remat_policy
+                base = load_base(self.config, remat_policy=remat)[1]
+            else:  # quantised eagerly: its statistics are computed on the host
+                base = self._stored_base(jax.jit(self._init_base)(rng))
             trainable, frozen = lora_training.split(base, self.config, rng, self.model)
             if frozen is not None:
                 full = lora_adapters.combine(trainable, frozen)
@@ -104,7 +148,7 @@ class ParamsMixin:
         return self._split_cache
 
     def initial_params(self, rng: jax.Array, shardings):
-        if self._pretrained is None and not lora_training.enabled(self.config):
+        if not self.config.init_from and not lora_training.enabled(self.config):
             return jax.jit(self._init_base, out_shardings=shardings)(rng)
         return jax.device_put(self._split(rng)[0], shardings)
 

@@ -9,6 +9,7 @@ all captions of the validation split (``evals.retrieval``).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from jaxfit import losses
 from jaxfit.data import image_text, pipeline, synthetic, tokenizers
 from jaxfit.evals import retrieval
 from jaxfit.models import clip as clip_model
-from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, load_base
+from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, base_model
 
 log = logging.getLogger(__name__)
 
@@ -77,30 +78,45 @@ class CLIPTask(ParamsMixin):
 
     peft_task_type = None  # PEFT has no task type for dual encoders
 
-    def __init__(self, config, workdir, mesh):
+    def __init__(self, config, workdir, mesh, *, abstract: bool = False):
         self.config = config
         self.workdir = Path(workdir)
         self.mesh = mesh
-        if config.data.synthetic.enabled:
-            ensure_synthetic_data(config, self.workdir)
+        self.abstract = abstract
+        if abstract and config.get("lora") and config.lora.get("peft_dir"):
+            # planning: adapters of the config's rank and targets stand in for the files'
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.lora.peft_dir = ""
+            self.config = config
         data = config.data
-        self.train_records, self.train_skips = image_text.load_source(data, "train")
-        self.val_records, self.val_skips = image_text.load_source(data, "val")
-        if config.eval.max_images:
-            self.val_records = self.val_records[: config.eval.max_images]
-        self._pretrained = None
+        if abstract:  # planning: no images are read, no tokenizer trained
+            self.train_records = self.val_records = []
+            self.train_skips = self.val_skips = image_text.SkipCounter()
+        else:
+            if config.data.synthetic.enabled:
+                ensure_synthetic_data(config, self.workdir)
+            self.train_records, self.train_skips = image_text.load_source(data, "train")
+            self.val_records, self.val_skips = image_text.load_source(data, "val")
+            if config.eval.max_images:
+                self.val_records = self.val_records[: config.eval.max_images]
         if config.init_from:
-            self._pretrained = load_base(config, remat_policy=config.model.remat_policy)
-            self.model = self._pretrained[0]
+            self.model = base_model(config, remat_policy=config.model.remat_policy)
             source = data.tokenizer or config.init_from
             context = self.model.config.text.max_position_embeddings
-            self.tokenizer = tokenizers.CaptionTokenizer.from_pretrained(source, context)
+            self.tokenizer = None
+            if not abstract:
+                self.tokenizer = tokenizers.CaptionTokenizer.from_pretrained(source, context)
         else:
-            self.tokenizer = tokenizers.tokenizer_from_config(
-                data,
-                self.workdir / "tokenizer",
-                lambda: (c for r in self.train_records for c in r.captions),
-            )
+            if abstract and not data.tokenizer:
+                # the BPE this run would train has (at most) data.vocab_size ids
+                self.tokenizer = tokenizers.TokenizerShape(data.vocab_size, data.context_length)
+            else:
+                self.tokenizer = tokenizers.tokenizer_from_config(
+                    data,
+                    self.workdir / "tokenizer",
+                    lambda: (c for r in self.train_records for c in r.captions),
+                )
             self.model = clip_model.CLIPModel(model_config(config, self.tokenizer))
         self.image_size = self.model.config.vision.image_size
         self.num_micro_batches = config.batch_size // config.micro_batch_size
@@ -119,6 +135,17 @@ class CLIPTask(ParamsMixin):
         pixels = jnp.zeros((1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
         return self.model.init(rng, ids, pixels)["params"]
 
+    def abstract_batch(self, batch_size: int) -> dict:
+        """Shapes of a training batch (what ``train_iterator`` yields) of ``batch_size``
+        image-caption pairs."""
+        c = self.model.config
+        size, context = c.vision.image_size, c.text.max_position_embeddings
+        return {
+            "pixel_values": jax.ShapeDtypeStruct((batch_size, size, size, 3), jnp.float32),
+            "input_ids": jax.ShapeDtypeStruct((batch_size, context), jnp.int32),
+            "attention_mask": jax.ShapeDtypeStruct((batch_size, context), jnp.int32),
+        }
+
     # -- training -----------------------------------------------------------------------
     def _embed(self, params, batch):
         return self.model.apply(
@@ -129,10 +156,12 @@ class CLIPTask(ParamsMixin):
             method="embed",
         )
 
-    @staticmethod
-    def _loss(params, embeds):
+    def _loss(self, params, embeds):
         image_embeds, text_embeds = embeds
-        return losses.contrastive_loss(image_embeds, text_embeds, params["logit_scale"])
+        chunk = self.config.get("loss_chunk_size", 0)
+        return losses.chunked_contrastive_loss(
+            image_embeds, text_embeds, params["logit_scale"], chunk_size=chunk
+        )
 
     def loss_and_grad(self, params, batch, rng, frozen=None):
         # GradCache re-runs each micro-batch's forward, so it must be deterministic: the
@@ -172,6 +201,19 @@ class CLIPTask(ParamsMixin):
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, params) -> dict[str, float]:
         """Recall@K (percent) on the validation split; ``eval.ks`` gives K."""
+        return self.evaluate_examples(params)[0]
+
+    def evaluate_examples(self, params) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """:meth:`evaluate`'s metrics and the per-query results behind them.
+
+        Returns:
+          ``(metrics, examples)``; ``examples`` holds, in evaluation order, ``i2t_rank``
+          (int32 per image) and ``t2i_rank`` (int32 per caption): the position of the first
+          correct candidate among the query's top ``max(eval.ks)`` (``max(ks)`` when none
+          is there), so ``hit@K = rank < K`` and ``R@K = 100 * mean(rank < K)``;
+          ``ks``; and ``i2t_key`` / ``t2i_key`` (uint64 hashes of the image id, and of the
+          image id and caption text), empty when some images could not be decoded.
+        """
         images, texts, text_to_image = [], [], []
         batches = pipeline.eval_batches(
             self.val_records,
@@ -191,12 +233,52 @@ class CLIPTask(ParamsMixin):
                 emb = self._encode_text(params, batch["input_ids"], batch["attention_mask"])
                 texts.append(np.asarray(emb)[valid])
                 text_to_image.append(batch["image_index"][valid])
-        out = retrieval.recall_at_k(
-            np.concatenate(images),
-            np.concatenate(texts),
-            np.concatenate(text_to_image),
-            ks=tuple(self.config.eval.ks),
-        )
-        out["num_images"] = float(sum(len(x) for x in images))
-        out["num_captions"] = float(sum(len(x) for x in texts))
-        return out
+        images, texts = np.concatenate(images), np.concatenate(texts)
+        text_to_image = np.concatenate(text_to_image)
+        ks = tuple(self.config.eval.ks)
+        out = retrieval.recall_at_k(images, texts, text_to_image, ks=ks)
+        out["num_images"] = float(len(images))
+        out["num_captions"] = float(len(texts))
+        i2t_rank, t2i_rank = _first_hit_ranks(images, texts, text_to_image, max(ks))
+        examples = {"i2t_rank": i2t_rank, "t2i_rank": t2i_rank, "ks": np.asarray(ks, np.int32)}
+        examples.update(_query_keys(self.val_records, len(images)))
+        return out, examples
+
+
+def _first_hit_ranks(images, texts, text_to_image, kmax: int, chunk: int = 1024):
+    """Per-query position of the first hit among the top ``kmax`` (``kmax`` = none), with
+    the top-K selection of :func:`jaxfit.evals.retrieval.recall_at_k` (so ``mean(rank <
+    K)`` is its recall@K)."""
+    top = jax.jit(lambda q, c: jax.lax.top_k(q @ c.T, min(kmax, c.shape[0]))[1])
+
+    def topk(queries, candidates):
+        c = jnp.asarray(candidates)
+        parts = [
+            np.asarray(top(jnp.asarray(queries[i : i + chunk]), c))
+            for i in range(0, len(queries), chunk)
+        ]
+        return np.concatenate(parts)
+
+    def first(hit):
+        return np.where(hit.any(axis=1), hit.argmax(axis=1), kmax).astype(np.int32)
+
+    i2t = text_to_image[topk(images, texts)] == np.arange(len(images))[:, None]
+    t2i = topk(texts, images) == text_to_image[:, None]
+    return first(i2t), first(t2i)
+
+
+def _query_keys(records, num_images: int) -> dict[str, np.ndarray]:
+    """uint64 keys of the image and caption queries (see ``evaluate_examples``); empty
+    when images were skipped (the evaluated images are then not known here)."""
+    if num_images != len(records):
+        return {"i2t_key": np.zeros(0, np.uint64), "t2i_key": np.zeros(0, np.uint64)}
+
+    def key(text: str) -> bytes:
+        return hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest()
+
+    image = b"".join(key(str(r.image_id)) for r in records)
+    caption = b"".join(key(f"{r.image_id}\n{c}") for r in records for c in r.captions)
+    return {
+        "i2t_key": np.frombuffer(image, np.uint64).copy(),
+        "t2i_key": np.frombuffer(caption, np.uint64).copy(),
+    }

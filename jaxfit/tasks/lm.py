@@ -8,6 +8,8 @@ perplexity ``exp(sum loss / tokens)`` over every validation token once.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import logging
 import math
 from pathlib import Path
@@ -19,8 +21,10 @@ import numpy as np
 from jaxfit import accumulate, losses, perf
 from jaxfit.data import text as text_data
 from jaxfit.data.synthetic_text import write_synthetic_text
-from jaxfit.models import gpt2, llama
-from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, load_base
+from jaxfit.lora import adapters as lora_adapters
+from jaxfit.models import gpt2, llama, rope
+from jaxfit.plan import flops as flops_lib
+from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, base_model
 
 log = logging.getLogger(__name__)
 
@@ -51,85 +55,127 @@ class LMTask(ParamsMixin):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{model, init_from, data,
     seq_len, batch_size, micro_batch_size, eval, precision, seed, device}``."""
 
-    def __init__(self, config, workdir, mesh):
+    def __init__(self, config, workdir, mesh, *, abstract: bool = False):
         self.config = config
         self.workdir = Path(workdir)
         self.mesh = mesh
-        dtype = COMPUTE_DTYPES[config.precision]
+        self.abstract = abstract
+        if abstract and config.get("lora") and config.lora.get("peft_dir"):
+            # planning: adapters of the config's rank and targets stand in for the files'
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.lora.peft_dir = ""
+            self.config = config
         data_cfg = config.data
-        if data_cfg.get("synthetic") and data_cfg.synthetic.enabled:
-            path = Path(data_cfg.path or self.workdir / "synthetic_text.txt")
-            if not path.is_file():
-                write_synthetic_text(
-                    path,
-                    num_documents=data_cfg.synthetic.num_documents,
-                    seed=data_cfg.synthetic.seed,
-                )
-            data_cfg.path = str(path)
         if config.init_from and not data_cfg.tokenizer.name:
             with data_cfg.unlocked():
                 data_cfg.tokenizer.name = config.init_from
-        self.data = text_data.prepare_text_data(data_cfg, self.workdir)
-        self.tokenizer = self.data.tokenizer
-        self._pretrained = None
-        if config.init_from:
-            self._pretrained = load_base(config, remat_policy=config.model.remat_policy)
-            self.model = self._pretrained[0]
+        if abstract:  # planning: no corpus is read, no tokenizer trained
+            self.data = self.tokenizer = None
         else:
-            family = config.model.family
-            if family not in FAMILIES:
-                raise ValueError(f"model.family={family!r}; expected one of {sorted(FAMILIES)}")
-            cfg_cls, model_cls = FAMILIES[family]
-            fields = dict(config.model.config.to_dict())
-            fields["vocab_size"] = fields.get("vocab_size") or _pad_vocab(self.tokenizer.vocab_size)
-            fields.setdefault("eos_token_id", self.tokenizer.eos_token_id)
-            if self.tokenizer.bos_token_id is not None:
-                fields.setdefault("bos_token_id", self.tokenizer.bos_token_id)
-            self.model = model_cls(
-                cfg_cls(
-                    **fields,
-                    dtype=dtype,
-                    param_dtype=jnp.float32,
-                    remat_policy=config.model.remat_policy,
-                )
+            if data_cfg.get("synthetic") and data_cfg.synthetic.enabled:
+                path = Path(data_cfg.path or self.workdir / "synthetic_text.txt")
+                if not path.is_file():
+                    write_synthetic_text(
+                        path,
+                        num_documents=data_cfg.synthetic.num_documents,
+                        seed=data_cfg.synthetic.seed,
+                    )
+                data_cfg.path = str(path)
+            self.data = text_data.prepare_text_data(data_cfg, self.workdir)
+            self.tokenizer = self.data.tokenizer
+        if config.init_from:
+            self.model = base_model(config, **self._model_overrides())
+        else:
+            self.model = self._scratch_model()
+        if not abstract:
+            text_data.check_model_fit(
+                self.tokenizer,
+                seq_len=config.seq_len,
+                max_positions=_max_positions(self.model),
+                model_vocab_size=_vocab_size(self.model),
             )
-        text_data.check_model_fit(
-            self.tokenizer,
-            seq_len=config.seq_len,
-            max_positions=_max_positions(self.model),
-            model_vocab_size=_vocab_size(self.model),
-        )
         self.num_micro_batches = config.batch_size // config.micro_batch_size
         self._loss_and_grad = accumulate.microbatched(self._sum_loss, self.num_micro_batches)
-        self._eval_sums = jax.jit(lambda p, f, b: self._sum_loss(p, b, None, f)[:2])
-        self._num_params = None
+        self._eval_sums = jax.jit(lambda p, f, b: self._sum_loss(p, b, None, f, per_row=True)[:2])
+        self._flops_per_token = None
 
     # -- parameters (init_params, initial_params, frozen, export: ParamsMixin) -----------
     def _init_base(self, rng: jax.Array):
         ids = jnp.zeros((1, 8), jnp.int32)
         return self.model.init(rng, ids)["params"]
 
+    def _model_overrides(self) -> dict:
+        """Model-config fields the run sets whatever the model: remat policy, attention."""
+        out = {"remat_policy": self.config.model.remat_policy}
+        if self.config.model.get("attention_impl"):
+            out["attention_impl"] = self.config.model.attention_impl
+        return out
+
+    def _scratch_model(self):
+        """The from-scratch decoder of ``config.model``, its vocabulary sized to the
+        tokenizer (without data, when planning: ``model.config.vocab_size``, else the
+        named tokenizer's size, else the BPE target ``data.tokenizer.vocab_size``)."""
+        config = self.config
+        family = config.model.family
+        if family not in FAMILIES:
+            raise ValueError(f"model.family={family!r}; expected one of {sorted(FAMILIES)}")
+        cfg_cls, model_cls = FAMILIES[family]
+        fields = dict(config.model.config.to_dict())
+        if isinstance(fields.get("rope_scaling"), dict):  # Llama 3.1's "llama3" scaling
+            fields["rope_scaling"] = rope.RopeScaling.from_hf(
+                fields["rope_scaling"], fields.get("max_position_embeddings", 2048)
+            )
+        tokenizer = self.tokenizer
+        if tokenizer is None and config.data.tokenizer.name and not fields.get("vocab_size"):
+            tokenizer = text_data.load_or_train(config.data.tokenizer, self.workdir)
+        if tokenizer is not None:
+            fields["vocab_size"] = fields.get("vocab_size") or _pad_vocab(tokenizer.vocab_size)
+            fields.setdefault("eos_token_id", tokenizer.eos_token_id)
+            if tokenizer.bos_token_id is not None:
+                fields.setdefault("bos_token_id", tokenizer.bos_token_id)
+        else:
+            fields["vocab_size"] = fields.get("vocab_size") or _pad_vocab(
+                config.data.tokenizer.vocab_size
+            )
+        return model_cls(
+            cfg_cls(
+                **fields,
+                dtype=COMPUTE_DTYPES[config.precision],
+                param_dtype=jnp.float32,
+                **self._model_overrides(),
+            )
+        )
+
+    def abstract_batch(self, batch_size: int) -> dict:
+        """Shapes of a training batch (what ``train_iterator`` yields) of ``batch_size``
+        sequences of ``config.seq_len`` tokens."""
+        shape = (batch_size, self.config.seq_len)
+        batch = {k: jax.ShapeDtypeStruct(shape, jnp.int32) for k in text_data.BATCH_INT_KEYS}
+        batch["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.float32)
+        return batch
+
     # -- training -----------------------------------------------------------------------
-    def _sum_loss(self, params, batch, rng, frozen):
-        # rng: LoRA dropout keys (the decoders themselves have no dropout); None = eval
+    def _sum_loss(self, params, batch, rng, frozen, *, per_row: bool = False):
+        # rng: LoRA dropout keys (the decoders themselves have no dropout); None = eval.
+        # per_row: loss sums and token counts per sequence ([B] each; evaluation).
         variables = {"params": self.full_params(params, frozen, rng)}
         inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
         chunk_size = self.config.get("loss_chunk_size", 0)
         if chunk_size > 0:
             # LM head + loss chunk by chunk: the [B, S, vocab] logits never exist at once.
-            hidden = self.model.apply(
-                variables, batch["input_ids"], method="hidden_states", **inputs
-            )
-            loss_sum, count = losses.chunked_cross_entropy(
-                hidden,
-                lambda h: self.model.apply(variables, h, method="logits"),
-                batch["labels"],
-                batch["loss_mask"],
+            x = self.model.apply(variables, batch["input_ids"], method="hidden_states", **inputs)
+            ce = functools.partial(
+                losses.chunked_cross_entropy,
+                head_fn=lambda h: self.model.apply(variables, h, method="logits"),
                 chunk_size=chunk_size,
             )
         else:
-            logits = self.model.apply(variables, batch["input_ids"], **inputs)
-            loss_sum, count = losses.cross_entropy(logits, batch["labels"], batch["loss_mask"])
+            x = self.model.apply(variables, batch["input_ids"], **inputs)  # logits
+            ce = losses.cross_entropy
+        if per_row:
+            ce = jax.vmap(ce)
+        loss_sum, count = ce(x, targets=batch["labels"], mask=batch["loss_mask"])
         return loss_sum, count.astype(jnp.float32), {}
 
     def loss_and_grad(self, params, batch, rng, frozen=None):
@@ -148,39 +194,78 @@ class LMTask(ParamsMixin):
         stats = self.data.train.meta.get("stats", {})
         return {k: int(v) for k, v in stats.items() if k != "documents" and v}
 
+    def flops_per_token(self) -> float:
+        """Model FLOPs per trained token (:func:`jaxfit.plan.flops.decoder_flops_per_token`:
+        ``6 N + 12 L d T``, a frozen LoRA / QLoRA base counting ``4 N``), with ``N`` the
+        matmul parameters (lookup-only embeddings excluded), adapters included."""
+        if self._flops_per_token is None:
+            params = self.full_params(self.abstract_params(), self.abstract_frozen())
+            lookup = self.model.lookup_only_params()
+            matmul = {k: v for k, v in params.items() if k not in lookup}
+            report = lora_adapters.trainable_report(matmul)
+            frozen = report["total"] - report["trainable"] if self.frozen_base else 0
+            n_layers, hidden = _shape(self.model)
+            self._flops_per_token = flops_lib.decoder_flops_per_token(
+                report["total"], n_layers, hidden, self.config.seq_len, frozen_params=frozen
+            )
+        return self._flops_per_token
+
     def throughput(self, examples_per_sec: float) -> dict[str, float]:
         """``perf/tokens_per_sec`` and ``perf/mfu`` against ``config.device``'s peak."""
-        if self._num_params is None:
-            shapes = jax.eval_shape(self._init_base, jax.random.key(0))
-            total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(shapes))
-            wpe = shapes.get("wpe", {}).get("embedding")
-            self._num_params = total - (int(np.prod(wpe.shape)) if wpe is not None else 0)
         tokens = examples_per_sec * self.config.seq_len
-        n_layers, hidden = _shape(self.model)
-        flops = tokens * perf.decoder_flops_per_token(
-            self._num_params, n_layers, hidden, self.config.seq_len
-        )
+        flops = tokens * self.flops_per_token()
         return {"perf/tokens_per_sec": tokens, "perf/mfu": perf.mfu(flops, self.config.device)}
 
     # -- evaluation ---------------------------------------------------------------------
     def evaluate(self, params) -> dict[str, float]:
         """Validation ``loss`` (mean per token) and ``perplexity`` over the whole split."""
+        return self.evaluate_examples(params)[0]
+
+    def evaluate_examples(self, params) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+        """:meth:`evaluate`'s metrics and the per-example results they are the mean of.
+
+        Returns:
+          ``(metrics, examples)``. ``examples`` (empty without a validation split) holds,
+          per validation sequence with at least one loss token, in evaluation order:
+          ``loss_sum`` (float64, summed token losses in nats), ``tokens`` (float64, loss
+          tokens) and ``key`` (uint64, a hash of the sequence's labels and mask: two runs
+          evaluated the same examples when their keys are equal). ``loss == sum(loss_sum)
+          / sum(tokens)``.
+        """
         if self.data.validation is None:
-            return {}
+            return {}, {}
         batches = text_data.eval_batches(
             self.data.validation,
             batch_size=self.config.eval.batch_size,
             seq_len=self.config.seq_len,
         )
-        total, count = 0.0, 0.0
+        sums, counts, keys = [], [], []
         for i, batch in enumerate(batches):
             if self.config.eval.max_batches and i >= self.config.eval.max_batches:
                 break
-            s, n = self._eval_sums(params, self.frozen, batch)
-            total += float(s)
-            count += float(n)
-        loss = total / max(count, 1.0)
-        return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+            s, n = jax.device_get(self._eval_sums(params, self.frozen, batch))
+            keep = n > 0  # padding rows (and sequences without loss tokens) are no examples
+            sums.append(np.asarray(s, np.float64)[keep])
+            counts.append(np.asarray(n, np.float64)[keep])
+            keys.append(_row_keys(batch["labels"][keep], batch["loss_mask"][keep]))
+        examples = {
+            "loss_sum": np.concatenate(sums),
+            "tokens": np.concatenate(counts),
+            "key": np.concatenate(keys),
+        }
+        count = float(examples["tokens"].sum())
+        loss = float(examples["loss_sum"].sum()) / max(count, 1.0)
+        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+        return metrics, examples
+
+
+def _row_keys(labels: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """uint64 hash per row of ``labels`` and ``mask`` (identifies an evaluation example)."""
+    rows = [
+        hashlib.blake2b(y.tobytes() + m.tobytes(), digest_size=8).digest()
+        for y, m in zip(np.ascontiguousarray(labels, np.int32), np.ascontiguousarray(mask > 0))
+    ]
+    return np.frombuffer(b"".join(rows), np.uint64).copy() if rows else np.zeros(0, np.uint64)
 
 
 def _pad_vocab(n: int, multiple: int = 64) -> int:

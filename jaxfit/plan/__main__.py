@@ -1,0 +1,140 @@
+"""Will it fit, and how long will it take? ``python -m jaxfit.plan --config CONFIG[:ARG]``.
+
+  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --device rtx4070ti
+  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --budget 12GiB --search \
+      --apply runs/llama3_8b          # then: python -m jaxfit.train ... --workdir runs/llama3_8b
+  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --search_seq_len
+  python -m jaxfit.plan --config configs/nanochat_d32.py --device rtx4070 --tokens 38e9
+
+Builds the config's model and train step for abstract shapes (no data read, no weights
+loaded, no device memory used), compiles the step on the local backend and prints the
+parameter counts, the bytes by category, the compiled peak against the budget, and a time
+estimate. ``--config.x=y`` overrides work as in ``jaxfit.train``. Flags:
+
+* ``--device NAME``: the card to plan for (``jaxfit.perf.DEVICES``; default the config's
+  ``device``): its memory is the default budget, its peak bf16 rate the time's basis.
+* ``--budget 12GiB`` / ``--reserve 1GiB``: memory budget and what to keep free of it
+  (default 512 MiB + 5%: CUDA context, library workspaces, fragmentation).
+* ``--search``: try micro-batch x remat policy x CE chunk size (``--micro_batch_sizes``,
+  ``--remat_policies``, ``--loss_chunk_sizes`` narrow it; ``--max_compiles`` bounds it)
+  and print what fits, fastest first. ``--search_seq_len``: the longest ``seq_len`` that
+  fits. ``--apply WORKDIR``: write the best to ``WORKDIR/plan.json`` for ``jaxfit.train``.
+* ``--mfu 0.4``: assumed fraction of peak sustained on the executed FLOPs;
+  ``--tokens N``: a token budget to time; ``--dataset_tokens`` / ``--dataset_examples``:
+  an epoch to time. ``--json PATH``: everything as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+
+from jaxfit import config as config_lib
+from jaxfit.plan import apply, core, estimate, report, search
+
+FLAGS = {
+    "device": "Card to plan for (jaxfit.perf.DEVICES); default: the config's `device`.",
+    "budget": "Device memory budget, e.g. 12GiB (default: the device's memory).",
+    "reserve": "Memory kept free of the budget (default 512MiB + 5% of the budget).",
+    "mfu": "Assumed fraction of peak on executed FLOPs (default 0.4).",
+    "tokens": "Token budget to estimate the time of, e.g. 38e9.",
+    "dataset_tokens": "Tokens in one epoch of the data (for the epoch time).",
+    "dataset_examples": "Examples in one epoch of the data (for the epoch time).",
+    "apply": "Write the best found configuration to WORKDIR/plan.json for jaxfit.train.",
+    "json": "Write the plan (and search) as JSON to this path.",
+    "micro_batch_sizes": "Comma-separated micro-batch sizes for --search.",
+    "remat_policies": "Comma-separated remat policies for --search.",
+    "loss_chunk_sizes": "Comma-separated CE chunk sizes for --search.",
+    "max_compiles": "Stop a search after this many compilations (default 40).",
+    "max_seq_len": "Upper bound of --search_seq_len.",
+}
+BOOL_FLAGS = {
+    "search": "Search micro-batch x remat policy x CE chunk size for what fits.",
+    "search_seq_len": "Search the longest seq_len that fits.",
+}
+
+
+def _ints(text: str | None) -> list[int] | None:
+    return [int(x) for x in text.split(",")] if text else None
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        config, fl = config_lib.parse_argv(
+            argv or sys.argv, extra_flags=FLAGS, bool_flags=BOOL_FLAGS
+        )
+        device = fl["device"] or config.get("device") or "rtx4070ti"
+        budget = estimate.parse_bytes(fl["budget"]) if fl["budget"] else None
+        if budget is None:
+            budget = int(estimate.perf.device(device).memory_gib * 2**30)
+        reserve = estimate.parse_bytes(fl["reserve"]) if fl["reserve"] else None
+        mfu = float(fl["mfu"] or estimate.DEFAULT_UTILISATION)
+    except (config_lib.ConfigError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    usable = apply.usable_bytes(budget, reserve)
+    timing = dict(
+        utilisation=mfu,
+        total_steps=int(config.total_steps),
+        tokens=float(fl["tokens"]) if fl["tokens"] else None,
+        dataset_tokens=float(fl["dataset_tokens"]) if fl["dataset_tokens"] else None,
+        dataset_examples=float(fl["dataset_examples"]) if fl["dataset_examples"] else None,
+    )
+    t0 = time.perf_counter()
+    plan = core.plan_config(config)
+    est = estimate.estimate_time(plan, device, **timing)
+    print(f"jaxfit plan ({plan.backend}, compiled in {plan.compile_seconds:.0f} s)")
+    print(report.memory_report(plan, budget, usable, device))
+    print(report.time_report(plan, est, int(config.total_steps)))
+    out = {"plan": plan.to_dict(), "estimate": est.__dict__, "budget": budget, "usable": usable}
+
+    found = []
+    if fl["search"]:
+        print("\nsearch: micro-batch x remat policy x CE chunk size")
+        found = search.search_batch(
+            config,
+            usable,
+            micro_batch_sizes=_ints(fl["micro_batch_sizes"]),
+            remat_policies=(fl["remat_policies"] or ",".join(search.REMAT_POLICIES)).split(","),
+            loss_chunk_sizes=_ints(fl["loss_chunk_sizes"]),
+            max_compiles=int(fl["max_compiles"] or 40),
+            progress=print,
+        )
+    if fl["search_seq_len"]:
+        print("\nsearch: longest seq_len")
+        found += search.search_seq_len(
+            config, usable, max_seq_len=_ints(fl["max_seq_len"] or "0")[0] or None, progress=print
+        )
+    if found:
+        ests = [estimate.estimate_time(c.plan, device, **timing) if c.plan else None for c in found]
+        print(report.search_table(found, ests))
+        out["search"] = [
+            {"overrides": c.overrides, "fits": c.fits, "error": c.error,
+             "plan": c.plan.to_dict() if c.plan else None} for c in found
+        ]  # fmt: skip
+        best = next((c for c in found if c.fits), None)
+        if best is None:
+            print(f"nothing tried fits {estimate.format_bytes(usable)}")
+        else:
+            flags_text = " ".join(f"--config.{k}={v}" for k, v in best.overrides.items())
+            print(f"best: {flags_text}")
+            if fl["apply"]:
+                path = apply.write_plan(
+                    fl["apply"], best.overrides, {"budget": budget, "plan": best.plan.to_dict()}
+                )
+                print(f"wrote {path}: `python -m jaxfit.train --workdir {fl['apply']}` uses it")
+    elif fl["apply"]:
+        print("error: --apply needs --search or --search_seq_len", file=sys.stderr)
+        return 2
+    if fl["json"]:
+        with open(fl["json"], "w") as f:
+            json.dump(out, f, indent=2, default=str)
+    print(f"(planned in {time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,297 @@
+"""Plan one configuration: compile its real train step for abstract shapes and read the cost.
+
+``plan_config(config)`` builds the task without data or weights (``build_task(...,
+abstract=True)``), the train state, batch and frozen base as ``jax.ShapeDtypeStruct``
+trees, and compiles the SAME jitted step ``jaxfit.train`` runs
+(``trainer.jit_train_step``) on the local backend. Nothing is allocated: an 8B QLoRA step
+compiles on a CPU-only machine.
+
+Memory comes from XLA's buffer assignment (``compiled.memory_analysis()``): the step's
+peak is ``arguments + outputs - aliased + temporaries`` (the donated state's outputs reuse
+its input buffers, so they count once). The categories are read off the abstract trees:
+frozen base (by storage kind), trainable parameters, optimizer state and batch are
+arguments; gradients live among the temporaries (one per trainable parameter, in its
+dtype) with the activations saved for the backward pass and the loss's buffers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import tempfile
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxfit import checkpoint, sharding
+from jaxfit.lora import adapters as lora_adapters
+from jaxfit.lora import training as lora_training
+from jaxfit.optim import make_optimizer
+from jaxfit.plan import flops as flops_lib
+from jaxfit.quant.leaves import is_weight_leaf
+from jaxfit.tasks import build_task
+from jaxfit.trainer import abstract_train_state, jit_train_step
+
+log = logging.getLogger(__name__)
+
+# A CPU compile is mostly LLVM code generation, which the plan does not need: these
+# options make it several times faster and leave XLA's buffer assignment (the memory
+# numbers) unchanged (measured on the GPT-2 demo step: identical temporaries).
+CPU_COMPILE_OPTIONS = {
+    "xla_backend_optimization_level": 0,
+    "xla_llvm_disable_expensive_passes": True,
+}
+
+# The config fields a plan is about (and the search varies); dotted paths.
+SETTINGS = ("batch_size", "micro_batch_size", "model.remat_policy", "loss_chunk_size", "seq_len")
+
+
+def get_field(config, path: str, default: Any = None) -> Any:
+    """``config.a.b`` for ``path="a.b"``; ``default`` when a part is missing."""
+    node = config
+    for part in path.split("."):
+        if part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_fields(config, values: dict[str, Any]):
+    """A copy of ``config`` with dotted-path fields replaced.
+
+    Raises:
+      KeyError: a path the config does not have (named).
+    """
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for path, value in values.items():
+            *parents, last = path.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            if last not in node:
+                raise KeyError(f"config has no field {path!r}")
+            node[last] = value
+    return config
+
+
+def tree_bytes(tree: Any) -> int:
+    """Total bytes of the arrays (or ``ShapeDtypeStruct``) of a pytree."""
+    return int(
+        sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in _arrays(tree))
+    )
+
+
+def _arrays(tree: Any) -> list:
+    return [x for x in jax.tree.leaves(tree) if hasattr(x, "shape") and hasattr(x, "dtype")]
+
+
+def frozen_bytes_by_kind(frozen: Any) -> dict[str, int]:
+    """Bytes of a frozen base by storage kind: ``nf4`` / ``int8`` quantised leaves (codes
+    and their statistics) and float leaves by dtype name."""
+    out: dict[str, int] = {}
+    for leaf in jax.tree.leaves(frozen, is_leaf=is_weight_leaf):
+        if is_weight_leaf(leaf):
+            kind = {"NF4Weight": "nf4", "Int8Weight": "int8"}.get(type(leaf).__name__)
+            if kind is None:  # a LoRA leaf of the frozen tree: its base
+                for sub in jax.tree.leaves(leaf.base, is_leaf=is_weight_leaf):
+                    for k, v in frozen_bytes_by_kind(sub).items():
+                        out[k] = out.get(k, 0) + v
+                continue
+            out[kind] = out.get(kind, 0) + tree_bytes(leaf)
+        elif hasattr(leaf, "dtype"):
+            kind = np.dtype(leaf.dtype).name
+            out[kind] = out.get(kind, 0) + tree_bytes(leaf)
+    return out
+
+
+_ENTRY_PARAM = re.compile(r"%(\S+) = (?:bf16|f16)\[([\d,]*)\]\{[^}]*\} parameter\(\d+\)")
+_ENTRY_UPCAST = re.compile(r"%\S+ = f32\[([\d,]*)\]\{[^}]*\} (?:convert|fusion)\(%([^,\s)]+)\)")
+
+
+def hoisted_upcast_bytes(hlo_text: str) -> int:
+    """Bytes of whole float32 copies of 16-bit step arguments made at the top level of an
+    optimised XLA:CPU program.
+
+    XLA:CPU has no bf16 matmul: it converts bf16 operands to float32. When the operand is a
+    loop-invariant argument (a frozen embedding table or LM head used inside the layer or
+    micro-batch loop), loop-invariant code motion hoists the conversion out of the loop,
+    and a float32 copy of the whole matrix stays live for the loop's duration (2 GiB each
+    for Llama 3's [128256, 4096] tables). A GPU computes bf16 matmuls natively and makes no
+    such copy. Counted: instructions of the ENTRY computation that produce ``f32[shape]``
+    from a single bf16/f16 parameter of the same shape (a ``convert``, or a fusion of one).
+    """
+    start = hlo_text.find("\nENTRY")
+    if start < 0:
+        return 0
+    entry = hlo_text[start:]
+    entry = entry[: entry.find("\n}\n") if "\n}\n" in entry else len(entry)]
+    params = {m.group(1): m.group(2) for m in _ENTRY_PARAM.finditer(entry)}
+    total = 0
+    for m in _ENTRY_UPCAST.finditer(entry):
+        dims, src = m.group(1), m.group(2)
+        if params.get(src) == dims:
+            total += 4 * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+    return total
+
+
+@dataclasses.dataclass
+class Plan:
+    """What one configuration's train step costs. Bytes are per device; FLOPs per step.
+
+    Attributes:
+      settings: the planned values of :data:`SETTINGS` (+ ``precision``, ``optimizer``).
+      params: parameter counts ``total`` / ``trainable`` / ``frozen`` (quantised weights
+        count their logical elements, as PEFT's ``get_nb_trainable_parameters``).
+      memory: bytes: ``frozen`` (and ``frozen_<kind>``), ``trainable``, ``optimizer``,
+        ``batch``, ``gradients`` (estimated: the trainable bytes), ``activations`` (the
+        temporaries less the gradients), and XLA's ``arguments``, ``outputs``,
+        ``aliased``, ``temporaries``, ``peak`` (XLA's, on this backend), and
+        ``peak_target``: the peak on the card planned for. Compiled on a GPU it is
+        ``peak``; compiled on a CPU it is ``peak`` less ``cpu_upcasts``
+        (:func:`hoisted_upcast_bytes`), copies a GPU does not make. The CPU compile still
+        differs from a GPU's in other ways (fusion; float32 copies of each layer's
+        weights inside the loop; attention scores, which cuDNN's flash attention never
+        stores): on a CPU the target peak is an estimate that errs high.
+      flops: ``executed`` (the step's jaxpr, loops times trip counts, recompute
+        included), ``model`` (without rematerialisation: ``6N``/``4N`` + attention for
+        decoders), ``xla_cost_analysis`` (XLA's count, which takes each loop body once).
+      examples_per_step, tokens_per_step: what one optimizer step consumes (tokens: LM).
+      compile_seconds: lowering + compilation wall time.
+      backend: the jax backend compiled for (``cpu``, ``gpu``, ``tpu``).
+    """
+
+    settings: dict[str, Any]
+    params: dict[str, int]
+    memory: dict[str, int]
+    flops: dict[str, float]
+    examples_per_step: int
+    tokens_per_step: int | None
+    compile_seconds: float
+    backend: str
+
+    @property
+    def peak_bytes(self) -> int:
+        """The planned peak on the target device (``memory["peak_target"]``)."""
+        return self.memory["peak_target"]
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _settings(config) -> dict[str, Any]:
+    out = {k: get_field(config, k) for k in SETTINGS if get_field(config, k) is not None}
+    if get_field(config, "model.attention_impl") is not None:
+        out["model.attention_impl"] = get_field(config, "model.attention_impl") or "auto"
+    out["precision"] = config.precision
+    out["optimizer"] = config.optim.name
+    return out
+
+
+def _model_flops(config, task, batch_size: int) -> float:
+    """Model FLOPs of one step: the decoder formula when the task has one, else the
+    traced FLOPs of the same step without rematerialisation or micro-batching."""
+    if hasattr(task, "flops_per_token"):
+        return task.flops_per_token() * batch_size * config.seq_len
+    plain = {"micro_batch_size": batch_size, "model.remat_policy": "none"}
+    if get_field(config, "loss_chunk_size") is not None:
+        plain["loss_chunk_size"] = 0
+    return _trace(set_fields(config, plain))[1]
+
+
+def cpu_stand_in(config):
+    """The config compiled when planning on a CPU for a GPU: attention ``"chunked"``
+    (``jaxfit.models.layers.attention``) in place of jax's choice, whose memory on a CPU
+    is the XLA reference's ``[batch, heads, seq, seq]`` scores, while a GPU's cuDNN flash
+    attention keeps none; the query-chunked form keeps ``[.., 512, seq]`` at a time."""
+    if jax.default_backend() != "cpu" or get_field(config, "model.attention_impl") != "":
+        return config
+    return set_fields(config, {"model.attention_impl": "chunked"})
+
+
+def _trace(config):
+    """``(lowerable step, executed FLOPs, pieces)`` of a config, abstract throughout."""
+    config = cpu_stand_in(config)
+    mesh = sharding.make_mesh()
+    with tempfile.TemporaryDirectory() as workdir:
+        task = build_task(config, workdir, mesh, abstract=True)
+    abstract_params = task.abstract_params()
+    optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
+    state, state_shardings, _ = abstract_train_state(task, optimizer, config, mesh)
+    state = checkpoint.to_abstract(state, state_shardings)
+    batch_sharding = sharding.batch_sharding(mesh)
+    batch = jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+        task.abstract_batch(config.batch_size),
+    )
+    frozen = task.abstract_frozen()
+    step = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
+    executed = flops_lib.traced_flops(step, state, batch, frozen)
+    return step, executed, (task, state, batch, frozen, abstract_params)
+
+
+def plan_config(config) -> Plan:
+    """Compile ``config``'s train step for abstract shapes and account for its cost.
+
+    Args:
+      config: a validated training config (``jaxfit.config``).
+
+    Returns:
+      A :class:`Plan`.
+
+    Raises:
+      ValueError / ConfigError: the config does not describe a buildable task.
+    """
+    t0 = time.perf_counter()
+    step, executed, (task, state, batch, frozen, abstract_params) = _trace(config)
+    options = CPU_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
+    compiled = step.lower(state, batch, frozen).compile(options)
+    seconds = time.perf_counter() - t0
+    ma = compiled.memory_analysis()
+    cost = compiled.cost_analysis() or {}
+    if isinstance(cost, list | tuple):  # older jax: one dict per computation
+        cost = cost[0] if cost else {}
+
+    counts = lora_adapters.trainable_report(lora_training.full(abstract_params, frozen))
+    trainable = tree_bytes(state.params)
+    memory = {
+        "frozen": tree_bytes(frozen),
+        **{f"frozen_{k}": v for k, v in frozen_bytes_by_kind(frozen).items()},
+        "trainable": trainable,
+        "optimizer": tree_bytes(state.opt_state),
+        "batch": tree_bytes(batch),
+        "gradients": trainable,
+        "arguments": int(ma.argument_size_in_bytes),
+        "outputs": int(ma.output_size_in_bytes),
+        "aliased": int(ma.alias_size_in_bytes),
+        "temporaries": int(ma.temp_size_in_bytes),
+    }
+    memory["activations"] = max(memory["temporaries"] - trainable, 0)
+    memory["peak"] = memory["arguments"] + memory["outputs"] - memory["aliased"]
+    memory["peak"] += memory["temporaries"]
+    upcasts = hoisted_upcast_bytes(compiled.as_text()) if jax.default_backend() == "cpu" else 0
+    memory["cpu_upcasts"] = upcasts
+    memory["peak_target"] = memory["peak"] - upcasts
+    batch_size = config.batch_size
+    seq_len = get_field(config, "seq_len")
+    return Plan(
+        settings=_settings(cpu_stand_in(config)),
+        params={
+            "total": counts["total"],
+            "trainable": counts["trainable"] if frozen is not None else counts["total"],
+            "frozen": counts["total"] - counts["trainable"] if frozen is not None else 0,
+        },
+        memory=memory,
+        flops={
+            "executed": executed,
+            "model": _model_flops(config, task, batch_size),
+            "xla_cost_analysis": float(cost.get("flops", float("nan"))),
+        },
+        examples_per_step=batch_size,
+        tokens_per_step=batch_size * seq_len if config.task == "lm" else None,
+        compile_seconds=seconds,
+        backend=jax.default_backend(),
+    )

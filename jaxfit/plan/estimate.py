@@ -1,0 +1,150 @@
+"""Time estimates from a plan's FLOPs, a device's peak and an assumed utilisation; byte units.
+
+The estimate is ``step time = executed FLOPs / (peak x utilisation)``: the FLOPs the step
+executes (the plan's jaxpr count, rematerialised forward passes included) at a sustained
+fraction of the device's dense bf16 peak (``jaxfit.perf.DEVICES``). The MFU this implies
+(model FLOPs without recompute over the peak, PaLM Appendix B) is printed next to it.
+Memory-bound work that FLOPs do not capture (dequantising an NF4 base, optimizer updates,
+small matmuls of LoRA adapters) is inside the utilisation assumption.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+from jaxfit import perf
+
+# Sustained fraction of dense bf16 peak on the executed matmul FLOPs. 0.4 is what
+# well-tuned single-node training reaches on large matmuls (PaLM: 46.2% MFU, Chowdhery et
+# al. 2022 Table 3; nanoGPT's GPT-2 124M on A100 reports ~40% at its default settings);
+# small models, short sequences and QLoRA's dequantisation reach less. Override it with
+# --mfu once a run has measured perf/mfu on your card.
+DEFAULT_UTILISATION = 0.4
+
+_UNITS = {
+    "b": 1,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+    "kib": 2**10,
+    "mib": 2**20,
+    "gib": 2**30,
+    "tib": 2**40,
+}
+
+
+def parse_bytes(text: str) -> int:
+    """``"12GiB"`` -> 12884901888; decimal (GB) and binary (GiB) units, case-insensitive.
+
+    Raises:
+      ValueError: no number or an unknown unit (the message lists the units).
+    """
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+    unit = m.group(2).lower() if m else ""
+    if not m or unit not in _UNITS:
+        raise ValueError(
+            f"cannot read {text!r} as a memory size; write a number and a unit, e.g. 12GiB "
+            f"(units: {', '.join(u.upper().replace('I', 'i') for u in _UNITS)})"
+        )
+    return int(float(m.group(1)) * _UNITS[unit])
+
+
+def format_bytes(n: float) -> str:
+    """Binary units, 3 significant digits: ``format_bytes(3 * 2**30) == "3.00 GiB"``."""
+    for unit, size in (("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_seconds(s: float) -> str:
+    """``90061 -> "1.0 d"``; seconds, minutes, hours or days, whichever reads best."""
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.1f} {unit}"
+    return f"{s:.2f} s"
+
+
+@dataclasses.dataclass
+class TimeEstimate:
+    """Estimated speed of a planned step on a device.
+
+    Attributes:
+      device: name in ``jaxfit.perf.DEVICES``; peak_tflops: its dense bf16 peak (TFLOP/s).
+      utilisation: the assumed sustained fraction of peak on executed FLOPs.
+      mfu: the model FLOPs utilisation that implies (``utilisation x model / executed``).
+      step_seconds: seconds per optimizer step.
+      examples_per_second, tokens_per_second: throughput (tokens: language models).
+      run_seconds: ``total_steps`` steps of the config.
+      budget_tokens, budget_seconds: time for a token budget (when one is given).
+      epoch_seconds: one pass over ``dataset_tokens`` / ``dataset_examples`` (if given).
+    """
+
+    device: str
+    peak_tflops: float
+    utilisation: float
+    mfu: float
+    step_seconds: float
+    examples_per_second: float
+    tokens_per_second: float | None
+    run_seconds: float
+    budget_tokens: float | None = None
+    budget_seconds: float | None = None
+    epoch_seconds: float | None = None
+
+
+def estimate_time(
+    plan,
+    device: str,
+    *,
+    utilisation: float = DEFAULT_UTILISATION,
+    total_steps: int = 0,
+    tokens: float | None = None,
+    dataset_tokens: float | None = None,
+    dataset_examples: float | None = None,
+) -> TimeEstimate:
+    """Estimate throughput and wall time of ``plan`` (a :class:`jaxfit.plan.core.Plan`).
+
+    Args:
+      device: a ``jaxfit.perf.DEVICES`` name (its peak bf16 TFLOP/s is used).
+      utilisation: sustained fraction of peak on executed FLOPs, in (0, 1].
+      total_steps: the config's optimizer steps (for ``run_seconds``).
+      tokens: a token budget to estimate the time of (language models).
+      dataset_tokens, dataset_examples: size of one epoch.
+
+    Raises:
+      ValueError: unknown device, utilisation outside (0, 1], or a token budget / token
+        epoch for a task without tokens.
+    """
+    if not 0.0 < utilisation <= 1.0:
+        raise ValueError(f"utilisation (--mfu) must be in (0, 1], got {utilisation}")
+    dev = perf.device(device)
+    peak = dev.peak_bf16_tflops * 1e12
+    step = plan.flops["executed"] / (peak * utilisation)
+    examples = plan.examples_per_step / step
+    per_token = None
+    if plan.tokens_per_step:
+        per_token = plan.tokens_per_step / step
+    elif tokens or dataset_tokens:
+        raise ValueError("a token budget needs a language-model config (tokens per step)")
+    mfu = plan.flops["model"] / (step * peak)
+    est = TimeEstimate(
+        device=dev.name,
+        peak_tflops=dev.peak_bf16_tflops,
+        utilisation=utilisation,
+        mfu=mfu,
+        step_seconds=step,
+        examples_per_second=examples,
+        tokens_per_second=per_token,
+        run_seconds=step * total_steps,
+    )
+    if tokens:
+        est.budget_tokens = float(tokens)
+        est.budget_seconds = float(tokens) / per_token
+    if dataset_tokens:
+        est.epoch_seconds = float(dataset_tokens) / per_token
+    elif dataset_examples:
+        est.epoch_seconds = float(dataset_examples) / examples
+    return est

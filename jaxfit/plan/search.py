@@ -1,0 +1,173 @@
+"""Search the memory levers for what fits a budget, fastest first.
+
+``search_batch`` tries micro-batch size x remat policy x cross-entropy chunk size. Speed
+does not depend on the micro-batch (FLOPs per token are the same) but does on the other two
+(recompute; the chunked LM head's extra pass when it is trained), so each (remat, chunk)
+pair is traced once for its FLOPs, and the pairs are tried fastest first; for each, the
+micro-batch grows through the divisors of ``batch_size`` (the effective batch stays the
+config's) until the compiled peak no longer fits. Peak memory grows with the micro-batch,
+so the walk stops at the first one that does not fit.
+
+``search_seq_len`` finds the longest sequence that fits at the config's micro-batch:
+doubling from the config's ``seq_len``, then bisecting (in multiples of 128 tokens) between
+the longest that fit and the shortest that did not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from jaxfit.plan import core
+
+log = logging.getLogger(__name__)
+
+# What --search tries when not told: from the cheapest in memory to the fastest.
+REMAT_POLICIES = ("full", "dots_no_batch", "dots", "none")
+LOSS_CHUNK_SIZES = (0, 1024, 256)
+SEQ_LEN_QUANTUM = 128
+
+
+@dataclasses.dataclass
+class Candidate:
+    """One compiled configuration: its overrides, plan and whether it fits."""
+
+    overrides: dict[str, Any]
+    plan: core.Plan | None
+    fits: bool
+    error: str = ""
+
+
+def _divisors(batch_size: int) -> list[int]:
+    return [d for d in range(1, batch_size + 1) if batch_size % d == 0]
+
+
+def _try(config, overrides, usable: int, progress) -> Candidate:
+    try:
+        plan = core.plan_config(core.set_fields(config, overrides))
+    except Exception as e:  # a combination the model rejects (e.g. a seq_len too long)
+        progress(f"  {overrides}: not buildable ({type(e).__name__}: {str(e)[:120]})")
+        return Candidate(dict(overrides), None, False, f"{type(e).__name__}: {e}")
+    fits = plan.peak_bytes <= usable
+    progress(
+        f"  {overrides}: peak {plan.peak_bytes / 2**30:.2f} GiB "
+        f"({'fits' if fits else 'does not fit'}; compiled in {plan.compile_seconds:.0f} s)"
+    )
+    return Candidate(dict(overrides), plan, fits)
+
+
+def search_batch(
+    config,
+    usable_bytes: int,
+    *,
+    micro_batch_sizes: Sequence[int] | None = None,
+    remat_policies: Sequence[str] = REMAT_POLICIES,
+    loss_chunk_sizes: Sequence[int] | None = None,
+    max_compiles: int = 40,
+    progress: Callable[[str], None] = log.info,
+) -> list[Candidate]:
+    """Every compiled candidate, fitting ones first, fastest (fewest executed FLOPs per
+    example), then largest micro-batch, first.
+
+    Args:
+      config: the training config; its ``batch_size`` is the effective batch kept.
+      usable_bytes: the peak a candidate may reach (budget less reserve).
+      micro_batch_sizes: to try (default: the divisors of ``batch_size``).
+      remat_policies: ``model.remat_policy`` values to try.
+      loss_chunk_sizes: ``loss_chunk_size`` values (default :data:`LOSS_CHUNK_SIZES` for
+        a config that has the field, else the config's own).
+      max_compiles: stop after this many compilations (the search says so).
+    """
+    batch = int(config.batch_size)
+    sizes = sorted(micro_batch_sizes or _divisors(batch))
+    if bad := [m for m in sizes if m <= 0 or batch % m]:
+        raise ValueError(f"micro-batch sizes {bad} do not divide batch_size={batch}")
+    has_chunk = core.get_field(config, "loss_chunk_size") is not None
+    chunks = list(loss_chunk_sizes or (LOSS_CHUNK_SIZES if has_chunk else [None]))
+    pairs = []
+    for remat in remat_policies:
+        for chunk in chunks:
+            pair = {"model.remat_policy": remat}
+            if chunk is not None:
+                pair["loss_chunk_size"] = int(chunk)
+            probe = core.set_fields(config, {**pair, "micro_batch_size": sizes[0]})
+            flops = core._trace(probe)[1]
+            pairs.append((flops, pair))
+    pairs.sort(key=lambda fp: fp[0])
+    results: list[Candidate] = []
+    compiles = 0
+    for _, pair in pairs:
+        for mb in sizes:
+            if compiles >= max_compiles:
+                progress(f"stopped after {max_compiles} compilations (--max_compiles)")
+                return _ranked(results)
+            cand = _try(config, {**pair, "micro_batch_size": mb}, usable_bytes, progress)
+            compiles += 1
+            results.append(cand)
+            if not cand.fits:
+                break
+    return _ranked(results)
+
+
+def _ranked(results: list[Candidate]) -> list[Candidate]:
+    def key(c: Candidate):
+        if c.plan is None:
+            return (2, 0.0, 0)
+        per_example = c.plan.flops["executed"] / c.plan.examples_per_step
+        return (0 if c.fits else 1, per_example, -c.overrides["micro_batch_size"])
+
+    return sorted(results, key=key)
+
+
+def search_seq_len(
+    config,
+    usable_bytes: int,
+    *,
+    max_seq_len: int | None = None,
+    progress: Callable[[str], None] = log.info,
+) -> list[Candidate]:
+    """Candidates tried for ``seq_len`` (others as in ``config``), longest fitting first.
+
+    Args:
+      max_seq_len: upper bound (default: 64 x the config's ``seq_len``).
+
+    Raises:
+      ValueError: the config has no ``seq_len`` (not a language model).
+    """
+    if core.get_field(config, "seq_len") is None:
+        raise ValueError("--search=seq_len needs a language-model config (seq_len)")
+    start = int(config.seq_len)
+    limit = int(max_seq_len or 64 * start)
+    tried: dict[int, Candidate] = {}
+
+    def fits(n: int) -> bool:
+        if n not in tried:
+            tried[n] = _try(config, {"seq_len": n}, usable_bytes, progress)
+        return tried[n].fits
+
+    lo, hi = 0, None  # longest known to fit, shortest known not to
+    n = start
+    while n <= limit:
+        if fits(n):
+            lo, n = n, n * 2
+        else:
+            hi = n
+            break
+    if lo == 0:  # the config's own seq_len does not fit: halve down
+        n = start // 2
+        while n >= SEQ_LEN_QUANTUM and not fits(n):
+            hi, n = n, n // 2
+        lo = n if n >= SEQ_LEN_QUANTUM else 0
+    if hi is None:
+        hi = min(limit, lo * 2) + SEQ_LEN_QUANTUM
+    while lo and hi - lo > SEQ_LEN_QUANTUM:
+        mid = (lo + hi) // 2 // SEQ_LEN_QUANTUM * SEQ_LEN_QUANTUM
+        if mid in (lo, hi):
+            break
+        if fits(mid):
+            lo = mid
+        else:
+            hi = mid
+    return sorted(tried.values(), key=lambda c: (not c.fits, -c.overrides["seq_len"]))
