@@ -50,6 +50,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.min_lr_ratio = 0.0
     c.optim.grad_clip_norm = 1.0
     c.lora = default_lora_config()  # lora.enabled=True: adapters over a frozen base
+    c.lora.targets = ("c_attn",)  # PEFT's default for GPT-2 (fused q/k/v)
     c.eval = ml_collections.ConfigDict(dict(batch_size=8, max_batches=0))
     c.device = "rtx4070ti"
     run_rhythm(c, total_steps=a.steps or 2000, log_every=10, eval_every=250, ckpt_every=250)

@@ -59,6 +59,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.optim.min_lr_ratio = 0.1
     c.optim.grad_clip_norm = 1.0
     c.lora = default_lora_config()  # lora.enabled=True: adapters over a frozen base
+    c.lora.targets = ("c_attn",)  # PEFT's default for GPT-2 (fused q/k/v)
     c.eval = ml_collections.ConfigDict(dict(batch_size=8, max_batches=50))
     c.device = "rtx4070ti"  # peak FLOP/s for MFU (jaxfit.perf.DEVICES)
     run_rhythm(c, total_steps=a.steps or 5000, log_every=10, eval_every=500, ckpt_every=500)

@@ -7,7 +7,6 @@ Not a timing test: the suite's numbers on a CPU mean nothing; they must only be 
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +14,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import pytest
+from xla_env import fast_subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytest``)
@@ -25,12 +25,6 @@ from jaxfit import perf, quant  # noqa: E402
 from jaxfit.models import llama  # noqa: E402
 from jaxfit.quant import random_init  # noqa: E402
 
-# tests/conftest.py's FAST_CPU_COMPILE as XLA_FLAGS (for the suite's subprocesses).
-FAST_XLA_FLAGS = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-    "--xla_cpu_use_fusion_emitters=false"
-)
-
 
 def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
@@ -39,8 +33,7 @@ def _positive(x) -> bool:
 def test_gpu_suite_small(tmp_path):
     out = tmp_path / "result.json"
     before = (REPO / "docs" / "BENCHMARKS.md").read_text()
-    env = dict(os.environ)
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
+    env = fast_subprocess_env()
     # Runs longer than 64 tokens "run out of memory" (before compiling): the search then
     # re-tries the first failure in a fresh process, as it would on a GPU.
     cmd = [sys.executable, "-m", "experiments.bench.gpu_suite", "--small", "--json", str(out)]

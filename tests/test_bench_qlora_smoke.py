@@ -9,22 +9,17 @@ and positive.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from xla_env import fast_subprocess_env
 
 pytest.importorskip("bitsandbytes")
 pytest.importorskip("peft")
 
 REPO = Path(__file__).resolve().parents[1]
-# tests/conftest.py's FAST_CPU_COMPILE as XLA_FLAGS (for the benchmark's subprocesses).
-FAST_XLA_FLAGS = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-    "--xla_cpu_use_fusion_emitters=false"
-)
 TINY = ["--hidden_size", "64", "--intermediate_size", "128", "--num_hidden_layers", "2"]
 TINY += ["--num_attention_heads", "4", "--num_key_value_heads", "2", "--vocab_size", "1000"]
 TINY += ["--seq_len", "16", "--batch_size", "2", "--rank", "4", "--alpha", "8"]
@@ -40,9 +35,8 @@ def _positive(x) -> bool:
 )
 def test_qlora_step_tiny(tmp_path, compute_dtype, loss_tol, grad_rtol):
     out = tmp_path / "result.json"
-    env = dict(os.environ)
+    env = fast_subprocess_env()
     # Fast XLA compilation of the tiny step: compile speed is not what this test checks.
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
     cmd = [sys.executable, "-m", "experiments.bench.qlora_step", *TINY]
     cmd += ["--compute_dtype", compute_dtype, "--json", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

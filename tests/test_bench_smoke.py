@@ -8,21 +8,16 @@ finite and positive. Also unit-tests the Markdown row appender.
 
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from xla_env import fast_subprocess_env
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytest``)
     sys.path.insert(0, str(REPO))
-# tests/conftest.py's FAST_CPU_COMPILE as XLA_FLAGS (for the benchmark's subprocesses).
-FAST_XLA_FLAGS = (
-    "--xla_backend_optimization_level=0 --xla_llvm_disable_expensive_passes=true "
-    "--xla_cpu_use_fusion_emitters=false"
-)
 TINY = ["--n_layer", "2", "--n_embd", "32", "--n_head", "2", "--seq_len", "16"]
 TINY += ["--batch_size", "2", "--steps", "2", "--warmup", "1", "--vocab_size", "1000"]
 
@@ -33,9 +28,8 @@ def _positive(x) -> bool:
 
 def test_lm_step_tiny(tmp_path):
     out = tmp_path / "result.json"
-    env = dict(os.environ)
+    env = fast_subprocess_env()
     # Fast XLA compilation of the tiny step: compile speed is not what this test checks.
-    env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} {FAST_XLA_FLAGS}".strip()
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.bench.lm_step", *TINY, "--json", str(out)],
         cwd=REPO,

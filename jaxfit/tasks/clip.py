@@ -4,7 +4,8 @@ Loss: the symmetric InfoNCE of CLIP (``losses.contrastive_loss``) over the FULL 
 with exact accumulation over micro-batches by GradCache (``losses.gradcache``): with
 ``batch_size = k * micro_batch_size`` every example sees all ``batch_size - 1`` in-batch
 negatives, as if the batch were processed at once. Evaluation: image<->text recall@K over
-all captions of the validation split (``evals.retrieval``).
+all captions of the validation split (``evals.retrieval``); ``evaluate_examples`` also gives
+each query's rank of the first hit (saved by the trainer to ``WORKDIR/eval/step_<N>.npz``).
 """
 
 from __future__ import annotations

@@ -3,7 +3,9 @@
 Loss: token-level cross-entropy of next-token prediction over the unmasked tokens of the
 whole batch (padding, and prompt tokens of instruction data, are masked), accumulated
 exactly over micro-batches (``accumulate.microbatched``). Evaluation: validation loss and
-perplexity ``exp(sum loss / tokens)`` over every validation token once.
+perplexity ``exp(sum loss / tokens)`` over every validation token once; ``evaluate_examples``
+also gives the per-sequence sums behind them (the trainer saves them to
+``WORKDIR/eval/step_<N>.npz`` for bootstrap intervals: ``experiments/compare_runs.py``).
 """
 
 from __future__ import annotations

@@ -1,0 +1,327 @@
+"""Precision ablation: the same model, data and seed under fp32 / bf16 / int8 / NF4 (+ 8-bit Adam).
+
+  python experiments/ablate_precision.py --config configs/gpt2_scratch.py:demo \\
+      --out runs/ablate_gpt2 --steps 60 --base_steps 300 --config.lora.targets=c_attn
+  python experiments/ablate_precision.py --config configs/clip_coco.py:demo \\
+      --out runs/ablate_clip --arms fp32,bf16,nf4 --steps 60 --base_steps 300
+  # an existing pretrained model as the common starting point (no base stage):
+  python experiments/ablate_precision.py --config configs/gpt2_finetune.py \\
+      --init_from gpt2 --out runs/ablate_ft --config.data.path=train.txt \\
+      --config.lora.targets=c_attn
+
+The GPT-2 demo takes about 6 minutes on a 2-core CPU (``:demo`` sizes the model; the
+arms' length is ``--steps``, default the config's ``total_steps``). GPT-2 configs need
+``lora.targets=c_attn`` (or ``all-linear``) for the LoRA arms: their default names
+Llama's projections.
+
+Arms (``--arms``, default all five): ``fp32`` and ``bf16`` train every weight (LoRA
+adapters when the config enables ``lora``); ``int8`` and ``nf4`` train LoRA adapters over
+a frozen base quantised to int8 / NF4 (QLoRA); a ``+adam8`` suffix (``nf4+adam8``) also
+keeps Adam's moments in 8 bits (``optim.name=adamw8bit``). ``--arm_override
+ARM:key=value`` (repeatable) changes one arm's config only.
+
+Every arm starts from the same pretrained base (quantised arms learn little over a
+random one): ``--init_from DIR`` (an HF directory or Hub name), else the config's
+``init_from``, else a *base stage* first trains the config's model in fp32 for
+``--base_steps`` steps in ``OUT/base`` and exports it to ``OUT/base/hf``. Each arm then
+fine-tunes it for ``--steps`` steps with ``log_every=1`` (every step timed), evaluates
+once at the end on the config's held-out split, and is measured:
+
+* planned peak memory: ``jaxfit.plan.core.plan_config`` (XLA's buffer assignment of the
+  arm's real train step, compiled for abstract shapes);
+* measured peak memory: the device's ``peak_bytes_in_use`` where the backend reports it
+  (GPU/TPU), else the arm process's peak RSS (CPU; includes the Python/JAX runtime);
+  ``measured_source`` says which;
+* step time (median over steps 2..N), throughput (batch / step time; tokens/s for LMs),
+  compile time (time to the first step), final train loss (mean of the last 10% of
+  steps), validation loss + perplexity (LM) or recall@K (CLIP), with 95% bootstrap
+  intervals over the evaluation examples and paired differences to the reference arm;
+* the base's quantisation error: relative Frobenius error of the quantised frozen
+  kernels against the float ones (``jaxfit.quant.error_report``; 0 for float arms).
+
+Arms run one after another, each in a fresh process (``--worker ARM``) writing to
+``OUT/runs/<arm>`` (its log: ``worker.log``): a crash or OOM is recorded (``status``,
+``error``) and the other arms still run. An arm is finished when
+``OUT/runs/<arm>/result.json`` exists; rerunning with the same ``--out`` skips finished
+arms and re-runs unfinished or failed ones from scratch.
+
+Outputs in ``OUT``: ``results.csv`` (one row per arm), ``results.md`` (the reference arm,
+fp32 or else the first successful one, and relative differences to it), ``bootstrap.csv``,
+``loss.png``, ``memory.png``, ``throughput.png``, ``metrics_ci.png``, and ``tb/<arm>``
+(TensorBoard: ``tensorboard --logdir OUT/tb`` overlays the arms; HParams tab included).
+Config overrides ``--config.key=value`` apply to the base stage and every arm.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import logging
+import shutil
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a file: make ``experiments`` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from experiments import results, tensorboard_runs  # noqa: E402
+from experiments.bench import common  # noqa: E402
+
+PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+DEFAULT_ARMS = "fp32,bf16,int8,nf4,nf4+adam8"
+
+
+def arm_overrides(arm: str) -> list[str]:
+    """Config overrides of an arm name ``PRECISION[+adam8]``.
+
+    Raises:
+      ValueError: an unknown arm name.
+    """
+    precision, _, extra = arm.partition("+")
+    if precision not in PRECISIONS or extra not in ("", "adam8"):
+        raise ValueError(
+            f"unknown arm {arm!r}: expected PRECISION[+adam8], PRECISION in {PRECISIONS}"
+        )
+    return [f"precision={precision}"] + (["optim.name=adamw8bit"] if extra else [])
+
+
+def parse_args(argv: list[str]):
+    ap = argparse.ArgumentParser(
+        prog="experiments/ablate_precision.py",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
+    )
+    ap.add_argument("--config", required=True, help="config file[:arg]")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--steps", type=int, default=0, help="steps per arm (0: config's)")
+    ap.add_argument("--arms", default=DEFAULT_ARMS)
+    ap.add_argument("--init_from", default="", help="pretrained base (HF dir or Hub name)")
+    ap.add_argument("--base_steps", type=int, default=0, help="base stage steps (0: config's)")
+    ap.add_argument("--arm_override", action="append", default=[], metavar="ARM:KEY=VALUE")
+    ap.add_argument("--resamples", type=int, default=10_000, help="bootstrap resamples")
+    ap.add_argument("--worker", default="", help=argparse.SUPPRESS)
+    args, rest = ap.parse_known_args(argv)
+    bad = [a for a in rest if not (a.startswith("--config.") and "=" in a)]
+    if bad:
+        ap.error(f"unrecognized arguments: {' '.join(bad)} (overrides are --config.key=value)")
+    return args, [a.removeprefix("--config.") for a in rest]
+
+
+def _rhythm(config, steps: int, *, every_step: bool) -> list[str]:
+    """Run length overrides; a warmup as long as the run is shortened to a tenth of it."""
+    out = [f"total_steps={steps}"]
+    if every_step:
+        out += ["log_every=1", f"eval_every={steps}", f"ckpt_every={steps}"]
+    if config.optim.warmup_steps >= steps:
+        out.append(f"optim.warmup_steps={steps // 10}")
+    return out
+
+
+def _shared_data(config, out: Path) -> list[str]:
+    """Synthetic demo data written once into ``OUT/data`` for every stage (same data)."""
+    data = config.get("data")
+    if data is None or not data.get("synthetic") or not data.synthetic.enabled:
+        return []
+    if "root" in data and not data.root:
+        return [f"data.root={(out / 'data' / 'synthetic_coco').resolve()}"]
+    if "path" in data and not data.path:
+        return [f"data.path={(out / 'data' / 'synthetic_text.txt').resolve()}"]
+    return []
+
+
+def stage_overrides(args, config, stage: str, init_from: str) -> list[str]:
+    """Overrides of the base stage (``stage == "base"``) or an arm, after the user's."""
+    out = Path(args.out)
+    if stage == "base":
+        extra = ["precision=fp32", "optim.name=adamw"]
+        extra += ["lora.enabled=False"] if "lora" in config else []
+        steps = args.base_steps or config.total_steps
+        return _rhythm(config, steps, every_step=False) + extra + _shared_data(config, out)
+    steps = args.steps or config.total_steps
+    mine = [o.partition(":")[2] for o in args.arm_override if o.partition(":")[0] == stage]
+    return (
+        _rhythm(config, steps, every_step=True)
+        + [f"init_from={init_from}"]
+        + arm_overrides(stage)
+        + _shared_data(config, out)
+        + mine
+    )
+
+
+def worker(args, overrides: list[str]) -> int:
+    """One stage in this (fresh) process; writes result.json / error.json or base/done.json."""
+    peak = common.PeakRSS()  # first: before the heavy imports
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("absl").setLevel(logging.WARNING)  # orbax's per-save chatter
+    stage, out = args.worker, Path(args.out)
+    workdir = out / "base" if stage == "base" else out / "runs" / stage
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        import jax
+
+        from jaxfit import config as config_lib
+        from jaxfit import trainer
+
+        init_from = args.init_from  # the driver always passes it
+        user = config_lib.load_config(args.config, overrides)
+        overrides = overrides + stage_overrides(args, user, stage, init_from)
+        config = config_lib.load_config(args.config, overrides)
+        if stage == "base":
+            from jaxfit.export import export
+
+            _train(trainer, config, workdir)
+            export(str(workdir), str(workdir / "hf"))
+            results.write_json(workdir / "done.json", {"overrides": overrides})
+            return 0
+        t0 = time.perf_counter()
+        _train(trainer, config, workdir)
+        res = {"status": "ok", "arm": stage, "init_from": init_from, "overrides": overrides}
+        res["train_wall_s"] = time.perf_counter() - t0
+        res["load_average_1m"] = common.load_average()[0]  # contention during the timing
+        stats = jax.local_devices()[0].memory_stats() or {}
+        if "peak_bytes_in_use" in stats:
+            res["measured_peak_bytes"] = int(stats["peak_bytes_in_use"])
+            res["measured_source"] = "device peak_bytes_in_use"
+        else:
+            res["measured_peak_bytes"] = 1024 * peak.peak_kib()
+            res["measured_source"] = "process peak RSS"
+        res["quant_rel_error"] = quantisation_error(init_from, config.precision)
+        from jaxfit.plan.core import plan_config
+
+        plan = plan_config(config_lib.load_config(args.config, overrides))
+        res["planned_peak_bytes"] = plan.peak_bytes
+        res["plan"] = plan.to_dict()
+        results.write_json(workdir / "result.json", res)
+        return 0
+    except Exception as e:  # recorded for the table; the driver goes on with other arms
+        error = {"status": "failed", "error": f"{type(e).__name__}: {e}"}
+        results.write_json(workdir / "error.json", {**error, "traceback": traceback.format_exc()})
+        traceback.print_exc()
+        return 1
+
+
+def _train(trainer, config, workdir: Path) -> None:
+    """``trainer.train``; raises when the run stopped early (SIGINT / SIGTERM)."""
+    trainer.train(config, workdir)
+    done = max((r["step"] for r in results.read_metrics(workdir)), default=0)
+    if done < config.total_steps:
+        raise RuntimeError(f"training stopped at step {done} of {config.total_steps}")
+
+
+def quantisation_error(init_from: str, precision: str) -> float:
+    """Relative Frobenius error of the base's quantised kernels (0 for float precisions)."""
+    if precision not in ("int8", "nf4"):
+        return 0.0
+    import jax.numpy as jnp
+
+    from jaxfit import hf, quant
+
+    _, params = hf.load_pretrained(init_from, dtype=jnp.float32)
+    qparams = quant.quantize_params(params, method=precision, float_dtype=jnp.float32)
+    return float(quant.error_report(params, qparams)["summary"]["rel_frobenius"])
+
+
+def launch(argv: list[str], stage: str, log: Path) -> int:
+    """Run ``stage`` in a fresh process (this script with ``--worker``); output to ``log``."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), *argv, "--worker", stage]
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with open(log, "w") as f:
+        return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
+
+
+def _tail(path: Path, lines: int = 3) -> str:
+    text = path.read_text(errors="replace").strip().splitlines() if path.is_file() else []
+    return " / ".join(text[-lines:])
+
+
+def run_arm(argv: list[str], out: Path, arm: str) -> str:
+    """Run one arm unless finished; returns what happened (for the console)."""
+    workdir = out / "runs" / arm
+    if (workdir / "result.json").is_file():
+        return "finished earlier, skipped"
+    shutil.rmtree(workdir, ignore_errors=True)  # unfinished or failed: start over
+    t0 = time.perf_counter()
+    rc = launch(argv, arm, workdir / "worker.log")
+    took = f"{time.perf_counter() - t0:.0f} s"
+    if rc == 0 and (workdir / "result.json").is_file():
+        return f"ok ({took})"
+    if not (workdir / "error.json").is_file():  # killed (OOM, signal) before recording
+        status = f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+        results.write_json(
+            workdir / "error.json",
+            {"status": "failed", "error": f"{status}: {_tail(workdir / 'worker.log')}"},
+        )
+    return f"FAILED ({took}): {results.read_json(workdir / 'error.json')['error'][:300]}"
+
+
+def _base_note(out: Path, init_from: str) -> str:
+    """The base stage's length and final validation metrics, when it made ``init_from``."""
+    if Path(init_from) != out / "base" / "hf":
+        return ""
+    row = results.summarize_run(out / "base").row
+    evals = ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k in results.eval_keys([row]))
+    return f" (the base stage: {row['steps']} fp32 steps; {evals})"
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args, overrides = parse_args(argv)
+    if args.worker:
+        return worker(args, overrides)
+    from jaxfit import config as config_lib
+
+    try:
+        arms = [a.strip() for a in args.arms.split(",") if a.strip()]
+        for arm in arms + [o.partition(":")[0] for o in args.arm_override]:
+            arm_overrides(arm)
+        config = config_lib.load_config(args.config, overrides)
+    except (ValueError, config_lib.ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    init_from = args.init_from or config.get("init_from", "")
+    if not init_from:
+        if not (out / "base" / "done.json").is_file():
+            print(f"[base] training the base model in fp32 ({out / 'base'})", flush=True)
+            if launch(argv, "base", out / "base" / "worker.log") != 0:
+                print(f"error: base stage failed, see {out / 'base' / 'worker.log'}:")
+                print(_tail(out / "base" / "worker.log", 15), file=sys.stderr)
+                return 1
+        init_from = str(out / "base" / "hf")
+    argv += ["--init_from", init_from]
+    for arm in arms:
+        if not (out / "runs" / arm / "result.json").is_file():
+            print(f"[{arm}] running ({out / 'runs' / arm / 'worker.log'})", flush=True)
+        print(f"[{arm}] {run_arm(argv, out, arm)}", flush=True)
+    runs = [results.summarize_run(out / "runs" / arm, arm) for arm in arms]
+    tensorboard_runs.export(out / "tb", runs)
+    sources = sorted({r.row["measured_source"] for r in runs if "measured_source" in r.row})
+    notes = [
+        f"{datetime.date.today()}, {common.machine()}, commit {common.git_commit()}.",
+        f"Config `{args.config}` {' '.join(overrides)}; {args.steps or config.total_steps} "
+        f"steps per arm, all from `{init_from}`{_base_note(out, init_from)}; measured peak "
+        f"memory: {', '.join(sources) or '-'} (a peak RSS includes the Python/JAX runtime).",
+    ]
+    ok = [r.name for r in runs if r.ok]
+    reference = next((a for a in ("fp32", "bf16") if a in ok), None)
+    text = results.write_report(
+        out,
+        runs,
+        title=f"Precision ablation: {args.config}",
+        notes=notes,
+        reference=reference,
+        resamples=args.resamples,
+    )
+    print(text)
+    return 0 if all(r.ok for r in runs) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
