@@ -9,6 +9,7 @@ layer axis (parameters of a scanned stack carry a leading ``[num_layers]`` axis)
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +36,8 @@ def remat_policy(name: str) -> Callable | None:
         ``dots``: matmul outputs saved (``dots_saveable``).
         ``dots_no_batch``: matmuls without batch dimensions saved (weights x activations).
         ``names``: only tensors tagged with a name in ``SAVEABLE_NAMES`` saved.
-        ``offload``: tagged tensors offloaded to pinned host memory (GPU/TPU only).
+        ``offload``: tagged tensors offloaded to pinned host memory (GPU/TPU; on CPU
+        it warns and falls back to ``names``).
 
     Returns:
       The policy callable, or ``None`` for ``full`` (``jax.checkpoint``'s default) and
@@ -54,6 +56,13 @@ def remat_policy(name: str) -> Callable | None:
     if name == "names":
         return policies.save_only_these_names(*SAVEABLE_NAMES)
     if name == "offload":
+        if jax.default_backend() == "cpu":  # no pinned host memory apart from the host
+            warnings.warn(
+                "remat policy 'offload' needs a GPU/TPU (pinned host memory); on CPU it "
+                "falls back to 'names' (the same activations saved, in place)",
+                stacklevel=2,
+            )
+            return policies.save_only_these_names(*SAVEABLE_NAMES)
         return policies.save_and_offload_only_these_names(
             names_which_can_be_saved=[],
             names_which_can_be_offloaded=list(SAVEABLE_NAMES),

@@ -4,6 +4,7 @@ Parity with ``transformers`` is in ``tests/hf/test_lm_hf.py``. Every forward goe
 one jitted function and (mostly) one input shape, to keep compilations few.
 """
 
+import contextlib
 import dataclasses
 import functools
 
@@ -152,10 +153,15 @@ def test_remat_policies_same_logits_and_grads(model_params, jit_fast):
     """Every policy gives the no-remat logits and gradients (one compile for all)."""
     model, params = model_params
     variants = [
-        model.clone(config=dataclasses.replace(CFG, remat_policy=p)) for p in ("full", "names")
+        model.clone(config=dataclasses.replace(CFG, remat_policy=p))
+        for p in ("full", "names", "offload")
     ]
     ids = _ids((B, S))
-    results = jit_fast(lambda p: [_loss_and_grad(m, p, ids) for m in [model, *variants]])(params)
+    on_cpu = jax.default_backend() == "cpu"  # offload falls back to names, with a warning
+    with pytest.warns(UserWarning, match="offload") if on_cpu else contextlib.nullcontext():
+        results = jit_fast(lambda p: [_loss_and_grad(m, p, ids) for m in [model, *variants]])(
+            params
+        )
     (l0, logits0), g0 = results[0]
     for (l1, logits1), g1 in results[1:]:
         np.testing.assert_allclose(logits1, logits0, atol=1e-5)
