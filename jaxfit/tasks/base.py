@@ -88,6 +88,17 @@ class ParamsMixin:
     _split_cache = None
     abstract = False  # built for planning: no data, no weights (see the module docstring)
 
+    def _setup(self, config, workdir, mesh, abstract: bool):
+        """Set ``config`` / ``workdir`` / ``mesh`` / ``abstract``; returns the config the
+        task uses. Planning (``abstract``) drops ``lora.peft_dir``: adapters of the
+        config's rank and targets stand in for the files' (which cannot be traced)."""
+        if abstract and config.get("lora") and config.lora.get("peft_dir"):
+            config = config.copy_and_resolve_references()
+            with config.unlocked():
+                config.lora.peft_dir = ""
+        self.config, self.workdir, self.mesh, self.abstract = config, Path(workdir), mesh, abstract
+        return config
+
     def _init_base(self, rng: jax.Array):
         raise NotImplementedError
 

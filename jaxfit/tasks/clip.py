@@ -80,16 +80,7 @@ class CLIPTask(ParamsMixin):
     peft_task_type = None  # PEFT has no task type for dual encoders
 
     def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        self.config = config
-        self.workdir = Path(workdir)
-        self.mesh = mesh
-        self.abstract = abstract
-        if abstract and config.get("lora") and config.lora.get("peft_dir"):
-            # planning: adapters of the config's rank and targets stand in for the files'
-            config = config.copy_and_resolve_references()
-            with config.unlocked():
-                config.lora.peft_dir = ""
-            self.config = config
+        config = self._setup(config, workdir, mesh, abstract)
         data = config.data
         if abstract:  # planning: no images are read, no tokenizer trained
             self.train_records = self.val_records = []

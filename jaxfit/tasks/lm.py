@@ -58,16 +58,7 @@ class LMTask(ParamsMixin):
     seq_len, batch_size, micro_batch_size, eval, precision, seed, device}``."""
 
     def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        self.config = config
-        self.workdir = Path(workdir)
-        self.mesh = mesh
-        self.abstract = abstract
-        if abstract and config.get("lora") and config.lora.get("peft_dir"):
-            # planning: adapters of the config's rank and targets stand in for the files'
-            config = config.copy_and_resolve_references()
-            with config.unlocked():
-                config.lora.peft_dir = ""
-            self.config = config
+        config = self._setup(config, workdir, mesh, abstract)
         data_cfg = config.data
         if config.init_from and not data_cfg.tokenizer.name:
             with data_cfg.unlocked():
