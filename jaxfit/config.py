@@ -15,6 +15,7 @@ import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 from absl import flags
@@ -213,3 +214,32 @@ def run_rhythm(
     # micro_batch_size, model.remat_policy and loss_chunk_size to fit this much device
     # memory; "" = use the values of the config as they are.
     config.fit_budget = ""
+
+
+def get_field(config, path: str, default: Any = None) -> Any:
+    """``config.a.b`` for ``path="a.b"``; ``default`` when a part is missing."""
+    node = config
+    for part in path.split("."):
+        if part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_fields(config, values: dict[str, Any]):
+    """A copy of ``config`` with dotted-path fields replaced.
+
+    Raises:
+      KeyError: a path the config does not have (named).
+    """
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        for path, value in values.items():
+            *parents, last = path.split(".")
+            node = config
+            for part in parents:
+                node = node[part]
+            if last not in node:
+                raise KeyError(f"config has no field {path!r}")
+            node[last] = value
+    return config

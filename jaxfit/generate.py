@@ -19,7 +19,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import hf, lora, quant, sampling
+from jaxfit import hf, lora, quant, sampling, trainer
 
 
 def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adapter: str = ""):
@@ -36,8 +36,6 @@ def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adap
     p = Path(path)
     saved = p / "config.json"
     if saved.is_file() and "task" in json.loads(saved.read_text()):
-        from jaxfit import trainer
-
         _, task, params, _ = trainer.restore_params(p)
         tok = task.tokenizer
         params = task.full_params(params, task.frozen)

@@ -1,4 +1,5 @@
-"""Throughput accounting: FLOPs per token of a decoder, model FLOPs utilisation (MFU).
+"""Throughput accounting: FLOPs per token of a decoder, model FLOPs utilisation (MFU), and
+the table of devices (peak bf16 rate and memory) both are measured against.
 
 MFU (Chowdhery et al. 2022, PaLM, Appendix B) is the achieved rate of *model* FLOPs
 (the FLOPs the architecture needs, without rematerialisation) over the device's peak.
@@ -7,8 +8,6 @@ MFU (Chowdhery et al. 2022, PaLM, Appendix B) is the achieved rate of *model* FL
 from __future__ import annotations
 
 import dataclasses
-
-from jaxfit.plan.flops import decoder_flops_per_token  # noqa: F401  (re-exported)
 
 
 # Dense bf16 tensor-core peak without sparsity, TFLOP/s, and memory, GiB. Sources: NVIDIA
@@ -49,3 +48,37 @@ def device(name: str) -> Device:
 def mfu(flops_per_second: float, device_name: str) -> float:
     """Fraction (0-1) of the device's dense bf16 peak that ``flops_per_second`` reaches."""
     return flops_per_second / (device(device_name).peak_bf16_tflops * 1e12)
+
+
+def decoder_flops_per_token(
+    num_params: int,
+    num_layers: int,
+    hidden_size: int,
+    seq_len: int,
+    *,
+    training: bool = True,
+    frozen_params: int = 0,
+) -> float:
+    """Model FLOPs per token of a decoder-only transformer (no rematerialisation).
+
+    Forward: ``2 N + 4 L d T`` (the weight matmuls, Kaplan et al. 2020 sec. 2.1, plus the
+    attention scores and the attention-weighted values, PaLM Appendix B; nanoGPT's
+    ``estimate_mfu``). Training multiplies the forward by 3 (the backward pass computes
+    gradients w.r.t. activations AND weights: ``6 N + 12 L d T``). Weights that are frozen
+    (a LoRA / QLoRA base) get no weight gradient: ``4 N_frozen``. So a LoRA step costs
+    ``4 N_frozen + 6 N_trainable + 12 L d T``.
+
+    Args:
+      num_params: ``N``, matmul parameters (embedding lookups excluded; a tied LM head
+        counts once), trainable AND frozen.
+      num_layers: ``L``.
+      hidden_size: ``d`` (= heads x head_dim).
+      seq_len: context length ``T``.
+      training: forward + backward, or forward only.
+      frozen_params: the part of ``num_params`` that is frozen.
+    """
+    attention = 4 * num_layers * hidden_size * seq_len
+    if not training:
+        return float(2 * num_params + attention)
+    trainable = num_params - frozen_params
+    return float(6 * trainable + 4 * frozen_params + 3 * attention)

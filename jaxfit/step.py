@@ -1,7 +1,8 @@
 """Training state and the pure train / eval steps.
 
-``train_step(state, batch) -> (state, metrics)`` is a pure function of arrays: the trainer
-jits it once with ``donate_argnums=0``. Everything task-specific (model, loss, GradCache)
+``train_step(state, batch, frozen) -> (state, metrics)`` is a pure function of arrays;
+:func:`jit_train_step` jits it once with ``donate_argnums=0`` for the trainer, the planner
+and the benchmarks alike. Everything task-specific (model, loss, GradCache)
 lives in the ``loss_and_grad`` function it is built from.
 """
 
@@ -14,6 +15,8 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import struct
+
+from jaxfit import sharding
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -99,16 +102,41 @@ def make_train_step(
     return train_step
 
 
-def make_eval_step(
-    loss_fn: Callable[[PyTree, PyTree], tuple[jax.Array, Metrics]],
-) -> Callable[[PyTree, PyTree], Metrics]:
-    """Build ``eval_step(params, batch) -> metrics`` (``loss`` plus the loss's metrics).
+def abstract_train_state(task, optimizer, config, mesh):
+    """Shapes and shardings of the train state, without memory.
 
-    ``loss_fn(params, batch) -> (loss, metrics)`` must be deterministic.
+    Args:
+      task: a task (``jaxfit.tasks``): its ``abstract_params()`` give the trainable tree.
+      optimizer: from :func:`jaxfit.optim.make_optimizer`.
+      config: the run's config (``seed``).
+      mesh: the device mesh (``jaxfit.sharding.make_mesh``).
+
+    Returns:
+      ``(abstract_state, state_shardings, make_state)``: a ``TrainState`` of
+      ``jax.ShapeDtypeStruct``, the matching ``TrainState`` of shardings, and
+      ``make_state(params) -> TrainState`` (a fresh state at step 0; jittable).
     """
+    state_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
+    abstract_params = task.abstract_params()
+    param_shardings = sharding.param_shardings(abstract_params, mesh)
 
-    def eval_step(params: PyTree, batch: PyTree) -> Metrics:
-        loss, metrics = loss_fn(params, batch)
-        return {**metrics, "loss": loss}
+    def make_state(params):
+        return create_train_state(params, optimizer, state_rng)
 
-    return eval_step
+    abstract_state = jax.eval_shape(make_state, abstract_params)
+    repl = sharding.replicated(mesh)
+    state_shardings = jax.tree.map(lambda _: repl, abstract_state)
+    state_shardings = state_shardings.replace(params=param_shardings)
+    return abstract_state, state_shardings, make_state
+
+
+def jit_train_step(task, optimizer, schedule, state_shardings, mesh):
+    """The jitted ``step(state, batch, frozen) -> (state, metrics)`` every run uses (the
+    trainer runs it; the planner and the benchmarks compile it): :func:`make_train_step`
+    of ``task.loss_and_grad``, the state donated and kept in ``state_shardings``, the
+    metrics replicated."""
+    return jax.jit(
+        make_train_step(task.loss_and_grad, optimizer, schedule),
+        out_shardings=(state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0,
+    )

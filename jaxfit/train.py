@@ -8,10 +8,24 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 from jaxfit import config as config_lib
 from jaxfit import trainer
-from jaxfit.plan.apply import OutOfMemoryError
+from jaxfit.oom import OutOfMemoryError
+from jaxfit.plan import apply as plan_apply
+
+
+def run(config, workdir: str | Path) -> dict[str, float]:
+    """What the CLI runs: the planner's choice for ``workdir`` applied to ``config``
+    (``WORKDIR/plan.json``, or a fresh search when ``config.fit_budget`` is set; see
+    :func:`jaxfit.plan.apply.apply_plan`), then :func:`jaxfit.trainer.train`.
+
+    Returns:
+      :func:`jaxfit.trainer.train`'s results.
+    """
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    return trainer.train(plan_apply.apply_plan(config, workdir), workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -29,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: --workdir DIR is required", file=sys.stderr)
         return 2
     try:
-        results = trainer.train(config, flags["workdir"])
+        results = run(config, flags["workdir"])
     except OutOfMemoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -19,11 +19,11 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import checkpoint, sharding
+from jaxfit import checkpoint, oom, sharding
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit.optim import make_optimizer
-from jaxfit.step import TrainState, create_train_state, make_train_step
+from jaxfit.step import TrainState, abstract_train_state, create_train_state, jit_train_step
 from jaxfit.tasks import build_task
 from jaxfit.tasks.base import param_rng
 
@@ -54,38 +54,6 @@ class _StopSignal:
             signal.signal(sig, old)
 
 
-def abstract_train_state(task, optimizer, config, mesh):
-    """Shapes and shardings of the train state, without memory.
-
-    Returns:
-      ``(abstract_state, state_shardings, make_state)``: a ``TrainState`` of
-      ``jax.ShapeDtypeStruct``, the matching ``TrainState`` of shardings, and
-      ``make_state(params) -> TrainState`` (a fresh state at step 0; jittable).
-    """
-    state_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
-    abstract_params = task.abstract_params()
-    param_shardings = sharding.param_shardings(abstract_params, mesh)
-
-    def make_state(params):
-        return create_train_state(params, optimizer, state_rng)
-
-    abstract_state = jax.eval_shape(make_state, abstract_params)
-    repl = sharding.replicated(mesh)
-    state_shardings = jax.tree.map(lambda _: repl, abstract_state)
-    state_shardings = state_shardings.replace(params=param_shardings)
-    return abstract_state, state_shardings, make_state
-
-
-def jit_train_step(task, optimizer, schedule, state_shardings, mesh):
-    """The jitted ``step(state, batch, frozen) -> (state, metrics)`` every run uses (and the
-    planner compiles): the state donated and kept in ``state_shardings``."""
-    return jax.jit(
-        make_train_step(task.loss_and_grad, optimizer, schedule),
-        out_shardings=(state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0,
-    )
-
-
 def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
     """Create the train state in its shardings, or restore it from the latest checkpoint.
 
@@ -111,7 +79,9 @@ def train(
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
     Args:
-      config: a validated ``ConfigDict`` (see ``jaxfit.config``).
+      config: a validated ``ConfigDict`` (see ``jaxfit.config``), used as given: a
+        planner's choice (``plan.json``, ``fit_budget``) is applied by the caller
+        (``jaxfit.train``) before this is called.
       workdir: run directory: ``config.json``, ``checkpoints/``, TensorBoard events,
         ``metrics.jsonl`` and the task's artefacts (tokenizer) go there.
       on_step: optional hook ``(step, state)`` called after every step (tests use it to
@@ -124,11 +94,8 @@ def train(
     Raises:
       FloatingPointError: a non-finite loss or gradient norm.
     """
-    from jaxfit.plan import apply as plan_apply  # noqa: PLC0415 (the planner imports us)
-
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config = plan_apply.apply_plan(config, workdir)
     config_lib.save_config(config, workdir)
     mesh = sharding.make_mesh()
     task = build_task(config, workdir, mesh)
@@ -139,8 +106,8 @@ def train(
         state, state_shardings, meta = build_state(task, optimizer, config, mesh, ckpt)
     except Exception as e:
         ckpt.close()
-        if plan_apply.is_out_of_memory(e):
-            raise plan_apply.OutOfMemoryError.from_config(config, e, "initialisation") from e
+        if oom.is_out_of_memory(e):
+            raise oom.OutOfMemoryError.from_config(config, e, "initialisation") from e
         raise
     iterator = task.train_iterator()
     if meta is not None:
@@ -211,13 +178,11 @@ def _run_step(step_fn, state, batch, task, config, *, first: bool):
     compiles it) becomes an :class:`OutOfMemoryError` that says what to change."""
     if not first:
         return step_fn(state, batch, task.frozen)
-    from jaxfit.plan import apply as plan_apply  # noqa: PLC0415
-
     try:
         return step_fn(state, batch, task.frozen)
     except Exception as e:
-        if plan_apply.is_out_of_memory(e):
-            raise plan_apply.OutOfMemoryError.from_config(config, e, "the first step") from e
+        if oom.is_out_of_memory(e):
+            raise oom.OutOfMemoryError.from_config(config, e, "the first step") from e
         raise
 
 
@@ -285,10 +250,8 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
 
 
 __all__ = [
-    "abstract_train_state",
     "build_state",
     "evaluate",
-    "jit_train_step",
     "restore_params",
     "run_evaluation",
     "train",

@@ -66,10 +66,3 @@ def test_train_step_decreases_loss_and_reports_metrics():
     assert int(state.step) == total
     assert losses[-1] < 1e-2 * losses[0]
     assert train_step._cache_size() == 1  # no recompilation across steps
-
-
-def test_eval_step():
-    params, batch = _problem()
-    metrics = jax.jit(step.make_eval_step(loss_fn))(params, batch)
-    assert set(metrics) == {"loss", "mse", "pred_mean"}
-    np.testing.assert_allclose(metrics["loss"], np.mean(batch["y"] ** 2), rtol=1e-6)

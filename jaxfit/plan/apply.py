@@ -16,7 +16,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from jaxfit.plan import core
+from jaxfit.config import set_fields
+from jaxfit.plan import estimate, search
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +70,11 @@ def apply_plan(config, workdir: str | os.PathLike):
     if not overrides:
         return config
     log.info("applying the planner's choice from %s: %s", Path(workdir) / PLAN_FILE, overrides)
-    return core.set_fields(config, overrides)
+    return set_fields(config, overrides)
 
 
 def fit_budget(config, workdir) -> dict[str, Any]:
     """Search the config's levers for ``config.fit_budget`` and record the best."""
-    from jaxfit.plan import estimate, search  # noqa: PLC0415 (search imports the trainer)
-
     budget = estimate.parse_bytes(config.fit_budget)
     usable = usable_bytes(budget)
     log.info("fit_budget=%s: searching micro-batch x remat x loss chunk", config.fit_budget)
@@ -90,48 +89,3 @@ def fit_budget(config, workdir) -> dict[str, Any]:
         )
     write_plan(workdir, best.overrides, {"budget": config.fit_budget, "plan": best.plan.to_dict()})
     return best.overrides
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    """Whether ``error`` is XLA's out-of-memory (``RESOURCE_EXHAUSTED``)."""
-    text = str(error)
-    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
-
-
-def oom_advice(config) -> list[str]:
-    """What to change after an out-of-memory error, cheapest in speed first: the levers
-    the config does not already pull."""
-    out = []
-    mb = core.get_field(config, "micro_batch_size")
-    if mb and mb > 1:
-        out.append(
-            f"--config.micro_batch_size={max(mb // 2, 1)} (accumulation keeps the "
-            f"effective batch of {config.batch_size})"
-        )
-    if core.get_field(config, "model.remat_policy") not in (None, "full"):
-        out.append("--config.model.remat_policy=full (recompute activations)")
-    if core.get_field(config, "loss_chunk_size") == 0:
-        out.append("--config.loss_chunk_size=1024 (LM head + loss in chunks of tokens)")
-    if config.precision in ("fp32", "bf16"):
-        out.append("--config.precision=nf4 (QLoRA: a frozen NF4 base + LoRA adapters)")
-    if core.get_field(config, "optim.name") == "adamw":
-        out.append("--config.optim.name=adamw8bit (8-bit optimizer moments)")
-    return out
-
-
-class OutOfMemoryError(RuntimeError):
-    """The device ran out of memory compiling or running the first step; the message
-    says what to change. No checkpoint was written by the failed step."""
-
-    @classmethod
-    def from_config(cls, config, error: BaseException, where: str) -> OutOfMemoryError:
-        device = core.get_field(config, "device") or "rtx4070ti"
-        first = str(error).strip().splitlines()[0][:300]
-        advice = "\n".join(f"  - {a}" for a in oom_advice(config)) or "  (none left)"
-        return cls(
-            f"out of device memory during {where}: {first}\n"
-            f"Options (each alone may suffice):\n{advice}\n"
-            f"Or let the planner choose: python -m jaxfit.plan --config <this config> "
-            f"--device {device} --search --apply <workdir>, or "
-            f"--config.fit_budget=<card memory, e.g. 12GiB>."
-        )

@@ -3,7 +3,7 @@
 ``plan_config(config)`` builds the task without data or weights (``build_task(...,
 abstract=True)``), the train state, batch and frozen base as ``jax.ShapeDtypeStruct``
 trees, and compiles the SAME jitted step ``jaxfit.train`` runs
-(``trainer.jit_train_step``) on the local backend. Nothing is allocated: an 8B QLoRA step
+(``step.jit_train_step``) on the local backend. Nothing is allocated: an 8B QLoRA step
 compiles on a CPU-only machine.
 
 Memory comes from XLA's buffer assignment (``compiled.memory_analysis()``): the step's
@@ -27,13 +27,14 @@ import jax
 import numpy as np
 
 from jaxfit import checkpoint, sharding
+from jaxfit.config import get_field, set_fields
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import training as lora_training
 from jaxfit.optim import make_optimizer
 from jaxfit.plan import flops as flops_lib
-from jaxfit.quant.leaves import is_weight_leaf
+from jaxfit.quant.base import is_weight_leaf
+from jaxfit.step import abstract_train_state, jit_train_step
 from jaxfit.tasks import build_task
-from jaxfit.trainer import abstract_train_state, jit_train_step
 
 log = logging.getLogger(__name__)
 
@@ -49,35 +50,6 @@ CPU_COMPILE_OPTIONS = {
 SETTINGS = ("batch_size", "micro_batch_size", "model.remat_policy", "loss_chunk_size", "seq_len")
 
 
-def get_field(config, path: str, default: Any = None) -> Any:
-    """``config.a.b`` for ``path="a.b"``; ``default`` when a part is missing."""
-    node = config
-    for part in path.split("."):
-        if part not in node:
-            return default
-        node = node[part]
-    return node
-
-
-def set_fields(config, values: dict[str, Any]):
-    """A copy of ``config`` with dotted-path fields replaced.
-
-    Raises:
-      KeyError: a path the config does not have (named).
-    """
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        for path, value in values.items():
-            *parents, last = path.split(".")
-            node = config
-            for part in parents:
-                node = node[part]
-            if last not in node:
-                raise KeyError(f"config has no field {path!r}")
-            node[last] = value
-    return config
-
-
 def tree_bytes(tree: Any) -> int:
     """Total bytes of the arrays (or ``ShapeDtypeStruct``) of a pytree."""
     return int(
@@ -90,21 +62,18 @@ def _arrays(tree: Any) -> list:
 
 
 def frozen_bytes_by_kind(frozen: Any) -> dict[str, int]:
-    """Bytes of a frozen base by storage kind: ``nf4`` / ``int8`` quantised leaves (codes
-    and their statistics) and float leaves by dtype name."""
+    """Bytes of a frozen base by storage kind: quantised leaves by their format
+    (``leaf.kind``: ``nf4``, ``int8``; codes and statistics, ``leaf.nbytes``) and float
+    leaves by dtype name."""
     out: dict[str, int] = {}
     for leaf in jax.tree.leaves(frozen, is_leaf=is_weight_leaf):
         if is_weight_leaf(leaf):
-            kind = {"NF4Weight": "nf4", "Int8Weight": "int8"}.get(type(leaf).__name__)
-            if kind is None:  # a LoRA leaf of the frozen tree: its base
-                for sub in jax.tree.leaves(leaf.base, is_leaf=is_weight_leaf):
-                    for k, v in frozen_bytes_by_kind(sub).items():
-                        out[k] = out.get(k, 0) + v
-                continue
-            out[kind] = out.get(kind, 0) + tree_bytes(leaf)
+            kind, size = leaf.kind, leaf.nbytes
         elif hasattr(leaf, "dtype"):
-            kind = np.dtype(leaf.dtype).name
-            out[kind] = out.get(kind, 0) + tree_bytes(leaf)
+            kind, size = np.dtype(leaf.dtype).name, tree_bytes(leaf)
+        else:
+            continue
+        out[kind] = out.get(kind, 0) + size
     return out
 
 

@@ -1,4 +1,5 @@
-"""FLOP counts of a traced step, and the closed-form FLOPs of a decoder.
+"""FLOP counts of a traced step (the closed-form FLOPs of a decoder are
+:func:`jaxfit.perf.decoder_flops_per_token`).
 
 XLA's ``compiled.cost_analysis()["flops"]`` counts the body of every loop ONCE: a step
 whose layers run in an ``nn.scan`` (and whose micro-batches run in a ``lax.scan``) is
@@ -78,37 +79,3 @@ def traced_flops(fn: Callable, *args: Any) -> float:
     """Matmul FLOPs of one call of ``fn(*args)`` (arrays or ``jax.ShapeDtypeStruct``),
     from its jaxpr (:func:`jaxpr_flops`); nothing is compiled or run."""
     return jaxpr_flops(jax.make_jaxpr(fn)(*args))
-
-
-def decoder_flops_per_token(
-    num_params: int,
-    num_layers: int,
-    hidden_size: int,
-    seq_len: int,
-    *,
-    training: bool = True,
-    frozen_params: int = 0,
-) -> float:
-    """Model FLOPs per token of a decoder-only transformer (no rematerialisation).
-
-    Forward: ``2 N + 4 L d T`` (the weight matmuls, Kaplan et al. 2020 sec. 2.1, plus the
-    attention scores and the attention-weighted values, PaLM Appendix B; nanoGPT's
-    ``estimate_mfu``). Training multiplies the forward by 3 (the backward pass computes
-    gradients w.r.t. activations AND weights: ``6 N + 12 L d T``). Weights that are frozen
-    (a LoRA / QLoRA base) get no weight gradient: ``4 N_frozen``. So a LoRA step costs
-    ``4 N_frozen + 6 N_trainable + 12 L d T``.
-
-    Args:
-      num_params: ``N``, matmul parameters (embedding lookups excluded; a tied LM head
-        counts once), trainable AND frozen.
-      num_layers: ``L``.
-      hidden_size: ``d`` (= heads x head_dim).
-      seq_len: context length ``T``.
-      training: forward + backward, or forward only.
-      frozen_params: the part of ``num_params`` that is frozen.
-    """
-    attention = 4 * num_layers * hidden_size * seq_len
-    if not training:
-        return float(2 * num_params + attention)
-    trainable = num_params - frozen_params
-    return float(6 * trainable + 4 * frozen_params + 3 * attention)

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxfit.quant import leaves
+from jaxfit.quant import base
 
 
 @functools.partial(jax.jit, static_argnames="transpose")
@@ -41,7 +41,8 @@ def _dequantize(q: jax.Array, scale: jax.Array, dtype: str) -> jax.Array:
     return (q.astype(jnp.float32) * scale[..., None, :]).astype(dtype)
 
 
-class Int8Weight(struct.PyTreeNode, leaves.WeightLeaf):
+@base.register("int8")
+class Int8Weight(struct.PyTreeNode, base.WeightLeaf):
     """An int8 kernel with per-output-channel float32 scales; a weight leaf for ``Dense``.
 
     Attributes:
@@ -87,7 +88,7 @@ class Int8Weight(struct.PyTreeNode, leaves.WeightLeaf):
         dtype = jnp.dtype(jnp.result_type(w) if dtype is None else dtype).name
         q, absmax = _quantize(w, transpose=layout == "hf")
         # On the host: XLA would turn the division by a constant into a multiplication.
-        scale = leaves.on_host(
+        scale = base.on_host(
             lambda a: np.asarray(a, np.float32) / np.float32(127),
             absmax,
             result_shapes=jax.ShapeDtypeStruct(np.shape(absmax), jnp.float32),

@@ -1,20 +1,11 @@
-"""Quantised weight leaves and the parameter-tree transform that installs them.
+"""The parameter-tree transforms that install quantised weight leaves, and where they go.
 
-A *weight leaf* (see :func:`jaxfit.models.layers.matmul`) stands in the parameter tree
-where a ``kernel [in, out]`` array would be and implements ``matmul(x, dtype)``. The
-quantised leaves (:class:`~jaxfit.quant.int8.Int8Weight`,
-:class:`~jaxfit.quant.nf4.NF4Weight`) are ``flax.struct`` pytrees of integer codes and
-float statistics, so ``jax.jit``, ``nn.scan`` (which slices every array on the leading
-layer axis) and the path-string rules of :mod:`jaxfit.params` see ordinary arrays.
-
-Why the leaves are also flax ``AxisMetadata`` boxes: ``Module.param`` checks the first
-array of an existing parameter against the initializer's ``[in, out]`` shape
-(``ScopeParamShapeError``), and an NF4 leaf's first array is the packed ``uint8
-[in*out/2]`` code vector. ``param`` *unboxes* ``AxisMetadata`` before that check, and a
-leaf unboxes to a :class:`KernelView`, a plain object with ``shape == (in, out)`` and the
-same ``matmul``, so ``layers.Dense`` runs quantised weights without a code change. The
-box's ``add_axis`` / ``remove_axis`` (called by ``nn.scan``) are identities: the layer
-axis lives in the arrays, the static metadata is per layer.
+:func:`quantize_params` replaces the kernels selected by rules over parameter paths
+(:mod:`jaxfit.params`) with leaves of a registered format (:mod:`jaxfit.quant.base`;
+importing this module registers ``int8`` and ``nf4``); :func:`dequantize_params` undoes it.
+The leaves are ``flax.struct`` pytrees of integer codes and float statistics, so
+``jax.jit``, ``nn.scan`` (which slices every array on the leading layer axis) and the
+path-string rules see ordinary arrays.
 """
 
 from __future__ import annotations
@@ -25,93 +16,21 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax.core import meta
 
 from jaxfit import params as params_lib
+from jaxfit.quant import base, int8, nf4  # noqa: F401  (int8 / nf4 register their formats)
+from jaxfit.quant.base import is_weight_leaf
 
 # Every kernel inside a stack of layers: ``layers/...`` (Llama, CLIP towers) and ``h/...``
 # (GPT-2). Embeddings, norms and the LM head stay float, as transformers' bitsandbytes
 # integration keeps them (``get_keys_to_not_convert``: the output embedding is skipped).
 DEFAULT_RULES: tuple[str, ...] = (r"(^|/)(layers|h)/.*kernel$",)
 
-METHODS = ("nf4", "int8")
-
-
-class KernelView:
-    """What a layer sees when it reads a quantised leaf through ``Module.param``.
-
-    Not a pytree: it only lives inside a traced ``apply``. ``shape`` is the logical
-    per-layer kernel shape ``(in, out)`` (what flax compares against the initializer);
-    ``matmul`` forwards to the leaf.
-    """
-
-    def __init__(self, leaf: WeightLeaf):
-        self.leaf = leaf
-        self.shape = tuple(leaf.kernel_shape)
-        self.ndim = len(self.shape)
-        self.dtype = jnp.dtype(leaf.dtype)
-
-    def matmul(self, x: jax.Array, dtype: Any) -> jax.Array:
-        return self.leaf.matmul(x, dtype)
-
-    def __repr__(self) -> str:
-        return f"KernelView({type(self.leaf).__name__}, shape={self.shape})"
-
-
-class WeightLeaf(meta.AxisMetadata):
-    """Mixin of the quantised leaves: the flax box protocol (see the module docstring).
-
-    Subclasses provide ``kernel_shape`` (per-layer ``(in, out)``), ``dtype`` (name of the
-    float dtype ``dequantize`` returns by default), ``matmul(x, dtype)`` and
-    ``dequantize(dtype=None)``.
-    """
-
-    def unbox(self) -> KernelView:
-        return KernelView(self)
-
-    def replace_boxed(self, val: Any) -> WeightLeaf:
-        if isinstance(val, KernelView):
-            return val.leaf
-        raise TypeError(
-            f"cannot replace the contents of a {type(self).__name__} with {type(val).__name__}"
-        )
-
-    def add_axis(self, index: int, params: dict) -> WeightLeaf:
-        return self
-
-    def remove_axis(self, index: int, params: dict) -> WeightLeaf:
-        return self
-
-
-def on_host(fn, *args, result_shapes):
-    """``fn(*args)`` in host numpy: directly for concrete arrays, through
-    ``jax.pure_callback`` when an argument is traced (under ``jit`` / ``eval_shape``, e.g.
-    planning a quantised base without its weights), so the exact float32 host arithmetic of
-    the bitsandbytes-compatible statistics is the same either way.
-
-    Args:
-      fn: numpy function of ``args`` returning arrays shaped like ``result_shapes``.
-      result_shapes: pytree of ``jax.ShapeDtypeStruct`` of ``fn``'s results.
-    """
-    if any(isinstance(a, jax.core.Tracer) for a in jax.tree.leaves(args)):
-        return jax.pure_callback(fn, result_shapes, *args)
-    return fn(*(np.asarray(a) for a in args))
-
-
-def is_weight_leaf(x: Any) -> bool:
-    """True for a quantised leaf (``Int8Weight`` / ``NF4Weight``)."""
-    return isinstance(x, WeightLeaf)
-
 
 def leaf_class(method: str):
-    """The leaf class of a method name (``"nf4"`` or ``"int8"``); ``ValueError`` if unknown."""
-    from jaxfit.quant.int8 import Int8Weight
-    from jaxfit.quant.nf4 import NF4Weight
-
-    classes = {"nf4": NF4Weight, "int8": Int8Weight}
-    if method not in classes:
-        raise ValueError(f"unknown quantisation method {method!r}; expected one of {METHODS}")
-    return classes[method]
+    """The leaf class of a format name (``"nf4"``, ``"int8"``, any registered format);
+    ``ValueError`` if unknown."""
+    return base.format_class(method)
 
 
 def quantize_params(

@@ -42,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from jaxfit.quant import leaves
+from jaxfit.quant import base
 
 # The 16 NF4 values, bitsandbytes ``functional.get_4bit_type("nf4")`` (= QLoRA Appendix E,
 # ``create_normal_map(offset=0.9677083)``), as float32.
@@ -219,7 +219,8 @@ def _check_blocksize(n: int, blocksize: int, what: str) -> None:
         )
 
 
-class NF4Weight(struct.PyTreeNode, leaves.WeightLeaf):
+@base.register("nf4")
+class NF4Weight(struct.PyTreeNode, base.WeightLeaf):
     """An NF4-quantised linear weight (bitsandbytes layout), a weight leaf for ``Dense``.
 
     Arrays may carry leading layer axes ``[L, ...]`` (stacked ``nn.scan`` parameters, one
@@ -327,7 +328,7 @@ class NF4Weight(struct.PyTreeNode, leaves.WeightLeaf):
                     jax.ShapeDtypeStruct((), jnp.float32),
                 )
                 fixed = None if offsets is None else offsets[idx]
-                absmax, nested_absmax, off = leaves.on_host(
+                absmax, nested_absmax, off = base.on_host(
                     functools.partial(_double_quant, code=code, offset=fixed),
                     absmax,
                     result_shapes=shapes,

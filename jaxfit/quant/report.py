@@ -8,7 +8,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxfit.quant.leaves import is_weight_leaf
+from jaxfit.quant.base import is_weight_leaf
 
 
 def bits_per_weight(

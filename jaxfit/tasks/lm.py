@@ -22,10 +22,9 @@ import numpy as np
 
 from jaxfit import accumulate, losses, perf
 from jaxfit.data import text as text_data
-from jaxfit.data.synthetic_text import write_synthetic_text
+from jaxfit.data.text import write_synthetic_text
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.models import gpt2, llama, rope
-from jaxfit.plan import flops as flops_lib
 from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, base_model
 
 log = logging.getLogger(__name__)
@@ -188,7 +187,7 @@ class LMTask(ParamsMixin):
         return {k: int(v) for k, v in stats.items() if k != "documents" and v}
 
     def flops_per_token(self) -> float:
-        """Model FLOPs per trained token (:func:`jaxfit.plan.flops.decoder_flops_per_token`:
+        """Model FLOPs per trained token (:func:`jaxfit.perf.decoder_flops_per_token`:
         ``6 N + 12 L d T``, a frozen LoRA / QLoRA base counting ``4 N``), with ``N`` the
         matmul parameters (lookup-only embeddings excluded), adapters included."""
         if self._flops_per_token is None:
@@ -198,7 +197,7 @@ class LMTask(ParamsMixin):
             report = lora_adapters.trainable_report(matmul)
             frozen = report["total"] - report["trainable"] if self.frozen_base else 0
             n_layers, hidden = _shape(self.model)
-            self._flops_per_token = flops_lib.decoder_flops_per_token(
+            self._flops_per_token = perf.decoder_flops_per_token(
                 report["total"], n_layers, hidden, self.config.seq_len, frozen_params=frozen
             )
         return self._flops_per_token

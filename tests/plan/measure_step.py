@@ -15,6 +15,7 @@ import jax
 
 from jaxfit import config as config_lib
 from jaxfit import sharding, trainer
+from jaxfit import step as step_lib
 from jaxfit.optim import make_optimizer
 from jaxfit.tasks import build_task
 
@@ -36,7 +37,7 @@ def main(spec, *overrides):
         )
         ckpt = trainer.checkpoint.Checkpointer(f"{workdir}/ckpt")
         state, shardings, _ = trainer.build_state(task, optimizer, config, mesh, ckpt)
-        step = trainer.jit_train_step(task, optimizer, schedule, shardings, mesh)
+        step = step_lib.jit_train_step(task, optimizer, schedule, shardings, mesh)
         batch = sharding.shard_batch(next(task.train_iterator()), mesh)
         frozen = task.frozen
         compiled = step.lower(state, batch, frozen).compile()

@@ -6,9 +6,10 @@ import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxfit.perf import decoder_flops_per_token
 from jaxfit.plan import estimate
 from jaxfit.plan.core import Plan
-from jaxfit.plan.flops import decoder_flops_per_token, traced_flops
+from jaxfit.plan.flops import traced_flops
 
 L, B, D = 8, 64, 256
 FORWARD = L * 2 * B * D * D  # one matmul [B, D] x [D, D] per layer

@@ -9,7 +9,8 @@ import jax
 import pytest
 
 from jaxfit import config as config_lib
-from jaxfit import trainer
+from jaxfit import oom, trainer
+from jaxfit import train as train_cli
 from jaxfit.plan import apply, core, search
 
 REPO = Path(__file__).resolve().parents[2]
@@ -60,7 +61,7 @@ def test_apply_writes_the_plan_and_train_uses_it(tmp_path, monkeypatch):
     # a resumed run (plan.json present) reuses it without searching again
     assert apply.apply_plan(budget, tmp_path).micro_batch_size == 8 and len(calls) == 1
     # jaxfit.train applies plan.json and records the values in config.json
-    trainer.train(config, tmp_path)
+    train_cli.run(config, tmp_path)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert (saved["micro_batch_size"], saved["model"]["remat_policy"]) == (8, "full")
     with pytest.raises(KeyError, match="no field"):
@@ -81,7 +82,7 @@ def test_out_of_memory_in_the_first_step_stops_cleanly_with_advice(tmp_path, mon
         return step
 
     monkeypatch.setattr(trainer, "jit_train_step", jit_oom)
-    with pytest.raises(apply.OutOfMemoryError) as err:
+    with pytest.raises(oom.OutOfMemoryError) as err:
         trainer.train(config, tmp_path)
     text = str(err.value)
     assert "the first step" in text and "12.50GiB" in text
@@ -90,4 +91,4 @@ def test_out_of_memory_in_the_first_step_stops_cleanly_with_advice(tmp_path, mon
         assert advice in text, advice
     ckpts = tmp_path / "checkpoints"
     assert not ckpts.exists() or not any(p.name.isdigit() for p in ckpts.iterdir())
-    assert not apply.is_out_of_memory(ValueError("shape mismatch"))
+    assert not oom.is_out_of_memory(ValueError("shape mismatch"))
