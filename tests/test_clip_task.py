@@ -160,7 +160,7 @@ def test_finetune_from_hf_clip_and_export(tmp_path):
     torch = pytest.importorskip("torch")
     import transformers
 
-    from jaxfit.data.tokenizers import clip_tokenizer_from_bpe
+    from jaxfit.data.image_text import clip_tokenizer_from_bpe
 
     hf_dir = tmp_path / "clip-random"
     clip_tokenizer_from_bpe(_shared("tokenizers", "clip", "bpe_simple_vocab_16e6.txt.gz"), hf_dir)

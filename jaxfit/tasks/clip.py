@@ -19,7 +19,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import losses
-from jaxfit.data import image_text, pipeline, synthetic, tokenizers
+from jaxfit.data import image_text
+from jaxfit.data.image_text import caption_tokenizer as tokenizers
+from jaxfit.data.image_text import pipeline
+from jaxfit.data.image_text import synthetic_coco as synthetic
 from jaxfit.evals import retrieval
 from jaxfit.models import clip as clip_model
 from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, base_model

@@ -7,13 +7,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import jaxfit.data.token_file as token_file_mod
+import jaxfit.data.text.token_file as token_file_mod
 from jaxfit.data.text import default_text_config, prepare_text_data
-from jaxfit.data.text_sources import InstructionExample, TextStats
-from jaxfit.data.text_tokenizer import TextTokenizer, load_or_train
-from jaxfit.data.token_file import TokenFile, build_token_file, token_dtype, write_token_file
+from jaxfit.data.text.documents import InstructionExample, TextStats
+from jaxfit.data.text.token_file import TokenFile, build_token_file, token_dtype, write_token_file
+from jaxfit.data.text.tokenizer import TextTokenizer, load_or_train
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 DOCS = ["First document, short.", "Second one\nhas two lines.", "Third: the end!"]
 
 

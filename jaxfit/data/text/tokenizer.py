@@ -22,13 +22,13 @@ import hashlib
 import json
 import logging
 import os
-import shutil
-import tempfile
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import ml_collections
+
+from jaxfit.data import bpe
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,7 @@ def _capped(texts: Iterable[str], max_chars: int) -> Iterable[str]:
         yield t
 
 
-def train_bpe(
+def train_text_bpe(
     texts: Iterable[str],
     out_dir: str | os.PathLike,
     *,
@@ -186,53 +186,34 @@ def train_bpe(
     min_frequency: int = 2,
     max_chars: int = 0,
 ) -> TextTokenizer:
-    """Train a byte-level BPE (GPT-2 pre-tokenizer regex, 256 byte symbols, one special
-    token ``<|endoftext|>`` = id 0) on ``texts`` and save it to ``out_dir`` atomically.
+    """Train a byte-level BPE (``data.bpe.train_bpe``: GPT-2 pre-tokenizer regex, no prefix
+    space, no normalisation, 256 byte symbols, one special token ``<|endoftext|>`` = id 0)
+    on ``texts`` (the first ``max_chars`` characters when > 0) and save it to ``out_dir``
+    atomically (``data.bpe.atomic_directory``).
 
-    The BPE trainer is ``tokenizers.trainers.BpeTrainer``; every byte is in the initial
-    alphabet, so any text encodes and ``decode(encode(t)) == t``.
+    Every byte is in the initial alphabet, so any text encodes and ``decode(encode(t)) == t``.
 
     Returns the tokenizer as reloaded from ``out_dir`` (EOS = BOS = ``<|endoftext|>``).
 
     Raises:
       ValueError: ``vocab_size`` < 257 (256 bytes + the special token).
+      FileExistsError: ``out_dir`` is not empty.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 257:
-        raise ValueError(
-            f"tokenizer.vocab_size must be >= 257 for a byte-level BPE, got {vocab_size}"
-        )
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tok = bpe.train_bpe(
+        _capped(texts, max_chars),
         vocab_size=vocab_size,
-        min_frequency=min_frequency,
         special_tokens=[ENDOFTEXT],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        min_frequency=min_frequency,
     )
-    tok.train_from_iterator(_capped(texts, max_chars), trainer)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".tmp-", dir=out_dir.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private
-    try:
-        tok.save(str(tmp / "tokenizer.json"))
+    with bpe.atomic_directory(out_dir) as tmp:
         hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=ENDOFTEXT, bos_token=ENDOFTEXT)
         hf.save_pretrained(str(tmp))  # tokenizer_config.json for AutoTokenizer / exports
         tok.save(str(tmp / "tokenizer.json"))  # keep the tokenizers-native file
         meta = {"vocab_size": vocab_size, "min_frequency": min_frequency, "max_chars": max_chars}
         (tmp / _TRAIN_META).write_text(json.dumps(meta, indent=2))
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    trained = _load_trained(out_dir)
+    trained = _load_trained(Path(out_dir))
     logger.info("trained byte-level BPE with %d tokens -> %s", trained.vocab_size, out_dir)
     return trained
 
@@ -271,7 +252,7 @@ def load_or_train(
         return _load_trained(out_dir)
     if texts is None:
         raise ValueError(f"no tokenizer in {out_dir} and no training texts to train one")
-    return train_bpe(
+    return train_text_bpe(
         texts(),
         out_dir,
         vocab_size=cfg.vocab_size,

@@ -1,12 +1,12 @@
-"""Text data for causal language models: config, one-call preparation, public API.
+"""The text config and one-call preparation of a run's LM data.
 
-Pipeline (each step in its own file):
+Pipeline (each step in its own file of ``jaxfit.data.text``):
 
-1. ``text_sources.load_documents(cfg, split)``: files / HF datasets -> documents + stats.
-2. ``text_tokenizer.load_or_train(cfg.tokenizer, workdir, texts)``: the run's tokenizer.
+1. ``documents.load_documents(cfg, split)``: files / HF datasets -> documents + stats.
+2. ``tokenizer.load_or_train(cfg.tokenizer, workdir, texts)``: the run's tokenizer.
 3. ``token_file.build_token_file(cfg, tokenizer, split, cache_dir)``: documents -> a cached
    flat token file (``uint16``/``uint32`` memmap + JSON sidecar, EOS after each document).
-4. ``text_batches.train_batches`` / ``eval_batches``: ``[B, seq_len]`` batches with
+4. ``batches.train_batches`` / ``eval_batches``: ``[B, seq_len]`` batches with
    ``labels[t] = tokens[t + 1]``, ``loss_mask``, ``segment_ids``, ``positions``.
 
 :func:`prepare_text_data` runs 1-3 for the train and (when configured) validation splits;
@@ -22,45 +22,15 @@ from typing import Any
 
 import ml_collections
 
-from jaxfit.data.text_batches import (
-    BATCH_INT_KEYS,
-    EvalBatches,
-    TrainBatches,
-    eval_batches,
-    train_batches,
-)
-from jaxfit.data.text_sources import (
+from jaxfit.data.text.documents import (
     Document,
-    InstructionExample,
     TextStats,
     document_text,
     has_validation,
     load_documents,
 )
-from jaxfit.data.text_tokenizer import TextTokenizer, default_tokenizer_config, load_or_train
-from jaxfit.data.token_file import TokenFile, build_token_file, token_dtype
-
-__all__ = [
-    "BATCH_INT_KEYS",
-    "Document",
-    "EvalBatches",
-    "InstructionExample",
-    "TextData",
-    "TextStats",
-    "TextTokenizer",
-    "TokenFile",
-    "TrainBatches",
-    "build_token_file",
-    "check_model_fit",
-    "default_text_config",
-    "eval_batches",
-    "has_validation",
-    "load_documents",
-    "load_or_train",
-    "prepare_text_data",
-    "token_dtype",
-    "train_batches",
-]
+from jaxfit.data.text.token_file import TokenFile, build_token_file
+from jaxfit.data.text.tokenizer import TextTokenizer, default_tokenizer_config, load_or_train
 
 
 def default_text_config() -> ml_collections.ConfigDict:

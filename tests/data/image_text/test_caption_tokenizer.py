@@ -11,11 +11,11 @@ import json
 import numpy as np
 import pytest
 
-from jaxfit.data.tokenizers import (
+from jaxfit.data.image_text.caption_tokenizer import (
     CaptionTokenizer,
     clip_tokenizer_from_bpe,
-    load_or_train,
-    train_bpe,
+    load_or_train_caption_bpe,
+    train_caption_bpe,
 )
 
 
@@ -138,7 +138,7 @@ def test_truncation_keeps_eos_last_and_special_strings_are_text(clip_dir):
     assert (spoof[0, 1:] == tok.eos_token_id).argmax() + 1 > 3
 
 
-def test_train_bpe_save_and_reload_gives_same_ids(tmp_path, synthetic_records):
+def test_train_caption_bpe_save_and_reload_gives_same_ids(tmp_path, synthetic_records):
     captions = [c for r in synthetic_records for c in r.captions]
     calls = []
 
@@ -146,11 +146,11 @@ def test_train_bpe_save_and_reload_gives_same_ids(tmp_path, synthetic_records):
         calls.append(1)
         return iter(captions)
 
-    tok = load_or_train(tmp_path / "tok", corpus, vocab_size=320, context_length=20)
+    tok = load_or_train_caption_bpe(tmp_path / "tok", corpus, vocab_size=320, context_length=20)
     assert calls == [1]
     assert (tok.bos_token_id, tok.eos_token_id, tok.pad_token_id) == (0, 1, 2)
     assert 259 < tok.vocab_size <= 320 and tok.context_length == 20
-    again = load_or_train(tmp_path / "tok", corpus, vocab_size=320, context_length=20)
+    again = load_or_train_caption_bpe(tmp_path / "tok", corpus, vocab_size=320, context_length=20)
     assert calls == [1]  # reused from disk, not retrained
     texts = captions[:50] + ["Ünïcode and UPPER case are fine"]
     for a, b in zip(tok.encode(texts), again.encode(texts)):
@@ -161,7 +161,7 @@ def test_train_bpe_save_and_reload_gives_same_ids(tmp_path, synthetic_records):
         json.loads((tmp_path / "tok" / "jaxfit_tokenizer.json").read_text())["context_length"] == 20
     )
     with pytest.raises(ValueError, match="vocab_size"):
-        load_or_train(tmp_path / "tok", corpus, vocab_size=999, context_length=20)
+        load_or_train_caption_bpe(tmp_path / "tok", corpus, vocab_size=999, context_length=20)
 
 
 def test_save_and_from_pretrained_round_trip(tmp_path, small_tokenizer):
@@ -179,4 +179,4 @@ def test_errors(tmp_path):
     with pytest.raises(FileNotFoundError):
         clip_tokenizer_from_bpe(tmp_path / "bpe.txt.gz")
     with pytest.raises(ValueError, match="259"):
-        train_bpe(["a"], 100, tmp_path / "t")
+        train_caption_bpe(["a"], 100, tmp_path / "t")

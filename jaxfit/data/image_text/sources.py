@@ -30,7 +30,7 @@ may contain ``{split}``, replaced by the split name ``data.train_split`` / ``dat
 Bad input never crashes a run and never passes silently: a missing image file, an empty
 caption, an image left without captions, an unparseable row are dropped here, counted
 under a named reason in the ``SkipCounter`` and logged. Images that fail to *decode* are
-found later, by the pipeline (``data.pipeline``), and counted as ``undecodable_image``.
+found later, by the pipeline (``image_text.pipeline``), and counted as ``undecodable_image``.
 A missing data root, annotation file or image folder raises ``FileNotFoundError`` naming
 the path at start.
 """
@@ -134,7 +134,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     Fields read by ``load_source``: format, root, captions_file, image_dir, image_column,
     caption_column, hf_name, hf_cache_dir, train_split, val_split, holdout_fraction,
     max_images. The remaining fields are read by whoever builds the pipeline and the
-    tokenizer (``data.pipeline.augment_from_config``, ``data.tokenizers.tokenizer_from_config``).
+    tokenizer (``pipeline.augment_from_config``, ``caption_tokenizer.tokenizer_from_config``).
     """
     c = ml_collections.ConfigDict()
     c.format = "coco"  # "coco" | "csv" | "hf"
@@ -149,12 +149,12 @@ def default_data_config() -> ml_collections.ConfigDict:
     c.val_split = "val2017"
     c.holdout_fraction = 0.0  # >0: carve "val" out of train_split by hashed image id
     c.max_images = 0  # keep only the first N images per split (0 = all)
-    # Pipeline (data.pipeline): grain worker threads, CLIP augmentation.
+    # Pipeline (image_text.pipeline): grain worker threads, CLIP augmentation.
     c.num_threads = 8  # image decode/preprocess threads
     c.augment = False  # random resized crop for training
     c.crop_scale_min = 0.9  # smallest crop area fraction (open_clip: 0.9)
     c.hflip = False  # horizontal flips (breaks "left"/"right" captions)
-    # Tokenizer (data.tokenizers): "" = train a byte-level BPE on the train captions.
+    # Tokenizer (image_text.caption_tokenizer): "" = train a byte-level BPE on the train captions.
     c.tokenizer = ""  # HF tokenizer dir or Hub name, e.g. openai/clip-vit-base-patch32
     c.vocab_size = 8192  # for a trained BPE
     c.context_length = 77  # tokens per caption incl. <|startoftext|> / <|endoftext|>
@@ -259,12 +259,18 @@ def _file_checker(image_dir: Path):
 # ----------------------------------------------------------------------------- formats
 
 
-def _load_coco(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
+def _annotations_and_images(cfg, split_name: str, kind: str) -> tuple[Path, Path]:
+    """``(captions_file, image_dir)`` of a split, both checked to exist."""
     root = _require_root(cfg)
-    ann_file = _resolve(root, cfg.captions_file, split_name)
+    table = _resolve(root, cfg.captions_file, split_name)
     image_dir = _resolve(root, cfg.image_dir, split_name)
-    _require_file(ann_file, "COCO captions file")
-    _require_dir(image_dir, "COCO image folder")
+    _require_file(table, "COCO captions file" if kind == "coco" else "captions table")
+    _require_dir(image_dir, "COCO image folder" if kind == "coco" else "image folder")
+    return table, image_dir
+
+
+def _load_coco(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
+    ann_file, image_dir = _annotations_and_images(cfg, split_name, "coco")
     with open(ann_file) as f:
         coco = json.load(f)
     for key in ("images", "annotations"):
@@ -297,11 +303,7 @@ def _read_table(path: Path) -> Iterable[dict]:
 
 
 def _load_csv(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
-    root = _require_root(cfg)
-    table = _resolve(root, cfg.captions_file, split_name)
-    image_dir = _resolve(root, cfg.image_dir, split_name)
-    _require_file(table, "captions table")
-    _require_dir(image_dir, "image folder")
+    table, image_dir = _annotations_and_images(cfg, split_name, "csv")
     g = _Grouper(counter)
     for i, row in enumerate(_read_table(table)):
         if not isinstance(row, dict):

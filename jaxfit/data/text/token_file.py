@@ -16,7 +16,7 @@ Layout, for split ``s`` and cache key ``k`` in ``cache_dir``:
   does. Every file is written to a temporary name and renamed (atomic on POSIX).
 
 The key is the sha256 of the source fingerprint (file paths, sizes, mtimes; see
-``text_sources.source_fingerprint``), the tokenizer fingerprint, the config fields that
+``documents.source_fingerprint``), the tokenizer fingerprint, the config fields that
 change the tokens (:data:`KEY_FIELDS`) and :data:`FORMAT_VERSION`; an unchanged run reuses
 the file without reading the text.
 
@@ -38,14 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxfit.data.text_sources import (
+from jaxfit.data.text.documents import (
     Document,
     InstructionExample,
     TextStats,
     load_documents,
     source_fingerprint,
 )
-from jaxfit.data.text_tokenizer import TextTokenizer
+from jaxfit.data.text.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 

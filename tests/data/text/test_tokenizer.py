@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxfit.data.text_tokenizer import (
+from jaxfit.data.text.tokenizer import (
     ENDOFTEXT,
     TextTokenizer,
     default_tokenizer_config,
@@ -13,7 +13,7 @@ from jaxfit.data.text_tokenizer import (
     load_pretrained,
 )
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog. " * 3,

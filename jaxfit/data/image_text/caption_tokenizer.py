@@ -13,9 +13,9 @@ Three ways to get one:
 * ``clip_tokenizer_from_bpe(bpe_path)``: the OpenAI CLIP tokenizer built offline from
   ``bpe_simple_vocab_16e6.txt.gz``, exactly as openai/CLIP ``simple_tokenizer.py`` builds
   its 49,408-token vocabulary.
-* ``train_bpe(captions, vocab_size, save_dir)`` / ``load_or_train(...)``: a byte-level BPE
-  trained on the (lowercased) training captions and saved in the workdir, so a resumed run
-  reloads the same tokenizer from disk.
+* ``train_caption_bpe(captions, vocab_size, save_dir)`` / ``load_or_train_caption_bpe(...)``:
+  a byte-level BPE trained on the (lowercased) training captions and saved in the workdir,
+  so a resumed run reloads the same tokenizer from disk.
 """
 
 from __future__ import annotations
@@ -25,13 +25,14 @@ import gzip
 import json
 import logging
 import os
-import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import numpy as np
 import tokenizers
-from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, normalizers, processors
+
+from jaxfit.data import bpe
 
 logger = logging.getLogger(__name__)
 
@@ -222,7 +223,7 @@ def clip_tokenizer_from_bpe(
     return tok
 
 
-def train_bpe(
+def train_caption_bpe(
     captions: Iterable[str],
     vocab_size: int,
     save_dir: str | os.PathLike,
@@ -230,15 +231,15 @@ def train_bpe(
     context_length: int = DEFAULT_CONTEXT_LENGTH,
     min_frequency: int = 2,
 ) -> CaptionTokenizer:
-    """Train a byte-level BPE on captions and save it (HF format) in ``save_dir``.
+    """Train a byte-level BPE on captions (``data.bpe.train_bpe``) and save it in ``save_dir``.
 
     Text is NFC-normalised, whitespace-collapsed, stripped and lowercased (as CLIP's
     tokenizer does); pre-tokenization is GPT-2's byte-level split with a prefix space.
     Ids 0, 1, 2 are ``<|startoftext|>``, ``<|endoftext|>``, ``<|pad|>``; the 256 byte
     symbols are always in the vocabulary, so every string is encodable.
 
-    The directory is written atomically (a sibling temp dir, then rename), so a crash never
-    leaves a half-written tokenizer for ``load_or_train`` to pick up.
+    The directory is written atomically (``data.bpe.atomic_directory``), so a crash never
+    leaves a half-written tokenizer for ``load_or_train_caption_bpe`` to pick up.
 
     Args:
       captions: training captions (iterated once).
@@ -250,13 +251,11 @@ def train_bpe(
 
     Raises:
       ValueError: ``vocab_size < 259``.
+      FileExistsError: ``save_dir`` is not empty.
     """
     from transformers import PreTrainedTokenizerFast
 
-    if vocab_size < 259:
-        raise ValueError(f"vocab_size must be >= 259 (3 special + 256 bytes), got {vocab_size}")
-    tok = tokenizers.Tokenizer(models.BPE())
-    tok.normalizer = normalizers.Sequence(
+    normalizer = normalizers.Sequence(
         [
             normalizers.NFC(),
             normalizers.Replace(Regex(r"\s+"), " "),
@@ -264,16 +263,14 @@ def train_bpe(
             normalizers.Lowercase(),
         ]
     )
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
+    tok = bpe.train_bpe(
+        captions,
         vocab_size=vocab_size,
-        min_frequency=min_frequency,
         special_tokens=[BOS_TOKEN, EOS_TOKEN, PAD_TOKEN],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
+        min_frequency=min_frequency,
+        normalizer=normalizer,
+        add_prefix_space=True,
     )
-    tok.train_from_iterator(captions, trainer=trainer)
     # So that the saved tokenizer, used directly through transformers, also adds BOS/EOS.
     tok.post_processor = processors.TemplateProcessing(
         single=f"{BOS_TOKEN} $A {EOS_TOKEN}",
@@ -290,27 +287,22 @@ def train_bpe(
         model_max_length=context_length,
     )
     out = CaptionTokenizer(hf, context_length)
-    save_dir = Path(save_dir)
-    tmp = save_dir.with_name(save_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    out.save(tmp)
-    meta = _read_meta(tmp) | {"trained_vocab_size": vocab_size, "min_frequency": min_frequency}
-    (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-    if save_dir.exists():
-        save_dir.rmdir()  # only an empty directory may be replaced
-    os.replace(tmp, save_dir)
+    with bpe.atomic_directory(save_dir) as tmp:
+        out.save(tmp)
+        meta = _read_meta(tmp) | {"trained_vocab_size": vocab_size, "min_frequency": min_frequency}
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     logger.info("trained a %d-token byte-level BPE; saved in %s", out.vocab_size, save_dir)
     return out
 
 
-def load_or_train(
+def load_or_train_caption_bpe(
     save_dir: str | os.PathLike,
     captions: Iterable[str] | Callable[[], Iterable[str]],
     *,
     vocab_size: int,
     context_length: int = DEFAULT_CONTEXT_LENGTH,
 ) -> CaptionTokenizer:
-    """Reload the tokenizer saved in ``save_dir``, or train one there (``train_bpe``).
+    """Reload the tokenizer saved in ``save_dir``, or train one there (``train_caption_bpe``).
 
     ``captions`` may be a zero-argument callable, called only when training is needed.
 
@@ -331,19 +323,19 @@ def load_or_train(
         logger.info("reusing the tokenizer saved in %s", save_dir)
         return CaptionTokenizer.from_pretrained(save_dir, context_length)
     texts = captions() if callable(captions) else captions
-    return train_bpe(texts, vocab_size, save_dir, context_length=context_length)
+    return train_caption_bpe(texts, vocab_size, save_dir, context_length=context_length)
 
 
 def tokenizer_from_config(
     data_cfg, save_dir: str | os.PathLike, captions: Callable[[], Iterable[str]]
 ) -> CaptionTokenizer:
-    """Tokenizer for a run: ``data.tokenizer`` if set, else ``load_or_train(save_dir, ...)``.
+    """Tokenizer for a run: ``data.tokenizer`` if set, else ``load_or_train_caption_bpe``.
 
     Reads ``data.tokenizer`` (HF dir / Hub name, or ""), ``data.vocab_size`` and
     ``data.context_length``. ``save_dir`` should be inside the run's workdir.
     """
     if data_cfg.tokenizer:
         return CaptionTokenizer.from_pretrained(data_cfg.tokenizer, data_cfg.context_length)
-    return load_or_train(
+    return load_or_train_caption_bpe(
         save_dir, captions, vocab_size=data_cfg.vocab_size, context_length=data_cfg.context_length
     )

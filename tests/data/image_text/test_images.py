@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from jaxfit.data import images
+from jaxfit.data.image_text import images
 
 
 def _reference_processor():

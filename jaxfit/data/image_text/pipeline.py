@@ -31,9 +31,9 @@ from collections.abc import Iterator, Sequence
 import grain
 import numpy as np
 
-from jaxfit.data.image_text import ImageCaptions, SkipCounter
-from jaxfit.data.images import Augment, ImageDecodeError, load_image
-from jaxfit.data.tokenizers import CaptionTokenizer
+from jaxfit.data.image_text.caption_tokenizer import CaptionTokenizer
+from jaxfit.data.image_text.images import Augment, ImageDecodeError, load_image
+from jaxfit.data.image_text.sources import ImageCaptions, SkipCounter
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxfit.data.image_text import ImageCaptions, SkipCounter
-from jaxfit.data.pipeline import eval_batches, train_iterator
+from jaxfit.data.image_text.pipeline import eval_batches, train_iterator
+from jaxfit.data.image_text.sources import ImageCaptions, SkipCounter
 
 SIZE = 16  # image side: small keeps the suite fast
 
@@ -199,7 +199,7 @@ def test_eval_batches_contract(tmp_path, synthetic_records, small_tokenizer):
         text = small_tokenizer.decode(row).strip()
         assert any(c.lower().startswith(text) for c in good[j].captions)
     # Eval pixels are the eval preprocessing of the kept images, in order.
-    from jaxfit.data.images import load_image
+    from jaxfit.data.image_text.images import load_image
 
     np.testing.assert_array_equal(images[0]["pixel_values"][1], load_image(good[1].image, SIZE))
     assert counter.as_dict() == {"undecodable_image": 4}

@@ -39,7 +39,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-from jaxfit.data.token_file import TokenFile
+from jaxfit.data.text.token_file import TokenFile
 
 # Keys of a batch: int32 [batch, seq_len] each, plus "loss_mask" float32 [batch, seq_len].
 BATCH_INT_KEYS = ("input_ids", "labels", "segment_ids", "positions")
@@ -180,30 +180,16 @@ class TrainBatches:
         self.step = int(state["step"])
 
 
-def train_batches(
-    token_file: TokenFile,
-    *,
-    batch_size: int,
-    seq_len: int,
-    seed: int,
-    start_step: int = 0,
-    mask_cut_documents: bool = False,
-) -> TrainBatches:
+def train_batches(token_file: TokenFile, **kwargs) -> TrainBatches:
     """Resumable training batches; batch ``s`` is a pure function of ``(seed, s)``.
 
-    Returns a :class:`TrainBatches` iterator starting at ``start_step``; each item is
-    ``{"input_ids", "labels", "segment_ids", "positions"}`` int32 and ``"loss_mask"``
-    float32, all ``[batch_size, seq_len]``, with ``labels[:, t] == input_ids[:, t + 1]``
-    within a window. ``mask_cut_documents``: see the module docstring.
+    Keyword arguments as :class:`TrainBatches` (``batch_size``, ``seq_len``, ``seed``,
+    ``start_step``, ``mask_cut_documents``). Returns the iterator, starting at
+    ``start_step``; each item is ``{"input_ids", "labels", "segment_ids", "positions"}``
+    int32 and ``"loss_mask"`` float32, all ``[batch_size, seq_len]``, with
+    ``labels[:, t] == input_ids[:, t + 1]`` within a window.
     """
-    return TrainBatches(
-        token_file,
-        batch_size=batch_size,
-        seq_len=seq_len,
-        seed=seed,
-        start_step=start_step,
-        mask_cut_documents=mask_cut_documents,
-    )
+    return TrainBatches(token_file, **kwargs)
 
 
 class EvalBatches:

@@ -10,7 +10,12 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from jaxfit.data.image_text import ImageCaptions, SkipCounter, default_data_config, load_source
+from jaxfit.data.image_text.sources import (
+    ImageCaptions,
+    SkipCounter,
+    default_data_config,
+    load_source,
+)
 
 
 def _cfg(**kw):

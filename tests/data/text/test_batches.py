@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxfit.data.text_batches import eval_batches, train_batches
-from jaxfit.data.token_file import TokenFile
+from jaxfit.data.text.batches import eval_batches, train_batches
+from jaxfit.data.text.token_file import TokenFile
 
 EOS = 0
 KEYS = ("input_ids", "labels", "loss_mask", "segment_ids", "positions")

@@ -10,9 +10,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from jaxfit.data.text import default_text_config
-from jaxfit.data.text_sources import InstructionExample, has_validation, load_documents
+from jaxfit.data.text.documents import InstructionExample, has_validation, load_documents
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
 
 def shared(rel: str) -> Path:

@@ -7,9 +7,9 @@ import time
 
 import numpy as np
 
-from jaxfit.data.image_text import default_data_config, load_source
-from jaxfit.data.images import decode_image
-from jaxfit.data.synthetic import COLORS, POSITIONS, write_synthetic_coco
+from jaxfit.data.image_text.images import decode_image
+from jaxfit.data.image_text.sources import default_data_config, load_source
+from jaxfit.data.image_text.synthetic_coco import COLORS, POSITIONS, write_synthetic_coco
 
 
 def _load(root, split):
