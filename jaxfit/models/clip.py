@@ -127,7 +127,7 @@ class CLIPVisionConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class CLIPConfig:
+class CLIPConfig(layers.ExecutionConfig):
     """CLIP dual encoder. The defaults are OpenAI ViT-B/32 (``openai/clip-vit-base-patch32``).
 
     Attributes:
@@ -135,30 +135,16 @@ class CLIPConfig:
       projection_dim: size ``E`` of the joint embedding space.
       logit_scale_init_value: initial log inverse temperature, ``log(1 / 0.07)``
         (Radford et al. 2021, sec. 2.5).
-      dtype: compute dtype of matmuls and the residual stream (layer norms, softmax,
-        the normalised embeddings and the logits are float32 regardless).
-      param_dtype: parameter storage dtype.
-      remat_policy: a name from ``layers.REMAT_POLICIES`` applied to every encoder layer.
-      scan_layers: scan the encoder layers (``layers.stack_layers``).
-      attention_impl: ``implementation`` of ``layers.attention`` (``None``/``xla``/``cudnn``).
+      dtype, param_dtype, remat_policy, scan_layers, attention_impl: as
+        :class:`jaxfit.models.layers.ExecutionConfig` (``dtype`` is that of matmuls and
+        the residual stream: layer norms, softmax, the normalised embeddings and the logits
+        are float32 regardless; ``remat_policy`` applies to every encoder layer).
     """
 
     text: CLIPTextConfig = dataclasses.field(default_factory=CLIPTextConfig)
     vision: CLIPVisionConfig = dataclasses.field(default_factory=CLIPVisionConfig)
     projection_dim: int = 512
     logit_scale_init_value: float = math.log(1 / 0.07)
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = True
-    attention_impl: str | None = None
-
-    def __post_init__(self):
-        if self.remat_policy not in layers.REMAT_POLICIES:
-            raise ValueError(
-                f"unknown remat_policy {self.remat_policy!r}; expected one of "
-                f"{layers.REMAT_POLICIES}"
-            )
 
     def replace(self, **changes) -> CLIPConfig:
         return dataclasses.replace(self, **changes)

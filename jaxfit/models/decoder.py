@@ -1,22 +1,108 @@
-"""Methods shared by the decoder-only language models (GPT-2, Llama).
+"""What the decoder-only language models (GPT-2, Llama, Qwen2) share.
 
 A model class mixes in :class:`CausalLMMixin`, sets ``EMBEDDING`` (the name of its token
 embedding submodule, used by a tied LM head) and defines ``_backbone(input_ids,
-positions, segment_ids, layer_cache, index) -> (final hidden states, layer_cache)``.
+positions, segment_ids, layer_cache, index) -> (final hidden states, layer_cache)``; its
+``setup`` builds submodules with :func:`embed`, :meth:`CausalLMMixin._stack` and
+:meth:`CausalLMMixin._setup_head`, its layers project with :func:`dense`. The config
+subclasses :class:`jaxfit.models.layers.ExecutionConfig` and has ``vocab_size``,
+``initializer_range`` and ``tie_word_embeddings`` (HF names).
 """
 
 from __future__ import annotations
 
+from typing import Any
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxfit.models import kv_cache
+from jaxfit.models import kv_cache, layers
+
+
+def dense(
+    cfg: Any, features: int, name: str | None = None, *, use_bias: bool = True, std=None
+) -> layers.Dense:
+    """A projection in ``cfg``'s dtypes, kernel drawn from ``N(0, std)`` (default
+    ``cfg.initializer_range``), bias zero."""
+    return layers.Dense(
+        features,
+        use_bias=use_bias,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        kernel_init=nn.initializers.normal(std or cfg.initializer_range),
+        name=name,
+    )
+
+
+def embed(cfg: Any, num_embeddings: int, features: int) -> nn.Embed:
+    """A lookup table ``[num_embeddings, features]`` drawn from ``N(0, initializer_range)``."""
+    return nn.Embed(
+        num_embeddings,
+        features,
+        dtype=cfg.dtype,
+        param_dtype=cfg.param_dtype,
+        embedding_init=nn.initializers.normal(cfg.initializer_range),
+    )
+
+
+def causal_attention(cfg: Any, q, k, v, segment_ids, layer_cache, index):
+    """:func:`jaxfit.models.kv_cache.causal_attention` with ``cfg.attention_impl``:
+    ``(out [batch, len, heads, head_dim], layer_cache)``."""
+    return kv_cache.causal_attention(
+        q,
+        k,
+        v,
+        layer_cache=layer_cache,
+        index=index,
+        segment_ids=segment_ids,
+        implementation=cfg.attention_impl,
+    )
 
 
 class CausalLMMixin:
     # subclasses set EMBEDDING = name of the token-embedding submodule, and
     # POSITION_EMBEDDING that of learned absolute positions if they have them
     POSITION_EMBEDDING: str | None = None
+
+    def _stack(self, block: type[nn.Module], num_layers: int, in_axes: tuple) -> nn.Module:
+        """The scanned (and rematerialised) stack of ``num_layers`` blocks (``setup``);
+        ``in_axes``: ``nn.scan`` axes of the block's arguments after the carry."""
+        cfg = self.config
+        stack = layers.stack_layers(
+            block,
+            num_layers=num_layers,
+            remat=cfg.remat_policy,
+            scan=cfg.scan_layers,
+            in_axes=in_axes,
+        )
+        return stack(cfg)
+
+    def _setup_head(self) -> None:
+        """The untied LM head ``lm_head [hidden, vocab]`` (none when tied; ``setup``)."""
+        if not self.config.tie_word_embeddings:
+            self.lm_head = dense(self.config, self.config.vocab_size, use_bias=False)
+
+    @staticmethod
+    def _positions(input_ids: jax.Array, positions: jax.Array | None) -> jax.Array:
+        """``positions``, or ``0..seq-1`` for every row of ``input_ids [batch, seq]``."""
+        if positions is not None:
+            return positions
+        b, s = input_ids.shape
+        return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+
+    def _empty_cache(
+        self, batch: int, max_len: int, num_layers: int, num_kv_heads: int, head_dim: int
+    ) -> kv_cache.KVCache:
+        """An empty :class:`~jaxfit.models.kv_cache.KVCache` in the compute dtype."""
+        return kv_cache.init_cache(
+            num_layers=num_layers,
+            batch=batch,
+            max_len=max_len,
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
+            dtype=self.config.dtype,
+        )
 
     def lookup_only_params(self) -> tuple[str, ...]:
         """Top-level parameter names that are only looked up (no matmul FLOPs): position

@@ -26,32 +26,27 @@ Calls (all through ``model.apply({"params": p}, ..., method=...)``):
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
 
 import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxfit.models import kv_cache, layers
-from jaxfit.models.decoder import CausalLMMixin
-
-Dtype = Any
+from jaxfit.models.decoder import CausalLMMixin, causal_attention, dense, embed
 
 
 @dataclasses.dataclass(frozen=True)
-class GPT2Config:
-    """GPT-2 architecture (HF ``GPT2Config`` field names) and jaxfit execution options.
+class GPT2Config(layers.ExecutionConfig):
+    """GPT-2 architecture (HF ``GPT2Config`` field names) over the execution options of
+    :class:`jaxfit.models.layers.ExecutionConfig` (``dtype``, ``remat_policy``, ...).
 
     Attributes:
       vocab_size, n_positions, n_embd, n_layer, n_head: sizes as in HF.
-      n_inner: MLP width; ``None`` means ``4 * n_embd``.
       activation_function: HF name (``gelu_new`` = tanh GELU).
+      n_inner: MLP width; ``None`` means ``4 * n_embd``.
       layer_norm_epsilon, initializer_range: as in HF.
       bos_token_id, eos_token_id, pad_token_id: special ids (``None`` when absent).
       tie_word_embeddings: LM head = ``wte`` transposed (GPT-2 default).
-      dtype: compute dtype; param_dtype: parameter storage dtype.
-      remat_policy: a name from ``layers.REMAT_POLICIES``; scan_layers: ``nn.scan`` the stack.
-      attention_impl: ``None``/``"xla"``/``"cudnn"`` for ``jax.nn.dot_product_attention``.
     """
 
     vocab_size: int = 50257
@@ -59,25 +54,20 @@ class GPT2Config:
     n_embd: int = 768
     n_layer: int = 12
     n_head: int = 12
-    n_inner: int | None = None
     activation_function: str = "gelu_new"
+    n_inner: int | None = None
     layer_norm_epsilon: float = 1e-5
     initializer_range: float = 0.02
     bos_token_id: int | None = 50256
     eos_token_id: int | None = 50256
     pad_token_id: int | None = None
     tie_word_embeddings: bool = True
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = True
-    attention_impl: str | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} is not a multiple of n_head={self.n_head}")
         layers.activation(self.activation_function)  # validate
-        layers.remat_policy(self.remat_policy)
 
     @property
     def head_dim(self) -> int:
@@ -88,20 +78,16 @@ class GPT2Config:
         return self.n_inner or 4 * self.n_embd
 
 
-def _dense(cfg: GPT2Config, features: int, name: str, std: float | None = None):
-    return layers.Dense(
-        features,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.normal(std or cfg.initializer_range),
-        name=name,
-    )
-
-
-def _layer_norm(cfg: GPT2Config, name: str):
+def _layer_norm(cfg: GPT2Config, name: str | None):
     return nn.LayerNorm(
         epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype, name=name
     )
+
+
+def _residual_std(cfg: GPT2Config) -> float:
+    """Init std of the projections into the residual stream: ``initializer_range /
+    sqrt(2 * n_layer)`` (GPT-2 paper, sec. 2.3)."""
+    return cfg.initializer_range / (2 * cfg.n_layer) ** 0.5
 
 
 class GPT2Attention(nn.Module):
@@ -113,21 +99,11 @@ class GPT2Attention(nn.Module):
     def __call__(self, x, segment_ids, layer_cache, index):
         cfg = self.config
         b, s, _ = x.shape
-        qkv = _dense(cfg, 3 * cfg.n_embd, "c_attn")(x)
+        qkv = dense(cfg, 3 * cfg.n_embd, "c_attn")(x)
         q, k, v = (t.reshape(b, s, cfg.n_head, cfg.head_dim) for t in jnp.split(qkv, 3, -1))
-        out, layer_cache = kv_cache.causal_attention(
-            q,
-            k,
-            v,
-            layer_cache=layer_cache,
-            index=index,
-            segment_ids=segment_ids,
-            implementation=cfg.attention_impl,
-        )
-        # Residual projections get std 0.02 / sqrt(2 * n_layer) (GPT-2 paper, sec. 2.3).
-        std = cfg.initializer_range / (2 * cfg.n_layer) ** 0.5
-        out = _dense(cfg, cfg.n_embd, "c_proj", std)(out.reshape(b, s, cfg.n_embd))
-        return out, layer_cache
+        out, layer_cache = causal_attention(cfg, q, k, v, segment_ids, layer_cache, index)
+        out = out.reshape(b, s, cfg.n_embd)
+        return dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg))(out), layer_cache
 
 
 class GPT2MLP(nn.Module):
@@ -138,10 +114,9 @@ class GPT2MLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        h = _dense(cfg, cfg.intermediate_size, "c_fc")(x)
+        h = dense(cfg, cfg.intermediate_size, "c_fc")(x)
         h = layers.activation(cfg.activation_function)(h)
-        std = cfg.initializer_range / (2 * cfg.n_layer) ** 0.5
-        return _dense(cfg, cfg.n_embd, "c_proj", std)(h)
+        return dense(cfg, cfg.n_embd, "c_proj", std=_residual_std(cfg))(h)
 
 
 class GPT2Block(nn.Module):
@@ -170,45 +145,14 @@ class GPT2LMHeadModel(CausalLMMixin, nn.Module):
 
     def setup(self):
         cfg = self.config
-        embed_init = nn.initializers.normal(cfg.initializer_range)
-        self.wte = nn.Embed(
-            cfg.vocab_size,
-            cfg.n_embd,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=embed_init,
-        )
-        self.wpe = nn.Embed(
-            cfg.n_positions,
-            cfg.n_embd,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=embed_init,
-        )
-        stack = layers.stack_layers(
-            GPT2Block,
-            num_layers=cfg.n_layer,
-            remat=cfg.remat_policy,
-            scan=cfg.scan_layers,
-            in_axes=(nn.broadcast, 0, nn.broadcast),
-        )
-        self.h = stack(cfg)
-        self.ln_f = nn.LayerNorm(
-            epsilon=cfg.layer_norm_epsilon, dtype=cfg.dtype, param_dtype=cfg.param_dtype
-        )
-        if not cfg.tie_word_embeddings:
-            self.lm_head = layers.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=embed_init,
-            )
+        self.wte = embed(cfg, cfg.vocab_size, cfg.n_embd)
+        self.wpe = embed(cfg, cfg.n_positions, cfg.n_embd)
+        self.h = self._stack(GPT2Block, cfg.n_layer, (nn.broadcast, 0, nn.broadcast))
+        self.ln_f = _layer_norm(cfg, None)
+        self._setup_head()
 
     def _backbone(self, input_ids, positions, segment_ids, layer_cache, index):
-        if positions is None:
-            b, s = input_ids.shape
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+        positions = self._positions(input_ids, positions)
         x = self.wte(input_ids) + self.wpe(positions)
         x, layer_cache = self.h(x, segment_ids, layer_cache, index)
         return self.ln_f(x), layer_cache
@@ -222,11 +166,4 @@ class GPT2LMHeadModel(CausalLMMixin, nn.Module):
         cfg = self.config
         if max_len > cfg.n_positions:
             raise ValueError(f"max_len={max_len} exceeds n_positions={cfg.n_positions}")
-        return kv_cache.init_cache(
-            num_layers=cfg.n_layer,
-            batch=batch,
-            max_len=max_len,
-            num_kv_heads=cfg.n_head,
-            head_dim=cfg.head_dim,
-            dtype=cfg.dtype,
-        )
+        return self._empty_cache(batch, max_len, cfg.n_layer, cfg.n_head, cfg.head_dim)

@@ -9,6 +9,7 @@ layer axis (parameters of a scanned stack carry a leading ``[num_layers]`` axis)
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -70,6 +71,35 @@ def remat_policy(name: str) -> Callable | None:
             offload_dst="pinned_host",
         )
     raise ValueError(f"unknown remat policy {name!r}; expected one of {REMAT_POLICIES}")
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecutionConfig:
+    """How a model runs, whatever its architecture: the fields every model config shares
+    (each family's config subclasses this and adds its architecture fields).
+
+    Attributes:
+      dtype: compute dtype; param_dtype: parameter storage dtype.
+      remat_policy: a name from :data:`REMAT_POLICIES`, applied to every layer stack.
+      scan_layers: ``nn.scan`` the layer stacks (:func:`stack_layers`).
+      attention_impl: ``implementation`` of :func:`attention` (``None``, ``"xla"``,
+        ``"cudnn"`` or ``"chunked"``).
+
+    Raises:
+      ValueError: an unknown ``remat_policy``.
+    """
+
+    dtype: Dtype = jnp.float32
+    param_dtype: Dtype = jnp.float32
+    remat_policy: str = "none"
+    scan_layers: bool = True
+    attention_impl: str | None = None
+
+    def __post_init__(self):
+        if self.remat_policy not in REMAT_POLICIES:
+            raise ValueError(
+                f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}"
+            )
 
 
 def stack_layers(

@@ -14,7 +14,7 @@ Parameter tree (per-layer leaves carry a leading ``[num_hidden_layers]`` axis)::
 
     embed_tokens/embedding [vocab, hidden]
     layers/input_layernorm/scale [hidden]       layers/post_attention_layernorm/scale
-    layers/self_attn/{q,k,v,o}_proj/kernel      (+ bias when attention_bias)
+    layers/self_attn/{q,k,v,o}_proj/kernel      (+ bias when attention_bias; q/k/v only: qkv_bias)
     layers/mlp/{gate,up,down}_proj/kernel       (+ bias when mlp_bias)
     norm/scale [hidden]     lm_head/kernel [hidden, vocab]   (only when not tied)
 
@@ -33,14 +33,15 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxfit.models import kv_cache, layers, rope
-from jaxfit.models.decoder import CausalLMMixin
+from jaxfit.models.decoder import CausalLMMixin, causal_attention, dense, embed
 
 Dtype = Any
 
 
 @dataclasses.dataclass(frozen=True)
-class LlamaConfig:
-    """Llama architecture (HF ``LlamaConfig`` field names) and jaxfit execution options.
+class LlamaConfig(layers.ExecutionConfig):
+    """Llama architecture (HF ``LlamaConfig`` field names) over the execution options of
+    :class:`jaxfit.models.layers.ExecutionConfig`.
 
     Attributes:
       vocab_size, hidden_size, intermediate_size, num_hidden_layers, num_attention_heads:
@@ -55,9 +56,10 @@ class LlamaConfig:
       rope_scaling: ``None`` or a :class:`jaxfit.models.rope.RopeScaling` (a dict in HF
         form is converted).
       tie_word_embeddings: LM head = ``embed_tokens`` transposed.
-      attention_bias, mlp_bias: biases on the attention / MLP projections.
+      attention_bias, mlp_bias: biases on the attention (q/k/v/o) / MLP projections.
+      qkv_bias: biases on q/k/v alone, not o (Qwen2's layout: :mod:`jaxfit.models.qwen2`;
+        HF Llama has no such option).
       bos_token_id, eos_token_id (an int or a tuple of ints), pad_token_id: special ids.
-      dtype, param_dtype, remat_policy, scan_layers, attention_impl: as ``GPT2Config``.
     """
 
     vocab_size: int = 32000
@@ -76,16 +78,13 @@ class LlamaConfig:
     tie_word_embeddings: bool = False
     attention_bias: bool = False
     mlp_bias: bool = False
+    qkv_bias: bool = False
     bos_token_id: int | None = 1
     eos_token_id: int | tuple[int, ...] | None = 2
     pad_token_id: int | None = None
-    dtype: Dtype = jnp.float32
-    param_dtype: Dtype = jnp.float32
-    remat_policy: str = "none"
-    scan_layers: bool = True
-    attention_impl: str | None = None
 
     def __post_init__(self):
+        super().__post_init__()
         set_ = lambda k, v: object.__setattr__(self, k, v)
         if self.num_key_value_heads is None:
             set_("num_key_value_heads", self.num_attention_heads)
@@ -106,7 +105,6 @@ class LlamaConfig:
         if self.head_dim % 2:
             raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
         layers.activation(self.hidden_act)
-        layers.remat_policy(self.remat_policy)
 
 
 class RMSNorm(nn.Module):
@@ -128,17 +126,6 @@ class RMSNorm(nn.Module):
         return jnp.asarray(scale, x.dtype) * y
 
 
-def _dense(cfg: LlamaConfig, features: int, name: str, use_bias: bool):
-    return layers.Dense(
-        features,
-        use_bias=use_bias,
-        dtype=cfg.dtype,
-        param_dtype=cfg.param_dtype,
-        kernel_init=nn.initializers.normal(cfg.initializer_range),
-        name=name,
-    )
-
-
 class LlamaAttention(nn.Module):
     """GQA self-attention with RoPE on queries and keys (``LlamaAttention``)."""
 
@@ -149,23 +136,15 @@ class LlamaAttention(nn.Module):
         cfg = self.config
         b, s, _ = x.shape
         nh, nkv, hd = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        bias = cfg.attention_bias
-        q = _dense(cfg, nh * hd, "q_proj", bias)(x).reshape(b, s, nh, hd)
-        k = _dense(cfg, nkv * hd, "k_proj", bias)(x).reshape(b, s, nkv, hd)
-        v = _dense(cfg, nkv * hd, "v_proj", bias)(x).reshape(b, s, nkv, hd)
+        bias = cfg.attention_bias or cfg.qkv_bias
+        q = dense(cfg, nh * hd, "q_proj", use_bias=bias)(x).reshape(b, s, nh, hd)
+        k = dense(cfg, nkv * hd, "k_proj", use_bias=bias)(x).reshape(b, s, nkv, hd)
+        v = dense(cfg, nkv * hd, "v_proj", use_bias=bias)(x).reshape(b, s, nkv, hd)
         cos, sin = cos_sin
         q, k = rope.apply_rope(q, cos, sin), rope.apply_rope(k, cos, sin)
-        out, layer_cache = kv_cache.causal_attention(
-            q,
-            k,
-            v,
-            layer_cache=layer_cache,
-            index=index,
-            segment_ids=segment_ids,
-            implementation=cfg.attention_impl,
-        )
-        out = _dense(cfg, cfg.hidden_size, "o_proj", bias)(out.reshape(b, s, nh * hd))
-        return out, layer_cache
+        out, layer_cache = causal_attention(cfg, q, k, v, segment_ids, layer_cache, index)
+        o_proj = dense(cfg, cfg.hidden_size, "o_proj", use_bias=cfg.attention_bias)
+        return o_proj(out.reshape(b, s, nh * hd)), layer_cache
 
 
 class LlamaMLP(nn.Module):
@@ -176,10 +155,11 @@ class LlamaMLP(nn.Module):
     @nn.compact
     def __call__(self, x):
         cfg = self.config
-        gate = _dense(cfg, cfg.intermediate_size, "gate_proj", cfg.mlp_bias)(x)
-        up = _dense(cfg, cfg.intermediate_size, "up_proj", cfg.mlp_bias)(x)
+        bias = cfg.mlp_bias
+        gate = dense(cfg, cfg.intermediate_size, "gate_proj", use_bias=bias)(x)
+        up = dense(cfg, cfg.intermediate_size, "up_proj", use_bias=bias)(x)
         h = layers.activation(cfg.hidden_act)(gate) * up
-        return _dense(cfg, cfg.hidden_size, "down_proj", cfg.mlp_bias)(h)
+        return dense(cfg, cfg.hidden_size, "down_proj", use_bias=bias)(h)
 
 
 class LlamaBlock(nn.Module):
@@ -208,37 +188,15 @@ class LlamaForCausalLM(CausalLMMixin, nn.Module):
 
     def setup(self):
         cfg = self.config
-        init = nn.initializers.normal(cfg.initializer_range)
-        self.embed_tokens = nn.Embed(
-            cfg.vocab_size,
-            cfg.hidden_size,
-            dtype=cfg.dtype,
-            param_dtype=cfg.param_dtype,
-            embedding_init=init,
-        )
-        stack = layers.stack_layers(
-            LlamaBlock,
-            num_layers=cfg.num_hidden_layers,
-            remat=cfg.remat_policy,
-            scan=cfg.scan_layers,
-            in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast),
-        )
-        self.layers = stack(cfg)
+        self.embed_tokens = embed(cfg, cfg.vocab_size, cfg.hidden_size)
+        in_axes = (nn.broadcast, nn.broadcast, 0, nn.broadcast)
+        self.layers = self._stack(LlamaBlock, cfg.num_hidden_layers, in_axes)
         self.norm = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype)
-        if not cfg.tie_word_embeddings:
-            self.lm_head = layers.Dense(
-                cfg.vocab_size,
-                use_bias=False,
-                dtype=cfg.dtype,
-                param_dtype=cfg.param_dtype,
-                kernel_init=init,
-            )
+        self._setup_head()
 
     def _backbone(self, input_ids, positions, segment_ids, layer_cache, index):
         cfg = self.config
-        if positions is None:
-            b, s = input_ids.shape
-            positions = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
+        positions = self._positions(input_ids, positions)
         inv_freq = rope.inv_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling)
         cos_sin = rope.cos_sin(positions, inv_freq)
         x = self.embed_tokens(input_ids)
@@ -249,11 +207,5 @@ class LlamaForCausalLM(CausalLMMixin, nn.Module):
         """An empty :class:`~jaxfit.models.kv_cache.KVCache`: ``[layers, batch, max_len,
         num_key_value_heads, head_dim]`` keys/values in the compute dtype."""
         cfg = self.config
-        return kv_cache.init_cache(
-            num_layers=cfg.num_hidden_layers,
-            batch=batch,
-            max_len=max_len,
-            num_kv_heads=cfg.num_key_value_heads,
-            head_dim=cfg.head_dim,
-            dtype=cfg.dtype,
-        )
+        layers_, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+        return self._empty_cache(batch, max_len, layers_, heads, cfg.head_dim)
