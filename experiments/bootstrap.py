@@ -2,9 +2,12 @@
 
 Every headline metric of a run is a *ratio of sums over evaluation examples*: the LM
 validation loss is ``sum(loss_sum) / sum(tokens)`` over validation sequences (perplexity
-is its ``exp``), a CLIP recall@K is ``100 * sum(hit@K) / number of queries``. A bootstrap
-resample draws the examples with replacement (``n`` of ``n``) and recomputes the ratio;
-the 95% interval is the 2.5th and 97.5th percentiles of the resampled values (the
+is its ``exp``), a CLIP recall@K is ``100 * sum(hit@K) / number of queries``, a code
+pass@k is ``100 * sum(pass@k of each problem) / number of problems`` (each problem's
+unbiased estimate from its ``n`` samples and ``c`` correct ones, Chen et al. 2021 eq. 1,
+stored by ``jaxfit.evals.code``; the examples are the problems). A bootstrap resample
+draws the examples with replacement (``n`` of ``n``) and recomputes the ratio; the 95%
+interval is the 2.5th and 97.5th percentiles of the resampled values (the
 percentile bootstrap, Efron & Tibshirani 1993, ch. 13).
 
 When two runs evaluated the SAME examples (equal per-example keys, see
@@ -46,12 +49,20 @@ class Statistic:
 
 def statistics(examples: dict[str, np.ndarray]) -> dict[str, Statistic]:
     """The bootstrappable metrics of one evaluation's examples, by metric name (the names
-    of the task's ``evaluate``: ``loss``, ``perplexity``; ``i2t_R@K``, ``t2i_R@K``)."""
+    of the task's ``evaluate``: ``loss``, ``perplexity``; ``i2t_R@K``, ``t2i_R@K``; and
+    ``pass@k`` (percent) of ``python -m jaxfit.evaluate_code``, whose examples are
+    problems)."""
     if "loss_sum" in examples:
         num, den = examples["loss_sum"], examples["tokens"]
         key = examples.get("key", np.zeros(0, np.uint64))
         return {"loss": Statistic(num, den, key), "perplexity": Statistic(num, den, key, np.exp)}
     out = {}
+    if "c" in examples and "n" in examples:  # code evaluation (jaxfit.evals.code)
+        key = examples.get("key", np.zeros(0, np.uint64))
+        for k in examples["ks"].tolist():
+            est = np.asarray(examples[f"pass@{k}"], np.float64)
+            out[f"pass@{k}"] = Statistic(est, np.ones_like(est), key, _percent)
+        return out
     if "t2i_rank" in examples:
         for k in examples["ks"].tolist():
             for d in ("i2t", "t2i"):

@@ -5,9 +5,11 @@
       --metric t2i_R@1 --metric i2t_R@1 --out runs/cmp
 
 Each argument is a workdir ``python -m jaxfit.train`` wrote (or an arm of
-``experiments/ablate_precision.py``). The FIRST run is the reference (the control; or
-``--reference NAME``): the table shows every metric of every run with its relative
-difference to it. Read from each workdir:
+``experiments/ablate_precision.py``), or the output directory of
+``python -m jaxfit.evaluate_code`` (pass@k of generated code; its evaluation examples are
+the problems, and the default bootstrapped metrics are its ``pass@k``). The FIRST run is
+the reference (the control; or ``--reference NAME``): the table shows every metric of
+every run with its relative difference to it. Read from each workdir:
 
 * ``metrics.jsonl``: step time (median of the logged ``perf/step_time_s`` after the first
   log, which holds the compilation), throughput (batch / step time; tokens/s for LMs),
@@ -60,6 +62,13 @@ def run_names(workdirs: list[str], names: str) -> list[str]:
     return out
 
 
+def code_metrics(runs: list[results.Run]) -> list[str]:
+    """The ``pass@k`` metrics of code evaluations (``python -m jaxfit.evaluate_code``
+    outputs) among ``runs``, by increasing k; empty for training runs."""
+    names = {m for r in runs if r.examples for m in bootstrap.statistics(r.examples)}
+    return sorted((m for m in names if m.startswith("pass@")), key=lambda m: int(m[5:]))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="experiments/compare_runs.py",
@@ -86,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
             title="Comparison: " + " vs ".join(names),
             notes=[", ".join(f"{n} = `{w}`" for n, w in zip(names, args.runs)) + "."],
             reference=args.reference or names[0],
-            metrics=args.metric or None,
+            metrics=args.metric or code_metrics(runs) or None,
             resamples=args.resamples,
             seed=args.seed,
         )
