@@ -5,62 +5,32 @@ Public API::
     model, params = jaxfit.hf.load_pretrained("openai/clip-vit-base-patch32")
     jaxfit.hf.save_pretrained(model, params, "out_dir")  # transformers can load out_dir
 
-A family is a module ``jaxfit.hf.<family>`` that provides:
-
-* ``MODEL_TYPES``: the ``model_type`` values of ``config.json`` it handles;
-* ``MODEL_CLASS``: its linen module class (instances carry ``.config``);
-* ``config_from_hf(hf_config: dict) -> config`` and ``config_to_hf(config) -> dict``;
-* ``rules(config) -> list[jaxfit.hf.mapping.Rule]``: the name map;
-* ``init_inputs(config) -> dict``: keyword inputs for ``model.init`` (tiny shapes);
-* ``IGNORE``: substrings of HF tensor names that may be present without a rule;
-* optionally ``canonical_names(names) -> dict``: canonical (rule) name -> stored name, for
-  checkpoints whose tensor names differ from what ``transformers`` writes today (e.g. the
-  original ``gpt2`` Hub checkpoint stores ``h.0...`` instead of ``transformer.h.0...``).
+The families and their name maps are entries of the registry,
+:mod:`jaxfit.hf.families` (one :class:`~jaxfit.hf.families.Family` each: model types,
+config and module classes, ``config_from_hf`` / ``config_to_hf``, ``rules``, ...); tensor
+I/O (:mod:`jaxfit.hf.io`) and the rule engine (:mod:`jaxfit.hf.mapping`) are shared.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import json
 import os
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 
-from jaxfit.hf import io, mapping
+from jaxfit.hf import families, io, mapping
+from jaxfit.hf.families import Family
 
-FAMILIES = {"clip": "jaxfit.hf.clip", "gpt2": "jaxfit.hf.gpt2", "llama": "jaxfit.hf.llama"}
-
-
-def family_for_model_type(model_type: str) -> ModuleType:
-    """The family module for an HF ``model_type``; ``ValueError`` if jaxfit has none."""
-    for name in FAMILIES.values():
-        try:
-            fam = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        if model_type in fam.MODEL_TYPES:
-            return fam
-    raise ValueError(f"no jaxfit model family for Hugging Face model_type {model_type!r}")
+# The family of an HF ``model_type`` (``ValueError`` if none) and of a jaxfit model
+# (``TypeError`` if none).
+family_for_model_type = families.for_model_type
+family_for_model = families.for_model
 
 
-def family_for_model(model: Any) -> ModuleType:
-    """The family module whose ``MODEL_CLASS`` is ``type(model)``; ``TypeError`` if none."""
-    for name in FAMILIES.values():
-        try:
-            fam = importlib.import_module(name)
-        except ModuleNotFoundError:
-            continue
-        if isinstance(model, fam.MODEL_CLASS):
-            return fam
-    raise TypeError(f"no Hugging Face export for {type(model).__name__}")
-
-
-def abstract_params(model, family: ModuleType):
+def abstract_params(model, family: Family):
     """Parameter tree of ``jax.ShapeDtypeStruct`` for ``model`` (no memory allocated)."""
     inputs = family.init_inputs(model.config)
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), **inputs))
@@ -81,8 +51,8 @@ def model_from_config(
       path_or_name, dtype, compute_dtype, config_overrides: as :func:`load_pretrained`.
 
     Returns:
-      ``(model, family, hf_config)``: the module, its family module and the raw
-      ``config.json`` dict.
+      ``(model, family, hf_config)``: the module, its :class:`~jaxfit.hf.families.Family`
+      and the raw ``config.json`` dict.
 
     Raises:
       FileNotFoundError: no such directory / Hub repository, or no config.json in it.
@@ -95,7 +65,7 @@ def model_from_config(
     config = dataclasses.replace(
         config, dtype=compute_dtype or dtype, param_dtype=dtype, **config_overrides
     )
-    return family.MODEL_CLASS(config), family, hf_config
+    return family.model_class(config), family, hf_config
 
 
 def load_pretrained(
@@ -130,16 +100,14 @@ def load_pretrained(
     )
     shapes = abstract_params(model, family)
     with io.TensorReader(directory) as reader:
-        names = {n: n for n in reader.keys()}
-        if hasattr(family, "canonical_names"):
-            names = family.canonical_names(reader.keys())
+        names = family.stored_names(reader.keys())
         params = mapping.load_params(
             family.rules(model.config),
             lambda name: reader[names.get(name, name)],
             shapes,
             dtype=dtype,
             available=set(names),
-            ignore=family.IGNORE,
+            ignore=family.ignore,
         )
     return model, params
 
@@ -160,10 +128,7 @@ def save_pretrained(model, params, out_dir: str | os.PathLike, *, dtype: Any = N
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     io.write_tensors(mapping.export_params(family.rules(model.config), params, dtype=dtype), out)
-    hf_config = family.config_to_hf(model.config)
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-    os.replace(tmp, out / "config.json")
+    io.write_config(family.config_to_hf(model.config), out)
     return out
 
 

@@ -13,16 +13,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-import jax.numpy as jnp
-
-from jaxfit.hf.mapping import IDENTITY, Rule, linear
-from jaxfit.models.gpt2 import GPT2Config, GPT2LMHeadModel
-
-MODEL_TYPES = ("gpt2",)
-MODEL_CLASS = GPT2LMHeadModel
+from jaxfit.hf import decoder
+from jaxfit.hf.mapping import IDENTITY, Rule
+from jaxfit.models.gpt2 import GPT2Config
 
 # Causal-mask buffers of old checkpoints and the tied head (read when untied).
-IGNORE = (".attn.bias", ".attn.masked_bias", "lm_head.weight")
+IGNORE = (".attn.bias", ".attn.masked_bias", decoder.TIED_HEAD)
 
 _FIELDS = (
     "vocab_size",
@@ -52,9 +48,7 @@ def config_from_hf(hf: dict) -> GPT2Config:
         raise ValueError("GPT-2 with cross-attention is not supported")
     if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
         raise ValueError("GPT-2 attention scaling other than 1/sqrt(head_dim) is not supported")
-    defaults = GPT2Config()
-    kwargs = {f: hf.get(f, getattr(defaults, f)) for f in _FIELDS}
-    return GPT2Config(**kwargs)
+    return GPT2Config(**decoder.read_fields(hf, GPT2Config, _FIELDS))
 
 
 def config_to_hf(config: GPT2Config) -> dict:
@@ -62,8 +56,9 @@ def config_to_hf(config: GPT2Config) -> dict:
 
     Dropout rates are written as 0 (jaxfit's GPT-2 has no dropout).
     """
-    out = {f: getattr(config, f) for f in _FIELDS}
-    out.update(
+    return decoder.write_fields(
+        config,
+        _FIELDS,
         model_type="gpt2",
         architectures=["GPT2LMHeadModel"],
         scale_attn_weights=True,
@@ -75,13 +70,11 @@ def config_to_hf(config: GPT2Config) -> dict:
         attn_pdrop=0.0,
         use_cache=True,
     )
-    return out
 
 
 def rules(config: GPT2Config) -> list[Rule]:
     """The name map (Conv1D weights unchanged; an untied ``lm_head`` transposed)."""
-    n = config.n_layer
-    h = "transformer.h.{i}."
+    n, h = config.n_layer, "transformer.h.{i}."
     out = [
         Rule("transformer.wte.weight", ("wte", "embedding")),
         Rule("transformer.wpe.weight", ("wpe", "embedding")),
@@ -99,9 +92,7 @@ def rules(config: GPT2Config) -> list[Rule]:
         w = "scale" if hf_mod.startswith("ln_") else "kernel"
         out.append(Rule(h + hf_mod + ".weight", ("h", *path, w), IDENTITY, n))
         out.append(Rule(h + hf_mod + ".bias", ("h", *path, "bias"), IDENTITY, n))
-    if not config.tie_word_embeddings:
-        out.append(Rule("lm_head.weight", ("lm_head", "kernel"), linear))
-    return out
+    return out + decoder.head_rules(config)
 
 
 def canonical_names(names: Iterable[str]) -> dict[str, str]:
@@ -110,7 +101,3 @@ def canonical_names(names: Iterable[str]) -> dict[str, str]:
     if any(n.startswith("transformer.") for n in names):
         return {n: n for n in names}
     return {(n if n.startswith("lm_head.") else "transformer." + n): n for n in names}
-
-
-def init_inputs(config: GPT2Config) -> dict:
-    return {"input_ids": jnp.zeros((1, 1), jnp.int32)}

@@ -69,6 +69,15 @@ def read_config(directory: Path) -> dict:
     return json.loads(f.read_text())
 
 
+def write_config(hf_config: dict, out_dir: str | os.PathLike) -> Path:
+    """Write ``out_dir/config.json`` atomically (temporary name, then rename); returns it."""
+    out = Path(out_dir) / "config.json"
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True))
+    os.replace(tmp, out)
+    return out
+
+
 class TensorReader:
     """Lazy, name-addressed access to the tensors of a (possibly sharded) checkpoint.
 

@@ -9,8 +9,8 @@ A PEFT LoRA directory holds ``adapter_config.json`` (``LoraConfig.to_dict()``) a
 
 ``<hf module>`` is the module name in the ``transformers`` model
 (``model.layers.3.self_attn.q_proj``, ``transformer.h.0.attn.c_attn``), found through the
-family's name map (:mod:`jaxfit.hf`): the rule whose tensor ``<module>.weight`` maps to the
-jaxfit ``.../kernel`` path, per layer for stacked kernels. These shapes hold for
+family's name map (:mod:`jaxfit.hf.families`): the rule whose tensor ``<module>.weight``
+maps to the jaxfit ``.../kernel`` path, per layer for stacked kernels. These shapes hold for
 ``nn.Linear`` and for GPT-2's ``Conv1D`` alike: PEFT builds ``lora_A = nn.Linear(in, r)``
 and ``lora_B = nn.Linear(r, out)`` for both, taking ``(in, out) = Conv1D.weight.shape``
 (``peft/tuners/tuners_utils.py``, ``_get_in_out_features``); for ``Conv1D`` it only sets
@@ -34,8 +34,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from jaxfit import hf as hf_lib
-from jaxfit.hf import mapping
+from jaxfit.hf import families, mapping
 from jaxfit.lora import adapters
 from jaxfit.lora import targets as targets_lib
 
@@ -57,7 +56,7 @@ class _Module(NamedTuple):
 
 def _modules(model) -> dict[str, _Module]:
     """``{hf module name: _Module}`` of every linear kernel in the family's name map."""
-    family = hf_lib.family_for_model(model)
+    family = families.for_model(model)
     out = {}
     for rule in family.rules(model.config):
         if rule.path[-1] != "kernel" or not rule.hf.endswith(".weight"):
@@ -336,7 +335,7 @@ def load_peft(
     config = _read_config(directory)
     tensors = _read_tensors(directory)
     modules = _modules(model)
-    family = hf_lib.family_for_model(model)
+    family = families.for_model(model)
 
     pairs: dict[str, dict[str, np.ndarray]] = {}
     bad = []
@@ -349,10 +348,9 @@ def load_peft(
     if bad:
         raise ValueError(f"{directory}: tensors that are not LoRA A/B weights: {bad[:10]}")
     stored = list(pairs)
-    canonical = {n: n for n in stored}
-    if hasattr(family, "canonical_names"):  # e.g. GPT-2 adapters made on GPT2Model
-        names = family.canonical_names([n + ".weight" for n in stored])
-        canonical = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in names.items()}
+    # e.g. GPT-2 adapters made on GPT2Model (no ``transformer.`` prefix)
+    names = family.stored_names([n + ".weight" for n in stored])
+    canonical = {k[: -len(".weight")]: v[: -len(".weight")] for k, v in names.items()}
     if unknown := sorted(n for n in canonical if n not in modules):
         raise ValueError(
             f"{directory}: adapters for modules that are not linear layers of this "

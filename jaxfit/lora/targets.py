@@ -31,26 +31,16 @@ from typing import Any
 import jax
 
 from jaxfit import params as params_lib
+from jaxfit.hf import families
 
 PyTree = Any
 
 ALL_LINEAR = "all-linear"
 
-# The PEFT ``target_modules`` names of each family (HF module names = jaxfit path parts).
+# The PEFT ``target_modules`` names of each family (HF module names = jaxfit path parts),
+# from the family registry (``Family.peft_targets``).
 PEFT_SHORT_NAMES: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    # HF GPT-2 uses transformers' Conv1D; ``attn.c_proj`` and ``mlp.c_proj`` share a name.
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "clip": (
-        "q_proj",
-        "k_proj",
-        "v_proj",
-        "out_proj",
-        "fc1",
-        "fc2",
-        "text_projection",
-        "visual_projection",
-    ),
+    name: family.peft_targets for name, family in families.FAMILIES.items()
 }
 
 # The output head that "all-linear" leaves out (PEFT excludes get_output_embeddings()).

@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxfit.hf import families, io, mapping
 from jaxfit.quant.nf4 import BLOCKSIZES, NF4_CODE, NF4Weight
 
 QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
@@ -225,10 +226,7 @@ def save_bnb_pretrained(model, params, out_dir: str | os.PathLike) -> Path:
     Raises:
       ValueError: no NF4 leaf, or leaves with different settings.
     """
-    from jaxfit import hf
-    from jaxfit.hf import io, mapping
-
-    family = hf.family_for_model(model)
+    family = families.for_model(model)
     rules = family.rules(model.config)
     flat = traverse_util.flatten_dict(params)
     quantised = [flat[r.path] for r in rules if isinstance(flat[r.path], NF4Weight)]
@@ -257,7 +255,5 @@ def save_bnb_pretrained(model, params, out_dir: str | os.PathLike) -> Path:
         "bnb_4bit_quant_storage": "uint8",
         "llm_int8_skip_modules": skip,
     }
-    tmp = out / "config.json.tmp"
-    tmp.write_text(json.dumps(hf_config, indent=2, sort_keys=True))
-    os.replace(tmp, out / "config.json")
+    io.write_config(hf_config, out)
     return out

@@ -18,13 +18,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import params as params_lib
+from jaxfit.hf import families
 from jaxfit.quant import base, int8, nf4  # noqa: F401  (int8 / nf4 register their formats)
 from jaxfit.quant.base import is_weight_leaf
 
-# Every kernel inside a stack of layers: ``layers/...`` (Llama, CLIP towers) and ``h/...``
-# (GPT-2). Embeddings, norms and the LM head stay float, as transformers' bitsandbytes
-# integration keeps them (``get_keys_to_not_convert``: the output embedding is skipped).
-DEFAULT_RULES: tuple[str, ...] = (r"(^|/)(layers|h)/.*kernel$",)
+# Every kernel inside a layer stack of any family (the registry's ``Family.stack``:
+# ``layers/...`` for Llama, Qwen2 and the CLIP towers, ``h/...`` for GPT-2). Embeddings,
+# norms and the LM head stay float, as transformers' bitsandbytes integration keeps them
+# (``get_keys_to_not_convert``: the output embedding is skipped).
+DEFAULT_RULES: tuple[str, ...] = (rf"(^|/)({'|'.join(families.stack_names())})/.*kernel$",)
 
 
 def leaf_class(method: str):

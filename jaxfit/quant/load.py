@@ -84,9 +84,7 @@ def load_quantized(
     if prequantized and method not in (None, "nf4"):
         raise ValueError(f"{str(directory)!r} is a bitsandbytes NF4 checkpoint; method={method!r}")
     with io.TensorReader(directory) as reader:
-        names = {n: n for n in reader.keys()}
-        if hasattr(family, "canonical_names"):
-            names = family.canonical_names(reader.keys())
+        names = family.stored_names(reader.keys())
         stored = lambda name: names.get(name, name)  # noqa: E731
         read = lambda name: reader[stored(name)]  # noqa: E731
 
@@ -133,7 +131,7 @@ def load_quantized(
             float_rules, read, traverse_util.unflatten_dict(float_abs), dtype=dtype
         )
         used.update(n for r in float_rules for n in r.hf_names())
-        extra = sorted(n for n in names if n not in used and not any(s in n for s in family.IGNORE))
+        extra = sorted(n for n in names if n not in used and not any(s in n for s in family.ignore))
         if extra:
             raise ValueError(f"checkpoint tensors not used by the name map: {extra[:20]}")
     out.update(traverse_util.flatten_dict(float_params))

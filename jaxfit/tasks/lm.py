@@ -23,33 +23,26 @@ import numpy as np
 from jaxfit import accumulate, losses, perf
 from jaxfit.data import text as text_data
 from jaxfit.data.text import write_synthetic_text
+from jaxfit.hf import families
 from jaxfit.lora import adapters as lora_adapters
-from jaxfit.models import gpt2, llama, rope
+from jaxfit.models import rope
 from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, base_model
 
 log = logging.getLogger(__name__)
 
-FAMILIES = {
-    "gpt2": (gpt2.GPT2Config, gpt2.GPT2LMHeadModel),
-    "llama": (llama.LlamaConfig, llama.LlamaForCausalLM),
-}
-
 
 def _vocab_size(model) -> int:
-    return model.config.vocab_size
+    return families.for_model(model).vocab_size(model.config)
 
 
 def _max_positions(model) -> int:
-    c = model.config
-    return getattr(c, "n_positions", None) or c.max_position_embeddings
+    return families.for_model(model).max_positions(model.config)
 
 
 def _shape(model) -> tuple[int, int]:
-    """(num_layers, hidden_size) of a decoder config of either family."""
-    c = model.config
-    if hasattr(c, "n_layer"):
-        return c.n_layer, c.n_embd
-    return c.num_hidden_layers, c.hidden_size
+    """(num_layers, hidden_size) of a decoder of any family (the registry's accessors)."""
+    family = families.for_model(model)
+    return family.num_layers(model.config), family.hidden_size(model.config)
 
 
 class LMTask(ParamsMixin):
@@ -109,10 +102,8 @@ class LMTask(ParamsMixin):
         tokenizer (without data, when planning: ``model.config.vocab_size``, else the
         named tokenizer's size, else the BPE target ``data.tokenizer.vocab_size``)."""
         config = self.config
-        family = config.model.family
-        if family not in FAMILIES:
-            raise ValueError(f"model.family={family!r}; expected one of {sorted(FAMILIES)}")
-        cfg_cls, model_cls = FAMILIES[family]
+        family = families.get(config.model.family, task="lm")  # ValueError lists the choices
+        cfg_cls, model_cls = family.config_class, family.model_class
         fields = dict(config.model.config.to_dict())
         if isinstance(fields.get("rope_scaling"), dict):  # Llama 3.1's "llama3" scaling
             fields["rope_scaling"] = rope.RopeScaling.from_hf(
