@@ -38,17 +38,17 @@ the path at start.
 from __future__ import annotations
 
 import collections
-import csv
 import dataclasses
 import hashlib
 import json
 import logging
 import os
 import threading
-from collections.abc import Iterable
 from pathlib import Path
 
 import ml_collections
+
+from jaxfit.data import rows
 
 logger = logging.getLogger(__name__)
 
@@ -288,43 +288,29 @@ def _load_coco(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions
     return g.records(_file_checker(image_dir))
 
 
-def _read_table(path: Path) -> Iterable[dict]:
-    if path.suffix == ".jsonl":
-        with open(path) as f:
-            for i, line in enumerate(f):
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError as e:
-                        yield {"__error__": f"{path}:{i + 1}: {e}"}
-    else:
-        with open(path, newline="") as f:
-            yield from csv.DictReader(f)
-
-
 def _load_csv(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
     table, image_dir = _annotations_and_images(cfg, split_name, "csv")
     g = _Grouper(counter)
-    for i, row in enumerate(_read_table(table)):
-        if not isinstance(row, dict):
-            counter.add("bad_row", f"{table} row {i + 1}: not an object: {row!r:.80}")
+    checked = False
+    for row in rows.read_rows(table, "json" if table.suffix == ".jsonl" else "csv"):
+        if row.value is None:
+            counter.add("bad_row", f"line {row.line} of {table}: {row.error}")
             continue
-        if "__error__" in row:
-            counter.add("bad_row", row["__error__"])
-            continue
-        if i == 0:
-            missing = {cfg.image_column, cfg.caption_column} - set(row)
+        if not checked:
+            missing = {cfg.image_column, cfg.caption_column} - set(row.value)
             if missing:
                 raise ValueError(
-                    f"{str(table)!r} has no column(s) {sorted(missing)}; columns: {sorted(row)}"
+                    f"{str(table)!r} has no column(s) {sorted(missing)}; "
+                    f"columns: {sorted(row.value)}"
                 )
-        name = row.get(cfg.image_column)
+            checked = True
+        name = row.value.get(cfg.image_column)
         if not isinstance(name, str) or not name.strip():
-            counter.add("bad_row", f"{table} row {i + 1}: no {cfg.image_column!r}")
+            counter.add("bad_row", f"line {row.line} of {table}: no {cfg.image_column!r}")
             continue
         name = name.strip()
         g.add_image(name, str(image_dir / name))
-        for cap in _captions_of(row.get(cfg.caption_column)):
+        for cap in _captions_of(row.value.get(cfg.caption_column)):
             g.add_caption(name, cap)
     return g.records(_file_checker(image_dir))
 

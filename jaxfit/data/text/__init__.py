@@ -1,7 +1,9 @@
 """Text data for causal language models: documents -> tokenizer -> token files -> batches.
 
 Modules: ``prepare`` (``default_text_config``, ``prepare_text_data``, ``check_model_fit``),
-``documents`` (files / HF datasets -> documents + ``TextStats``), ``tokenizer``
+``documents`` (the documents of a split, validation held out), ``sources`` (path specs,
+formats, fingerprints), ``readers`` (one reader per format), ``records`` (document types,
+``TextStats``), ``tokenizer``
 (``TextTokenizer``: pretrained, or a BPE trained on the text), ``token_file`` (cached flat
 token files), ``batches`` (``[B, seq_len]`` train / eval batches), ``synthetic_corpus``
 (the demo story corpus).
@@ -14,20 +16,15 @@ from jaxfit.data.text.batches import (
     eval_batches,
     train_batches,
 )
-from jaxfit.data.text.documents import (
-    Document,
-    InstructionExample,
-    TextStats,
-    document_text,
-    has_validation,
-    load_documents,
-)
+from jaxfit.data.text.documents import load_documents
 from jaxfit.data.text.prepare import (
     TextData,
     check_model_fit,
     default_text_config,
     prepare_text_data,
 )
+from jaxfit.data.text.records import Document, InstructionExample, TextStats, document_text
+from jaxfit.data.text.sources import has_validation
 from jaxfit.data.text.synthetic_corpus import write_synthetic_text
 from jaxfit.data.text.token_file import TokenFile, build_token_file, token_dtype
 from jaxfit.data.text.tokenizer import (

@@ -16,21 +16,20 @@ Pipeline (each step in its own file of ``jaxfit.data.text``):
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
 import ml_collections
 
-from jaxfit.data.text.documents import (
-    Document,
-    TextStats,
-    document_text,
-    has_validation,
-    load_documents,
-)
+from jaxfit.data.text.documents import read_source, source_of, take_split
+from jaxfit.data.text.records import Document, TextStats, document_text
+from jaxfit.data.text.sources import has_validation
 from jaxfit.data.text.token_file import TokenFile, build_token_file
 from jaxfit.data.text.tokenizer import TextTokenizer, default_tokenizer_config, load_or_train
+
+logger = logging.getLogger(__name__)
 
 
 def default_text_config() -> ml_collections.ConfigDict:
@@ -58,7 +57,9 @@ def default_text_config() -> ml_collections.ConfigDict:
     c.doc_separator = ""
     # Non-UTF-8 bytes: "replace" (U+FFFD, document kept and counted) or "skip" (dropped).
     c.decode_errors = "replace"
-    # Hold out the last ceil(val_fraction * n) documents for validation (0 = none).
+    # Hold out the last ceil(val_fraction * n) documents for validation (0 = none); when
+    # that is less than one document (a single text file), the last ceil(val_fraction * N)
+    # of the N tokens instead, as nanoGPT does.
     c.val_fraction = 0.0
     # Hugging Face dataset (used when path is empty): Hub name or save_to_disk directory,
     # its config name, and the splits for training / validation ("" = use val_fraction).
@@ -86,29 +87,61 @@ class TextData:
 def prepare_text_data(cfg: Any, workdir: str | os.PathLike) -> TextData:
     """Tokenizer + train/validation token files for ``cfg``, reusing what ``workdir`` has.
 
-    The training documents are read at most once (for tokenizer training and the token
-    file), and not at all when both are already cached. A tokenizer is only trained on
-    the training split.
+    Each source is read at most once (a ``val_fraction`` split reads the training source
+    for both splits), and not at all when the tokenizer and token files are cached. A
+    tokenizer is only trained on the training split (for a split by tokens: on the first
+    ``1 - val_fraction`` of the characters, about the training tokens).
 
     Raises:
       FileNotFoundError / ValueError: as ``load_documents`` and ``load_or_train``.
     """
-    cache = {}
+    sources: dict[tuple[str, str], tuple[list[Document], TextStats]] = {}
+    splits: dict[str, tuple[list[Document], TextStats]] = {}
 
-    def train_docs() -> tuple[list[Document], TextStats]:
-        if "train" not in cache:
-            cache["train"] = load_documents(cfg, "train")
-        return cache["train"]
+    def documents(split: str) -> tuple[list[Document], TextStats]:
+        if split not in splits:
+            key = source_of(cfg, split)
+            if key not in sources:
+                sources[key] = read_source(cfg, split)
+            splits[split] = take_split(cfg, split, *sources[key])
+        return splits[split]
 
-    tokenizer = load_or_train(
-        cfg.tokenizer, workdir, texts=lambda: (document_text(d) for d in train_docs()[0])
-    )
+    def training_texts():
+        docs, stats = documents("train")
+        texts = (document_text(d) for d in docs)
+        if not stats.split_by_tokens:
+            return texts
+        total = sum(len(document_text(d)) for d in docs)
+        return _first_chars(texts, int(total * (1 - cfg.val_fraction)))
+
+    tokenizer = load_or_train(cfg.tokenizer, workdir, texts=training_texts)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else Path(workdir) / "token_cache"
-    train = build_token_file(cfg, tokenizer, "train", cache_dir, documents=train_docs)
-    validation = (
-        build_token_file(cfg, tokenizer, "validation", cache_dir) if has_validation(cfg) else None
+    train = build_token_file(
+        cfg, tokenizer, "train", cache_dir, documents=lambda: documents("train")
     )
+    validation = None
+    if has_validation(cfg):
+        validation = build_token_file(
+            cfg, tokenizer, "validation", cache_dir, documents=lambda: documents("validation")
+        )
+    if "token_split" in train.meta:
+        sizes = train.meta["token_split"]
+        logger.info(
+            "text data: split by tokens: %d train / %d validation tokens (val_fraction=%g)",
+            sizes["train"],
+            sizes["validation"],
+            cfg.val_fraction,
+        )
     return TextData(tokenizer, train, validation)
+
+
+def _first_chars(texts, n: int):
+    """The texts up to ``n`` characters in all (the last one cut)."""
+    for t in texts:
+        if n <= 0:
+            return
+        yield t[:n]
+        n -= len(t)
 
 
 def check_model_fit(

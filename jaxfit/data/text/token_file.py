@@ -11,12 +11,20 @@ Layout, for split ``s`` and cache key ``k`` in ``cache_dir``:
   tokens and on the EOS that ends the completion, 0 on BOS and prompt tokens.
 * ``s-k.json``: sidecar (``format_version``, ``key``, ``split``, ``dtype``, ``num_tokens``,
   ``vocab_size``, ``eos_token_id``, ``bos_token_id``, ``add_bos``, ``documents``,
-  ``has_loss_mask``, ``loss_tokens``, ``stats`` (a ``TextStats`` dict), ``tokenizer``
+  ``has_loss_mask``, ``loss_tokens``, ``stats`` (``documents`` and the count of each drop
+  reason, ``TextStats.dropped``: every other key is a reason for ``skipped``),
+  ``decode_replaced`` (documents kept with U+FFFD), ``token_split`` (``{"train": N,
+  "validation": M}`` tokens when the split is by tokens, else absent), ``tokenizer``
   fingerprint, ``source`` fingerprint). Written last: a token file exists iff its sidecar
   does. Every file is written to a temporary name and renamed (atomic on POSIX).
 
+A split by tokens (``TextStats.split_by_tokens``: ``val_fraction`` holds out less than one
+document) tokenizes the whole source and keeps the first ``N - M`` tokens for ``train``
+and the last ``M = ceil(val_fraction * N)`` for ``validation`` (nanoGPT's
+``data[:n]`` / ``data[n:]``), the loss mask cut alike.
+
 The key is the sha256 of the source fingerprint (file paths, sizes, mtimes; see
-``documents.source_fingerprint``), the tokenizer fingerprint, the config fields that
+``text.sources.source_fingerprint``), the tokenizer fingerprint, the config fields that
 change the tokens (:data:`KEY_FIELDS`) and :data:`FORMAT_VERSION`; an unchanged run reuses
 the file without reading the text.
 
@@ -30,6 +38,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from itertools import chain
@@ -38,18 +47,14 @@ from typing import Any
 
 import numpy as np
 
-from jaxfit.data.text.documents import (
-    Document,
-    InstructionExample,
-    TextStats,
-    load_documents,
-    source_fingerprint,
-)
+from jaxfit.data.text.documents import load_documents
+from jaxfit.data.text.records import Document, InstructionExample, TextStats
+from jaxfit.data.text.sources import source_fingerprint
 from jaxfit.data.text.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: "stats" holds drop counts only; decode_replaced, token_split
 # Text-config fields that change the token stream of a split.
 KEY_FIELDS = (
     "format",
@@ -108,7 +113,10 @@ class TokenFile:
 
     @property
     def stats(self) -> TextStats:
-        return TextStats.from_dict(self.meta["stats"])
+        counts = self.meta["stats"] | {"decode_replaced": self.meta.get("decode_replaced", 0)}
+        stats = TextStats.from_dict(counts)
+        stats.split_by_tokens = "token_split" in self.meta
+        return stats
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> TokenFile:
@@ -168,6 +176,7 @@ def write_token_file(
     *,
     add_bos: bool,
     meta: dict | None = None,
+    token_split: tuple[str, float] | None = None,
 ) -> TokenFile:
     """Tokenize ``documents`` into ``path`` (+ mask and sidecar), atomically.
 
@@ -178,10 +187,12 @@ def write_token_file(
       path: the ``.bin`` to write; the sidecar is ``path`` with suffix ``.json``.
       add_bos: prepend BOS to each document (only if the tokenizer's BOS != EOS).
       meta: extra sidecar fields (key, split, stats, ...).
+      token_split: ``(split, val_fraction)``: keep only ``split``'s share of the token
+        stream (:func:`token_split_sizes`; see the module docstring).
 
     Raises:
-      ValueError: documents mix str and instruction examples, or the tokenizer produced
-        an id ``>= vocab_size``.
+      ValueError: documents mix str and instruction examples, the tokenizer produced an
+        id ``>= vocab_size``, or a token split leaves a side with fewer than 2 tokens.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -219,6 +230,15 @@ def write_token_file(
                     )
                 f.write(arr.astype(dtype).tobytes())
                 num_tokens += arr.size
+        if token_split is not None:
+            split, fraction = token_split
+            n_train, n_val = token_split_sizes(num_tokens, fraction)
+            start, stop = (0, n_train) if split == "train" else (n_train, num_tokens)
+            _keep_range(tmp, start * dtype.itemsize, stop * dtype.itemsize)
+            if instruction:
+                _keep_range(tmp_mask, start, stop)
+                loss_tokens = int(np.fromfile(tmp_mask, np.uint8).sum(dtype=np.int64))
+            num_tokens = stop - start
         sidecar = {
             "format_version": FORMAT_VERSION,
             **(meta or {}),
@@ -233,6 +253,8 @@ def write_token_file(
             "loss_tokens": loss_tokens if instruction else num_tokens,
             "tokenizer": tokenizer.fingerprint(),
         }
+        if token_split is not None:
+            sidecar["token_split"] = {"train": n_train, "validation": n_val}
         os.replace(tmp, path)
         if instruction:
             os.replace(tmp_mask, _mask_path(path))
@@ -244,6 +266,34 @@ def write_token_file(
             if t.exists():
                 t.unlink()
     return TokenFile.open(path)
+
+
+def token_split_sizes(num_tokens: int, val_fraction: float) -> tuple[int, int]:
+    """``(train, validation)`` token counts of a split by tokens: the last
+    ``ceil(val_fraction * num_tokens)`` tokens are validation.
+
+    Raises:
+      ValueError: either side would have fewer than 2 tokens (nothing to predict).
+    """
+    n_val = math.ceil(val_fraction * num_tokens)
+    n_train = num_tokens - n_val
+    if n_train < 2 or n_val < 2:
+        raise ValueError(
+            f"text data: val_fraction={val_fraction} of {num_tokens} tokens leaves {n_train} "
+            f"training and {n_val} validation tokens; use more text or another val_fraction"
+        )
+    return n_train, n_val
+
+
+def _keep_range(path: Path, start: int, stop: int) -> None:
+    """Keep bytes ``[start, stop)`` of ``path``, in place."""
+    with open(path, "r+b") as f:
+        if start:
+            f.seek(start)
+            data = f.read(stop - start)
+            f.seek(0)
+            f.write(data)
+        f.truncate(stop - start)
 
 
 class _Null:
@@ -294,9 +344,11 @@ def build_token_file(
         meta={
             "key": key,
             "split": split,
-            "stats": stats.as_dict(),
+            "stats": {"documents": stats.documents, **stats.dropped()},
+            "decode_replaced": stats.decode_replaced,
             "source": source_fingerprint(cfg, split),
         },
+        token_split=(split, cfg.val_fraction) if stats.split_by_tokens else None,
     )
     logger.info(
         "wrote %s: %d documents, %d tokens (%s)",

@@ -9,8 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from jaxfit.data.text import default_text_config
-from jaxfit.data.text.documents import InstructionExample, has_validation, load_documents
+from jaxfit.data.text import InstructionExample, default_text_config, has_validation, load_documents
 
 SHARED = Path(__file__).resolve().parents[3].parent / "shared" / "data"
 
@@ -191,8 +190,80 @@ def test_validation_by_fraction_and_by_file(tmp_path):
         load_documents(cfg(path=str(p)), "validation")
     one = tmp_path / "one.txt"
     one.write_text("a single document")
-    with pytest.raises(ValueError, match="leaves no training documents"):
-        load_documents(cfg(path=str(one), val_fraction=0.1), "train")
+    with pytest.raises(ValueError, match=r"val_fraction must be in \(0, 1\)"):
+        load_documents(cfg(path=str(one), val_fraction=1.5), "train")
+
+
+def test_fraction_below_one_document_splits_by_tokens(tmp_path, caplog):
+    one = tmp_path / "one.txt"
+    one.write_text("a single document")
+    c = cfg(path=str(one), val_fraction=0.1)
+    with caplog.at_level(logging.INFO, logger="jaxfit.data"):
+        train, stats = load_documents(c, "train")
+    val, vstats = load_documents(c, "validation")
+    # both splits hold the whole source; the token-file builder cuts its token stream
+    assert train == val == ["a single document"]
+    assert stats.split_by_tokens and vstats.split_by_tokens and stats.documents == 1
+    assert "splitting by tokens" in caplog.text
+    # 10 documents at 0.05 hold out half a document: tokens; at 0.1 one document
+    p = write_jsonl(tmp_path / "d.jsonl", [{"text": f"doc {i}"} for i in range(10)])
+    assert load_documents(cfg(path=str(p), val_fraction=0.05), "train")[1].split_by_tokens
+    train, stats = load_documents(cfg(path=str(p), val_fraction=0.1), "train")
+    assert len(train) == 9 and not stats.split_by_tokens
+    # every document held out (ceil(0.95 * 2) = 2 of 2): tokens too
+    two = write_jsonl(tmp_path / "two.jsonl", [{"text": "a"}, {"text": "b"}])
+    assert load_documents(cfg(path=str(two), val_fraction=0.95), "train")[1].split_by_tokens
+
+
+def test_malformed_rows_skipped_and_logged_with_file_and_line(tmp_path, caplog):
+    p = tmp_path / "d.jsonl"
+    p.write_bytes(
+        b'{"text": "alpha"}\n'
+        b"{not json\n"
+        b"\n"  # blank lines are no rows
+        b"[1, 2]\n"
+        b'{"text": 5}\n'
+        b'{"text": "bro\xffken"}\n'
+        b'{"text": "omega"'  # unterminated, last line
+    )
+    with caplog.at_level(logging.WARNING, logger="jaxfit.data"):
+        docs, stats = load_documents(cfg(path=str(p)), "train")
+    assert docs == ["alpha", "bro\ufffdken"]
+    assert (stats.malformed_rows, stats.not_string, stats.decode_replaced) == (3, 1, 1)
+    assert stats.skipped == 4 and stats.metrics()["data/skipped_malformed_rows"] == 3
+    assert f"skipped line 2 of {p}: not JSON" in caplog.text
+    assert f"skipped line 4 of {p}: not a JSON object: [1, 2]" in caplog.text
+    assert f"skipped line 5 of {p}: 'text' is int, not a string" in caplog.text
+    assert f"skipped line 7 of {p}: not JSON" in caplog.text
+    # the file is not valid UTF-8, yet every message names it, never a decoded copy
+    assert "jaxfit_text_" not in caplog.text and "/tmp/tmp" not in caplog.text
+    assert "3 malformed rows" in caplog.text
+
+    c = tmp_path / "d.csv"
+    c.write_text('id,text\n1,"one"\n2,two,extra\n3,"multi\nline"\n4\n5,five\n')
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="jaxfit.data"):
+        docs, stats = load_documents(cfg(path=str(c)), "train")
+    assert docs == ["one", "multi\nline", "five"] and stats.malformed_rows == 2
+    assert f"skipped line 3 of {c}: 3 fields where the header has 2" in caplog.text
+    assert f"skipped line 6 of {c}: 1 fields where the header has 2" in caplog.text
+
+
+def test_json_array_file(tmp_path, caplog):
+    p = tmp_path / "alpaca.json"
+    p.write_text('[\n  {"text": "first"},\n  {"text": null},\n  {"text": "third"}\n]\n')
+    with caplog.at_level(logging.WARNING, logger="jaxfit.data"):
+        docs, stats = load_documents(cfg(path=str(p)), "train")
+    assert docs == ["first", "third"] and stats.missing_field == 1
+    assert f"skipped line 3 of {p}: no 'text'" in caplog.text
+
+
+def test_empty_documents_between_separators_are_counted(tmp_path):
+    p = tmp_path / "sep.txt"
+    p.write_text("<s>one<s> <s>\n<s>two<s><s>")
+    docs, stats = load_documents(cfg(path=str(p), doc_separator="<s>"), "train")
+    # before the first and after the last separator: no document; between: 3 empty ones
+    assert docs == ["one", "two"] and stats.empty == 3
 
 
 def test_resolution_errors(tmp_path):

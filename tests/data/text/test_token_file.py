@@ -1,6 +1,8 @@
 """Token files: layout (EOS/BOS), dtype choice, cache reuse and invalidation, loss mask."""
 
 import json
+import logging
+import math
 import os
 from pathlib import Path
 
@@ -9,7 +11,7 @@ import pytest
 
 import jaxfit.data.text.token_file as token_file_mod
 from jaxfit.data.text import default_text_config, prepare_text_data
-from jaxfit.data.text.documents import InstructionExample, TextStats
+from jaxfit.data.text.records import InstructionExample, TextStats
 from jaxfit.data.text.token_file import TokenFile, build_token_file, token_dtype, write_token_file
 from jaxfit.data.text.tokenizer import TextTokenizer, load_or_train
 
@@ -171,3 +173,71 @@ def test_tinystories_with_separator_file(tmp_path, bpe):
     n_docs = len([d for d in p.read_text(encoding="utf-8").split("<|endoftext|>") if d.strip()])
     assert tf.meta["documents"] == n_docs > 1
     assert int((np.asarray(tf.tokens) == bpe.eos_token_id).sum()) == n_docs
+
+
+def test_single_document_splits_by_tokens(tmp_path, bpe, caplog):
+    src = tmp_path / "one.txt"
+    src.write_text(" ".join(DOCS * 20))  # one document: val_fraction=0.1 holds out < 1
+    c = _cfg(src, val_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    c.tokenizer.vocab_size = 320
+    with caplog.at_level(logging.INFO, logger="jaxfit.data"):
+        data = prepare_text_data(c, tmp_path / "run")
+    whole = data.tokenizer.encode(src.read_text()) + [data.tokenizer.eos_token_id]
+    n_val = math.ceil(0.1 * len(whole))
+    assert data.train.num_tokens == len(whole) - n_val and data.validation.num_tokens == n_val
+    assert data.train.tokens.tolist() + data.validation.tokens.tolist() == whole
+    assert data.train.meta["token_split"] == {"train": len(whole) - n_val, "validation": n_val}
+    assert data.train.stats.split_by_tokens and data.validation.stats.documents == 1
+    assert f"split by tokens: {len(whole) - n_val} train / {n_val} validation tokens" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="jaxfit.data"):
+        again = prepare_text_data(c, tmp_path / "run")  # from the cache: still said
+    assert again.validation.tokens.tolist() == whole[-n_val:] and "split by tokens" in caplog.text
+
+    # instruction data cut alike: the mask follows the tokens
+    rows = [{"prompt": "Q", "completion": " answer " * 40}]
+    (tmp_path / "i.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ci = _cfg(tmp_path / "i.jsonl", instruction=True, val_fraction=0.25)
+    full = write_token_file(
+        [InstructionExample("Q", rows[0]["completion"])], bpe, tmp_path / "full.bin", add_bos=False
+    )
+    val = build_token_file(ci, bpe, "validation", tmp_path / "c2")
+    n_val = math.ceil(0.25 * full.num_tokens)
+    assert val.tokens.tolist() == full.tokens.tolist()[-n_val:]
+    assert val.loss_mask.tolist() == full.loss_mask.tolist()[-n_val:]
+    assert val.meta["loss_tokens"] == int(np.sum(full.loss_mask[-n_val:]))
+
+    tiny = tmp_path / "tiny.txt"
+    tiny.write_text("Third")
+    with pytest.raises(ValueError, match="leaves .* training and .* validation tokens"):
+        build_token_file(_cfg(tiny, val_fraction=0.5), bpe, "train", tmp_path / "c3")
+
+
+def test_skip_counts_in_sidecar_name_only_dropped_documents(tmp_path, bpe):
+    src = tmp_path / "d.jsonl"
+    src.write_bytes(b'{"text": "ok"}\n{broken\n{"text": ""}\n{"text": "b\xffd"}\n')
+    tf = build_token_file(_cfg(src), bpe, "train", tmp_path / "cache")
+    stats = tf.meta["stats"]
+    assert stats["documents"] == 2 and stats["malformed_rows"] == 1 and stats["empty"] == 1
+    # kept documents with replaced bytes are not a drop reason (the LM task reports every
+    # key of "stats" but "documents" as data/skipped_<key>)
+    assert "decode_replaced" not in stats and tf.meta["decode_replaced"] == 1
+    assert tf.stats.decode_replaced == 1 and tf.stats.malformed_rows == 1
+
+
+@pytest.mark.shared_data
+def test_tinyshakespeare_one_file_splits_by_tokens(tmp_path):
+    p = SHARED / "tinyshakespeare" / "input.txt"
+    gpt2 = SHARED / "tokenizers" / "gpt2"
+    if not (p.exists() and gpt2.exists()):
+        pytest.skip(f"shared data {p} / {gpt2} not available")
+    c = _cfg(p, val_fraction=0.05)
+    c.tokenizer.name = str(gpt2)
+    data = prepare_text_data(c, tmp_path / "run")
+    n = data.train.num_tokens + data.validation.num_tokens
+    # GPT-2 BPE of the whole play (+ EOS), as nanoGPT's shakespeare/prepare.py counts it
+    assert n == len(data.tokenizer.encode(p.read_text(encoding="utf-8"))) + 1
+    assert data.validation.num_tokens == math.ceil(0.05 * n)
+    assert data.train.meta["token_split"]["train"] == data.train.num_tokens
