@@ -60,6 +60,23 @@ CASES = {
             rope_parameters=dict(LLAMA3_ROPE),
         )
     ),
+    # Qwen2: biases on q/k/v (not o_proj), GQA, untied head, Qwen2's rope_theta.
+    "qwen2_gqa": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=2, initializer_range=0.2,
+            rms_norm_eps=1e-5, max_position_embeddings=64,
+            rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+        )
+    ),
+    # Qwen2.5-0.5B's layout: tied head, few KV heads.
+    "qwen2_tied": lambda: transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=97, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+            num_attention_heads=4, num_key_value_heads=1, initializer_range=0.2,
+            tie_word_embeddings=True, max_position_embeddings=64,
+        )
+    ),
 }  # fmt: skip
 
 
@@ -212,3 +229,27 @@ def test_legacy_llama_rope_scaling_spelling():
     assert llama.config_from_hf(back) == cfg
     with pytest.raises(ValueError, match="rope_type"):
         llama.config_from_hf({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}})
+
+
+def test_qwen2_config_conversion():
+    """HF ``Qwen2Config`` dicts: no ``head_dim`` / ``attention_bias`` keys (derived from the
+    checkpoint's own sizes), sliding-window attention refused by name, a round trip."""
+    from jaxfit.hf import llama, qwen2
+    from jaxfit.models.llama import LlamaConfig
+
+    hf = transformers.Qwen2Config(
+        hidden_size=64, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3,
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0},
+    ).to_dict()  # fmt: skip
+    assert "head_dim" not in hf and hf["use_sliding_window"] is False
+    cfg = qwen2.config_from_hf(hf)
+    assert (cfg.head_dim, cfg.num_key_value_heads, cfg.rope_theta) == (16, 2, 1e6)
+    assert cfg.qkv_bias and not cfg.attention_bias and cfg.vocab_size == 151936
+    back = qwen2.config_to_hf(cfg)
+    assert back["model_type"] == "qwen2" and back["layer_types"] == ["full_attention"] * 3
+    assert qwen2.config_from_hf(back) == cfg
+    sliding = dict(hf, use_sliding_window=True, sliding_window=128)
+    with pytest.raises(ValueError, match="use_sliding_window"):
+        jhf.families.for_model_type("qwen2").config_from_hf(sliding)
+    with pytest.raises(ValueError, match="qkv_bias"):  # HF Llama cannot express it
+        llama.config_to_hf(LlamaConfig(qkv_bias=True))

@@ -238,3 +238,40 @@ def test_load_errors(case, tmp_path):
         lora.save_peft(adapted, model, tmp_path / "x", rank=4)
     with pytest.raises(ValueError, match="does not give the adapters' scale"):
         lora.save_peft(adapted, model, tmp_path / "x", alpha=3)
+
+
+def test_qwen2_short_names_round_trip_through_peft(apply, tmp_path):
+    """Qwen2 (Llama's module names, q/k/v biases): its PEFT short names select what
+    ``"all-linear"`` selects, are written as ``target_modules``, and PEFT's model on the
+    transformers Qwen2 computes what jaxfit computes; PEFT's own all-linear adapter loads."""
+    torch.manual_seed(0)
+    hf_model = transformers.Qwen2ForCausalLM(
+        transformers.Qwen2Config(
+            vocab_size=61, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+            num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2,
+        )
+    ).eval()  # fmt: skip
+    hf_model.save_pretrained(tmp_path / "base")
+    model, params = jhf.load_pretrained(tmp_path / "base")
+    names = list(lora.PEFT_SHORT_NAMES["qwen2"])
+    assert lora.select(params, names) == lora.select(params, "all-linear")
+    adapted = _randomise(lora.add_lora(params, names, rank=4, alpha=8, rng=jax.random.key(0)))
+    lora.save_peft(adapted, model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["target_modules"] == sorted(names)
+    peft_model = peft.PeftModel.from_pretrained(copy.deepcopy(hf_model), tmp_path / "ours")
+    theirs = _torch_logits(peft_model.eval(), IDS)
+    assert np.abs(theirs - _torch_logits(hf_model, IDS)).max() > 0.1
+    np.testing.assert_allclose(apply(model, adapted, IDS), theirs, rtol=1e-4, atol=1e-4)
+
+    peft_config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )  # fmt: skip
+    peft_model = peft.get_peft_model(copy.deepcopy(hf_model), peft_config).eval()
+    peft_model.save_pretrained(tmp_path / "peft")
+    loaded = lora.load_peft(params, model, tmp_path / "peft")
+    assert sorted(lora.lora_leaves(loaded)) == sorted(lora.select(params, "all-linear"))
+    np.testing.assert_allclose(
+        apply(model, loaded, IDS), _torch_logits(peft_model, IDS), rtol=1e-4, atol=1e-4
+    )

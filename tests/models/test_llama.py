@@ -5,13 +5,14 @@ one jitted function and (mostly) one input shape, to keep compilations few.
 """
 
 import dataclasses
-import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from lm_testing import forward as _forward
+from lm_testing import random_params as _random_params
 
 from jaxfit.models import rope
 from jaxfit.models.llama import LlamaConfig, LlamaForCausalLM
@@ -30,30 +31,6 @@ B, S = 2, 12
 
 
 @pytest.fixture(scope="module")
-def run(jit_fast):
-    """``run(model, params, *args, method=None)``: jitted ``model.apply``, one compile per
-    (model, method, shapes) for the whole module (``jit_fast`` from ``tests/conftest.py``)."""
-
-    @functools.partial(jit_fast, static_argnums=0, static_argnames="method")
-    def apply(model, params, *args, method=None):
-        return model.apply({"params": params}, *args, method=method)
-
-    return apply
-
-
-def _random_params(model, seed=0):
-    """Random parameters without compiling ``init``: N(0, 0.2), norm scales 1 + N(0, 0.2)."""
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1), jnp.int32))
-    rng = np.random.RandomState(seed)
-
-    def draw(path, x):
-        value = rng.normal(0.0, 0.2, x.shape) + (path[-1].key == "scale")
-        return jnp.asarray(value, x.dtype)
-
-    return jax.tree_util.tree_map_with_path(draw, shapes["params"])
-
-
-@pytest.fixture(scope="module")
 def model_params():
     model = LlamaForCausalLM(CFG)
     return model, _random_params(model)
@@ -61,15 +38,6 @@ def model_params():
 
 def _ids(shape, seed=0):
     return jnp.asarray(np.random.RandomState(seed).randint(0, CFG.vocab_size, shape), jnp.int32)
-
-
-def _forward(run, model, params, ids, segment_ids=None, positions=None):
-    """Always pass segment_ids and positions (all ones / 0..S-1 by default): one compile."""
-    if segment_ids is None:
-        segment_ids = jnp.ones(ids.shape, jnp.int32)
-    if positions is None:
-        positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
-    return run(model, params, ids, segment_ids, positions)
 
 
 def test_config_defaults_and_conversion():
