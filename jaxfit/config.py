@@ -11,6 +11,7 @@ rejected. The resolved config is written to ``WORKDIR/config.json``.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import os
 from collections.abc import Sequence
@@ -21,9 +22,22 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
+# `precision` is a shorthand for three settings, each a field of its own:
+#   compute_dtype  the dtype of activations and matmuls ("float32" | "bfloat16"; float32
+#                  master weights either way when weights train);
+#   base_format    how the pretrained / base weights are stored: "float", or a quantised
+#                  format registered in jaxfit.quant.base ("int8", "nf4"); a quantised base
+#                  is frozen, so it turns LoRA on;
+#   lora.enabled   whether LoRA adapters over a frozen base are what trains.
 # fp32 / bf16 train all weights (or LoRA adapters when lora.enabled); int8 / nf4 train LoRA
 # adapters over a frozen base quantised to int8 or NF4 (QLoRA), computing in bf16.
-PRECISIONS = ("fp32", "bf16", "int8", "nf4")
+PRECISIONS: dict[str, tuple[str, str]] = {
+    "fp32": ("float32", "float"),
+    "bf16": ("bfloat16", "float"),
+    "int8": ("bfloat16", "int8"),
+    "nf4": ("bfloat16", "nf4"),
+}
+COMPUTE_DTYPES = ("float32", "bfloat16")
 RHYTHM_FIELDS = ("total_steps", "log_every", "eval_every", "ckpt_every", "seed", "precision")
 
 
@@ -113,8 +127,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
     for name in RHYTHM_FIELDS:
         if name not in config:
             raise ConfigError(f"config lacks the required field {name!r}")
-    if config.precision not in PRECISIONS:
-        raise ConfigError(f"precision={config.precision!r}; expected one of {PRECISIONS}")
+    if config.precision not in (*PRECISIONS, ""):
+        raise ConfigError(
+            f"precision={config.precision!r}; expected one of {sorted(PRECISIONS)} (or '' "
+            "with compute_dtype / base_format set)"
+        )
+    precision_settings(config)  # rejects impossible combinations by name
     for name in ("total_steps", "log_every", "eval_every", "ckpt_every"):
         if config[name] <= 0:
             raise ConfigError(f"{name}={config[name]} must be positive")
@@ -209,7 +227,9 @@ def run_rhythm(
     config.ckpt_every = ckpt_every  # steps between checkpoints (also at the end / on signal)
     config.keep_checkpoints = keep_checkpoints  # newest checkpoints kept on disk
     config.seed = seed  # one seed for init, data order and dropout
-    config.precision = precision  # fp32 | bf16 (bf16 compute, float32 master weights)
+    config.precision = precision  # fp32 | bf16 | int8 | nf4: shorthand, see jaxfit.config
+    config.compute_dtype = ""  # "float32" | "bfloat16"; "" = from precision
+    config.base_format = ""  # "float" | "int8" | "nf4"; "" = from precision
     # "12GiB": at the start of a fresh run, let the planner (jaxfit.plan) choose
     # micro_batch_size, model.remat_policy and loss_chunk_size to fit this much device
     # memory; "" = use the values of the config as they are.
@@ -226,11 +246,11 @@ def get_field(config, path: str, default: Any = None) -> Any:
     return node
 
 
-def set_fields(config, values: dict[str, Any]):
-    """A copy of ``config`` with dotted-path fields replaced.
+def set_fields(config, values: dict[str, Any], *, create: bool = False):
+    """A copy of ``config`` with dotted-path fields replaced (added when ``create``).
 
     Raises:
-      KeyError: a path the config does not have (named).
+      KeyError: a path the config does not have (named), unless ``create``.
     """
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -239,7 +259,67 @@ def set_fields(config, values: dict[str, Any]):
             node = config
             for part in parents:
                 node = node[part]
-            if last not in node:
+            if last not in node and not create:
                 raise KeyError(f"config has no field {path!r}")
             node[last] = value
     return config
+
+
+@dataclasses.dataclass(frozen=True)
+class Precision:
+    """The three settings ``precision`` stands for (see :data:`PRECISIONS`).
+
+    Attributes:
+      compute_dtype: ``"float32"`` or ``"bfloat16"``.
+      base_format: ``"float"`` or a quantisation format name (``"int8"``, ``"nf4"``).
+      lora: whether only LoRA adapters train (over a frozen base).
+    """
+
+    compute_dtype: str
+    base_format: str
+    lora: bool
+
+    @property
+    def quantised(self) -> bool:
+        return self.base_format != "float"
+
+
+def precision_settings(config) -> Precision:
+    """The run's :class:`Precision`: the ``compute_dtype`` / ``base_format`` fields where
+    set, else what the ``precision`` shorthand stands for; LoRA on when ``lora.enabled``
+    or the base is quantised. Pure: the config is not changed.
+
+    Raises:
+      ConfigError: an explicit field contradicting the shorthand (``precision=nf4`` with
+        ``base_format=int8``), an unknown ``compute_dtype``, or a quantised base in a
+        config without a ``lora`` section; the message names the fields.
+    """
+    shorthand = get_field(config, "precision", "") or ""
+    compute, base = PRECISIONS.get(shorthand, ("float32", "float"))
+    explicit_compute = get_field(config, "compute_dtype", "") or ""
+    explicit_base = get_field(config, "base_format", "") or ""
+    if explicit_compute and explicit_compute not in COMPUTE_DTYPES:
+        raise ConfigError(f"compute_dtype={explicit_compute!r}; expected one of {COMPUTE_DTYPES}")
+    if explicit_base and shorthand and explicit_base != base:
+        raise ConfigError(
+            f"precision={shorthand!r} means base_format={base!r}, but base_format="
+            f"{explicit_base!r} is set; set precision='' to use the explicit fields"
+        )
+    compute, base = explicit_compute or compute, explicit_base or base
+    lora = get_field(config, "lora")
+    if base != "float" and lora is None:
+        raise ConfigError(
+            f"base_format={base!r} quantises a frozen base, which needs LoRA adapters to "
+            "train, but this config has no `lora` section"
+        )
+    return Precision(compute, base, bool(base != "float" or (lora is not None and lora.enabled)))
+
+
+def resolve_precision(config):
+    """A copy of ``config`` with ``compute_dtype``, ``base_format`` and ``lora.enabled``
+    filled from :func:`precision_settings` (what ``config.json`` records)."""
+    p = precision_settings(config)
+    values = {"compute_dtype": p.compute_dtype, "base_format": p.base_format}
+    if get_field(config, "lora") is not None:
+        values["lora.enabled"] = p.lora
+    return set_fields(config, values, create=True)

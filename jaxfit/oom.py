@@ -6,7 +6,7 @@ planner (which names the same levers) both use it without importing each other.
 
 from __future__ import annotations
 
-from jaxfit.config import get_field
+from jaxfit.config import get_field, precision_settings
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -29,7 +29,7 @@ def oom_advice(config) -> list[str]:
         out.append("--config.model.remat_policy=full (recompute activations)")
     if get_field(config, "loss_chunk_size") == 0:
         out.append("--config.loss_chunk_size=1024 (LM head + loss in chunks of tokens)")
-    if config.precision in ("fp32", "bf16"):
+    if not precision_settings(config).quantised:
         out.append("--config.precision=nf4 (QLoRA: a frozen NF4 base + LoRA adapters)")
     if get_field(config, "optim.name") == "adamw":
         out.append("--config.optim.name=adamw8bit (8-bit optimizer moments)")

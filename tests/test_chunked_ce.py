@@ -7,21 +7,18 @@ compiled backward pass must not hold the ``[tokens, vocab]`` logits.
 
 from __future__ import annotations
 
-import types
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
 from jaxfit import config as config_lib
-from jaxfit import losses, quant
+from jaxfit import losses, objectives, quant
 from jaxfit.lora import adapters
 from jaxfit.lora import training as lora_training
 from jaxfit.models import gpt2, llama
-from jaxfit.tasks.lm import LMTask
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +104,7 @@ def test_chunked_rejects_bad_arguments():
         losses.chunked_cross_entropy(hidden, head_fn, targets, mask[:, :-1], chunk_size=4)
 
 
-# -- LMTask._sum_loss on tiny GPT-2 / Llama ------------------------------------------------
+# -- objectives.lm_sum_loss on tiny GPT-2 / Llama ------------------------------------------------
 
 SEQ, VOCAB = 16, 128
 
@@ -141,13 +138,13 @@ def _random_params(model, seed=0):
 
 
 def _sum_loss_fn(model, chunk_size):
-    """``LMTask._sum_loss`` itself, on a stand-in task with just what it reads."""
-    task = types.SimpleNamespace(
-        model=model,
-        config=ml_collections.ConfigDict({"loss_chunk_size": chunk_size}),
-        full_params=lora_training.full,
-    )
-    return lambda params, batch, frozen=None: LMTask._sum_loss(task, params, batch, None, frozen)
+    """The LM objective the task trains with (``objectives.lm_sum_loss``)."""
+
+    def sum_loss(params, batch, frozen=None):
+        full = lora_training.full(params, frozen)
+        return objectives.lm_sum_loss(model, full, batch, chunk_size=chunk_size)
+
+    return sum_loss
 
 
 def _mean_loss_and_grads(model, params, batch, chunk_size, jit_fast, frozen=None):

@@ -205,23 +205,15 @@ def test_clip_eval_examples_reproduce_recall(tmp_path):
 
 @pytest.mark.parametrize("chunk_size", [0, 5])
 def test_lm_per_row_sums_add_up_to_the_batch_sums(chunk_size, jit_fast):
-    """``LMTask._sum_loss(per_row=True)`` (evaluation) vs the batch sums training uses."""
-    import types
-
+    """``objectives.lm_sum_loss(per_row=True)`` (evaluation) vs the batch sums training
+    uses."""
     import jax
-    import ml_collections
 
-    from jaxfit.lora import training as lora_training
+    from jaxfit import objectives
     from jaxfit.models import gpt2
-    from jaxfit.tasks.lm import LMTask
 
     model = gpt2.GPT2LMHeadModel(
         gpt2.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=1, n_head=2)
-    )
-    task = types.SimpleNamespace(
-        model=model,
-        config=ml_collections.ConfigDict({"loss_chunk_size": chunk_size}),
-        full_params=lora_training.full,
     )
     params = jax.jit(model.init)(jax.random.key(0), np.zeros((1, 8), np.int32))["params"]
     rng = np.random.default_rng(0)
@@ -235,7 +227,11 @@ def test_lm_per_row_sums_add_up_to_the_batch_sums(chunk_size, jit_fast):
     batch["loss_mask"][2] = 0.0  # a padding row: no tokens, zero loss
 
     def sums(per_row):
-        return jit_fast(lambda p: LMTask._sum_loss(task, p, batch, None, None, per_row=per_row))
+        return jit_fast(
+            lambda p: objectives.lm_sum_loss(
+                model, p, batch, chunk_size=chunk_size, per_row=per_row
+            )
+        )
 
     total, count, _ = sums(False)(params)
     rows, counts, _ = sums(True)(params)

@@ -176,7 +176,7 @@ def test_lora_finetune_checkpoints_adapters_and_exports_peft(tmp_path):
     peft = pytest.importorskip("peft")
     import transformers
 
-    from jaxfit.tasks.base import ParamsMixin
+    from jaxfit.tasks.base import ParamSource
 
     tok_dir = _shared("tokenizers", "gpt2")
     hf_dir = tmp_path / "gpt2-random"
@@ -226,7 +226,7 @@ def test_lora_finetune_checkpoints_adapters_and_exports_peft(tmp_path):
     base = transformers.GPT2LMHeadModel.from_pretrained(hf_dir)
     peft_model = peft.PeftModel.from_pretrained(base, out).eval()
     ids = np.asarray([tok("a small green frog")["input_ids"]])
-    full = ParamsMixin.full_params(params, task.frozen)
+    full = ParamSource.full_params(params, task.frozen)
     ours = np.asarray(task.model.apply({"params": full}, ids))
     with torch.no_grad():
         theirs = peft_model(torch.as_tensor(ids)).logits.numpy()

@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import ml_collections
 
+from jaxfit import config as config_lib
 from jaxfit.lora import adapters, peft_io
 
 PyTree = Any
@@ -28,7 +29,7 @@ def default_lora_config() -> ml_collections.ConfigDict:
     """``config.lora`` with the defaults of jaxfit's QLoRA recipe: r=16, alpha=32,
     dropout 0.05, the attention projections q/k/v/o (PEFT short names)."""
     c = ml_collections.ConfigDict()
-    c.enabled = False  # train adapters over a frozen base (forced on by int8/nf4 precision)
+    c.enabled = False  # train adapters over a frozen base (forced on by a quantised base_format)
     c.rank = 16
     c.alpha = 32.0
     c.dropout = 0.05
@@ -42,15 +43,17 @@ def default_lora_config() -> ml_collections.ConfigDict:
 
 
 def enabled(config) -> bool:
-    """LoRA is on when ``config.lora.enabled`` or the precision quantises the base."""
-    lora = config.get("lora")
-    return bool(lora is not None and lora.enabled) or config.precision in ("int8", "nf4")
+    """LoRA is on when ``config.lora.enabled`` or the base is quantised
+    (:func:`jaxfit.config.precision_settings`)."""
+    return config_lib.precision_settings(config).lora
 
 
-def split(base: PyTree, config, rng: jax.Array, model=None) -> tuple[PyTree, PyTree | None]:
-    """``(trainable, frozen)`` for a run; see the module docstring. With
-    ``lora.peft_dir`` the adapters are read from that PEFT directory (``model`` gives
-    the HF module names) instead of being initialised.
+def split(
+    base: PyTree, config, rng: jax.Array, model=None, *, peft_dir: str | None = None
+) -> tuple[PyTree, PyTree | None]:
+    """``(trainable, frozen)`` for a run; see the module docstring. With a PEFT directory
+    (``peft_dir``, default ``config.lora.peft_dir``; ``""`` = none) the adapters are read
+    from it (``model`` gives the HF module names) instead of being initialised.
 
     Raises:
       ValueError: from :func:`jaxfit.lora.add_lora` (a target matching nothing, a rank
@@ -59,10 +62,11 @@ def split(base: PyTree, config, rng: jax.Array, model=None) -> tuple[PyTree, PyT
     if not enabled(config):
         return base, None
     c = config.lora
-    if c.get("peft_dir"):
+    peft_dir = c.get("peft_dir", "") if peft_dir is None else peft_dir
+    if peft_dir:
         if model is None:
             raise ValueError("lora.peft_dir needs the model to map PEFT module names")
-        return adapters.split_trainable(peft_io.load_peft(base, model, c.peft_dir))
+        return adapters.split_trainable(peft_io.load_peft(base, model, peft_dir))
     targets = [c.targets] if isinstance(c.targets, str) else list(c.targets)
     params = adapters.add_lora(
         base,

@@ -21,24 +21,52 @@ A task object is built as ``Task(config, workdir, mesh)`` and provides:
 * ``export(params, out_dir)``: write a Hugging Face directory (model + tokenizer);
   ``export_peft(params, out_dir)``: a LoRA run's adapters in PEFT's format.
 
-``tasks/base.py`` (``ParamsMixin``) implements the parameter half for every task.
+``tasks/base.py`` (``ParamSource``, built once per task, and ``Task``, which forwards the
+parameter half of the interface to it) implements the parameters for every task; the
+losses are the free functions of ``jaxfit.objectives``.
+
+A task module also has ``resolve_config(config, workdir) -> config``: the fields the run
+derives (a synthetic data path, the tokenizer of ``init_from``), filled in a copy before
+``config.json`` is written; tasks never change the config they are given.
 """
 
 from __future__ import annotations
 
-import importlib
+from pathlib import Path
 
-TASKS = {"clip": "jaxfit.tasks.clip:CLIPTask", "lm": "jaxfit.tasks.lm:LMTask"}
+from jaxfit import config as config_lib
+from jaxfit.tasks import clip, lm
+
+TASKS = {"clip": (clip.CLIPTask, clip.resolve_config), "lm": (lm.LMTask, lm.resolve_config)}
+
+
+def _entry(config):
+    name = config.get("task", None)
+    if name not in TASKS:
+        raise config_lib.ConfigError(f"config.task={name!r}; expected one of {sorted(TASKS)}")
+    return TASKS[name]
+
+
+def resolve_config(config, workdir: str | Path):
+    """``config`` with every derived field filled (a copy; idempotent): the precision
+    settings (:func:`jaxfit.config.resolve_precision`) and the task's own
+    (``resolve_config`` of its module). What ``config.json`` records.
+
+    Raises:
+      ConfigError: an unknown ``config.task`` or impossible precision settings.
+    """
+    return _entry(config)[1](config_lib.resolve_precision(config), workdir)
 
 
 def build_task(config, workdir, mesh, *, abstract: bool = False):
-    """Instantiate the task named by ``config.task``; ``ValueError`` if unknown.
+    """Instantiate the task named by ``config.task`` on ``resolve_config(config)``.
 
     ``abstract=True`` builds it for planning (``jaxfit.plan``): model, loss and
     ``abstract_batch`` / ``abstract_params`` / ``abstract_frozen`` only; no data is read,
-    no tokenizer trained and no weights loaded."""
-    name = config.get("task", None)
-    if name not in TASKS:
-        raise ValueError(f"config.task={name!r}; expected one of {sorted(TASKS)}")
-    module, cls = TASKS[name].split(":")
-    return getattr(importlib.import_module(module), cls)(config, workdir, mesh, abstract=abstract)
+    no tokenizer trained and no weights loaded.
+
+    Raises:
+      ConfigError: an unknown ``config.task``.
+    """
+    cls, _ = _entry(config)
+    return cls(resolve_config(config, workdir), workdir, mesh, abstract=abstract)

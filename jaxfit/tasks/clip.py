@@ -18,26 +18,32 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfit import losses
+from jaxfit import config as config_lib
+from jaxfit import objectives
 from jaxfit.data import image_text
 from jaxfit.data.image_text import caption_tokenizer as tokenizers
 from jaxfit.data.image_text import pipeline
 from jaxfit.data.image_text import synthetic_coco as synthetic
 from jaxfit.evals import retrieval
 from jaxfit.models import clip as clip_model
-from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, base_model
+from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 
 log = logging.getLogger(__name__)
 
 
-def ensure_synthetic_data(config, workdir: Path) -> None:
-    """Write the synthetic demo set when ``data.synthetic.enabled`` (once per root).
+def resolve_config(config, workdir):
+    """``config`` with the fields a CLIP run derives filled (a copy; pure): the synthetic
+    demo set's root (``WORKDIR/synthetic_coco``) when ``data.synthetic.enabled`` and no
+    ``data.root`` is given."""
+    if config.data.synthetic.enabled and not config.data.root:
+        return config_lib.set_fields(config, {"data.root": str(Path(workdir) / "synthetic_coco")})
+    return config
 
-    The images go to ``data.root`` or, when it is empty, ``WORKDIR/synthetic_coco``
-    (``data.root`` is then set to it in the saved config of the task, not the caller's).
-    """
+
+def ensure_synthetic_data(config) -> None:
+    """Write the synthetic demo dataset to ``data.root`` unless it is there (once per root)."""
     syn = config.data.synthetic
-    root = Path(config.data.root or workdir / "synthetic_coco")
+    root = Path(config.data.root)
     if not (root / "annotations").is_dir():
         log.info("writing the synthetic demo dataset to %s", root)
         synthetic.write_synthetic_coco(
@@ -49,8 +55,6 @@ def ensure_synthetic_data(config, workdir: Path) -> None:
             train_split=config.data.train_split,
             val_split=config.data.val_split,
         )
-    with config.unlocked():
-        config.data.root = str(root)
 
 
 def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.CLIPConfig:
@@ -65,7 +69,7 @@ def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.C
         **m.text.to_dict(),
     )
     vision = clip_model.CLIPVisionConfig(**m.vision.to_dict())
-    dtype = COMPUTE_DTYPES[config.precision]
+    dtype = compute_dtype(config)
     return clip_model.CLIPConfig(
         text=text,
         vision=vision,
@@ -76,21 +80,21 @@ def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.C
     )
 
 
-class CLIPTask(ParamsMixin):
+class CLIPTask(Task):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{data, model, init_from,
     batch_size, micro_batch_size, eval, precision, seed, lora}``."""
 
     peft_task_type = None  # PEFT has no task type for dual encoders
 
     def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        config = self._setup(config, workdir, mesh, abstract)
+        self.config, self.workdir, self.mesh, self.abstract = config, Path(workdir), mesh, abstract
         data = config.data
         if abstract:  # planning: no images are read, no tokenizer trained
             self.train_records = self.val_records = []
             self.train_skips = self.val_skips = image_text.SkipCounter()
         else:
             if config.data.synthetic.enabled:
-                ensure_synthetic_data(config, self.workdir)
+                ensure_synthetic_data(config)
             self.train_records, self.train_skips = image_text.load_source(data, "train")
             self.val_records, self.val_skips = image_text.load_source(data, "val")
             if config.eval.max_images:
@@ -114,7 +118,13 @@ class CLIPTask(ParamsMixin):
                 )
             self.model = clip_model.CLIPModel(model_config(config, self.tokenizer))
         self.image_size = self.model.config.vision.image_size
+        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract)
         self.num_micro_batches = config.batch_size // config.micro_batch_size
+        self.loss_and_grad = objectives.contrastive_loss_and_grad(
+            self.model,
+            num_micro_batches=self.num_micro_batches,
+            chunk_size=config.get("loss_chunk_size", 0),
+        )
         self._eval_counter = image_text.SkipCounter()
         self._encode_image = jax.jit(
             lambda p, x: self.model.apply({"params": p}, x, method="encode_image")
@@ -123,7 +133,6 @@ class CLIPTask(ParamsMixin):
             lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, method="encode_text")
         )
 
-    # -- parameters (init_params, initial_params, frozen, export: ParamsMixin) -----------
     def _init_base(self, rng: jax.Array):
         c = self.model.config
         ids = jnp.zeros((1, c.text.max_position_embeddings), jnp.int32)
@@ -142,35 +151,6 @@ class CLIPTask(ParamsMixin):
         }
 
     # -- training -----------------------------------------------------------------------
-    def _embed(self, params, batch):
-        return self.model.apply(
-            {"params": params},
-            batch["input_ids"],
-            batch["pixel_values"],
-            batch["attention_mask"],
-            method="embed",
-        )
-
-    def _loss(self, params, embeds):
-        image_embeds, text_embeds = embeds
-        chunk = self.config.get("loss_chunk_size", 0)
-        return losses.chunked_contrastive_loss(
-            image_embeds, text_embeds, params["logit_scale"], chunk_size=chunk
-        )
-
-    def loss_and_grad(self, params, batch, rng, frozen=None):
-        # GradCache re-runs each micro-batch's forward, so it must be deterministic: the
-        # CLIP towers have no dropout, and LoRA dropout is not applied here.
-        del rng
-
-        def embed(p, mb):
-            return self._embed(self.full_params(p, frozen), mb)
-
-        def loss(p, embeds):
-            return self._loss(self.full_params(p, frozen), embeds)
-
-        return losses.gradcache(embed, loss, params, batch, self.num_micro_batches)
-
     def train_iterator(self):
         data = self.config.data
         return pipeline.train_iterator(

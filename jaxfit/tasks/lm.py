@@ -10,7 +10,6 @@ also gives the per-sequence sums behind them (the trainer saves them to
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import logging
 import math
@@ -20,13 +19,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfit import accumulate, losses, perf
+from jaxfit import config as config_lib
+from jaxfit import objectives, perf
 from jaxfit.data import text as text_data
 from jaxfit.data.text import write_synthetic_text
 from jaxfit.hf import families
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.models import rope
-from jaxfit.tasks.base import COMPUTE_DTYPES, ParamsMixin, base_model
+from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -45,28 +45,36 @@ def _shape(model) -> tuple[int, int]:
     return family.num_layers(model.config), family.hidden_size(model.config)
 
 
-class LMTask(ParamsMixin):
+def resolve_config(config, workdir):
+    """``config`` with the fields an LM run derives filled (a copy; pure): the tokenizer
+    of ``init_from`` when none is named, and the synthetic corpus's path in ``workdir``."""
+    data_cfg = config.data
+    values = {}
+    if config.init_from and not data_cfg.tokenizer.name:
+        values["data.tokenizer.name"] = config.init_from
+    if data_cfg.get("synthetic") and data_cfg.synthetic.enabled and not data_cfg.path:
+        values["data.path"] = str(Path(workdir) / "synthetic_text.txt")
+    return config_lib.set_fields(config, values) if values else config
+
+
+class LMTask(Task):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{model, init_from, data,
-    seq_len, batch_size, micro_batch_size, eval, precision, seed, device}``."""
+    seq_len, batch_size, micro_batch_size, eval, precision fields, seed, device}`` of a
+    config resolved by :func:`resolve_config` (it is not changed here)."""
 
     def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        config = self._setup(config, workdir, mesh, abstract)
+        self.config, self.workdir, self.mesh, self.abstract = config, Path(workdir), mesh, abstract
         data_cfg = config.data
-        if config.init_from and not data_cfg.tokenizer.name:
-            with data_cfg.unlocked():
-                data_cfg.tokenizer.name = config.init_from
         if abstract:  # planning: no corpus is read, no tokenizer trained
             self.data = self.tokenizer = None
         else:
             if data_cfg.get("synthetic") and data_cfg.synthetic.enabled:
-                path = Path(data_cfg.path or self.workdir / "synthetic_text.txt")
-                if not path.is_file():
+                if not Path(data_cfg.path).is_file():
                     write_synthetic_text(
-                        path,
+                        data_cfg.path,
                         num_documents=data_cfg.synthetic.num_documents,
                         seed=data_cfg.synthetic.seed,
                     )
-                data_cfg.path = str(path)
             self.data = text_data.prepare_text_data(data_cfg, self.workdir)
             self.tokenizer = self.data.tokenizer
         if config.init_from:
@@ -80,12 +88,15 @@ class LMTask(ParamsMixin):
                 max_positions=_max_positions(self.model),
                 model_vocab_size=_vocab_size(self.model),
             )
+        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract)
         self.num_micro_batches = config.batch_size // config.micro_batch_size
-        self._loss_and_grad = accumulate.microbatched(self._sum_loss, self.num_micro_batches)
-        self._eval_sums = jax.jit(lambda p, f, b: self._sum_loss(p, b, None, f, per_row=True)[:2])
+        chunk_size = config.get("loss_chunk_size", 0)
+        self.loss_and_grad = objectives.lm_loss_and_grad(
+            self.model, num_micro_batches=self.num_micro_batches, chunk_size=chunk_size
+        )
+        self._eval_sums = jax.jit(objectives.lm_eval_sums(self.model, chunk_size=chunk_size))
         self._flops_per_token = None
 
-    # -- parameters (init_params, initial_params, frozen, export: ParamsMixin) -----------
     def _init_base(self, rng: jax.Array):
         ids = jnp.zeros((1, 8), jnp.int32)
         return self.model.init(rng, ids)["params"]
@@ -124,7 +135,7 @@ class LMTask(ParamsMixin):
         return model_cls(
             cfg_cls(
                 **fields,
-                dtype=COMPUTE_DTYPES[config.precision],
+                dtype=compute_dtype(config),
                 param_dtype=jnp.float32,
                 **self._model_overrides(),
             )
@@ -139,31 +150,6 @@ class LMTask(ParamsMixin):
         return batch
 
     # -- training -----------------------------------------------------------------------
-    def _sum_loss(self, params, batch, rng, frozen, *, per_row: bool = False):
-        # rng: LoRA dropout keys (the decoders themselves have no dropout); None = eval.
-        # per_row: loss sums and token counts per sequence ([B] each; evaluation).
-        variables = {"params": self.full_params(params, frozen, rng)}
-        inputs = dict(segment_ids=batch["segment_ids"], positions=batch["positions"])
-        chunk_size = self.config.get("loss_chunk_size", 0)
-        if chunk_size > 0:
-            # LM head + loss chunk by chunk: the [B, S, vocab] logits never exist at once.
-            x = self.model.apply(variables, batch["input_ids"], method="hidden_states", **inputs)
-            ce = functools.partial(
-                losses.chunked_cross_entropy,
-                head_fn=lambda h: self.model.apply(variables, h, method="logits"),
-                chunk_size=chunk_size,
-            )
-        else:
-            x = self.model.apply(variables, batch["input_ids"], **inputs)  # logits
-            ce = losses.cross_entropy
-        if per_row:
-            ce = jax.vmap(ce)
-        loss_sum, count = ce(x, targets=batch["labels"], mask=batch["loss_mask"])
-        return loss_sum, count.astype(jnp.float32), {}
-
-    def loss_and_grad(self, params, batch, rng, frozen=None):
-        return self._loss_and_grad(params, batch, rng, frozen)
-
     def train_iterator(self):
         return text_data.train_batches(
             self.data.train,
