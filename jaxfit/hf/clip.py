@@ -14,10 +14,8 @@ from typing import Any
 import jax.numpy as jnp
 
 from jaxfit.hf.mapping import IDENTITY, Rule, conv2d, linear
-from jaxfit.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
+from jaxfit.models.clip import CLIPConfig, CLIPTextConfig, CLIPVisionConfig
 
-MODEL_TYPES = ("clip",)
-MODEL_CLASS = CLIPModel
 # Non-persistent buffers that older transformers versions wrote into checkpoints.
 IGNORE = ("position_ids",)
 
