@@ -13,21 +13,11 @@ Arguments: ``init_from`` (str), ``steps`` (int).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
-
-def _finetune():
-    spec = importlib.util.spec_from_file_location(
-        "gpt2_finetune", Path(__file__).with_name("gpt2_finetune.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxfit.config import sibling_config
 
 
 def get_config(arg: str | None = None):
-    c = _finetune().get_config(arg)
+    c = sibling_config(__file__, "gpt2_finetune.py", arg)
     c.lora.enabled = True
     c.lora.targets = ("c_attn",)
     c.optim.lr = 2e-4

@@ -24,12 +24,9 @@ Arguments: ``init_from`` (str), ``steps`` (int).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-from jaxfit.config import parse_arg
+from jaxfit.config import parse_arg, sibling_config
 
 # Llama 3.1 8B, config.json of meta-llama/Llama-3.1-8B.
 LLAMA3_8B = dict(
@@ -54,19 +51,11 @@ LLAMA3_8B = dict(
 )
 
 
-def _qlora():
-    """configs/llama_qlora.py: the QLoRA recipe this one sizes up."""
-    spec = importlib.util.spec_from_file_location(
-        "llama_qlora", Path(__file__).with_name("llama_qlora.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, init_from="", steps=0)
-    c = _qlora().get_config(f"init_from={a.init_from},all_linear=True,steps={a.steps}")
+    c = sibling_config(
+        __file__, "llama_qlora.py", f"init_from={a.init_from},all_linear=True,steps={a.steps}"
+    )
     c.model.config = ml_collections.ConfigDict(LLAMA3_8B)
     c.model.remat_policy = "full"
     c.seq_len = 2048

@@ -17,27 +17,14 @@ Arguments: ``init_from`` (str), ``all_linear`` (bool), ``demo`` (bool), ``steps`
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-from jaxfit.config import parse_arg
-
-
-def _finetune():
-    """configs/llama_finetune.py: the shared Llama LM recipe this one modifies."""
-    spec = importlib.util.spec_from_file_location(
-        "llama_finetune", Path(__file__).with_name("llama_finetune.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxfit.config import parse_arg, sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, init_from="", all_linear=False, demo=False, steps=0)
-    c = _finetune().get_config(None)
+    c = sibling_config(__file__, "llama_finetune.py", None)
     c.init_from = a.init_from
     c.model.config.num_hidden_layers = 4  # from-scratch shape (only without init_from)
     c.lora.enabled = True

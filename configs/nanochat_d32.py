@@ -17,27 +17,14 @@ Arguments: ``steps`` (int).
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import ml_collections
 
-from jaxfit.config import parse_arg
-
-
-def _finetune():
-    """configs/llama_finetune.py: the Llama LM recipe this one sizes."""
-    spec = importlib.util.spec_from_file_location(
-        "llama_finetune", Path(__file__).with_name("llama_finetune.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from jaxfit.config import parse_arg, sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, steps=0)
-    c = _finetune().get_config(None)
+    c = sibling_config(__file__, "llama_finetune.py", None)
     c.model.config = ml_collections.ConfigDict(
         dict(
             hidden_size=2048,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import importlib.util
 import json
 import os
 from collections.abc import Sequence
@@ -323,3 +324,20 @@ def resolve_precision(config):
     if get_field(config, "lora") is not None:
         values["lora.enabled"] = p.lora
     return set_fields(config, values, create=True)
+
+
+def sibling_config(config_file: str | os.PathLike, name: str, arg: str | None = None):
+    """``get_config(arg)`` of the config file ``name`` (e.g. ``"llama_finetune.py"``) next
+    to ``config_file`` (pass ``__file__``): how one recipe builds on another, from any
+    working directory (config files are loaded by path, not imported as a package).
+
+    Raises:
+      FileNotFoundError: no such file beside ``config_file``.
+    """
+    path = Path(config_file).with_name(name)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {str(path)!r} not found")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg)
