@@ -1,0 +1,98 @@
+"""``precision`` as a shorthand for compute_dtype / base_format / lora.enabled, and the
+resolved config (every derived field filled before config.json is written)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import pytest
+
+from jaxfit import config as config_lib
+from jaxfit import tasks
+from jaxfit.config import ConfigError, Precision, precision_settings
+from jaxfit.sharding import make_mesh
+
+REPO = Path(__file__).resolve().parents[1]
+GPT2 = f"{REPO / 'configs' / 'gpt2_scratch.py'}:demo"
+CLIP = f"{REPO / 'configs' / 'clip_coco.py'}:demo"
+
+
+@pytest.mark.parametrize(
+    "precision, expected",
+    [
+        ("fp32", Precision("float32", "float", False)),
+        ("bf16", Precision("bfloat16", "float", False)),
+        ("int8", Precision("bfloat16", "int8", True)),
+        ("nf4", Precision("bfloat16", "nf4", True)),
+    ],
+)
+def test_the_shorthand_stands_for_three_settings(precision, expected):
+    config = config_lib.load_config(GPT2, [f"precision={precision}"])
+    assert precision_settings(config) == expected
+    spelled = config_lib.load_config(
+        GPT2,
+        ["precision=", f"compute_dtype={expected.compute_dtype}",
+         f"base_format={expected.base_format}", f"lora.enabled={expected.lora}"],
+    )  # fmt: skip
+    assert precision_settings(spelled) == expected
+
+
+def test_explicit_fields_refine_the_shorthand():
+    # QLoRA with float32 compute (the CPU benchmark's setting) and bf16 LoRA over a float base
+    cfg = config_lib.load_config(GPT2, ["precision=nf4", "compute_dtype=float32"])
+    assert precision_settings(cfg) == Precision("float32", "nf4", True)
+    cfg = config_lib.load_config(GPT2, ["precision=bf16", "lora.enabled=True"])
+    assert precision_settings(cfg) == Precision("bfloat16", "float", True)
+
+
+@pytest.mark.parametrize(
+    "overrides, names",
+    [
+        (["precision=nf4", "base_format=int8"], ("precision='nf4'", "base_format='int8'")),
+        (["compute_dtype=float16"], ("compute_dtype='float16'",)),
+        (["precision=fp8"], ("precision='fp8'",)),
+    ],
+)
+def test_impossible_combinations_are_refused_by_name(overrides, names):
+    with pytest.raises(ConfigError) as err:
+        config_lib.load_config(GPT2, overrides)
+    for name in names:
+        assert name in str(err.value)
+
+
+def test_a_quantised_base_needs_a_lora_section():
+    config = config_lib.load_config(GPT2, ["precision=nf4"])
+    with config.unlocked():
+        del config["lora"]
+    with pytest.raises(ConfigError, match="no `lora` section"):
+        precision_settings(config)
+
+
+def test_resolve_fills_every_derived_field_in_a_copy(tmp_path):
+    config = config_lib.load_config(GPT2, ["precision=nf4"])
+    before = config.to_dict()
+    resolved = tasks.resolve_config(config, tmp_path)
+    assert config.to_dict() == before  # the caller's config is never changed
+    assert (resolved.compute_dtype, resolved.base_format) == ("bfloat16", "nf4")
+    assert resolved.lora.enabled is True
+    assert resolved.data.path == str(tmp_path / "synthetic_text.txt")
+    assert tasks.resolve_config(resolved, tmp_path).to_dict() == resolved.to_dict()  # idempotent
+    clip = tasks.resolve_config(config_lib.load_config(CLIP), tmp_path)
+    assert clip.data.root == str(tmp_path / "synthetic_coco")
+
+
+def test_shorthand_and_explicit_fields_build_the_same_frozen_base(tmp_path):
+    mesh = make_mesh()
+    short = config_lib.load_config(GPT2, ["precision=nf4", "lora.targets=c_attn"])
+    spelled = config_lib.load_config(
+        GPT2, ["precision=", "compute_dtype=bfloat16", "base_format=nf4", "lora.targets=c_attn"]
+    )
+    a = tasks.build_task(short, tmp_path / "a", mesh, abstract=True)
+    b = tasks.build_task(spelled, tmp_path / "b", mesh, abstract=True)
+    fa, fb = a.abstract_frozen(), b.abstract_frozen()
+    assert jax.tree.structure(fa) == jax.tree.structure(fb)
+    assert jax.tree.leaves(fa) == jax.tree.leaves(fb)
+    kinds = {leaf.kind for leaf in jax.tree.leaves(fa, is_leaf=lambda x: hasattr(x, "kind"))
+             if hasattr(leaf, "kind")}  # fmt: skip
+    assert kinds == {"nf4"}
