@@ -15,6 +15,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,8 @@ from typing import Any
 import ml_collections
 from absl import flags
 from ml_collections import config_flags
+
+from jaxfit.errors import ShowHelp
 
 # `precision` is a shorthand for three settings, each a field of its own:
 #   compute_dtype  the dtype of activations and matmuls ("float32" | "bfloat16"; float32
@@ -46,6 +49,9 @@ class ConfigError(ValueError):
     """A config file, argument or override is invalid; the message names the key."""
 
 
+HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
+
+
 def parse_argv(
     argv: Sequence[str],
     *,
@@ -59,52 +65,138 @@ def parse_argv(
       extra_flags: names and help texts of additional string flags (e.g. ``workdir``);
         their values are returned in a dict (``None`` when absent).
       bool_flags: names and help texts of boolean flags (``--search``; default False),
-        returned in the same dict.
+        returned in the same dict. ``--verbose`` (tracebacks of errors, see
+        ``jaxfit.cli``) is always accepted.
 
     Returns:
       ``(config, values)``: the locked ``ConfigDict`` and a dict of the extra flags.
 
     Raises:
-      ConfigError: missing or unloadable config file, an unknown override key, or a
-        value of the wrong type; the message names the key or file.
+      ShowHelp: ``-h`` / ``--help`` is in ``argv`` (with the config when ``--config``
+        loads); ``jaxfit.cli.run`` prints the help.
+      ConfigError: a missing or unloadable config file, a bad config argument, an unknown
+        override key, a value of the wrong type, an unknown flag or a stray argument; the
+        message names the file, argument or key and what to do.
     """
     argv = list(argv)
-    fv = flags.FlagValues()
-    config_flags.DEFINE_config_file(
-        "config",
-        None,
-        "Config file: path.py[:arg].",
-        flag_values=fv,
-        sys_argv=argv,
-        lock_config=True,
-    )
-    for name, help_text in (extra_flags or {}).items():
-        flags.DEFINE_string(name, None, help_text, flag_values=fv)
-    for name, help_text in (bool_flags or {}).items():
-        flags.DEFINE_bool(name, False, help_text, flag_values=fv)
-    try:
-        fv(argv)
-    except AttributeError as e:  # config_flags: override of a key the config lacks
-        key = str(e).strip("\"'")
-        bad = [a for a in argv if a.startswith("--config.") and key in a.split("=")[0]]
+    bool_flags = {**(bool_flags or {}), "verbose": "Show the traceback of an error."}
+    spec, rest = _split_config_flag(argv)
+    if any(a in HELP_FLAGS for a in argv[1:]):
+        helps = {"config": "Config file: path.py[:arg].", **(extra_flags or {}), **bool_flags}
+        config, problem = None, ""
+        if spec:
+            try:
+                config = _load_config_file(spec)
+            except ConfigError as e:
+                problem = str(e)
+        raise ShowHelp(helps, config, spec or "", problem)
+    if not spec:
         raise ConfigError(
-            f"unknown config key {key!r} in {bad[0] if bad else 'an override'}; "
-            "see the config file for the available fields"
-        ) from None
-    except flags.Error as e:
-        raise ConfigError(str(e)) from None
-    except OSError as e:
-        raise ConfigError(f"could not load the config file: {e}") from None
-    if fv["config"].value is None:
-        raise ConfigError("--config FILE[:ARG] is required")
-    config = fv["config"].value
+            "--config FILE[:ARG] is required, e.g. --config configs/clip_coco.py:demo; "
+            "add --help for the flags"
+        )
+    config = _load_config_file(spec)
+    fv = flags.FlagValues()
     try:
-        validate(config)
-    except OSError as e:  # config_flags defers a failed get_config to first access
-        cause = e.__cause__ or e
-        raise ConfigError(f"could not load the config file: {cause}") from None
-    names = [*(extra_flags or {}), *(bool_flags or {})]
+        config_flags.DEFINE_config_dict(
+            "config", config, "Config file: path.py[:arg].", flag_values=fv, sys_argv=rest
+        )
+        for name, help_text in (extra_flags or {}).items():
+            flags.DEFINE_string(name, None, help_text, flag_values=fv)
+        for name, help_text in bool_flags.items():
+            flags.DEFINE_bool(name, False, help_text, flag_values=fv)
+        positional = fv(rest)[1:]
+    except AttributeError as e:  # config_flags: override of a key the config lacks
+        raise _unknown_key(e, rest, spec) from None
+    except flags.Error as e:
+        raise ConfigError(f"{e}, in the command line; add --help for the flags") from None
+    if positional:
+        raise ConfigError(
+            f"unexpected argument {positional[0]!r}, in the command line; flags are "
+            "--name=value (add --help for the list)"
+        )
+    validate(config)
+    names = [*(extra_flags or {}), *bool_flags]
     return config, {name: fv[name].value for name in names}
+
+
+def _split_config_flag(argv: list[str]) -> tuple[str | None, list[str]]:
+    """``(spec, argv without it)`` for ``--config SPEC`` / ``--config=SPEC``."""
+    rest, spec, i = [], None, 0
+    while i < len(argv):
+        arg = argv[i]
+        name, eq, value = arg.partition("=")
+        if i and name in ("--config", "-config"):
+            if eq:
+                spec = value
+            elif i + 1 < len(argv):
+                spec, i = argv[i + 1], i + 1
+            else:
+                raise ConfigError("--config needs a value, e.g. --config configs/clip_coco.py")
+        else:
+            rest.append(arg)
+        i += 1
+    return spec, rest
+
+
+def _load_config_file(spec: str) -> ml_collections.ConfigDict:
+    """``get_config(arg)`` of the file in ``spec`` (``"path.py[:arg]"``), locked.
+
+    Raises:
+      ConfigError: the file is missing or fails to import, or ``get_config`` rejects its
+        argument; the message names the file (and line) and what to do.
+    """
+    path, _, arg = spec.partition(":")
+    file = Path(path)
+    if not file.is_file():
+        parent = file.parent if file.parent.is_dir() else None
+        near = sorted(p.name for p in parent.glob("*.py")) if parent else []
+        hint = f"{parent} has {', '.join(near)}" if near else "check the path"
+        raise ConfigError(f"config file {path!r} does not exist, in --config {spec}, {hint}")
+    try:
+        module_spec = importlib.util.spec_from_file_location(f"{file.stem}_config", file)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    except Exception as e:
+        raise ConfigError(
+            f"{type(e).__name__}: {e}, in {_line_in(e, file)}, fix the config file"
+        ) from None
+    if not hasattr(module, "get_config"):
+        raise ConfigError(f"{path!r} defines no get_config(arg), in --config {spec}, add one")
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(
+            f"{e}, in --config {spec}, see {path}'s docstring for its arguments"
+        ) from None
+    config.lock()
+    return config
+
+
+def _line_in(exc: BaseException, file: Path) -> str:
+    """``"file:line"`` of the innermost traceback frame (or syntax error) in ``file``."""
+    line = getattr(exc, "lineno", None) if isinstance(exc, SyntaxError) else None
+    tb = exc.__traceback__
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == file.resolve():
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"{file}:{line}" if line else str(file)
+
+
+def _unknown_key(error: AttributeError, argv: list[str], spec: str) -> ConfigError:
+    """The ConfigError for ``--config.a.b=...`` where the config has no ``a.b``."""
+    text = str(error.args[0].args[0] if error.args and error.args[0].args else error)
+    key = (re.findall(r"'([^']+)'", text) or [text])[0]
+    overrides = [a.split("=")[0].lstrip("-") for a in argv if a.lstrip("-").startswith("config.")]
+    bad = next((o for o in overrides if o.split(".")[-1] == key), f"config.{key}")
+    field = bad.removeprefix("config.")
+    suggestion = re.findall(r'Did you mean "([^"]+)"', text)
+    parent = field.rpartition(".")[0]
+    mean = f" (did you mean {parent + '.' if parent else ''}{suggestion[0]}?)" if suggestion else ""
+    return ConfigError(
+        f"unknown config key {field!r}{mean}, in --{bad}, see --config {spec} --help for the fields"
+    )
 
 
 def load_config(spec: str, overrides: Sequence[str] = ()) -> ml_collections.ConfigDict:
@@ -324,20 +416,3 @@ def resolve_precision(config):
     if get_field(config, "lora") is not None:
         values["lora.enabled"] = p.lora
     return set_fields(config, values, create=True)
-
-
-def sibling_config(config_file: str | os.PathLike, name: str, arg: str | None = None):
-    """``get_config(arg)`` of the config file ``name`` (e.g. ``"llama_finetune.py"``) next
-    to ``config_file`` (pass ``__file__``): how one recipe builds on another, from any
-    working directory (config files are loaded by path, not imported as a package).
-
-    Raises:
-      FileNotFoundError: no such file beside ``config_file``.
-    """
-    path = Path(config_file).with_name(name)
-    if not path.is_file():
-        raise FileNotFoundError(f"config file {str(path)!r} not found")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)

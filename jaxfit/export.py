@@ -5,14 +5,19 @@ of the latest checkpoint (or ``--step N``) that ``transformers``' ``from_pretrai
 loads; LoRA adapters are merged into the base. ``--format peft`` writes a LoRA run's
 adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` for
 ``peft.PeftModel.from_pretrained`` (``base_model_name_or_path`` = the run's ``init_from``).
+
+examples:
+  python -m jaxfit.export --workdir runs/ft --out runs/ft/hf
+  python -m jaxfit.export --workdir runs/qlora --out runs/qlora/adapter --format peft
 """
 
 from __future__ import annotations
 
-import argparse
 import sys
 
-from jaxfit import trainer
+from jaxfit import cli, trainer
+
+PROG = "python -m jaxfit.export"
 
 FORMATS = ("hf", "peft")
 
@@ -29,20 +34,27 @@ def export(workdir: str, out_dir: str, *, fmt: str = "hf", step: int | None = No
     return task.export_peft(params, out_dir) if fmt == "peft" else task.export(params, out_dir)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxfit.export", description=__doc__)
-    ap.add_argument("--workdir", required=True)
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--format", default="hf", choices=FORMATS)
-    ap.add_argument("--step", type=int, default=None)
-    args = ap.parse_args(argv)
-    try:
-        out = export(args.workdir, args.out, fmt=args.format, step=args.step)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+def parser() -> cli.ArgumentParser:
+    """The command line's flags (``--help`` lists them)."""
+    ap = cli.ArgumentParser(prog=PROG, description=__doc__)
+    ap.add_argument("--workdir", required=True, help="run directory written by jaxfit.train")
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--format", default="hf", choices=FORMATS, help="hf (default) or peft")
+    ap.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    step = cli.checkpoint_step(args.workdir, args.step)
+    print(f"exporting step {step} of {args.workdir} as {args.format}", file=sys.stderr)
+    out = export(args.workdir, args.out, fmt=args.format, step=step)
     print(f"wrote {out}")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, prog=PROG, doc=__doc__)
 
 
 if __name__ == "__main__":

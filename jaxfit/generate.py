@@ -1,16 +1,16 @@
 """Sample text from a causal LM with a KV cache.
 
-  python -m jaxfit.generate --model PATH --prompt "Once upon a time" \
-      [--max_new_tokens 64] [--temperature 0.8] [--top_k 50] [--top_p 0.95] [--seed 0] \
-      [--quant nf4|int8] [--adapter PEFT_DIR]
+--model is a Hugging Face model directory (or Hub name) with its tokenizer, or a jaxfit
+workdir (its latest checkpoint and the run's tokenizer). --temperature 0 is greedy.
 
-``PATH`` is a Hugging Face model directory (or Hub name) with its tokenizer, or a jaxfit
-workdir (its latest checkpoint and the run's tokenizer). ``--temperature 0`` is greedy.
+examples:
+  python -m jaxfit.generate --model runs/gpt2_demo --prompt "Ada went to" --temperature 0
+  python -m jaxfit.generate --model runs/ft/hf --prompt "Hello" --top_k 50 --top_p 0.95
+  python -m jaxfit.generate --model DIR --quant nf4 --adapter ADAPTER_DIR --prompt "Hi"
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import sys
@@ -19,7 +19,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import hf, lora, quant, sampling, trainer
+from jaxfit import cli, hf, lora, quant, sampling, trainer
+
+PROG = "python -m jaxfit.generate"
 
 
 def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adapter: str = ""):
@@ -58,27 +60,31 @@ def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adap
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.WARNING)
-    ap = argparse.ArgumentParser(prog="python -m jaxfit.generate", description=__doc__)
+def parser() -> cli.ArgumentParser:
+    """The command line's flags (``--help`` lists them)."""
+    ap = cli.ArgumentParser(prog=PROG, description=__doc__)
     ap.add_argument("--model", required=True, help="HF model dir / Hub name, or jaxfit workdir")
-    ap.add_argument("--prompt", required=True)
-    ap.add_argument("--max_new_tokens", type=int, default=64)
-    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    ap.add_argument("--top_k", type=int, default=None)
-    ap.add_argument("--top_p", type=float, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--num_samples", type=int, default=1)
+    ap.add_argument("--prompt", required=True, help="text to continue")
+    ap.add_argument("--max_new_tokens", type=int, default=64, help="tokens to sample (64)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
+    ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely")
+    ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
+    ap.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
+    ap.add_argument("--num_samples", type=int, default=1, help="continuations to print (1)")
     ap.add_argument("--quant", choices=("nf4", "int8"), default=None, help="quantise an HF model")
     ap.add_argument("--adapter", default="", help="PEFT LoRA adapter directory (HF model)")
-    args = ap.parse_args(argv)
-    try:
-        model, params, encode, decode, eos = load_model_and_tokenizer(
-            args.model, quant_method=args.quant, adapter=args.adapter
-        )
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    logging.basicConfig(level=logging.WARNING)
+    args = parser().parse_args(argv)
+    saved = Path(args.model) / "config.json"
+    if saved.is_file() and "task" in json.loads(saved.read_text()):
+        cli.checkpoint_step(args.model)  # a jaxfit run: its checkpoint, before its data
+    model, params, encode, decode, eos = load_model_and_tokenizer(
+        args.model, quant_method=args.quant, adapter=args.adapter
+    )
     ids = np.asarray(encode(args.prompt), np.int32)
     prompt = np.repeat(ids[None], args.num_samples, axis=0)
     out = sampling.generate(
@@ -98,6 +104,10 @@ def main(argv: list[str] | None = None) -> int:
             row = row[: row.index(eos)]
         print(args.prompt + decode(row))
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, prog=PROG, doc=__doc__)
 
 
 if __name__ == "__main__":

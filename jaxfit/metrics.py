@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Mapping
@@ -51,7 +52,10 @@ class MetricWriter:
       workdir: run directory; events go to ``workdir`` itself (``events.out.tfevents.*``),
         ``metrics.jsonl`` and ``hparams.json`` next to them. Created if missing.
       total_steps: length of the run, for the progress bar's ETA.
-      console: show the progress bar (stderr) with the latest scalars as postfix.
+      console: show the progress bar (stderr) with the latest scalars worth watching
+        (:func:`console_postfix`) as postfix. It appears after the first step of the
+        process (which compiles the step; its time gets a line of its own), so rate and
+        ETA exclude the compilation; a run with nothing left to do says so instead.
       initial_step: where the bar starts (resumed runs).
 
     ``metrics.jsonl`` is appended to (a resumed run continues the file); one JSON object
@@ -71,21 +75,29 @@ class MetricWriter:
         self._events = None
         self._jsonl = None
         self._bar = None
+        self._console = console and self.active
+        self._bar_args = dict(total=total_steps, unit="step")
+        self._started = time.perf_counter()
+        self._first_step = initial_step
+        self._postfix: dict[str, str] = {}
         if not self.active:
             return
         os.makedirs(self.workdir, exist_ok=True)
         self._events = EventFileWriter(self.workdir)
         self._jsonl = open(os.path.join(self.workdir, "metrics.jsonl"), "a", encoding="utf-8")
-        if console:
-            # In a log file (no terminal) redraw at most every 30 s instead of 10 times/s.
-            interactive = sys.stderr.isatty()
-            self._bar = tqdm.tqdm(
-                total=total_steps,
-                initial=initial_step,
-                dynamic_ncols=True,
-                unit="step",
-                mininterval=0.1 if interactive else 30.0,
-            )
+        if self._console:
+            if initial_step >= total_steps:
+                print(
+                    f"already finished at step {initial_step} (total_steps={total_steps}): "
+                    "nothing to train; raise --config.total_steps to train on",
+                    file=sys.stderr,
+                )
+            else:
+                print(
+                    f"step {initial_step}: compiling the train step, then running it "
+                    "(the first step includes the compilation)",
+                    file=sys.stderr,
+                )
 
     def write_scalars(self, step: int, scalars: Mapping[str, Any]) -> None:
         """Write ``{name: scalar}`` (floats, numpy or jax scalars) at ``step``."""
@@ -101,10 +113,14 @@ class MetricWriter:
         record = {"step": step, "time": round(time.time(), 3), **values}
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
-        if self._bar is not None:
-            self._bar.set_postfix(
-                {k.removeprefix("train/"): _short(v) for k, v in values.items()}, refresh=False
-            )
+        if self._console:
+            self._postfix.update(console_postfix(values))
+            if self._bar is not None:
+                self._bar.set_postfix(self._postfix, refresh=False)
+            evals = [(k.removeprefix("eval/"), v) for k, v in _natural(values) if k[:5] == "eval/"]
+            if evals:
+                line = f"step {step} eval: " + ", ".join(f"{k}={_short(v)}" for k, v in evals)
+                tqdm.tqdm.write(line, file=sys.stderr)
 
     def write_text(self, step: int, tag: str, text: str) -> None:
         """Write a (markdown) text summary, shown in TensorBoard's Text tab."""
@@ -136,15 +152,44 @@ class MetricWriter:
         self.write_text(0, "hparams", "\n".join("    " + line for line in text.splitlines()))
 
     def update_progress(self, step: int) -> None:
-        """Move the progress bar to ``step`` (absolute); cheap, call every step."""
-        if self._bar is not None and step > self._bar.n:
+        """Move the progress bar to ``step`` (absolute); cheap, call every step.
+
+        The bar starts after the first step of the process, which includes compiling
+        it, so its rate and ETA are those of the steps after; the first step's time is
+        reported on a line of its own.
+        """
+        if not self._console:
+            return
+        if self._bar is None:
+            if step <= self._first_step:
+                return
+            seconds = time.perf_counter() - self._started
+            print(f"compiled and ran the first step in {seconds:.1f} s", file=sys.stderr)
+            # In a log file (no terminal) redraw at most every 30 s instead of 10 times/s.
+            interactive = sys.stderr.isatty()
+            self._bar = tqdm.tqdm(
+                initial=step,
+                dynamic_ncols=True,
+                mininterval=0.1 if interactive else 30.0,
+                postfix=self._postfix or None,
+                **self._bar_args,
+            )
+            return
+        if step > self._bar.n:
             self._bar.update(step - self._bar.n)
 
     def close(self) -> None:
         """Flush and close every output (idempotent)."""
         if self._bar is not None:
-            self._bar.close()
-            self._bar = None
+            bar, self._bar = self._bar, None
+            if bar.last_print_n == bar.n and not bar.disable:
+                # Already shown at its final count: end its line instead of drawing it
+                # again (a second copy in logs and after other output).
+                bar.disable = True
+                bar.fp.write("\n")
+                bar.fp.flush()
+            else:
+                bar.close()
         if self._events is not None:
             self._events.close()
             self._events = None
@@ -158,6 +203,80 @@ class MetricWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+# Console names of the metrics worth watching; others (internals such as the accumulated
+# loss_weight, or the step time the rate already shows) stay in TensorBoard / metrics.jsonl.
+_CONSOLE_NAMES = {
+    "train/loss": "loss",
+    "train/lr": "lr",
+    "train/grad_norm": "grad_norm",
+    "perf/tokens_per_sec": "tok/s",
+    "perf/images_per_sec": "img/s",
+    "perf/mfu": "mfu",
+}
+
+
+def mfu_shown() -> bool:
+    """MFU is measured against ``config.device``'s peak (an accelerator); on a CPU backend
+    that ratio describes no device in use, so the console leaves it out."""
+    return jax.default_backend() != "cpu"
+
+
+def console_postfix(values: Mapping[str, float]) -> dict[str, str]:
+    """The progress bar's ``{short name: text}`` for logged ``values``: the training
+    metrics of :data:`_CONSOLE_NAMES` and skipped-data counts that are not zero
+    (evaluations get a line of their own)."""
+    out = {}
+    for name, value in values.items():
+        if name == "perf/mfu":
+            if mfu_shown():
+                out["mfu"] = f"{value:.1%}"
+        elif name in _CONSOLE_NAMES:
+            out[_CONSOLE_NAMES[name]] = _short(value)
+        elif name.startswith("data/skipped_") and value:
+            out[name.removeprefix("data/")] = str(int(value))
+    return out
+
+
+def summary_table(results: Mapping[str, float], *, title: str = "") -> str:
+    """The end-of-run table: one ``metric  value`` row per result worth reading
+    (evaluation first, then training, speed and skipped data; internals and a CPU's MFU
+    left out, as on the progress bar). Empty when there is nothing to show."""
+    order = ("eval/", "train/", "perf/", "data/")
+    hidden = {"train/loss_weight"}
+    if not mfu_shown():
+        hidden.add("perf/mfu")
+    if "perf/tokens_per_sec" in results or "perf/images_per_sec" in results:
+        hidden.add("perf/examples_per_sec")  # the same rate in the task's own unit
+    rows = []
+    for prefix in order:
+        for name, value in _natural(results):
+            if not name.startswith(prefix) or name in hidden:
+                continue
+            value = float(value)
+            if name.startswith("data/skipped_") and not value:
+                continue
+            rows.append((name, f"{value:.2%}" if name == "perf/mfu" else _short(value)))
+    rows += [(k, _short(float(v))) for k, v in results.items() if not k.startswith(order)]
+    if not rows:
+        return ""
+    width = max(len("metric"), *(len(n) for n, _ in rows))
+    vwidth = max(len("value"), *(len(v) for _, v in rows))
+    lines = [title] if title else []
+    lines.append(f"{'metric':<{width}}  {'value':>{vwidth}}")
+    lines.append(f"{'-' * width}  {'-' * vwidth}")
+    lines += [f"{n:<{width}}  {v:>{vwidth}}" for n, v in rows]
+    return "\n".join(lines)
+
+
+def _natural(values: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """Items sorted by name with digit runs as numbers (``R@5`` before ``R@10``)."""
+
+    def key(item):
+        return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", item[0])]
+
+    return sorted(values.items(), key=key)
 
 
 def _short(x: float) -> str:

@@ -5,31 +5,37 @@ QLoRA / int8 run would (``jaxfit.quant.quantize_params``), and prints per-tensor
 layer for stacked tensors) relative Frobenius error ``||W - Q(W)||_F / ||W||_F`` and
 max-abs error, plus the bits per weight achieved (NF4 with double quantisation:
 ``4 + 8/64 + 32/(64*256) = 4.127``). ``--json FILE`` writes the full report.
+
+examples:
+  python -m jaxfit.quantize --model gpt2 --method nf4
+  python -m jaxfit.quantize --model DIR --method int8 --json int8_report.json
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfit import hf, quant
+from jaxfit import cli, hf, quant
+
+PROG = "python -m jaxfit.quantize"
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m jaxfit.quantize", description=__doc__)
+def parser() -> cli.ArgumentParser:
+    """The command line's flags (``--help`` lists them)."""
+    ap = cli.ArgumentParser(prog=PROG, description=__doc__)
     ap.add_argument("--model", required=True, help="HF model directory or Hub name")
-    ap.add_argument("--method", choices=("nf4", "int8"), default="nf4")
+    ap.add_argument("--method", choices=("nf4", "int8"), default="nf4", help="nf4 (default)")
     ap.add_argument("--json", default="", help="write the full report to this file")
-    args = ap.parse_args(argv)
-    try:
-        _, params = hf.load_pretrained(args.model, dtype=jnp.float32)
-    except (FileNotFoundError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    return ap
+
+
+def _main(argv: list[str] | None) -> int:
+    args = parser().parse_args(argv)
+    _, params = hf.load_pretrained(args.model, dtype=jnp.float32)
     qparams = quant.quantize_params(params, method=args.method, float_dtype=jnp.float32)
     report = quant.error_report(params, qparams)
     print(f"{'tensor':60s} {'rel_frobenius':>14s} {'max_abs':>10s}")
@@ -47,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2, default=lambda x: np.asarray(x).tolist())
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv, prog=PROG, doc=__doc__)
 
 
 if __name__ == "__main__":

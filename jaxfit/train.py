@@ -2,6 +2,12 @@
 
 Any config field can be overridden as ``--config.optim.lr=3e-4``. A workdir that holds a
 checkpoint is resumed. See README.md.
+
+examples:
+  python -m jaxfit.train --config configs/clip_coco.py:demo --workdir runs/clip_demo
+  python -m jaxfit.train --config configs/gpt2_scratch.py --workdir runs/gpt2 \\
+      --config.data.path=input.txt
+  python -m jaxfit.train --config configs/gpt2_scratch.py --help   # that config's fields
 """
 
 from __future__ import annotations
@@ -10,8 +16,10 @@ import logging
 import sys
 from pathlib import Path
 
+from jaxfit import cli, trainer
 from jaxfit import config as config_lib
-from jaxfit import trainer
+from jaxfit import metrics as metrics_lib
+from jaxfit.errors import UsageError
 from jaxfit.oom import OutOfMemoryError
 from jaxfit.plan import apply as plan_apply
 
@@ -29,26 +37,32 @@ def run(config, workdir: str | Path) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv or sys.argv, prog="python -m jaxfit.train", doc=__doc__)
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    try:
-        config, flags = config_lib.parse_argv(
-            argv or sys.argv, extra_flags={"workdir": "Run directory (checkpoints, logs)."}
+    config, flags = config_lib.parse_argv(
+        argv, extra_flags={"workdir": "Run directory (checkpoints, logs); created if missing."}
+    )
+    workdir = flags["workdir"]
+    if not workdir:
+        raise UsageError("--workdir DIR is required, in the command line, e.g. --workdir runs/x")
+    if Path(workdir).exists() and not Path(workdir).is_dir():
+        raise UsageError(
+            f"--workdir {workdir!r} is a file, not a directory, in the command line, "
+            "pass a directory (it is created when missing)"
         )
-    except config_lib.ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if not flags["workdir"]:
-        print("error: --workdir DIR is required", file=sys.stderr)
-        return 2
     try:
         results = run(config, flags["workdir"])
     except OutOfMemoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
-    evals = {k: round(v, 3) for k, v in results.items() if k.startswith("eval/")}
-    print(f"done: {evals}")
+    table = metrics_lib.summary_table(results, title=f"results ({workdir}):")
+    if table:
+        print(table)
     return 0
 
 

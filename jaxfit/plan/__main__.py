@@ -31,8 +31,12 @@ import logging
 import sys
 import time
 
+from jaxfit import cli
 from jaxfit import config as config_lib
+from jaxfit.errors import UsageError
 from jaxfit.plan import apply, core, estimate, report, search
+
+PROG = "python -m jaxfit.plan"
 
 FLAGS = {
     "device": "Card to plan for (jaxfit.perf.DEVICES); default: the config's `device`.",
@@ -61,20 +65,23 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    return cli.run(_main, argv or sys.argv, prog=PROG, doc=__doc__)
+
+
+def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    config, fl = config_lib.parse_argv(argv, extra_flags=FLAGS, bool_flags=BOOL_FLAGS)
+    if fl["apply"] and not (fl["search"] or fl["search_seq_len"]):
+        raise UsageError("--apply needs --search or --search_seq_len, in the command line")
     try:
-        config, fl = config_lib.parse_argv(
-            argv or sys.argv, extra_flags=FLAGS, bool_flags=BOOL_FLAGS
-        )
         device = fl["device"] or config.get("device") or "rtx4070ti"
         budget = estimate.parse_bytes(fl["budget"]) if fl["budget"] else None
         if budget is None:
             budget = int(estimate.perf.device(device).memory_gib * 2**30)
         reserve = estimate.parse_bytes(fl["reserve"]) if fl["reserve"] else None
         mfu = float(fl["mfu"] or estimate.DEFAULT_UTILISATION)
-    except (config_lib.ConfigError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    except ValueError as e:
+        raise UsageError(f"{e}, in the command line, see --help") from None
     usable = apply.usable_bytes(budget, reserve)
     timing = dict(
         utilisation=mfu,
@@ -91,10 +98,15 @@ def main(argv: list[str] | None = None) -> int:
     print(report.time_report(plan, est, int(config.total_steps)))
     out = {"plan": plan.to_dict(), "estimate": est.__dict__, "budget": budget, "usable": usable}
 
-    found = []
+    found, best = [], None
+
+    def table(rows: list) -> str:
+        ests = [estimate.estimate_time(c.plan, device, **timing) if c.plan else None for c in rows]
+        return report.search_table(rows, ests)
+
     if fl["search"]:
         print("\nsearch: micro-batch x remat policy x CE chunk size")
-        found = search.search_batch(
+        rows = search.search_batch(
             config,
             usable,
             micro_batch_sizes=_ints(fl["micro_batch_sizes"]),
@@ -103,19 +115,27 @@ def main(argv: list[str] | None = None) -> int:
             max_compiles=int(fl["max_compiles"] or 40),
             progress=print,
         )
+        print("\nwhat fits, fastest first (then what does not):")
+        print(table(rows))
+        found += rows
+        best = next((c for c in rows if c.fits), None)
     if fl["search_seq_len"]:
         print("\nsearch: longest seq_len")
-        found += search.search_seq_len(
+        rows = search.search_seq_len(
             config, usable, max_seq_len=_ints(fl["max_seq_len"] or "0")[0] or None, progress=print
         )
+        chunk = search.seq_len_step(config)
+        valid = f" (above {chunk}: multiples of the {chunk}-query attention chunk)" if chunk else ""
+        print(f"\nseq_len tried{valid}, shortest first:")
+        print(table(rows))
+        found += rows
+        fitting = [c for c in rows if c.fits]
+        best = best or max(fitting, key=lambda c: c.overrides["seq_len"], default=None)
     if found:
-        ests = [estimate.estimate_time(c.plan, device, **timing) if c.plan else None for c in found]
-        print(report.search_table(found, ests))
         out["search"] = [
             {"overrides": c.overrides, "fits": c.fits, "error": c.error,
              "plan": c.plan.to_dict() if c.plan else None} for c in found
         ]  # fmt: skip
-        best = next((c for c in found if c.fits), None)
         if best is None:
             print(f"nothing tried fits {estimate.format_bytes(usable)}")
         else:
@@ -126,9 +146,6 @@ def main(argv: list[str] | None = None) -> int:
                     fl["apply"], best.overrides, {"budget": budget, "plan": best.plan.to_dict()}
                 )
                 print(f"wrote {path}: `python -m jaxfit.train --workdir {fl['apply']}` uses it")
-    elif fl["apply"]:
-        print("error: --apply needs --search or --search_seq_len", file=sys.stderr)
-        return 2
     if fl["json"]:
         with open(fl["json"], "w") as f:
             json.dump(out, f, indent=2, default=str)

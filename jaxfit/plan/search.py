@@ -9,8 +9,11 @@ config's) until the compiled peak no longer fits. Peak memory grows with the mic
 so the walk stops at the first one that does not fit.
 
 ``search_seq_len`` finds the longest sequence that fits at the config's micro-batch:
-doubling from the config's ``seq_len``, then bisecting (in multiples of 128 tokens) between
-the longest that fit and the shortest that did not.
+doubling from the config's ``seq_len``, then bisecting between the longest that fit and the
+shortest that did not, over lengths where the plan is valid: when planning on a CPU the
+attention is compiled as blocks of 512 queries (``cpu_stand_in``), which falls back to full
+``[seq, seq]`` scores at lengths that are not multiples of 512, so only those multiples
+(and lengths up to one block, in steps of 128) are tried.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxfit.models.layers import ATTENTION_CHUNK
 from jaxfit.plan import core
 
 log = logging.getLogger(__name__)
@@ -121,6 +125,30 @@ def _ranked(results: list[Candidate]) -> list[Candidate]:
     return sorted(results, key=key)
 
 
+def seq_len_step(config) -> int | None:
+    """The chunk of the attention the plan compiles (``cpu_stand_in``'s ``"chunked"``):
+    lengths above it that are not a multiple of it fall back to full ``[seq, seq]``
+    attention (``jaxfit.models.layers.attention``), so the plan there is not the GPU's.
+    ``None`` when the plan compiles the config's own attention (every length is valid)."""
+    impl = core.get_field(core.cpu_stand_in(config), "model.attention_impl")
+    return ATTENTION_CHUNK if impl == "chunked" else None
+
+
+def valid_seq_len(n: int, chunk: int | None) -> bool:
+    """Whether the plan at ``seq_len=n`` estimates what a GPU runs: any length up to one
+    attention chunk (a single block: the same attention), above it multiples of the
+    chunk."""
+    return chunk is None or n <= chunk or n % chunk == 0
+
+
+def _valid_at_most(n: int, chunk: int | None) -> int:
+    """The longest length ``<= n`` that is valid and, from :data:`SEQ_LEN_QUANTUM` on, a
+    multiple of it (the search's step); 0 when there is none."""
+    if chunk is not None and n > chunk:
+        return n // chunk * chunk
+    return n // SEQ_LEN_QUANTUM * SEQ_LEN_QUANTUM if n >= SEQ_LEN_QUANTUM else max(n, 0)
+
+
 def search_seq_len(
     config,
     usable_bytes: int,
@@ -128,7 +156,11 @@ def search_seq_len(
     max_seq_len: int | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> list[Candidate]:
-    """Candidates tried for ``seq_len`` (others as in ``config``), longest fitting first.
+    """Candidates tried for ``seq_len`` (others as in ``config``), shortest first.
+
+    Only lengths where the plan is valid are compiled (:func:`valid_seq_len`: multiples
+    of the attention chunk, 512, above one chunk when planning on a CPU); the answer is
+    the longest of those that fits.
 
     Args:
       max_seq_len: upper bound (default: 64 x the config's ``seq_len``).
@@ -137,9 +169,13 @@ def search_seq_len(
       ValueError: the config has no ``seq_len`` (not a language model).
     """
     if core.get_field(config, "seq_len") is None:
-        raise ValueError("--search=seq_len needs a language-model config (seq_len)")
+        raise ValueError("--search_seq_len needs a language-model config (seq_len)")
+    chunk = seq_len_step(config)
     start = int(config.seq_len)
-    limit = int(max_seq_len or 64 * start)
+    if not valid_seq_len(start, chunk):
+        start = _valid_at_most(start, chunk)
+        progress(f"  starting from seq_len={start} (plans are valid at multiples of {chunk})")
+    limit = int(max_seq_len or 64 * int(config.seq_len))
     tried: dict[int, Candidate] = {}
 
     def fits(n: int) -> bool:
@@ -147,27 +183,26 @@ def search_seq_len(
             tried[n] = _try(config, {"seq_len": n}, usable_bytes, progress)
         return tried[n].fits
 
-    lo, hi = 0, None  # longest known to fit, shortest known not to
+    lo, hi = 0, limit + 1  # longest known to fit; shortest known not to (or past the limit)
     n = start
     while n <= limit:
-        if fits(n):
-            lo, n = n, n * 2
-        else:
+        if not fits(n):
             hi = n
             break
+        lo, n = n, n * 2
     if lo == 0:  # the config's own seq_len does not fit: halve down
-        n = start // 2
-        while n >= SEQ_LEN_QUANTUM and not fits(n):
-            hi, n = n, n // 2
-        lo = n if n >= SEQ_LEN_QUANTUM else 0
-    if hi is None:
-        hi = min(limit, lo * 2) + SEQ_LEN_QUANTUM
-    while lo and hi - lo > SEQ_LEN_QUANTUM:
-        mid = (lo + hi) // 2 // SEQ_LEN_QUANTUM * SEQ_LEN_QUANTUM
-        if mid in (lo, hi):
-            break
+        n = _valid_at_most(start // 2, chunk)
+        while n >= 1 and not fits(n):
+            hi, n = n, _valid_at_most(n // 2, chunk)
+        lo = max(n, 0)
+    while lo:
+        mid = _valid_at_most((lo + hi) // 2, chunk)
+        if mid <= lo:
+            mid = _valid_at_most(hi - 1, chunk)  # the last valid length below hi
+            if mid <= lo or mid in tried:
+                break
         if fits(mid):
             lo = mid
         else:
             hi = mid
-    return sorted(tried.values(), key=lambda c: (not c.fits, -c.overrides["seq_len"]))
+    return sorted(tried.values(), key=lambda c: c.overrides["seq_len"])

@@ -1,0 +1,83 @@
+"""The console of a run: the first (compiling) step on a line of its own, then a bar whose
+rate excludes it; "already finished"; no internals or CPU MFU; one summary table."""
+
+import jax
+import pytest
+
+from jaxfit import metrics
+from jaxfit.metrics import MetricWriter, console_postfix, summary_table
+
+
+def test_bar_starts_after_the_first_step(tmp_path, capsys):
+    with MetricWriter(tmp_path, total_steps=5) as w:
+        err = capsys.readouterr().err
+        assert "compiling" in err and "%|" not in err  # no bar (and no ETA) yet
+        w.update_progress(1)
+        err = capsys.readouterr().err
+        assert "compiled and ran the first step in" in err
+        for step in range(2, 6):
+            w.write_scalars(step, {"train/loss": 1.0 / step, "train/loss_weight": 2048.0})
+            w.update_progress(step)
+    err = capsys.readouterr().err
+    assert "5/5" in err and "loss=0.2" in err and "loss_weight" not in err
+    assert err.count("5/5") == 1  # the final bar is drawn once
+
+
+def test_already_finished(tmp_path, capsys):
+    with MetricWriter(tmp_path, total_steps=300, initial_step=300):
+        pass
+    err = capsys.readouterr().err
+    assert "already finished at step 300" in err and "compiling" not in err
+
+
+def test_evaluation_gets_its_own_line(tmp_path, capsys):
+    with MetricWriter(tmp_path, total_steps=4) as w:
+        w.update_progress(1)
+        w.write_scalars(2, {"eval/i2t_R@10": 50.0, "eval/i2t_R@5": 40.0, "eval/i2t_R@1": 10.0})
+    err = capsys.readouterr().err
+    assert "step 2 eval: i2t_R@1=10, i2t_R@5=40, i2t_R@10=50" in err
+
+
+def test_console_postfix_leaves_out_internals_and_cpu_mfu(monkeypatch):
+    values = {
+        "train/loss": 2.5,
+        "train/loss_weight": 2048.0,
+        "perf/tokens_per_sec": 1234.0,
+        "perf/mfu": 2e-4,
+        "perf/step_time_s": 0.5,
+        "data/skipped_empty": 0.0,
+        "data/skipped_decode": 3.0,
+    }
+    monkeypatch.setattr(jax, "default_backend", lambda: "cpu")
+    assert console_postfix(values) == {
+        "loss": "2.5",
+        "tok/s": "1234",
+        "skipped_decode": "3",
+    }
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert console_postfix(values)["mfu"] == "0.0%"
+
+
+def test_summary_table(monkeypatch):
+    monkeypatch.setattr(metrics, "mfu_shown", lambda: False)
+    results = {
+        "train/loss": 1.25,
+        "eval/i2t_R@10": 60.0,
+        "eval/i2t_R@5": 50.0,
+        "perf/examples_per_sec": 8.0,
+        "perf/images_per_sec": 8.0,
+        "perf/mfu": 0.3,
+        "train/loss_weight": 10.0,
+    }
+    table = summary_table(results, title="results:").splitlines()
+    assert table[0] == "results:"
+    assert table[1].split() == ["metric", "value"]
+    names = [line.split()[0] for line in table[3:]]
+    assert names == ["eval/i2t_R@5", "eval/i2t_R@10", "train/loss", "perf/images_per_sec"]
+    assert summary_table({}) == ""
+
+
+@pytest.mark.parametrize("backend,shown", [("cpu", False), ("gpu", True)])
+def test_mfu_only_on_an_accelerator(monkeypatch, backend, shown):
+    monkeypatch.setattr(jax, "default_backend", lambda: backend)
+    assert ("perf/mfu" in summary_table({"perf/mfu": 0.4})) == shown

@@ -1,0 +1,153 @@
+"""One error style: each mistake a user makes before work starts ends a CLI with exit
+status 2 and ONE line ``error: <what>, <where>, <what to do>`` on stderr naming the file or
+key, and no traceback (unless ``--verbose`` / ``JAXFIT_DEBUG=1``)."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from jaxfit import cli
+from jaxfit import config as config_lib
+from jaxfit.errors import DataError
+
+REPO = Path(__file__).resolve().parents[2]
+CLIP = str(REPO / "configs" / "clip_coco.py")
+GPT2 = str(REPO / "configs" / "gpt2_scratch.py")
+# Real data off: the CLIP demo on a data root of the test's choosing.
+CLIP_REAL = [f"--config={CLIP}:demo", "--config.data.synthetic.enabled=False"]
+
+
+def _run(module: str, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", f"jaxfit.{module}", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=300,
+        env=env,
+    )
+
+
+def _one_error(proc: subprocess.CompletedProcess, *names: str) -> str:
+    """The single ``error:`` line of a run that ended with status 2, checked."""
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr
+    assert len(errors) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    for name in names:
+        assert name in errors[0], errors[0]
+    return errors[0]
+
+
+def test_missing_data_root(tmp_path):
+    root = tmp_path / "no_such_coco"
+    proc = _run("train", *CLIP_REAL, f"--config.data.root={root}", f"--workdir={tmp_path / 'w'}")
+    _one_error(proc, str(root))
+
+
+def test_missing_annotations(tmp_path):
+    root = tmp_path / "coco"
+    (root / "train2017").mkdir(parents=True)
+    proc = _run("train", *CLIP_REAL, f"--config.data.root={root}", f"--workdir={tmp_path / 'w'}")
+    _one_error(proc, "captions_train2017.json")
+
+
+def test_truncated_coco_json_names_the_file_and_line(tmp_path):
+    root = tmp_path / "coco"
+    (root / "annotations").mkdir(parents=True)
+    (root / "train2017").mkdir()
+    records = {
+        "images": [{"id": i, "file_name": f"{i}.jpg"} for i in range(200)],
+        "annotations": [{"image_id": i, "caption": "a red square"} for i in range(200)],
+    }
+    text = json.dumps(records, indent=1)
+    ann = root / "annotations" / "captions_train2017.json"
+    ann.write_text(text[: len(text) // 2])
+    proc = _run("train", *CLIP_REAL, f"--config.data.root={root}", f"--workdir={tmp_path / 'w'}")
+    line = _one_error(proc, f"{ann}:", "JSON")
+    assert int(line.split(f"{ann}:")[1].split(":")[0]) > 1  # file:line:column
+
+
+def test_workdir_that_is_a_file(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.write_text("not a directory")
+    proc = _run("train", f"--config={CLIP}:demo", f"--workdir={workdir}")
+    _one_error(proc, str(workdir), "--workdir")
+
+
+def test_empty_text_file(tmp_path):
+    empty = tmp_path / "input.txt"
+    empty.write_text("")
+    proc = _run(
+        "train",
+        f"--config={GPT2}:demo",
+        "--config.data.synthetic.enabled=False",
+        f"--config.data.path={empty}",
+        f"--workdir={tmp_path / 'w'}",
+    )
+    _one_error(proc, str(empty))
+
+
+def test_typo_in_the_config_argument(tmp_path):
+    proc = _run("train", f"--config={CLIP}:dmeo", f"--workdir={tmp_path / 'w'}")
+    _one_error(proc, "dmeo", "clip_coco.py", "demo")  # names the known arguments
+
+
+def test_missing_config_file(tmp_path):
+    missing = REPO / "configs" / "clip_cocoo.py"
+    proc = _run("train", f"--config={missing}", f"--workdir={tmp_path / 'w'}")
+    line = _one_error(proc, "clip_cocoo.py", "clip_coco.py")  # and what exists
+    assert "config_config" not in line
+
+
+def test_unknown_override_key_suggests_the_field(tmp_path):
+    proc = _run("train", f"--config={CLIP}:demo", "--config.optim.lrr=1", f"--workdir={tmp_path}")
+    _one_error(proc, "optim.lrr", "optim.lr?")
+
+
+def test_plan_bad_budget():
+    _one_error(_run("plan", f"--config={GPT2}:demo", "--budget=12"), "12", "GiB")
+
+
+def test_evaluate_without_a_checkpoint_says_so(tmp_path):
+    config_lib.save_config(config_lib.load_config(f"{CLIP}:demo"), tmp_path)
+    proc = _run("evaluate", "--workdir", tmp_path)
+    line = _one_error(proc, "no checkpoint", str(tmp_path))
+    assert "data" not in line.split(",")[0]  # not blamed on the data root
+
+
+def test_argparse_usage_error_is_one_line(tmp_path):
+    _one_error(_run("export", "--workdir", tmp_path), "--out", "--help")
+
+
+@pytest.mark.parametrize("how", ["--verbose", "JAXFIT_DEBUG"])
+def test_verbose_adds_the_traceback(tmp_path, how):
+    env = None
+    args = [f"--config={CLIP}:dmeo", f"--workdir={tmp_path / 'w'}"]
+    if how == "--verbose":
+        args.append("--verbose")
+    else:
+        env = {**os.environ, "JAXFIT_DEBUG": "1"}
+    proc = _run("train", *args, env=env)
+    assert proc.returncode == 2 and "Traceback" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error:")
+
+
+def test_data_error_message_parts():
+    e = DataError("truncated JSON", path="/d/a.json", line=3, column=7, hint="write it again")
+    assert str(e) == "truncated JSON, in /d/a.json:3:7, write it again"
+    assert isinstance(e, ValueError) and cli.exit_code(e) == 2
+    assert cli.describe(e) == str(e)
+
+
+def test_a_bug_is_not_a_user_error():
+    assert cli.exit_code(TypeError("unsupported operand")) is None
+    try:
+        math.sqrt(-1)  # a ValueError raised outside jaxfit
+    except ValueError as e:
+        assert cli.exit_code(e) is None
