@@ -8,7 +8,7 @@ import optax
 import pytest
 
 from jaxfit import optim, sharding, step
-from jaxfit.checkpoint import Checkpointer, to_abstract
+from jaxfit.checkpoint import Checkpointer, NoUsableCheckpointError, latest_step_in, to_abstract
 
 
 def _state(seed=0):
@@ -115,3 +115,81 @@ def test_errors(tmp_path):
         ckpt.wait()
         with pytest.raises(FileNotFoundError, match=r"step 3.*\[1\]"):
             ckpt.restore({"a": jax.ShapeDtypeStruct((2,), jnp.float32)}, step=3)
+
+
+def _damage(step_dir, how):
+    """Damage a checkpoint directory as a disk, a copy or a hand might."""
+    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
+    data = max((f for f in files if "/d/" in f), key=os.path.getsize)
+    if how == "truncate":
+        os.truncate(data, os.path.getsize(data) // 2)
+    elif how == "flip":
+        with open(data, "r+b") as f:
+            f.seek(os.path.getsize(data) // 2)
+            byte = f.read(1)
+            f.seek(-1, 1)
+            f.write(bytes([byte[0] ^ 0x10]))
+    elif how == "metadata":
+        os.remove(os.path.join(step_dir, "state", "_METADATA"))
+    return os.path.relpath(data, step_dir)
+
+
+@pytest.mark.parametrize("how", ["truncate", "flip", "metadata"])
+def test_damaged_latest_falls_back_to_previous(tmp_path, how):
+    """A byte flip restores silently with orbax alone; the checksums written after each
+    commit catch it, and every kind of damage is named with its step and file."""
+    a, b = _state(0), _state(1)
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(3, a, {"step": 3})
+        ckpt.save(6, b, {"step": 6})
+    assert os.path.isfile(tmp_path / "6" / "jaxfit_checksums.json")
+    name = _damage(tmp_path / "6", how)
+    with Checkpointer(tmp_path) as ckpt:
+        problem = ckpt.verify(6)
+        assert problem and ("_METADATA" if how == "metadata" else name) in problem
+        assert ckpt.verify(3) is None
+        restored, meta, step, problems = ckpt.restore_latest_usable(to_abstract(a))
+        assert step == 3 and meta == {"step": 3} and list(problems) == [6]
+        _assert_bit_exact(restored, a)
+        # set aside: the step can be written again, and the evidence is kept
+        moved = ckpt.set_aside(6, problems[6])
+        assert ckpt.all_steps() == [3]
+        assert os.path.isfile(os.path.join(moved, "reason.txt"))
+        assert ckpt.save(6, b, {"step": 6})
+        ckpt.wait()
+        assert ckpt.verify(6) is None
+
+
+def test_unsealed_checkpoint_is_checked_by_restoring(tmp_path):
+    """Without checksums (killed between commit and seal), required files are checked and
+    the restore itself is the test; no checkpoint usable -> one error listing each."""
+    state = _state()
+    with Checkpointer(tmp_path) as ckpt:
+        ckpt.save(2, state, {})
+    os.remove(tmp_path / "2" / "jaxfit_checksums.json")
+    with Checkpointer(tmp_path) as ckpt:
+        assert ckpt.verify(2) is None
+        with pytest.raises(NoUsableCheckpointError, match="step 2: rejected"):
+            ckpt.restore_latest_usable(to_abstract(state), check=lambda s: "rejected")
+        for root, _, names in os.walk(tmp_path / "2" / "state"):
+            for name in names:  # every data file cut short
+                if os.sep + "d" in root:
+                    os.truncate(os.path.join(root, name), 10)
+        with pytest.raises(NoUsableCheckpointError, match=r"step 2: it does not restore"):
+            ckpt.restore_latest_usable(to_abstract(state))
+
+
+def test_confirmed_retention_keeps_the_last_good(tmp_path):
+    """confirm_saves: a new checkpoint deletes nothing until confirmed; then the newest
+    max_to_keep up to it are kept."""
+    state = _state()
+    with Checkpointer(tmp_path, max_to_keep=1, confirm_saves=True) as ckpt:
+        ckpt.save(1, state, {})
+        ckpt.wait()
+        assert ckpt.confirm(1) == []
+        ckpt.save(2, state, {})
+        ckpt.wait()
+        assert ckpt.all_steps() == [1, 2]  # 2 unconfirmed: 1 is still the good one
+        assert ckpt.confirm(2) == [1]
+        assert ckpt.all_steps() == [2]
+    assert latest_step_in(tmp_path) == 2 and latest_step_in(tmp_path / "nope") is None
