@@ -22,15 +22,13 @@ Arguments: as ``configs/llama_qlora.py``: ``init_from`` (str), ``all_linear`` (b
 
 from __future__ import annotations
 
-import runpy
-from pathlib import Path
-
 import ml_collections
+
+from jaxfit.config import sibling_config
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    llama_qlora = runpy.run_path(str(Path(__file__).with_name("llama_qlora.py")))
-    c = llama_qlora["get_config"](arg)
+    c = sibling_config(__file__, "llama_qlora.py", arg)
     c.model.family = "qwen2"  # from-scratch model (only without init_from)
     c.model.config.rope_theta = 1e6  # Qwen2 / Qwen2.5 config.json
     return c
