@@ -30,6 +30,7 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "compute_dtype, loss_tol, grad_rtol", [("float32", 1e-5, 1e-5), ("bfloat16", 5e-3, 2e-2)]
 )

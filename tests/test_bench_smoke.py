@@ -1,9 +1,9 @@
 """Smoke test of ``experiments/bench/lm_step.py`` at a tiny size (not a timing test).
 
 Runs the real entry point in a subprocess (as a user would; its workers then measure a
-clean peak RSS, see ``experiments.bench.common.PeakRSS``), without ``--record``, and checks
+clean peak RSS, see ``experiments.bench.procs.PeakRSS``), without ``--record``, and checks
 that jaxfit and torch computed the same first-step loss and that every reported number is
-finite and positive. Also unit-tests the Markdown row appender.
+finite and positive. Also unit-tests the Markdown row appender and the result rows.
 """
 
 import json
@@ -26,6 +26,7 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_lm_step_tiny(tmp_path):
     out = tmp_path / "result.json"
     env = fast_subprocess_env()
@@ -44,6 +45,8 @@ def test_lm_step_tiny(tmp_path):
     assert res["loss_diff"] <= 1e-4, res["loss_diff"]
     assert abs(res["jax"]["first_loss"] - res["torch"]["first_loss"]) <= 1e-4
     assert res["jax"]["n_params"] == res["torch"]["n_params"]
+    assert res["jax"]["n_decay"] == res["torch"]["n_decay"]
+    assert _positive(res["jax"]["planned_peak_mib"])
     for kind in ("jax", "torch"):
         r = res[kind]
         for key in ("step_median_s", "tokens_per_s", "first_step_s", "peak_mib", "first_loss"):
@@ -57,15 +60,31 @@ def test_lm_step_tiny(tmp_path):
 
 
 def test_append_row(tmp_path):
-    from experiments.bench import common
+    from experiments.bench import report
 
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n\nintro\n")
-    common.append_row("a", ("x", "y"), (1, 2), intro="about a", path=md)
-    common.append_row("b", ("z",), ("q|r",), path=md)
-    common.append_row("a", ("x", "y"), (3, 4), path=md)
+    report.append_row("a", ("x", "y"), (1, 2), intro="about a", path=md)
+    report.append_row("b", ("z",), ("q|r",), path=md)
+    report.append_row("a", ("x", "y"), (3, 4), path=md)
     text = md.read_text()
     assert text.index("| 1 | 2 |") < text.index("| 3 | 4 |") < text.index("## b")
     assert "| q/r |" in text and "about a" in text
     with pytest.raises(ValueError, match="other columns"):
-        common.append_row("a", ("x", "w"), (5, 6), path=md)
+        report.append_row("a", ("x", "w"), (5, 6), path=md)
+
+
+def test_record_rows_markdown_and_jsonl(tmp_path):
+    from experiments.bench import report
+
+    md, jsonl = tmp_path / "BENCHMARKS.md", tmp_path / "rows.jsonl"
+    md.write_text("# Benchmarks\n")
+    rows = [{"x": 1, "y": "a|b"}, {"x": 2, "y": "c", "extra": 3}]
+    assert report.record("s", ("x", "y"), rows, intro="about s", path=md, jsonl=jsonl) == 2
+    assert "| 1 | a/b |" in md.read_text() and "| 2 | c |" in md.read_text()
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    assert lines == [{"section": "s", **r} for r in rows]
+    head = report.row_head("cpu")
+    assert set(head) == set(report.HEAD_COLUMNS)
+    assert head["versions"].startswith("jax ") and "jaxlib" in head["versions"]
+    assert "flax" in head["versions"]
