@@ -21,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import tqdm
 from tensorboard.compat.proto import event_pb2
@@ -33,16 +34,100 @@ def _to_float(value: Any) -> float:
     return float(np.asarray(jax.device_get(value), dtype=np.float64))
 
 
+class NonFiniteError(FloatingPointError):
+    """A step produced NaN or infinite values; nothing of that step was checkpointed.
+
+    Attributes:
+      step: the step whose result is non-finite.
+      names: what went bad (metric names, or parameter / optimizer-state paths).
+    """
+
+    def __init__(self, message: str, *, step: int, names: list[str]):
+        super().__init__(message)
+        self.step = step
+        self.names = names
+
+
 def check_finite(metrics: Mapping[str, Any], step: int) -> None:
     """Raise if any scalar metric is NaN or infinite.
 
     Raises:
-      FloatingPointError: naming the first non-finite metric, its value and the step.
+      NonFiniteError: (a ``FloatingPointError``) naming the first non-finite metric, its
+        value and the step.
     """
     for name, value in metrics.items():
         arr = np.asarray(jax.device_get(value))
         if np.issubdtype(arr.dtype, np.number) and not np.all(np.isfinite(arr)):
-            raise FloatingPointError(f"non-finite metric {name}={arr} at step {step}")
+            raise NonFiniteError(
+                f"non-finite metric {name}={arr} at step {step}", step=step, names=[name]
+            )
+
+
+def _floating(tree: Any) -> list[jax.Array]:
+    return [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+
+
+@jax.jit
+def all_finite(tree: Any) -> jax.Array:
+    """On-device ``bool[]``: every floating-point leaf of ``tree`` is free of NaN and inf.
+
+    One fused reduction, so a step's metrics (``loss``, ``grad_norm``: a non-finite
+    gradient norm is the sign of non-finite updates) can be checked every step at the
+    cost of moving one bool to the host; also used on whole train states before a
+    checkpoint is written. Integer leaves (step counters, 8-bit moments, PRNG keys) are
+    ignored; a tree without floating leaves is finite.
+    """
+    flags = [jnp.isfinite(x).all() for x in _floating(tree)]
+    return jnp.stack(flags).all() if flags else jnp.bool_(True)
+
+
+def nonfinite_paths(tree: Any, limit: int = 5) -> list[str]:
+    """``"path=value"`` of up to ``limit`` floating-point leaves holding NaN or inf (the
+    value: a scalar itself, else ``"k of n non-finite"``), in tree order; for messages.
+    Moves each leaf's finiteness (one bool per leaf) to the host."""
+    out = []
+    for path, leaf in jax.tree_util.tree_leaves_with_path(tree):
+        if not jnp.issubdtype(leaf.dtype, jnp.inexact):
+            continue
+        bad = int(jax.device_get((~jnp.isfinite(leaf)).sum()))
+        if bad:
+            name = jax.tree_util.keystr(path, simple=True, separator="/")
+            value = (
+                float(jax.device_get(leaf))
+                if leaf.ndim == 0
+                else f"{bad} of {leaf.size} non-finite"
+            )
+            out.append(f"{name}={value}")
+            if len(out) >= limit:
+                break
+    return out
+
+
+def drop_rows_after(workdir: str | os.PathLike, step: int) -> int:
+    """Remove the ``metrics.jsonl`` rows logged after ``step`` (and a partial last line),
+    so that a run resumed from the checkpoint at ``step`` logs each step once. Call it
+    before opening a :class:`MetricWriter` on ``workdir``; the file is rewritten
+    atomically. Returns the number of rows removed."""
+    path = os.path.join(os.fspath(workdir), "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.isfile(path):
+        return 0
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:  # a line cut short by a kill
+            continue
+        if isinstance(row, dict) and int(row.get("step", 0)) <= step:
+            kept.append(line)
+    if len(kept) == len(lines):
+        return 0
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+    return len(lines) - len(kept)
 
 
 class MetricWriter:
@@ -132,6 +217,17 @@ class MetricWriter:
             tensor=tensor_util.make_tensor_proto(np.array(text.encode("utf-8"), dtype=object)),
             metadata=text_metadata.create_summary_metadata(display_name=tag, description=""),
         )
+        self._events.add_event(event)
+        self._events.flush()
+
+    def mark_restart(self, step: int) -> None:
+        """Tell TensorBoard the run restarted from ``step``: a ``SessionLog.START`` event at
+        ``step + 1`` makes it discard the events of the previous attempt after ``step``
+        (TensorBoard's ``EventAccumulator`` purges steps >= a START event's step)."""
+        if not self.active:
+            return
+        event = event_pb2.Event(wall_time=time.time(), step=int(step) + 1)
+        event.session_log.status = event_pb2.SessionLog.START
         self._events.add_event(event)
         self._events.flush()
 
