@@ -21,7 +21,12 @@ from jaxfit.models import kv_cache, layers
 
 
 def dense(
-    cfg: Any, features: int, name: str | None = None, *, use_bias: bool = True, std=None
+    cfg: Any,
+    features: int,
+    name: str | None = None,
+    *,
+    use_bias: bool = True,
+    std: float | None = None,
 ) -> layers.Dense:
     """A projection in ``cfg``'s dtypes, kernel drawn from ``N(0, std)`` (default
     ``cfg.initializer_range``), bias zero."""
