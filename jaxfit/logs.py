@@ -1,0 +1,101 @@
+"""Where jaxfit's log messages go: the console and ``WORKDIR/train.log``.
+
+``logging.basicConfig`` is no way to set this up: importing orbax (through absl) installs
+a root handler at WARNING first, after which ``basicConfig`` does nothing and every INFO
+message of jaxfit ("resuming from checkpoint at step N", data summaries, LoRA summaries,
+plan choices) is dropped. Instead :func:`setup` gives the ``jaxfit`` logger its own
+console handler and level and stops it from propagating to the root logger, so it works
+whatever was configured before. :func:`log_to_file` adds ``WORKDIR/train.log`` for the
+duration of a run: jaxfit's messages at INFO and up, other libraries' (orbax, jax, absl)
+at WARNING and up.
+
+Native noise is filtered to what a user needs: ``TF_CPP_MIN_LOG_LEVEL=1`` (XLA/TSL C++
+INFO lines off, warnings kept) unless already set, and absl's Python verbosity at WARNING.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import tqdm
+from absl import logging as absl_logging
+
+LOGGER = "jaxfit"
+FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+DATEFMT = "%Y-%m-%d %H:%M:%S"
+
+
+class _ConsoleHandler(logging.Handler):
+    """Writes to stderr through ``tqdm.write``, so a progress bar is not torn by it."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
+class _NotJaxfit(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (record.name == LOGGER or record.name.startswith(LOGGER + "."))
+
+
+def quiet_native_logs() -> None:
+    """Hide C++ INFO logging of XLA/TSL (set before jax initialises its backend) and
+    absl's Python INFO; warnings and errors stay visible."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def setup(level: int = logging.INFO) -> logging.Logger:
+    """Send the ``jaxfit`` logger's records at ``level`` and up to the console (stderr),
+    whatever handlers other libraries installed; idempotent. Returns the logger."""
+    quiet_native_logs()
+    logger = logging.getLogger(LOGGER)
+    logger.setLevel(level)
+    logger.propagate = False
+    for handler in [h for h in logger.handlers if isinstance(h, _ConsoleHandler)]:
+        logger.removeHandler(handler)
+    console = _ConsoleHandler()
+    console.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    logger.addHandler(console)
+    return logger
+
+
+@contextlib.contextmanager
+def log_to_file(path: str | os.PathLike) -> Iterator[Path]:
+    """Append log records to ``path`` inside the ``with`` block: the ``jaxfit`` logger's
+    at INFO and up (its level is lowered to INFO meanwhile if it was higher or unset),
+    other loggers' at WARNING and up."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    formatter = logging.Formatter(FORMAT, DATEFMT)
+    ours = logging.FileHandler(path, encoding="utf-8")
+    ours.setFormatter(formatter)
+    ours.setLevel(logging.INFO)
+    others = logging.FileHandler(path, encoding="utf-8")
+    others.setFormatter(formatter)
+    others.setLevel(logging.WARNING)
+    others.addFilter(_NotJaxfit())
+    logger, root = logging.getLogger(LOGGER), logging.getLogger()
+    old_level = logger.level
+    if old_level == logging.NOTSET or old_level > logging.INFO:
+        logger.setLevel(logging.INFO)
+    logger.addHandler(ours)
+    root.addHandler(others)
+    try:
+        yield path
+    finally:
+        logger.removeHandler(ours)
+        root.removeHandler(others)
+        logger.setLevel(old_level)
+        ours.close()
+        others.close()
+
+
+__all__ = ["log_to_file", "quiet_native_logs", "setup"]

@@ -1,0 +1,322 @@
+"""One run per workdir, and a resume that cannot change what the run is.
+
+* :func:`lock`: ``WORKDIR/run.lock``, an exclusive ``fcntl.flock`` held for the whole run.
+  The kernel releases it when the process ends, however it ends (``kill -9`` included), so
+  a lock left by a dead run is never in the way; the file holds the holder's host, PID,
+  start time and command line, which a refused second run names. Re-entrant within one
+  process (the CLI takes it before planning, the trainer again around the run).
+* :func:`check_resume` / :func:`record_config`: a workdir that already holds a checkpoint
+  is resumed only with a config that keeps the parameter shapes, the optimizer state's
+  structure and the data order; fields that only change the run's rhythm or hyper-parameters
+  (:data:`CHANGEABLE`) may differ and are recorded. ``config.json`` is rewritten only
+  after the check (and after the state was restored); the config it held before is kept
+  in ``WORKDIR/config_history/`` with the list of changes in ``changes.jsonl``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import errno
+import fcntl
+import fnmatch
+import json
+import logging
+import os
+import socket
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from jaxfit import config as config_lib
+
+log = logging.getLogger(__name__)
+
+LOCK_FILE = "run.lock"
+HISTORY_DIR = "config_history"
+
+# Fields a resumed run may change: they leave the state's shapes and the data order alone.
+# Patterns over dotted keys (fnmatch). Everything else (model, data, seed, batch_size,
+# seq_len, precision, LoRA shape, task, init_from, optimizer name) must match the saved
+# config. optim.grad_clip_norm may change but not be switched on or off (that changes the
+# optimizer state's structure).
+CHANGEABLE = (
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "ckpt_every",
+    "keep_checkpoints",
+    "device",
+    "fit_budget",
+    "mesh.*",  # the state restores onto any mesh (resharded), the batch is the same
+    "micro_batch_size",  # exact accumulation: the same batch, split differently
+    "loss_chunk_size",
+    "eval.*",
+    "model.remat_policy",
+    "model.attention_impl",
+    "data.num_threads",
+    "data.cache_dir",
+    "data.hf_cache_dir",
+    "optim.lr",
+    "optim.warmup_steps",
+    "optim.min_lr_ratio",
+    "optim.b1",
+    "optim.b2",
+    "optim.eps",
+    "optim.weight_decay",
+    "optim.no_decay",
+    "optim.grad_clip_norm",
+    "lora.alpha",
+    "lora.dropout",
+    "lora.use_rslora",
+)
+
+
+class WorkdirBusyError(RuntimeError):
+    """Another live process holds the workdir's lock; the message names it."""
+
+
+class ResumeConfigError(config_lib.ConfigError):
+    """Resuming would change the run's shapes or data order; ``.keys`` lists the fields."""
+
+    def __init__(self, message: str, keys: list[str]):
+        super().__init__(message)
+        self.keys = keys
+
+
+# --- the lock -------------------------------------------------------------------------
+
+_held: dict[str, list] = {}  # realpath of the lock file -> [fd, depth]
+
+
+def _holder_text(path: Path) -> str:
+    try:
+        info = json.loads(path.read_text() or "{}")
+    except (OSError, ValueError):
+        return "an unknown process"
+    if not info:
+        return "an unknown process"
+    return (
+        f"pid {info.get('pid')} on host {info.get('host')!r}, started {info.get('started')} "
+        f"({info.get('command', '?')})"
+    )
+
+
+@contextlib.contextmanager
+def lock(workdir: str | os.PathLike) -> Iterator[Path]:
+    """Hold ``WORKDIR/run.lock`` for the duration of the ``with`` block.
+
+    Taken with ``fcntl.flock(LOCK_EX | LOCK_NB)``: atomic, and released by the kernel when
+    the holder exits or is killed, so a stale lock file (its process gone) is simply
+    taken over (logged). On clean release the file is emptied, not deleted (deleting
+    would let two later runs lock two different files of the same name).
+
+    In a run of several processes (``jax.distributed``) only process 0 takes it: the
+    others belong to its run.
+
+    Raises:
+      WorkdirBusyError: another process holds it (its host, PID, start time and command).
+    """
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / LOCK_FILE
+    if jax.process_index() != 0:
+        yield path
+        return
+    key = os.path.realpath(path)
+    if key in _held:  # re-entrant within this process
+        _held[key][1] += 1
+        try:
+            yield path
+        finally:
+            _held[key][1] -= 1
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as e:
+        os.close(fd)
+        if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            raise
+        raise WorkdirBusyError(
+            f"workdir {str(workdir)!r} is in use by another run: {_holder_text(path)}; "
+            "wait for it to finish (or stop it), or use another --workdir"
+        ) from None
+    previous = os.read(fd, 1 << 16).decode("utf-8", "replace").strip()
+    if previous:
+        log.warning(
+            "taking over the lock of a run that ended without releasing it: %s",
+            _holder_text(path),
+        )
+    info = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _held[key] = [fd, 1]
+    try:
+        yield path
+    finally:
+        del _held[key]
+        with contextlib.suppress(OSError):
+            os.ftruncate(fd, 0)
+        os.close(fd)  # releases the flock
+
+
+# --- config comparison and history ----------------------------------------------------
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            out.update(_flatten(value, name + "."))
+        else:
+            out[name] = value
+    return out
+
+
+def _as_json(config) -> dict[str, Any]:
+    """The config as ``config.json`` stores it (tuples as lists, odd values as str)."""
+    data = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    return json.loads(json.dumps(data, default=str))
+
+
+_ABSENT = "<absent>"
+
+
+def config_changes(saved: dict[str, Any], new: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+    """``{dotted key: (saved value, new value)}`` of the fields that differ (a key present
+    on one side only has ``"<absent>"`` on the other)."""
+    a, b = _flatten(saved), _flatten(new)
+    return {
+        k: (a.get(k, _ABSENT), b.get(k, _ABSENT))
+        for k in sorted(set(a) | set(b))
+        if a.get(k, _ABSENT) != b.get(k, _ABSENT)
+    }
+
+
+def _changeable(key: str, old: Any, new: Any) -> bool:
+    if not any(fnmatch.fnmatchcase(key, p) for p in CHANGEABLE):
+        return False
+    if key == "optim.grad_clip_norm":  # on <-> off changes the optimizer state's structure
+        return bool(old) == bool(new) and _ABSENT not in (old, new)
+    return True
+
+
+def _moved_with_workdir(old: Any, new: Any, workdir) -> bool:
+    """A path the run derived inside its workdir (``WORKDIR/synthetic_text.txt``), saved
+    when the workdir was elsewhere: the same file, moved (or copied) with the workdir."""
+    if not (isinstance(old, str) and isinstance(new, str)):
+        return False
+    root = os.path.abspath(workdir) + os.sep
+    if not new.startswith(root):
+        return False
+    rel = new[len(root) :]
+    return old.endswith(os.sep + rel) and os.path.exists(new)
+
+
+def _fmt(value: Any) -> str:
+    text = json.dumps(value) if value is not _ABSENT else value
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_resume(config, workdir: str | os.PathLike, step: int | None) -> dict[str, tuple]:
+    """Compare ``config`` with the saved ``WORKDIR/config.json`` of a run being resumed.
+
+    Args:
+      config: the (resolved) config the new run would use.
+      workdir: the run directory.
+      step: the step of the checkpoint being resumed; None (nothing to resume) skips the
+        check.
+
+    Returns:
+      The allowed changes ``{key: (saved, new)}`` (empty for a fresh run or no change).
+
+    Raises:
+      ResumeConfigError: fields that change shapes, the optimizer state or the data order
+        differ; the message lists each with both values. Nothing is written.
+    """
+    path = Path(workdir) / "config.json"
+    if step is None or not path.is_file():
+        return {}
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError as e:
+        log.warning("cannot read %s (%s); resuming without comparing configs", path, e)
+        return {}
+    changes = config_changes(saved, _as_json(config))
+    refused = {
+        k: v
+        for k, v in changes.items()
+        if not _changeable(k, *v) and not _moved_with_workdir(*v, workdir)
+    }
+    if refused:
+        listed = "; ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in refused.items())
+        raise ResumeConfigError(
+            f"refusing to resume {str(workdir)!r} (checkpoint at step {step}) with a config "
+            f"that changes the parameter shapes, optimizer state or data order: {listed}. "
+            f"Use a new --workdir, or restore these values (a resume may change only "
+            f"{', '.join(CHANGEABLE)})",
+            list(refused),
+        )
+    return changes
+
+
+def record_config(config, workdir: str | os.PathLike, step: int | None = None) -> Path:
+    """Write ``WORKDIR/config.json``; when it changes a config already there, keep the old
+    one as ``config_history/NNNN.json`` and append the change list (``{"time", "step",
+    "previous", "changes": {key: [old, new]}}``) to ``config_history/changes.jsonl``.
+
+    Call it after :func:`check_resume` (and after the state was restored).
+    """
+    workdir = Path(workdir)
+    path = workdir / "config.json"
+    if path.is_file():
+        old_text = path.read_text()
+        try:
+            changes = config_changes(json.loads(old_text), _as_json(config))
+        except ValueError:
+            changes = {"config.json": ("<unreadable>", "rewritten")}
+        if changes:
+            history = workdir / HISTORY_DIR
+            history.mkdir(exist_ok=True)
+            n = 1 + max(
+                (int(p.stem) for p in history.glob("*.json") if p.stem.isdigit()), default=0
+            )
+            kept = history / f"{n:04d}.json"
+            kept.write_text(old_text)
+            record = {
+                "time": round(time.time(), 3),
+                "step": step,
+                "previous": f"{HISTORY_DIR}/{kept.name}",
+                "changes": {k: list(v) for k, v in changes.items()},
+            }
+            with open(history / "changes.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, default=str) + "\n")
+            log.info(
+                "config changed on resume at step %s (previous kept in %s): %s",
+                step,
+                kept,
+                ", ".join(f"{k}: {_fmt(a)} -> {_fmt(b)}" for k, (a, b) in changes.items()),
+            )
+    return config_lib.save_config(config, workdir)
+
+
+__all__ = [
+    "CHANGEABLE",
+    "ResumeConfigError",
+    "WorkdirBusyError",
+    "check_resume",
+    "config_changes",
+    "lock",
+    "record_config",
+]
