@@ -8,17 +8,32 @@ examples:
   python -m jaxfit.train --config configs/gpt2_scratch.py --workdir runs/gpt2 \\
       --config.data.path=input.txt
   python -m jaxfit.train --config configs/gpt2_scratch.py --help   # that config's fields
+
+exit status:
+  0    finished (or nothing left to train)
+  1    an unexpected error (a bug: the traceback is printed)
+  2    invalid config, flags or input; or a resume that would change the run's shapes or
+       data order (nothing was written)
+  3    out of device memory (the message says what to change)
+  4    training diverged (NaN/inf loss, gradient or state); the last good checkpoint is
+       kept: lower --config.optim.lr and rerun to resume from it
+  5    the workdir is in use by another run (named in the message)
+  6    checkpoints exist but none is usable (each one's problem is named)
+  130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM, after checkpointing the last
+       completed step: rerun the same command to resume
+Logs: the console and WORKDIR/train.log; metrics: WORKDIR/metrics.jsonl and TensorBoard.
 """
 
 from __future__ import annotations
 
-import logging
+import shlex
 import sys
 from pathlib import Path
 
-from jaxfit import cli, trainer
+from jaxfit import checkpoint, cli, logs, trainer
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
+from jaxfit import workdir as workdir_lib
 from jaxfit.errors import UsageError
 from jaxfit.oom import OutOfMemoryError
 from jaxfit.plan import apply as plan_apply
@@ -33,7 +48,8 @@ def run(config, workdir: str | Path) -> dict[str, float]:
       :func:`jaxfit.trainer.train`'s results.
     """
     Path(workdir).mkdir(parents=True, exist_ok=True)
-    return trainer.train(plan_apply.apply_plan(config, workdir), workdir)
+    with workdir_lib.lock(workdir):  # before planning, which may write plan.json
+        return trainer.train(plan_apply.apply_plan(config, workdir), workdir)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -41,9 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    logs.setup()
     config, flags = config_lib.parse_argv(
         argv, extra_flags={"workdir": "Run directory (checkpoints, logs); created if missing."}
     )
@@ -60,6 +74,20 @@ def _main(argv: list[str]) -> int:
     except OutOfMemoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except trainer.StoppedBySignal as e:
+        command = shlex.join(["python", "-m", "jaxfit.train", *argv[1:]])
+        resume = f"; resume with: {command}" if e.step is not None else ""
+        print(f"{e}{resume}", file=sys.stderr)
+        return e.exit_code
+    except trainer.NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 4
+    except workdir_lib.WorkdirBusyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 5
+    except checkpoint.NoUsableCheckpointError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 6
     table = metrics_lib.summary_table(results, title=f"results ({workdir}):")
     if table:
         print(table)

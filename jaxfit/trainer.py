@@ -5,6 +5,23 @@ for every task (``jaxfit.tasks``); a task only supplies the model, data, loss an
 evaluation. A workdir that already holds a checkpoint is resumed from it: parameters,
 optimizer state, RNG and the data iterator's position, so an interrupted run ends with
 the same parameters as one that ran straight through.
+
+What protects a run (see README "When things go wrong"):
+
+* one run per workdir (``WORKDIR/run.lock``, :mod:`jaxfit.workdir`);
+* a resume may not change shapes or the data order (:func:`jaxfit.workdir.check_resume`);
+  ``config.json`` is rewritten only once the state is restored (old one kept in
+  ``config_history/``);
+* every step's loss and gradient norm are checked for NaN/inf on the device (one bool
+  to the host, one step behind so the host keeps running ahead; at once at log, eval and
+  checkpoint steps); a non-finite step stops the run (:class:`NonFiniteError`) and a
+  checkpoint is written only of a state whose every floating-point leaf is finite;
+* a damaged or non-finite latest checkpoint is reported and set aside, and the previous
+  one is used (:meth:`jaxfit.checkpoint.Checkpointer.restore_latest_usable`);
+* SIGTERM/SIGINT: checkpoint after the current step, then :class:`StoppedBySignal`; a
+  second signal ends the process at once; before the loop starts, the first one stops
+  the run at once (nothing to save);
+* log records go to ``WORKDIR/train.log`` too, and ``metrics.jsonl`` holds each step once.
 """
 
 from __future__ import annotations
@@ -14,27 +31,64 @@ import os
 import signal
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxfit import checkpoint, oom, sharding
+from jaxfit import checkpoint, logs, oom, sharding
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
+from jaxfit import workdir as workdir_lib
 from jaxfit.optim import make_optimizer
 from jaxfit.step import TrainState, abstract_train_state, create_train_state, jit_train_step
-from jaxfit.tasks import build_task
+from jaxfit.tasks import build_task, resolve_config
 from jaxfit.tasks.base import param_rng
 
 log = logging.getLogger(__name__)
 
+LOG_FILE = "train.log"
+NonFiniteError = metrics_lib.NonFiniteError
+
+
+class StoppedBySignal(BaseException):  # noqa: N818 (like KeyboardInterrupt, not an error)
+    """The run stopped on SIGTERM / SIGINT, after checkpointing its last completed step
+    when it was training. A ``BaseException`` (like ``KeyboardInterrupt``), so that no
+    ``except Exception`` on the way out mistakes it for a failure of what it interrupted.
+
+    Attributes:
+      signum: the signal's number; ``exit_code`` is ``128 + signum`` (143 for SIGTERM,
+        130 for SIGINT), what a shell reports for a process killed by it.
+      step: the step checkpointed, or None when the run stopped before training.
+    """
+
+    def __init__(self, signum: int, step: int | None):
+        self.signum, self.step = signum, step
+        self.exit_code = 128 + signum
+        name = signal.Signals(signum).name
+        if step is None:
+            text = f"stopped by {name} before training started; nothing was written"
+        else:
+            text = f"stopped by {name} at step {step}, after checkpointing it"
+        super().__init__(text)
+
 
 class _StopSignal:
-    """Turns SIGTERM/SIGINT into a flag checked between steps (then checkpoint and exit)."""
+    """SIGTERM/SIGINT handling for a run.
+
+    Before :meth:`defer` (setting up: data, tokenizer, weights, restore) the first signal
+    raises :class:`StoppedBySignal` at once: there is nothing to save yet. After it (the
+    loop), the first signal sets :attr:`requested`, checked after each step: checkpoint,
+    then stop. Either way the default action is restored for both signals, so a second one
+    ends the process at once (a checkpoint being written then is left incomplete, which
+    is never restored: see :mod:`jaxfit.checkpoint`).
+    """
 
     def __init__(self):
         self.requested = False
+        self.signum: int | None = None
+        self._deferred = False
         self._old = {}
 
     def __enter__(self):
@@ -45,28 +99,146 @@ class _StopSignal:
                 pass
         return self
 
+    def defer(self) -> None:
+        """From now on a signal stops the run after the current step (and a checkpoint)."""
+        self._deferred = True
+
     def _handle(self, signum, frame):
-        log.warning("received signal %d: checkpointing after this step, then stopping", signum)
-        self.requested = True
+        self.requested, self.signum = True, signum
+        for sig in self._old:
+            signal.signal(sig, signal.SIG_DFL)
+        if not self._deferred:
+            raise StoppedBySignal(signum, None)
+        log.warning(
+            "received %s: checkpointing after this step, then stopping (send it again to "
+            "exit at once, without that checkpoint)",
+            signal.Signals(signum).name,
+        )
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
 
 
+class _FiniteGuard:
+    """Checks that every step's metrics (loss, gradient norm, ...) are finite.
+
+    The check is one fused on-device reduction (:func:`jaxfit.metrics.all_finite`) and one
+    bool moved to the host. :meth:`push` checks the PREVIOUS step, so the host still
+    dispatches step k+1 before waiting for step k; :meth:`flush` checks the latest one at
+    once (before its metrics are logged, it is evaluated or checkpointed). A non-finite
+    gradient norm is how non-finite updates show: the parameters of that step are never
+    used.
+
+    A checkpoint is only known good once the step after it is finite: the loss and
+    gradient of step k+1 are computed from the parameters of step k, before any update,
+    so whatever the learning rate a state whose next loss is NaN cannot be trained on.
+    :attr:`unconfirmed` is the step of the newest checkpoint not yet followed by a checked
+    step; a finite next step confirms it (:meth:`jaxfit.checkpoint.Checkpointer.confirm`:
+    only then may retention delete older ones), a non-finite one sets it aside.
+    """
+
+    def __init__(self, ckpt: checkpoint.Checkpointer, unconfirmed: int | None):
+        self._ckpt = ckpt
+        self._pending = None
+        self.unconfirmed = unconfirmed
+
+    def push(self, step: int, metrics) -> None:
+        previous, self._pending = self._pending, (step, metrics_lib.all_finite(metrics), metrics)
+        if previous is not None:
+            self._check(*previous)
+
+    def flush(self) -> None:
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._check(*pending)
+
+    def _check(self, step, flag, metrics) -> None:
+        parent = self.unconfirmed if self.unconfirmed == step - 1 else None
+        if bool(jax.device_get(flag)):
+            if parent is not None:
+                self._ckpt.confirm(parent)
+                self.unconfirmed = None
+            return
+        host = {k: np.asarray(v) for k, v in jax.device_get(metrics).items()}
+        bad = [k for k, v in host.items() if not np.all(np.isfinite(v))]
+        shown = ", ".join(f"{k}={host[k]}" for k in bad)
+        fine = ", ".join(f"{k}={host[k]:.4g}" for k in ("loss", "lr") if k in host and k not in bad)
+        what = f"non-finite {shown}" + (f" ({fine})" if fine else "")
+        if parent is not None:
+            reason = (
+                f"the step after it ({step}) is non-finite ({', '.join(bad)}) whatever the "
+                "learning rate: its loss and gradient come from this checkpoint's parameters"
+            )
+            self._ckpt.set_aside(parent, reason)
+            what += f"; the checkpoint of step {parent}, whose parameters gave it, was set aside"
+        raise _nonfinite(step, what, bad, self._ckpt)
+
+
+def _nonfinite(step: int, what: str, names: list[str], ckpt) -> NonFiniteError:
+    """The error for a non-finite step: what went bad, and where the run can resume."""
+    ckpt.wait()
+    last = ckpt.latest_step()
+    advice = "a lower --config.optim.lr (or a longer warmup, or gradient clipping)"
+    where = (
+        f"the last good checkpoint is step {last} in {ckpt.directory}; rerun with {advice} "
+        "to resume from it"
+        if last is not None
+        else f"no good checkpoint remains; rerun with {advice} to start afresh"
+    )
+    return NonFiniteError(
+        f"training diverged at step {step}: {what}; that step was not checkpointed; {where}",
+        step=step,
+        names=names,
+    )
+
+
+def _state_problem(state) -> str | None:
+    """Why a (restored) train state cannot be used: non-finite leaves, or None."""
+    if bool(jax.device_get(metrics_lib.all_finite(state))):
+        return None
+    return "it holds non-finite values: " + ", ".join(metrics_lib.nonfinite_paths(state))
+
+
+def _save(ckpt: checkpoint.Checkpointer, step: int, state, iterator) -> None:
+    """Checkpoint ``state`` at ``step`` if every floating-point leaf is finite.
+
+    Raises:
+      NonFiniteError: naming up to five offending parameter / optimizer-state leaves.
+    """
+    problem = _state_problem(state)
+    if problem is not None:
+        names = metrics_lib.nonfinite_paths(state)
+        raise _nonfinite(step, f"the train state {problem.removeprefix('it ')}", names, ckpt)
+    ckpt.save(step, state, {"data": iterator.get_state()}, force=True)
+
+
 def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
-    """Create the train state in its shardings, or restore it from the latest checkpoint.
+    """Create the train state in its shardings, or restore it from the newest usable
+    checkpoint (newer damaged or non-finite ones are reported and set aside).
 
     Returns:
       ``(state, state_shardings, meta)``; ``meta`` is ``None`` for a fresh state.
+
+    Raises:
+      jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
     """
     abstract_state, state_shardings, make_state = abstract_train_state(
         task, optimizer, config, mesh
     )
-    latest = ckpt.latest_step()
-    if latest is not None:
-        log.info("resuming from checkpoint at step %d in %s", latest, ckpt.directory)
-        state, meta = ckpt.restore(checkpoint.to_abstract(abstract_state, state_shardings))
+    if ckpt.latest_step() is not None:
+        state, meta, step, damaged = ckpt.restore_latest_usable(
+            checkpoint.to_abstract(abstract_state, state_shardings), check=_state_problem
+        )
+        for bad, problem in damaged.items():
+            ckpt.set_aside(bad, problem)
+        if damaged:
+            log.warning(
+                "the newer checkpoint(s) %s were unusable (set aside); resuming from step %d",
+                sorted(damaged),
+                step,
+            )
+        log.info("resuming from checkpoint at step %d in %s", step, ckpt.directory)
         return state, state_shardings, meta
     params = task.initial_params(param_rng(config), state_shardings.params)
     state = jax.jit(make_state, out_shardings=state_shardings)(params)
@@ -92,16 +264,34 @@ def train(
       train metrics.
 
     Raises:
-      FloatingPointError: a non-finite loss or gradient norm.
+      jaxfit.config.ConfigError: an invalid value (:func:`jaxfit.config.validate_values`).
+      jaxfit.workdir.WorkdirBusyError: another run holds the workdir.
+      jaxfit.workdir.ResumeConfigError: resuming would change shapes or the data order.
+      jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
+      NonFiniteError: (a ``FloatingPointError``) a step's loss, gradient norm or state is
+        NaN or infinite; the run stopped without checkpointing it.
+      StoppedBySignal: SIGTERM / SIGINT (a ``BaseException``).
     """
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    config_lib.save_config(config, workdir)
+    # one train.log, written by process 0 (the others log to their console)
+    log_file = logs.log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else nullcontext()
+    with workdir_lib.lock(workdir), log_file, _StopSignal() as stop:
+        return _train(config, workdir, on_step, stop)
+
+
+def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float]:
+    config_lib.validate_values(config)
+    config = resolve_config(config, workdir)  # every derived field, before it is saved
+    # refused before any work or write when it would change shapes or the data order
+    workdir_lib.check_resume(config, workdir, checkpoint.latest_step_in(workdir / "checkpoints"))
     mesh = sharding.make_mesh()
     task = build_task(config, workdir, mesh)
     abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
-    ckpt = checkpoint.Checkpointer(workdir / "checkpoints", max_to_keep=config.keep_checkpoints)
+    ckpt = checkpoint.Checkpointer(
+        workdir / "checkpoints", max_to_keep=config.keep_checkpoints, confirm_saves=True
+    )
     try:
         state, state_shardings, meta = build_state(task, optimizer, config, mesh, ckpt)
     except Exception as e:
@@ -116,60 +306,78 @@ def train(
     # creation or restore; batch: shard_batch; frozen base: device_put).
     step_fn = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
     start = int(jax.device_get(state.step))
+    if jax.process_index() == 0:
+        workdir_lib.record_config(config, workdir, start)  # only now: the state restored
+    if dropped := metrics_lib.drop_rows_after(workdir, start):
+        log.info("dropped %d metrics.jsonl rows logged after step %d", dropped, start)
     writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps, initial_step=start)
     if start == 0:
         writer.write_hparams(config.to_dict())
+    else:
+        writer.mark_restart(start)
     results: dict[str, float] = {}
     try:
-        results = _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, start, on_step)
+        results = _loop(
+            config, task, state, step_fn, iterator, mesh, ckpt, writer, start, on_step, stop
+        )
     finally:
         ckpt.close()
         writer.close()
     return results
 
 
-def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_step):
+def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_step, stop):
     results: dict[str, float] = {}
     total = config.total_steps
     batch_size = config.batch_size
     t_last, steps_since = time.perf_counter(), 0
     start = step
-    with _StopSignal() as stop:
-        while step < total:
-            batch = sharding.shard_batch(next(iterator), mesh)
-            state, metrics = _run_step(step_fn, state, batch, task, config, first=step == start)
-            step += 1
-            steps_since += 1
-            if on_step is not None:
-                on_step(step, state)
-            last = step == total
-            if step % config.log_every == 0 or last:
-                host = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                metrics_lib.check_finite(host, step)
-                elapsed = time.perf_counter() - t_last
-                t_last, n = time.perf_counter(), steps_since
-                steps_since = 0
-                scalars = {f"train/{k}": v for k, v in host.items()}
-                scalars["perf/step_time_s"] = elapsed / n
-                scalars["perf/examples_per_sec"] = batch_size * n / elapsed
-                scalars.update(task.throughput(scalars["perf/examples_per_sec"]))
-                scalars.update({f"data/skipped_{k}": v for k, v in task.skip_counts().items()})
-                writer.write_scalars(step, scalars)
-                results.update(scalars)
-            if step % config.eval_every == 0 or last:
-                t0 = time.perf_counter()
-                ev = run_evaluation(task, state.params, writer.workdir, step)
-                ev = {f"eval/{k}": v for k, v in ev.items()}
-                ev["perf/eval_time_s"] = time.perf_counter() - t0
-                writer.write_scalars(step, ev)
-                results.update(ev)
-                t_last = time.perf_counter()  # evaluation time is not training time
-            if step % config.ckpt_every == 0 or last or stop.requested:
-                ckpt.save(step, state, {"data": iterator.get_state()}, force=True)
-            writer.update_progress(step)
-            if stop.requested:
-                log.warning("stopped at step %d on signal; checkpoint written", step)
-                break
+    guard = _FiniteGuard(ckpt, unconfirmed=start if start > 0 else None)
+    stop.defer()
+    while step < total:
+        batch = sharding.shard_batch(next(iterator), mesh)
+        state, metrics = _run_step(step_fn, state, batch, task, config, first=step == start)
+        step += 1
+        steps_since += 1
+        guard.push(step, metrics)  # checks the previous step
+        if on_step is not None:
+            on_step(step, state)
+        last = step == total
+        log_now = step % config.log_every == 0 or last
+        eval_now = step % config.eval_every == 0 or last
+        if log_now or eval_now:
+            guard.flush()  # this step is finite before it is logged or evaluated
+        if log_now:
+            host = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            elapsed = time.perf_counter() - t_last
+            t_last, n = time.perf_counter(), steps_since
+            steps_since = 0
+            scalars = {f"train/{k}": v for k, v in host.items()}
+            scalars["perf/step_time_s"] = elapsed / n
+            scalars["perf/examples_per_sec"] = batch_size * n / elapsed
+            scalars.update(task.throughput(scalars["perf/examples_per_sec"]))
+            scalars.update({f"data/skipped_{k}": v for k, v in task.skip_counts().items()})
+            writer.write_scalars(step, scalars)
+            results.update(scalars)
+        if eval_now:
+            t0 = time.perf_counter()
+            ev = run_evaluation(task, state.params, writer.workdir, step)
+            ev = {f"eval/{k}": v for k, v in ev.items()}
+            ev["perf/eval_time_s"] = time.perf_counter() - t0
+            writer.write_scalars(step, ev)
+            results.update(ev)
+            t_last = time.perf_counter()  # evaluation time is not training time
+        stopping = stop.requested  # read once: a signal from here on counts for the next step
+        if step % config.ckpt_every == 0 or last or stopping:
+            guard.flush()
+            _save(ckpt, step, state, iterator)
+            guard.unconfirmed = step
+        writer.update_progress(step)
+        if stopping:
+            ckpt.wait()
+            log.warning("stopped at step %d on signal; checkpoint written", step)
+            raise StoppedBySignal(stop.signum, step)
+    guard.flush()
     return results
 
 
@@ -206,11 +414,15 @@ def run_evaluation(task, params, workdir: str | Path, step: int) -> dict[str, fl
 def restore_params(workdir: str | Path, step: int | None = None):
     """Rebuild the task of a finished or running workdir and restore its parameters.
 
+    Without ``step``, the newest usable checkpoint: newer damaged ones are reported
+    (warnings naming step and file) and skipped, not moved.
+
     Returns:
       ``(config, task, params, step)``.
 
     Raises:
       FileNotFoundError: the workdir has no config.json or no checkpoint.
+      jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
     """
     workdir = Path(workdir)
     config = config_lib.load_saved_config(workdir)
@@ -219,14 +431,17 @@ def restore_params(workdir: str | Path, step: int | None = None):
     abstract_params = task.abstract_params()
     optimizer, _ = make_optimizer(config.optim, config.total_steps, abstract_params)
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
-        found = ckpt.latest_step() if step is None else step
-        if found is None:
+        if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {str(workdir / 'checkpoints')!r}")
         abstract_state = jax.eval_shape(
             lambda p: create_train_state(p, optimizer, jax.random.key(0)), abstract_params
         )
-        repl = sharding.replicated(mesh)
-        state, _ = ckpt.restore(checkpoint.to_abstract(abstract_state, repl), step=found)
+        abstract = checkpoint.to_abstract(abstract_state, sharding.replicated(mesh))
+        if step is None:
+            state, _, found, _ = ckpt.restore_latest_usable(abstract, check=_state_problem)
+        else:
+            state, _ = ckpt.restore(abstract, step=step)
+            found = step
     return config, task, state.params, found
 
 
