@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytest``)
     sys.path.insert(0, str(REPO))
 
-from experiments.bench import gpu_suite  # noqa: E402
+from experiments.bench import gpu_common, gpu_decode, gpu_suite, report, seq_search  # noqa: E402
 from jaxfit import perf, quant  # noqa: E402
 from jaxfit.models import llama  # noqa: E402
 from jaxfit.quant import random_init  # noqa: E402
@@ -30,6 +30,7 @@ def _positive(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_gpu_suite_small(tmp_path):
     out = tmp_path / "result.json"
     before = (REPO / "docs" / "BENCHMARKS.md").read_text()
@@ -38,52 +39,62 @@ def test_gpu_suite_small(tmp_path):
     # re-tries the first failure in a fresh process, as it would on a GPU.
     cmd = [sys.executable, "-m", "experiments.bench.gpu_suite", "--small", "--json", str(out)]
     proc = subprocess.run(
-        [*cmd, "--simulate_oom_seq", "64"],
+        [*cmd, "--simulate_oom_seq", "64", "--record"],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr[-4000:]
     res = json.loads(out.read_text())
     parts = res["parts"]
     assert set(parts) == set(gpu_suite.PARTS)
     assert all(p["ok"] for p in parts.values()), {k: p.get("error") for k, p in parts.items()}
+    rows = {}
+    for r in res["rows"]:
+        rows.setdefault(r["benchmark"], []).append(r["raw"])
+    assert set(rows) == {"matmul", "gpt2", "clip", "decode", "qlora", "qlora longest B1"}
+    assert all(r["step_s"] is not None for rs in rows.values() for r in rs), rows
 
-    assert _positive(parts["matmul"]["tflops"]) and _positive(res["matmul_tflops"])
-    gpt2 = parts["gpt2"]
-    for key in ("tokens_per_s", "step_s", "peak_mib", "model_tflops", "mfu_matmul", "compile_s"):
+    assert _positive(parts["matmul"]["tflops"])
+    (gpt2,) = parts["gpt2"]["measurements"]
+    for key in ("tokens_per_s", "step_s", "peak_mib", "model_tflops", "compile_s",
+                "planned_peak_mib"):  # fmt: skip
         assert _positive(gpt2[key]), (key, gpt2[key])
-    assert gpt2["mfu_datasheet"] is None  # a CPU is not in jaxfit.perf.DEVICES
-    clip = parts["clip"]
-    for key in ("images_per_s", "step_s", "peak_mib", "compile_s"):
-        assert _positive(clip[key]), (key, clip[key])
-    assert all(math.isfinite(x) for x in gpt2["losses"] + clip["losses"])
+    assert gpt2["mfu"] is None  # a CPU is not in jaxfit.perf.DEVICES
+    assert all(math.isfinite(x) for x in gpt2["losses"])
+    # CLIP: the config's micro-batch (4), then the planner's best (the whole batch of 8)
+    clip = rows["clip"]
+    assert len(clip) == 2 and parts["clip"]["search"]["best"] == 8
+    for r in clip:
+        for key in ("throughput", "step_s", "peak_mib", "planned_mib", "compile_s"):
+            assert _positive(r[key]), (key, r[key])
+    (decode,) = parts["decode"]["measurements"]
+    assert _positive(decode["tokens_per_s"]) and decode["read_bytes"] > 0
 
-    q = parts["qlora8b"]
-    # The frozen base is NF4: the 7 stacked kernels of the tiny Llama, ~4-6 bits per weight
-    # (the 256-entry maps weigh on a tiny model; 4.13 at 8B), not 16 (bf16).
-    assert q["nf4_leaves"] == 7 and 4.0 < q["bits_per_weight"] < 8.0
-    assert q["n_lora"] > 0 and q["n_frozen_flops"] > q["n_lora"]
-    first, micro, longer = q["items"]
+    q = parts["qlora"]["ranks"]
+    assert set(q) == {"4", "8"}
+    first, micro, longer = q["4"]["items"]
     assert (first["batch"], first["seq"], first["timed"], first["fit"]) == (1, 64, True, True)
     assert micro["batch"] == 8 and micro["fit"]  # configs/llama_qlora.py:demo micro-batch
     for it in (first, micro):
-        for key in ("tokens_per_s", "step_s", "peak_mib", "model_tflops", "mfu_matmul"):
+        for key in ("tokens_per_s", "step_s", "peak_mib", "model_tflops", "planned_peak_mib"):
             assert _positive(it[key]), (key, it[key])
-        assert math.isfinite(it["loss"])
+        assert all(math.isfinite(x) for x in it["losses"])
     assert (longer["seq"], longer["fit"]) == (128, False)
     assert "RESOURCE_EXHAUSTED" in longer["error"]
-    s = q["search"]
-    assert (s["longest"], s["first_failure"], s["failure_confirmed"]) == (64, 128, True)
-    assert s["fresh_processes"] == [[128]]  # the re-try, in a fresh process
-    assert q["fresh"][0]["items"][0]["first_in_process"]
+    for rank in ("4", "8"):
+        s = q[rank]["search"]
+        assert (s["longest"], s["first_failure"], s["failure_confirmed"]) == (64, 128, True)
+        assert s["fresh_processes"] == [[128]]  # the re-try, in a fresh process
+        assert q[rank]["fresh"][0]["items"][0]["first_in_process"]
+    assert "nf4" in q["4"]["frozen_mib"]
 
-    for title in ("matmul:", "gpt2:", "clip:", "qlora8b:"):
+    for title in ("matmul ", "gpt2 ", "clip ", "decode ", "qlora "):
         assert title in proc.stdout
-    assert f"{gpt2['tokens_per_s']:,.0f}" in proc.stdout
     assert "longest sequence at batch 1: 64; 128 did not fit" in proc.stdout
+    assert "not recorded" in proc.stderr
     assert (REPO / "docs" / "BENCHMARKS.md").read_text() == before  # nothing recorded
 
 
@@ -176,7 +187,7 @@ class FakeDevice:
             if attempt(seq)["fit"] is False and not items[-1].get("predicted"):
                 return items, "out of memory"
         left = iter(range(budget, -1, -1))
-        stopped = gpu_suite.inprocess_search(
+        stopped = seq_search.inprocess_search(
             prior, items, attempt, lambda: next(left) > 0, max_seq=max_seq, step=step
         )
         return items, stopped
@@ -189,7 +200,7 @@ def _search(dev, *, fresh_budget=10**9, max_seq=131072, step=1024, timed=(2048,)
     def run_fresh(prior):
         return dev.process(prior, (), max_seq=max_seq, step=step)[0]
 
-    return first, gpu_suite.continue_search(
+    return first, seq_search.continue_search(
         first, run_fresh, lambda: next(budget) > 0, max_seq=max_seq, step=step
     )
 
@@ -227,55 +238,57 @@ def test_search_everything_fits_and_nothing_fits():
 
 def test_next_seqs():
     state = lambda lo, hi, trusted=True: dict(longest=lo, first_failure=hi, trusted=trusted)
-    assert gpu_suite.next_seqs(state(2048, None), max_seq=10000, step=1024) == [4096, 8192]
-    assert gpu_suite.next_seqs(state(8192, None), max_seq=10000, step=1024) is None
-    assert gpu_suite.next_seqs(state(2048, 8192, False), max_seq=10**5, step=1024) == [8192]
-    assert gpu_suite.next_seqs(state(2048, 8192), max_seq=10**5, step=1024) == [5120]
-    assert gpu_suite.next_seqs(state(4096, 5120), max_seq=10**5, step=1024) is None
+    assert seq_search.next_seqs(state(2048, None), max_seq=10000, step=1024) == [4096, 8192]
+    assert seq_search.next_seqs(state(8192, None), max_seq=10000, step=1024) is None
+    assert seq_search.next_seqs(state(2048, 8192, False), max_seq=10**5, step=1024) == [8192]
+    assert seq_search.next_seqs(state(2048, 8192), max_seq=10**5, step=1024) == [5120]
+    assert seq_search.next_seqs(state(4096, 5120), max_seq=10**5, step=1024) is None
 
 
-def test_flops_device_names_and_oom():
-    assert gpu_suite.qlora_flops_per_token(0, 1000, 2, 64, 128) == perf.decoder_flops_per_token(
-        1000, 2, 64, 128
-    )
-    assert gpu_suite.qlora_flops_per_token(1000, 0, 2, 64, 128) == 4 * 1000 + 12 * 2 * 64 * 128
-    assert gpu_suite.perf_device("NVIDIA H200") == "h200"
-    assert gpu_suite.perf_device("NVIDIA GeForce RTX 4070 Ti") == "rtx4070ti"
-    assert gpu_suite.perf_device("NVIDIA A100-SXM4-80GB") == "a100-80gb"
-    assert gpu_suite.perf_device("NVIDIA H100 PCIe") is None  # not the SXM datasheet
-    assert gpu_suite.perf_device("cpu") is None
-    assert gpu_suite.is_oom(RuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying"))
-    assert not gpu_suite.is_oom(ValueError("shapes do not match"))
+def test_bandwidth_table_covers_the_devices():
+    assert set(gpu_decode.BANDWIDTH_GBS) == set(perf.DEVICES)
+    assert all(gbs > 100 and source for gbs, source in gpu_decode.BANDWIDTH_GBS.values())
 
 
 def test_record_rows(tmp_path):
     """The rows a GPU run would append (a fabricated result: a CPU cannot make one)."""
     md = tmp_path / "BENCHMARKS.md"
     md.write_text("# Benchmarks\n")
-    gpu = dict(backend="gpu", device="NVIDIA H200", jax_version="0.10.2", ok=True)
-    res = {
-        "parts": {
-            "matmul": dict(gpu, n=8192, inner=10, times_s=[0.02] * 10, step_s=0.0016,
-                           tflops=690.0, compile_s=0.5, fraction_of_datasheet=0.697),
-            "gpt2": dict(gpu, config="L12 ...", step_s=0.05, tokens_per_s=327680.0,
-                         model_tflops=250.0, mfu_matmul=0.36, mfu_datasheet=0.25,
-                         peak_mib=20000.0, compile_s=20.0),
-            "qlora8b": dict(gpu, config="Llama ...", cap_note="cap 12 GiB", capped=True, items=[
-                dict(batch=1, seq=2048, timed=True, fit=True, step_s=0.4, tokens_per_s=5120.0,
-                     model_tflops=180.0, mfu_matmul=0.26, mfu_datasheet=0.18,
-                     peak_mib=11000.0, compile_s=60.0),
-                dict(batch=4, seq=2048, timed=True, fit=False, error="RESOURCE_EXHAUSTED"),
-            ], search=dict(longest=4096, first_failure=5120, failure_confirmed=True,
-                           stopped=None, step=1024, max_seq=131072,
-                           fresh_processes=[[5120]])),
-            "clip": dict(gpu, ok=False, error="exit status 1"),
-        }
-    }  # fmt: skip
-    assert gpu_suite.record(res, note="test", path=md) == 3
+    gpu = dict(backend="gpu", device="NVIDIA H200", device_label="h200", ok=True)
+    mm = dict(
+        config="bf16 8192^3",
+        step_s=0.0016,
+        examples_per_s=690.0,
+        model_tflops=690.0,
+        mfu=0.697,
+        compile_s=0.5,
+        peak_mib=300.0,
+    )
+    gpt2 = dict(
+        config="GPT-2 ...",
+        step_s=0.05,
+        tokens_per_s=327680.0,
+        model_tflops=250.0,
+        mfu=0.25,
+        peak_mib=10000.0,
+        planned_peak_mib=9000.0,
+        compile_s=20.0,
+    )
+    oom = dict(config="Llama ...", fit=False, error="RESOURCE_EXHAUSTED: out of memory")
+    res = {"cap_note": "cap 12 GiB", "parts": {
+        "matmul": dict(gpu, tflops=690.0, rows=[gpu_common.raw_row("matmul", mm, "TFLOP/s")]),
+        "gpt2": dict(gpu, rows=[gpu_common.raw_row("gpt2", gpt2)]),
+        "qlora": dict(ok=False, rows=[gpu_common.raw_row("qlora", oom, notes="r16")]),
+        "clip": dict(ok=False, rows=[gpu_common.error_row("clip", "exit status 1")]),
+    }}  # fmt: skip
+    rows = gpu_suite.formatted_rows(res)
+    assert report.record(gpu_suite.SECTION, gpu_common.COLUMNS, rows, path=md) == 4
     text = md.read_text()
-    assert f"## {gpu_suite.SECTION}" in text and "refuses CPU backends" in text
-    rows = [line for line in text.splitlines() if "| gpu (NVIDIA H200) |" in line]
-    assert len(rows) == 3
-    assert all(r.count(" | ") == len(gpu_suite.COLUMNS) - 1 for r in rows)
-    assert "longest sequence at batch 1: 4096; 5120 did not fit" in rows[2]
-    assert "690.0 TFLOP/s" in rows[0] and "327,680 tok/s" in rows[1]
+    assert f"## {gpu_suite.SECTION}" in text
+    lines = [line for line in text.splitlines() if "| gpu (NVIDIA H200) |" in line]
+    assert len(lines) == 4
+    assert all(r.count(" | ") == len(gpu_common.COLUMNS) - 1 for r in lines)
+    assert "690.0 TFLOP/s" in lines[0] and "69.7% of h200" in lines[0]
+    assert "327,680.0 tok/s" in lines[1] and "36.2%" in lines[1]  # 250 / 690
+    assert "10,000 (9,000)" in lines[1] and "cap 12 GiB" in lines[1]
+    assert "RESOURCE_EXHAUSTED" in lines[2] and "exit status 1" in lines[3]
