@@ -57,16 +57,20 @@ def test_resume_is_exact(tmp_path):
     class Interrupt(Exception):
         pass
 
-    def stop_at_4(step, state):
-        if step == 4:
+    def stop_at_5(step, state):
+        if step == 5:
             raise Interrupt
 
     resumed = tmp_path / "resumed"
     with pytest.raises(Interrupt):
-        trainer.train(tiny_clip_config(data), resumed, on_step=stop_at_4)
-    # step 3 was checkpointed; step 4's work is lost and must be redone identically.
+        trainer.train(tiny_clip_config(data), resumed, on_step=stop_at_5)
+    # step 3 was checkpointed; steps 4-5 are lost (step 4 was logged) and must be redone
+    # identically, and metrics.jsonl must hold step 4 once.
     assert trainer.restore_params(resumed)[3] == 3
     trainer.train(tiny_clip_config(data), resumed)
+    rows = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "train/loss" in r] == [2, 4, 6]
+    assert "resuming from checkpoint at step 3" in (resumed / "train.log").read_text()
     a, b = _params(straight), _params(resumed)
     jax.tree.map(lambda x, y: np.testing.assert_array_equal(np.asarray(x), np.asarray(y)), a, b)
     # the changes were real: the final params differ from the step-3 params
@@ -107,6 +111,41 @@ def test_config_errors_name_the_key(capsys):
     # the CLI turns them into one clear line and exit status 2
     code = train_main(["train", f"--config={CLIP_CONFIG}:demo", "--config.optim.nope=1"])
     assert code == 2 and "nope" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("optim.lr=-0.1", r"optim.lr=-0.1 is invalid: must be a number > 0"),
+        ("optim.b2=1.0", r"optim.b2=1.0 is invalid: must be a number >= 0 and < 1"),
+        ("model.text.num_attention_heads=3", r"num_attention_heads=3 .* must divide"),
+        ("model.vision.patch_size=5", r"patch_size=5 .* must divide .*image_size=32"),
+        ("keep_checkpoints=0", r"keep_checkpoints=0 .* integer >= 1"),
+        ("init_from=./no/such/dir", r"init_from='./no/such/dir' .* no such local directory"),
+        ("init_from=no_such_name", r"not a Hugging Face Hub name"),
+    ],
+)
+def test_values_are_checked_before_any_work(override, message):
+    with pytest.raises(config_lib.ConfigError, match=message):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo", [override])
+
+
+def test_hub_names_and_local_dirs_pass_without_the_hub(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    for value in ("openai/clip-vit-base-patch32", "gpt2", str(tmp_path)):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo", [f"init_from={value}"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(config_lib.ConfigError, match="has no config.json"):
+        config_lib.load_config(f"{CLIP_CONFIG}:demo", [f"init_from={tmp_path / 'empty'}"])
+
+
+def test_warmup_longer_than_the_run_is_clamped(caplog):
+    with caplog.at_level("WARNING", logger="jaxfit.config"):
+        cfg = config_lib.load_config(CLIP_CONFIG, ["total_steps=60"])  # the recipe warms 500
+    assert cfg.optim.warmup_steps == 59
+    assert "optim.warmup_steps=500 is not shorter than total_steps=60: clamped to 59" in (
+        caplog.text
+    )
 
 
 def test_missing_data_root_stops_at_start(tmp_path):

@@ -96,16 +96,21 @@ def test_kill9_anywhere_then_rerun_is_bit_identical(tmp_path, reference, when, s
     optimizer state and losses bit for bit, each step logged once."""
     workdir = tmp_path / "run"
     proc = start(workdir)
-    if when == "random":
+    if when == "random":  # after a random number of steps, at a random moment in a step
         rng = random.Random(seed)
-        wait_for(lambda: metric_rows(workdir), proc)  # training has started
-        time.sleep(rng.uniform(0.0, 1.5))
+        k = rng.randint(1, 10)
+        wait_for(lambda: len(metric_rows(workdir)) >= k, proc)
+        time.sleep(rng.uniform(0.0, 0.05))
     elif when == "in-save":
         wait_for(lambda: _in_save(workdir), proc, poll=0.0005)
     else:
         wait_for(lambda: _unsealed(workdir), proc, poll=0.0005)
-    if proc.poll() is None:
-        kill9(proc)
+    assert proc.poll() is None, "the run ended before the kill"
+    kill9(proc)
+    if when == "in-save":
+        assert _in_save(workdir), "the kill came after the checkpoint was committed"
+    elif when == "unsealed":
+        assert _unsealed(workdir), "the kill came after the checkpoint was sealed"
     done = train(workdir)
     assert done.returncode == 0, done.stderr[-3000:]
     assert losses(workdir) == losses(reference)
