@@ -68,7 +68,7 @@ class StoppedBySignal(BaseException):  # noqa: N818 (like KeyboardInterrupt, not
         self.exit_code = 128 + signum
         name = signal.Signals(signum).name
         if step is None:
-            text = f"stopped by {name} before training started; nothing was written"
+            text = f"stopped by {name} before training started; nothing to checkpoint yet"
         else:
             text = f"stopped by {name} at step {step}, after checkpointing it"
         super().__init__(text)
