@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -135,7 +136,8 @@ def checkpoint_steps(workdir: Path) -> list[int]:
 def read_state(workdir: Path, step: int) -> dict[str, np.ndarray]:
     """The saved train state of ``step`` as ``{path: numpy array}`` (no task needed)."""
     path = workdir / "checkpoints" / str(step) / "state"
-    with ocp.PyTreeCheckpointer() as ckptr:
+    with warnings.catch_warnings(), ocp.PyTreeCheckpointer() as ckptr:
+        warnings.filterwarnings("ignore", message="Sharding info not provided")
         tree = ckptr.restore(path)
     flat = {}
 
