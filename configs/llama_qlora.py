@@ -4,6 +4,15 @@
       --workdir runs/qlora --config.data.path=train.jsonl --config.data.instruction=True
   python -m jaxfit.export --workdir runs/qlora --out runs/qlora/adapter --format peft
 
+  # chat SFT: {"messages": [...]} JSONL (or ShareGPT), the model's chat template, loss on
+  # the assistant's turns, conversations packed into seq_len rows
+  python -m jaxfit.train --config configs/llama_qlora.py:init_from=DIR,chat \
+      --workdir runs/chat --config.data.path=chat.jsonl
+  # the same on a CPU: a tiny random Llama on synthetic chats
+  python -c "from jaxfit.data.text import write_synthetic_chat as w; w('chat.jsonl')"
+  python -m jaxfit.train --config configs/llama_qlora.py:demo,chat --workdir runs/chat_demo \
+      --config.data.path=chat.jsonl
+
 The recipe of QLoRA (Dettmers et al. 2023, arXiv 2305.14314): the frozen base quantised to
 NF4 with double quantisation while it streams from the checkpoint (``jaxfit.quant``),
 LoRA adapters (r=16, alpha=32, dropout 0.05) on q/k/v/o (``:all_linear`` for every
@@ -12,7 +21,12 @@ accumulation steps, warmup 100, full remat. ``init_from`` may also be a ``*-bnb-
 checkpoint (read as stored). ``:demo`` runs a tiny random Llama on a synthetic corpus on
 a CPU, to see the machinery work.
 
-Arguments: ``init_from`` (str), ``all_linear`` (bool), ``demo`` (bool), ``steps`` (int).
+``:chat`` reads conversations (``data.format="chat"``; ``--config.data.format=alpaca`` for
+Alpaca rows) with packing on; the template is the tokenizer's (``data.chat_template``
+overrides it; the demo's trained BPE has none, so it uses :data:`DEMO_CHAT_TEMPLATE`).
+
+Arguments: ``init_from`` (str), ``all_linear`` (bool), ``demo`` (bool), ``chat`` (bool),
+``steps`` (int).
 """
 
 from __future__ import annotations
@@ -21,9 +35,15 @@ import ml_collections
 
 from jaxfit.config import parse_arg, sibling_config
 
+# ChatML-style turns in plain-text markers, for tokenizers without a chat template.
+DEMO_CHAT_TEMPLATE = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>\\n' + m['content'] + '<|end|>\\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>\\n' }}{% endif %}"
+)
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    a = parse_arg(arg, init_from="", all_linear=False, demo=False, steps=0)
+    a = parse_arg(arg, init_from="", all_linear=False, demo=False, chat=False, steps=0)
     c = sibling_config(__file__, "llama_finetune.py", None)
     c.init_from = a.init_from
     c.model.config.num_hidden_layers = 4  # from-scratch shape (only without init_from)
@@ -74,4 +94,15 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         c.log_every = 10
         c.eval_every = c.total_steps
         c.ckpt_every = c.total_steps
+    if a.chat:
+        c.data.format = "chat"
+        c.data.packing = True
+        if a.demo:  # conversations of ~100-200 tokens in a 512-token BPE
+            c.data.synthetic.enabled = False
+            c.data.chat_template = DEMO_CHAT_TEMPLATE
+            c.data.val_fraction = 0.05
+            c.seq_len = 256
+            c.batch_size = 8
+            c.micro_batch_size = 8
+            c.eval.batch_size = 8
     return c

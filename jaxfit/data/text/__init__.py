@@ -5,8 +5,11 @@ Modules: ``prepare`` (``default_text_config``, ``prepare_text_data``, ``check_mo
 formats, fingerprints), ``readers`` (one reader per format), ``records`` (document types,
 ``TextStats``), ``tokenizer``
 (``TextTokenizer``: pretrained, or a BPE trained on the text), ``token_file`` (cached flat
-token files), ``batches`` (``[B, seq_len]`` train / eval batches), ``synthetic_corpus``
-(the demo story corpus).
+token files), ``batches`` (``[B, seq_len]`` train / eval windows), ``packing`` (batches of
+whole examples, packed or one per row), ``epochs`` (their shared resumable order),
+``chat`` (conversations rendered with a chat template, assistant-only loss),
+``tokenizer_files`` (Llama 3 tiktoken / Llama 2 SentencePiece files as HF tokenizers),
+``synthetic_corpus`` (the demo story corpus and chats).
 """
 
 from jaxfit.data.text.batches import (
@@ -25,7 +28,7 @@ from jaxfit.data.text.prepare import (
 )
 from jaxfit.data.text.records import Document, InstructionExample, TextStats, document_text
 from jaxfit.data.text.sources import has_validation
-from jaxfit.data.text.synthetic_corpus import write_synthetic_text
+from jaxfit.data.text.synthetic_corpus import write_synthetic_chat, write_synthetic_text
 from jaxfit.data.text.token_file import TokenFile, build_token_file, token_dtype
 from jaxfit.data.text.tokenizer import (
     TextTokenizer,
@@ -59,5 +62,6 @@ __all__ = [
     "token_dtype",
     "train_batches",
     "train_text_bpe",
+    "write_synthetic_chat",
     "write_synthetic_text",
 ]

@@ -1,4 +1,7 @@
-"""Fixed-length causal-LM batches from a token file.
+"""Fixed-length causal-LM batches from a token file: windows of its token stream.
+
+(Files batched by example, conversations or ``data.packing``, go to ``text.packing``;
+:func:`train_batches` and :func:`eval_batches` choose.)
 
 A *window* is ``seq_len + 1`` consecutive tokens; window ``w`` starts at token
 ``w * seq_len``, so consecutive windows share one token and every token after the first
@@ -17,11 +20,10 @@ is a label exactly once per pass. Within a window of tokens ``x[0..L]``:
 
 All arrays are ``[batch_size, seq_len]``; ``input_ids``/``labels`` are int32.
 
-Training (:func:`train_batches`): the batch at step ``s`` holds windows
-``perm_e[j]`` for global sample indices ``i = s * B + b`` (``e = i // W``, ``j = i % W``, ``W``
-windows), where ``perm_e`` is a permutation seeded by ``(seed, e)``: each epoch visits every
-window once in a fresh order, and a batch is a pure function of ``(seed, step)``, so
-``start_step`` (or ``set_state``) resumes exactly. The trailing ``< seq_len`` tokens that do
+Training (:func:`train_batches`): the windows are the rows of ``epochs.ShuffledEpochs``:
+each epoch visits every window once in an order seeded by ``(seed, epoch)``, and a batch
+is a pure function of ``(seed, step)``, so ``start_step`` (or ``set_state``) resumes
+exactly. The trailing ``< seq_len`` tokens that do
 not fill a window are never trained on. With ``mask_cut_documents`` (meant for
 instruction data) the loss is also zero on the first segment of a window that starts
 inside a document, so no completion is learned without its prompt.
@@ -39,6 +41,8 @@ from collections.abc import Iterator
 
 import numpy as np
 
+from jaxfit.data.text import packing
+from jaxfit.data.text.epochs import ShuffledEpochs, check_sizes
 from jaxfit.data.text.token_file import TokenFile
 
 # Keys of a batch: int32 [batch, seq_len] each, plus "loss_mask" float32 [batch, seq_len].
@@ -71,16 +75,11 @@ def _batch_from_windows(
     }
 
 
-def _check(batch_size: int, seq_len: int) -> None:
-    if batch_size < 1 or seq_len < 1:
-        raise ValueError(f"batch_size and seq_len must be >= 1, got {batch_size}, {seq_len}")
-
-
-class TrainBatches:
-    """Infinite, resumable iterator of training batches (see the module docstring).
+class TrainBatches(ShuffledEpochs):
+    """Infinite, resumable iterator of training windows (see the module docstring).
 
     Attributes:
-      num_windows: windows per epoch, ``(num_tokens - 1) // seq_len``.
+      num_windows: windows per epoch, ``(num_tokens - 1) // seq_len`` (= ``num_rows``).
       step: index of the next batch ``next()`` returns.
 
     Raises:
@@ -98,41 +97,19 @@ class TrainBatches:
         start_step: int = 0,
         mask_cut_documents: bool = False,
     ):
-        _check(batch_size, seq_len)
+        super().__init__(batch_size=batch_size, seq_len=seq_len, seed=seed, start_step=start_step)
         self.token_file = token_file
-        self.batch_size, self.seq_len = int(batch_size), int(seq_len)
-        self.seed = int(seed) % (1 << 64)
-        self.num_windows = max(token_file.num_tokens - 1, 0) // self.seq_len
+        self.num_windows = self.num_rows = max(token_file.num_tokens - 1, 0) // self.seq_len
         if self.num_windows < 1:
             raise ValueError(
                 f"token file {token_file.path} has {token_file.num_tokens} tokens, fewer than "
                 f"seq_len + 1 = {self.seq_len + 1}; use more text or a shorter seq_len"
             )
-        self.step = int(start_step)
         self.mask_cut_documents = bool(mask_cut_documents)
-        self._perms: dict[int, np.ndarray] = {}
-
-    @property
-    def steps_per_epoch(self) -> float:
-        return self.num_windows / self.batch_size
-
-    def _perm(self, epoch: int) -> np.ndarray:
-        if epoch not in self._perms:
-            if len(self._perms) >= 2:
-                self._perms.pop(min(self._perms))
-            rng = np.random.default_rng([self.seed, epoch])
-            self._perms[epoch] = rng.permutation(self.num_windows)
-        return self._perms[epoch]
 
     def window_indices(self, step: int) -> np.ndarray:
         """Window index of each row of batch ``step``: int64 ``[batch_size]``."""
-        i = step * self.batch_size + np.arange(self.batch_size, dtype=np.int64)
-        epoch, j = np.divmod(i, self.num_windows)
-        out = np.empty_like(i)
-        for e in np.unique(epoch):
-            sel = epoch == e
-            out[sel] = self._perm(int(e))[j[sel]]
-        return out
+        return self.row_indices(step)
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
         """Batch number ``step`` (``[batch_size, seq_len]`` arrays); does not move ``step``."""
@@ -148,47 +125,24 @@ class TrainBatches:
             b["loss_mask"][cut[:, None] & (b["segment_ids"] == 1)] = 0.0
         return b
 
-    def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
-        return self
-
-    def __next__(self) -> dict[str, np.ndarray]:
-        b = self.batch(self.step)
-        self.step += 1
-        return b
-
-    def get_state(self) -> dict:
-        """JSON-able position; ``set_state`` of it continues with the same batches."""
-        return {
-            "step": self.step,
-            "seed": self.seed,
-            "batch_size": self.batch_size,
-            "seq_len": self.seq_len,
-            "num_tokens": self.token_file.num_tokens,
-        }
-
-    def set_state(self, state: dict) -> None:
-        """Continue from ``state`` (from :meth:`get_state`).
-
-        Raises:
-          ValueError: the state was made with a different seed, shape or token file size.
-        """
-        for k in ("seed", "batch_size", "seq_len", "num_tokens"):
-            if int(state[k]) != self.get_state()[k]:
-                raise ValueError(
-                    f"data state mismatch: {k}={state[k]} saved, {self.get_state()[k]} now"
-                )
-        self.step = int(state["step"])
+    def state_fields(self) -> dict:
+        return {**super().state_fields(), "num_tokens": self.token_file.num_tokens}
 
 
-def train_batches(token_file: TokenFile, **kwargs) -> TrainBatches:
+def train_batches(token_file: TokenFile, **kwargs) -> ShuffledEpochs:
     """Resumable training batches; batch ``s`` is a pure function of ``(seed, s)``.
 
     Keyword arguments as :class:`TrainBatches` (``batch_size``, ``seq_len``, ``seed``,
     ``start_step``, ``mask_cut_documents``). Returns the iterator, starting at
-    ``start_step``; each item is ``{"input_ids", "labels", "segment_ids", "positions"}``
-    int32 and ``"loss_mask"`` float32, all ``[batch_size, seq_len]``, with
-    ``labels[:, t] == input_ids[:, t + 1]`` within a window.
+    ``start_step``: windows of the token stream (:class:`TrainBatches`), or whole
+    examples, one per row or packed (``packing.PackedBatches``) when the token file is
+    batched by example (``TokenFile.by_example``: conversations, ``data.packing``). Each
+    item is ``{"input_ids", "labels", "segment_ids", "positions"}`` int32 and
+    ``"loss_mask"`` float32, all ``[batch_size, seq_len]``.
     """
+    if token_file.by_example:
+        kwargs.pop("mask_cut_documents", None)  # examples are never cut
+        return packing.PackedBatches(token_file, **kwargs)
     return TrainBatches(token_file, **kwargs)
 
 
@@ -204,7 +158,7 @@ class EvalBatches:
     """
 
     def __init__(self, token_file: TokenFile, *, batch_size: int, seq_len: int):
-        _check(batch_size, seq_len)
+        check_sizes(batch_size, seq_len)
         n = token_file.num_tokens
         if n < 2:
             raise ValueError(f"token file {token_file.path} has {n} tokens; nothing to evaluate")
@@ -229,10 +183,13 @@ class EvalBatches:
             yield _batch_from_windows(tokens, valid, mask, tf.eos_token_id)
 
 
-def eval_batches(token_file: TokenFile, *, batch_size: int, seq_len: int) -> EvalBatches:
-    """Evaluation batches covering ``token_file`` once, in order (see :class:`EvalBatches`).
+def eval_batches(token_file: TokenFile, *, batch_size: int, seq_len: int):
+    """Evaluation batches covering ``token_file`` once, in order (see :class:`EvalBatches`;
+    by example, ``packing.EvalExampleBatches``, when the file is batched by example).
 
     Every batch has the full ``[batch_size, seq_len]`` shape (one compile); padding has
     ``loss_mask == 0`` and ``segment_ids == 0``.
     """
+    if token_file.by_example:
+        return packing.EvalExampleBatches(token_file, batch_size=batch_size, seq_len=seq_len)
     return EvalBatches(token_file, batch_size=batch_size, seq_len=seq_len)

@@ -26,17 +26,24 @@ from typing import Any
 
 from jaxfit.data.text.readers import read_spec
 from jaxfit.data.text.records import Document, TextStats
-from jaxfit.data.text.sources import check_split, resolve_format, train_spec, validation_source
+from jaxfit.data.text.sources import (
+    RECORD_FORMATS,
+    check_split,
+    resolve_format,
+    train_spec,
+    validation_source,
+)
 
 logger = logging.getLogger(__name__)
 
 
 def _describe(cfg: Any, spec: str) -> str:
-    field = (
-        f"fields {cfg.prompt_field!r}/{cfg.completion_field!r}"
-        if cfg.instruction
-        else f"field {cfg.text_field!r}"
-    )
+    if cfg.format in RECORD_FORMATS:
+        field = f"{cfg.format} records"
+    elif cfg.instruction:
+        field = f"fields {cfg.prompt_field!r}/{cfg.completion_field!r}"
+    else:
+        field = f"field {cfg.text_field!r}"
     return f"{spec!r} (format={resolve_format(cfg, spec)}, {field})"
 
 

@@ -36,7 +36,9 @@ def default_text_config() -> ml_collections.ConfigDict:
     """Every field the text pipeline reads (``cfg.data`` of an LM recipe)."""
     c = ml_collections.ConfigDict()
     # Source. "auto" infers txt/jsonl/csv/parquet from suffixes, "hf" for hf_name or a
-    # save_to_disk directory. Otherwise one of "txt", "jsonl", "csv", "parquet", "hf".
+    # save_to_disk directory. Otherwise one of "txt", "jsonl", "csv", "parquet", "hf", or
+    # the conversations "chat" (messages / ShareGPT conversations) and "alpaca"
+    # (instruction, input, output), read from files of any of those kinds but txt.
     c.format = "auto"
     # Comma-separated files, globs or directories (or a save_to_disk directory / Hub name
     # with format "hf").
@@ -69,6 +71,15 @@ def default_text_config() -> ml_collections.ConfigDict:
     c.hf_val_split = ""
     # Prepend BOS to each document when the tokenizer has one distinct from EOS (Llama).
     c.add_bos = True
+    # Conversations (format "chat" / "alpaca", text.chat): a Jinja chat template that
+    # overrides the tokenizer's own ("" = the tokenizer's tokenizer_config.json one).
+    c.chat_template = ""
+    # Batching by example: pack whole examples (conversations, or documents) into seq_len
+    # rows, attention and positions restarting at each (segment_ids); conversations are
+    # always batched by example (one per row when packing is off). An example longer than
+    # seq_len is dropped (counted as too_long) or truncated: too_long = "drop" | "truncate".
+    c.packing = False
+    c.too_long = "drop"
     # Token-file cache directory; "" = <workdir>/token_cache.
     c.cache_dir = ""
     c.tokenizer = default_tokenizer_config()

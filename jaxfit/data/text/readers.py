@@ -20,7 +20,8 @@
   ``hf_split``) or a name for ``datasets.load_dataset(name, hf_config, split=hf_split)``.
 
 The text is column ``text_field`` (or ``prompt_field`` + ``completion_field`` with
-``instruction=True``). Records whose field is missing or null count as ``missing_field``;
+``instruction=True``; with ``format="chat"`` / ``"alpaca"`` the record is a conversation,
+``text.chat``). Records whose field is missing or null count as ``missing_field``;
 values that are not strings as ``not_string``; documents that are empty or
 whitespace-only (for instruction data: an empty completion) as ``empty``. Each is logged
 as ``skipped line 17 of /path/file.jsonl: <why>`` (``record N of`` for datasets).
@@ -37,8 +38,9 @@ from pathlib import Path
 from typing import Any
 
 from jaxfit.data import rows
+from jaxfit.data.text import chat
 from jaxfit.data.text.records import Document, InstructionExample, TextStats
-from jaxfit.data.text.sources import resolve_files, resolve_format
+from jaxfit.data.text.sources import RECORD_FORMATS, resolve_files, resolve_format
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +48,13 @@ _BLANK_LINES = re.compile(rb"\n\s*\n")
 _ITER_BATCH = 10_000
 
 
-def _fields(cfg: Any) -> list[str]:
+def _fields(cfg: Any, columns: Sequence[str] = ()) -> list[str]:
+    """The fields a record's document is made of (for conversations: the one of
+    ``messages`` / ``conversations`` present in ``columns``, or Alpaca's three)."""
+    if cfg.format == "chat":
+        return ["conversations" if "conversations" in columns else "messages"]
+    if cfg.format == "alpaca":
+        return list(chat.ALPACA_FIELDS)
     return [cfg.prompt_field, cfg.completion_field] if cfg.instruction else [cfg.text_field]
 
 
@@ -103,6 +111,10 @@ def document(
     values: dict, cfg: Any, stats: TextStats, where: str, replaced: bool = False
 ) -> Document | None:
     """The document of one record (``None`` when it is dropped; the drop is counted)."""
+    if cfg.format in RECORD_FORMATS:
+        if replaced and not _keep_replaced(cfg, stats, where):
+            return None
+        return chat.chat_example(values, cfg.format, stats, where)
     fields = _fields(cfg)
     got = [values.get(f) for f in fields]
     for f, v in zip(fields, got):
@@ -152,7 +164,8 @@ def _read_columns(
     batches: Iterable[dict[str, list]], columns: Sequence[str], cfg, stats, name: str, n: int
 ) -> Iterator[Document]:
     """Documents of a columnar source (parquet file, HF dataset) of ``n`` records."""
-    missing = [f for f in _fields(cfg) if f not in columns]
+    fields = [f for f in _fields(cfg, columns) if f in columns]
+    missing = [f for f in _fields(cfg, columns) if f not in columns and f != "input"]
     if missing:
         logger.warning(
             "%s: no field %s (columns: %s); all %d records skipped", name, missing, columns, n
@@ -161,9 +174,9 @@ def _read_columns(
         return
     i = 0
     for batch in batches:
-        for values in zip(*(batch[f] for f in _fields(cfg))):
+        for values in zip(*(batch[f] for f in fields)):
             i += 1
-            doc = document(dict(zip(_fields(cfg), values)), cfg, stats, f"record {i} of {name}")
+            doc = document(dict(zip(fields, values)), cfg, stats, f"record {i} of {name}")
             if doc is not None:
                 yield doc
 
@@ -174,7 +187,7 @@ def _read_parquet(paths: Sequence[Path], cfg: Any, stats: TextStats) -> Iterator
     for path in paths:
         pf = pq.ParquetFile(path)
         columns = pf.schema_arrow.names
-        fields = [f for f in _fields(cfg) if f in columns]
+        fields = [f for f in _fields(cfg, columns) if f in columns]
         batches = (b.to_pydict() for b in pf.iter_batches(batch_size=_ITER_BATCH, columns=fields))
         yield from _read_columns(batches, columns, cfg, stats, str(path), pf.metadata.num_rows)
 
@@ -198,7 +211,7 @@ def _read_hf(cfg: Any, name: str, split: str, stats: TextStats) -> Iterator[Docu
             raise ValueError(
                 f"text data: could not load dataset {name!r} split {split!r}: {e}"
             ) from e
-    fields = [f for f in _fields(cfg) if f in ds.column_names]
+    fields = [f for f in _fields(cfg, ds.column_names) if f in ds.column_names]
     batches = ds.select_columns(fields).iter(batch_size=_ITER_BATCH) if fields else iter(())
     yield from _read_columns(batches, ds.column_names, cfg, stats, f"{name}[{split}]", len(ds))
 

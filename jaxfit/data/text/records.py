@@ -1,7 +1,8 @@
 """What the LM readers produce: documents of each kind, and the counts of what they dropped.
 
-A *document* is a ``str`` (plain language modelling: the loss covers every token) or an
-:class:`InstructionExample` ``(prompt, completion)`` (the loss covers the completion only).
+A *document* is a ``str`` (plain language modelling: the loss covers every token), an
+:class:`InstructionExample` ``(prompt, completion)`` (the loss covers the completion only)
+or a :class:`ChatExample` (a conversation; the loss covers the assistant's turns).
 :class:`TextStats` counts the documents kept and dropped while reading one split; each
 drop is also logged, naming the file and line it came from where there is one.
 """
@@ -24,10 +25,32 @@ class InstructionExample(NamedTuple):
     completion: str
 
 
-Document = str | InstructionExample
+class ChatExample(NamedTuple):
+    """One conversation (``text.chat``): ``(role, content)`` pairs, and where it came from
+    (``line 17 of /path/chat.jsonl``, for logs)."""
+
+    messages: tuple[tuple[str, str], ...]
+    source: str = ""
+
+    def dicts(self, n: int | None = None) -> list[dict[str, str]]:
+        """The first ``n`` (all) messages as ``{"role", "content"}`` dicts."""
+        return [{"role": r, "content": c} for r, c in self.messages[:n]]
+
+
+Document = str | InstructionExample | ChatExample
 
 # TextStats fields that count dropped documents, in the order they are reported.
-DROP_REASONS = ("empty", "missing_field", "not_string", "malformed_rows", "decode_skipped")
+DROP_REASONS = (
+    "empty",
+    "missing_field",
+    "not_string",
+    "malformed_rows",
+    "decode_skipped",
+    "bad_role",
+    "no_assistant",
+    "template_error",
+    "too_long",
+)
 
 
 @dataclasses.dataclass
@@ -38,8 +61,11 @@ class TextStats:
     instruction data an empty completion), ``missing_field`` (field absent or null),
     ``not_string``, ``malformed_rows`` (a line that is not a JSON object, a CSV row with
     the wrong number of fields), ``decode_skipped`` (bytes not UTF-8 with
-    ``decode_errors="skip"``). Kept: ``documents``; ``decode_replaced`` of them had bytes
-    that are not UTF-8 replaced by U+FFFD (kept, so never reported as skipped).
+    ``decode_errors="skip"``); for conversations ``bad_role``, ``no_assistant``,
+    ``template_error`` (``text.chat``); ``too_long`` (examples longer than ``seq_len``
+    with ``too_long="drop"``, counted by the batches). Kept: ``documents``;
+    ``decode_replaced`` of them had bytes that are not UTF-8 replaced by U+FFFD (kept, so
+    never reported as skipped).
 
     ``split_by_tokens`` is not a count: set when ``val_fraction`` holds out less than one
     document, so the documents are the whole source and the token-file builder cuts its
@@ -52,6 +78,10 @@ class TextStats:
     not_string: int = 0
     malformed_rows: int = 0
     decode_skipped: int = 0
+    bad_role: int = 0
+    no_assistant: int = 0
+    template_error: int = 0
+    too_long: int = 0
     decode_replaced: int = 0
     split_by_tokens: bool = False
 
@@ -97,10 +127,13 @@ class TextStats:
     def log(self, where: str) -> None:
         """Log one line; at WARNING level when anything was dropped or replaced."""
         level = logging.WARNING if (self.skipped or self.decode_replaced) else logging.INFO
+        others = "".join(
+            f", {n} {r.replace('_', ' ')}" for r, n in self.dropped().items() if n and r in _LATER
+        )
         logger.log(
             level,
             "%s: kept %d documents; dropped %d empty, %d missing field, %d not a string, "
-            "%d malformed rows, %d undecodable; %d kept with undecodable bytes replaced",
+            "%d malformed rows, %d undecodable%s; %d kept with undecodable bytes replaced",
             where,
             self.documents,
             self.empty,
@@ -108,13 +141,18 @@ class TextStats:
             self.not_string,
             self.malformed_rows,
             self.decode_skipped,
+            others,
             self.decode_replaced,
         )
 
 
 _COUNTS = [f for f in dataclasses.fields(TextStats) if f.type in ("int", int)]
+_LATER = DROP_REASONS[5:]  # reported only when counted
 
 
 def document_text(doc: Document) -> str:
-    """The full text of a document (prompt + completion for instruction examples)."""
+    """The full text of a document (prompt + completion for instruction examples, the
+    contents one per line for conversations): what a tokenizer is trained on."""
+    if isinstance(doc, ChatExample):
+        return "\n".join(c for _, c in doc.messages)
     return doc if isinstance(doc, str) else doc.prompt + doc.completion

@@ -15,7 +15,10 @@ from pathlib import Path
 from typing import Any
 
 SPLITS = ("train", "validation")
-FORMATS = ("auto", "txt", "jsonl", "csv", "parquet", "hf")
+FORMATS = ("auto", "txt", "jsonl", "csv", "parquet", "hf", "chat", "alpaca")
+# Formats that name what the records hold (conversations, text.chat); their files are
+# read as "auto" infers them (jsonl/csv/parquet/hf, never txt).
+RECORD_FORMATS = ("chat", "alpaca")
 # file suffix -> format; ".json" is read as JSON lines or one JSON array (data.rows).
 _SUFFIX_FORMAT = {
     ".txt": "txt",
@@ -76,19 +79,28 @@ def _is_hf_disk_dir(path: str) -> bool:
 
 
 def resolve_format(cfg: Any, spec: str) -> str:
-    """The concrete format for source ``spec``: ``cfg.format`` or inferred.
+    """The file format of source ``spec``: ``cfg.format``, or inferred.
 
-    ``"auto"`` gives ``"hf"`` for ``cfg.hf_name`` or a ``save_to_disk`` directory, else
-    the format of the (single kind of) file suffix.
+    ``"auto"`` (and ``"chat"`` / ``"alpaca"``, whose records are read from files or
+    datasets of any kind but txt) gives ``"hf"`` for ``cfg.hf_name`` or a
+    ``save_to_disk`` directory, else the format of the (single kind of) file suffix.
 
     Raises:
-      ValueError: unknown format, mixed suffixes, or a suffix with no known format.
+      ValueError: unknown format, mixed suffixes, a suffix with no known format, or txt
+        files for conversations.
     """
     fmt = cfg.format
     if fmt not in FORMATS:
         raise ValueError(f"text data: format {fmt!r} is not one of {FORMATS}")
-    if fmt != "auto":
+    if fmt not in ("auto", *RECORD_FORMATS):
         return fmt
+    inferred = _infer_format(cfg, spec)
+    if fmt in RECORD_FORMATS and inferred == "txt":
+        raise ValueError(f"text data: format={fmt!r} needs jsonl/json/csv/parquet/hf records")
+    return inferred
+
+
+def _infer_format(cfg: Any, spec: str) -> str:
     items = _split_spec(spec)
     if (cfg.hf_name and spec == cfg.hf_name) or (
         len(items) == 1 and _is_hf_disk_dir(os.path.expanduser(items[0]))
@@ -98,7 +110,7 @@ def resolve_format(cfg: Any, spec: str) -> str:
     if None in found or len(found) != 1:
         raise ValueError(
             f"text data: cannot infer one format from the suffixes of {spec!r}; "
-            f"set format to one of {FORMATS[1:]}"
+            f"set format to one of {FORMATS[1:6]}"
         )
     return found.pop()
 

@@ -7,8 +7,11 @@ Layout, for split ``s`` and cache key ``k`` in ``cache_dir``:
   Each document is laid out as ``[BOS] tokens EOS``; BOS is there only when the config's
   ``add_bos`` is set and the tokenizer has a BOS distinct from its EOS (GPT-2's BOS *is*
   its EOS, which already separates documents).
-* ``s-k.mask.bin`` (instruction data only): ``uint8``, one per token: 1 on completion
-  tokens and on the EOS that ends the completion, 0 on BOS and prompt tokens.
+* ``s-k.mask.bin`` (instruction data and conversations): ``uint8``, one per token: 1 on
+  completion tokens and on the EOS that ends the completion, 0 on BOS and prompt tokens;
+  for conversations 1 on the assistant's tokens (``text.chat``).
+* ``s-k.starts.npy``: int64 ``[documents + 1]``, where each document starts (absent for a
+  split by tokens); ``s-k.sources.json`` (conversations): ``line N of FILE`` of each.
 * ``s-k.json``: sidecar (``format_version``, ``key``, ``split``, ``dtype``, ``num_tokens``,
   ``vocab_size``, ``eos_token_id``, ``bos_token_id``, ``add_bos``, ``documents``,
   ``has_loss_mask``, ``loss_tokens``, ``stats`` (``documents`` and the count of each drop
@@ -29,7 +32,8 @@ change the tokens (:data:`KEY_FIELDS`) and :data:`FORMAT_VERSION`; an unchanged 
 the file without reading the text.
 
 Prompt and completion are tokenized separately, so the loss boundary is exact even where
-BPE would have merged across it.
+BPE would have merged across it. A conversation is its chat-template rendering, as is
+(no BOS or EOS added: the template places its own).
 """
 
 from __future__ import annotations
@@ -40,21 +44,22 @@ import json
 import logging
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import chain
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from jaxfit.data.text import chat
 from jaxfit.data.text.documents import load_documents
-from jaxfit.data.text.records import Document, InstructionExample, TextStats
-from jaxfit.data.text.sources import source_fingerprint
+from jaxfit.data.text.records import ChatExample, Document, InstructionExample, TextStats
+from jaxfit.data.text.sources import RECORD_FORMATS, source_fingerprint
 from jaxfit.data.text.tokenizer import TextTokenizer
 
 logger = logging.getLogger(__name__)
 
-FORMAT_VERSION = 2  # 2: "stats" holds drop counts only; decode_replaced, token_split
+FORMAT_VERSION = 2  # 2: "stats" holds drop counts only; decode_replaced, token_split; starts
 # Text-config fields that change the token stream of a split.
 KEY_FIELDS = (
     "format",
@@ -74,7 +79,9 @@ KEY_FIELDS = (
     "decode_errors",
     "val_fraction",
     "add_bos",
+    "chat_template",
 )
+TOO_LONG = ("drop", "truncate")  # what batches do with an example longer than seq_len
 _ENCODE_CHUNK = 2048  # documents per encode_batch call
 
 
@@ -92,12 +99,41 @@ class TokenFile:
       meta: the sidecar dict.
       tokens: ``np.memmap`` ``[num_tokens]`` of ``meta["dtype"]`` (read-only).
       loss_mask: ``np.memmap`` ``[num_tokens]`` ``uint8`` or None (plain LM: loss everywhere).
+      packing, too_long: how ``text.batches`` batches it (``data.packing``,
+        ``data.too_long``; set by :func:`build_token_file`, not stored).
     """
 
     path: Path
     meta: dict
     tokens: np.ndarray
     loss_mask: np.ndarray | None
+    packing: bool = False
+    too_long: str = "drop"
+
+    @property
+    def by_example(self) -> bool:
+        """Batched one example (document, conversation) per row or packed whole into
+        rows, rather than as windows of the stream: conversations, or ``packing``."""
+        return self.meta.get("kind") == "chat" or self.packing
+
+    def document_starts(self) -> np.ndarray:
+        """int64 ``[documents + 1]``: where each document starts (and the end).
+
+        Raises:
+          ValueError: a split by tokens, which cuts documents (it has no boundaries).
+        """
+        f = self.path.with_suffix(".starts.npy")
+        if not f.is_file():
+            raise ValueError(
+                f"token file {self.path} has no document boundaries (split by tokens); "
+                "batch it as a stream (data.packing=False)"
+            )
+        return np.load(f)
+
+    def sources(self) -> list[str] | None:
+        """Where each conversation came from (``line 17 of FILE``), or None."""
+        f = self.path.with_suffix(".sources.json")
+        return json.loads(f.read_text()) if f.is_file() else None
 
     @property
     def num_tokens(self) -> int:
@@ -160,6 +196,7 @@ def cache_key(cfg: Any, tokenizer: TextTokenizer, split: str) -> str:
         "source": source_fingerprint(cfg, split),
         "tokenizer": tokenizer.fingerprint(),
         "config": {k: cfg[k] for k in KEY_FIELDS},
+        "chat_template": _template(cfg, tokenizer),
     }
     return hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -167,6 +204,39 @@ def cache_key(cfg: Any, tokenizer: TextTokenizer, split: str) -> str:
 def _uses_bos(tokenizer: TextTokenizer, add_bos: bool) -> bool:
     bos = tokenizer.bos_token_id
     return bool(add_bos) and bos is not None and bos != tokenizer.eos_token_id
+
+
+def _encode_chunks(
+    documents: Sequence[Document],
+    tokenizer: TextTokenizer,
+    bos: list[int],
+    template: str | None,
+    stats: TextStats,
+) -> Iterator[tuple[list[list[int]], list[list[int]] | None, list[str]]]:
+    """``(token sequences, loss masks or None, sources)`` of consecutive documents."""
+    eos = [tokenizer.eos_token_id]
+    for i in range(0, len(documents), _ENCODE_CHUNK):
+        chunk = documents[i : i + _ENCODE_CHUNK]
+        if isinstance(chunk[0], ChatExample):
+            seqs, masks, sources = [], [], []
+            for ex in chunk:
+                try:
+                    ids, mask = chat.encode_chat(tokenizer, template, ex)
+                except chat.ChatTemplateError as e:
+                    stats.skip("template_error", ex.source, str(e))
+                    continue
+                seqs.append(ids)
+                masks.append(mask)
+                sources.append(ex.source)
+            yield seqs, masks, sources
+        elif isinstance(chunk[0], InstructionExample):
+            prompts = tokenizer.encode_batch([d.prompt for d in chunk])
+            comps = tokenizer.encode_batch([d.completion for d in chunk])
+            seqs = [bos + p + c + eos for p, c in zip(prompts, comps)]
+            masks = [[0] * (len(bos) + len(p)) + [1] * (len(c) + 1) for p, c in zip(prompts, comps)]
+            yield seqs, masks, []
+        else:
+            yield [bos + ids + eos for ids in tokenizer.encode_batch(chunk)], None, []
 
 
 def write_token_file(
@@ -177,51 +247,55 @@ def write_token_file(
     add_bos: bool,
     meta: dict | None = None,
     token_split: tuple[str, float] | None = None,
+    chat_template: str | None = None,
+    stats: TextStats | None = None,
 ) -> TokenFile:
-    """Tokenize ``documents`` into ``path`` (+ mask and sidecar), atomically.
+    """Tokenize ``documents`` into ``path`` (+ mask, document starts and sidecar), atomically.
 
     Args:
-      documents: ``str`` documents, or all :class:`InstructionExample` (then a loss mask
-        is written).
+      documents: all ``str`` documents, all :class:`InstructionExample` or all
+        :class:`ChatExample` (the last two write a loss mask).
       tokenizer: the run's tokenizer.
       path: the ``.bin`` to write; the sidecar is ``path`` with suffix ``.json``.
-      add_bos: prepend BOS to each document (only if the tokenizer's BOS != EOS).
-      meta: extra sidecar fields (key, split, stats, ...).
+      add_bos: prepend BOS to each document (only if the tokenizer's BOS != EOS; not for
+        conversations, whose template places its own).
+      meta: extra sidecar fields (key, split, source, ...).
       token_split: ``(split, val_fraction)``: keep only ``split``'s share of the token
         stream (:func:`token_split_sizes`; see the module docstring).
+      chat_template: the Jinja template conversations are rendered with
+        (``text.chat.chat_template``); required for them.
+      stats: the split's counts; conversations the template cannot render are added to
+        it (``template_error``) and it is written to the sidecar (``stats``,
+        ``decode_replaced``) with ``documents`` = the documents written.
 
     Raises:
-      ValueError: documents mix str and instruction examples, the tokenizer produced an
-        id ``>= vocab_size``, or a token split leaves a side with fewer than 2 tokens.
+      ValueError: documents of mixed kinds, conversations without a template, the
+        tokenizer produced an id ``>= vocab_size``, a token split leaves a side with fewer
+        than 2 tokens, or no conversation could be rendered.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    instruction = bool(documents) and isinstance(documents[0], InstructionExample)
-    if any(isinstance(d, InstructionExample) != instruction for d in documents):
-        raise ValueError("documents mix plain text and instruction examples")
+    kind = type(documents[0]) if documents else str
+    if any(type(d) is not kind for d in documents):
+        raise ValueError("documents mix plain text, instruction examples and conversations")
+    if kind is ChatExample and not chat_template:
+        raise ValueError("conversations need a chat template (text.chat.chat_template)")
+    stats = stats if stats is not None else TextStats(documents=len(documents))
+    masked = kind is not str
     dtype = token_dtype(tokenizer.vocab_size)
-    eos = [tokenizer.eos_token_id]
-    bos = [tokenizer.bos_token_id] if _uses_bos(tokenizer, add_bos) else []
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    tmp_mask = _mask_path(path).with_name(f"{_mask_path(path).name}.tmp-{os.getpid()}")
+    bos = (
+        [tokenizer.bos_token_id]
+        if kind is not ChatExample and _uses_bos(tokenizer, add_bos)
+        else []
+    )
+    tmp = {k: _tmp(p) for k, p in _paths(path).items()}
+    lengths, sources = [], []
     num_tokens = loss_tokens = 0
     try:
-        with open(tmp, "wb") as f, open(tmp_mask, "wb") if instruction else _Null() as fm:
-            for i in range(0, len(documents), _ENCODE_CHUNK):
-                chunk = documents[i : i + _ENCODE_CHUNK]
-                if instruction:
-                    prompts = tokenizer.encode_batch([d.prompt for d in chunk])
-                    comps = tokenizer.encode_batch([d.completion for d in chunk])
-                    seqs = [bos + p + c + eos for p, c in zip(prompts, comps)]
-                    masks = [
-                        [0] * (len(bos) + len(p)) + [1] * (len(c) + 1)
-                        for p, c in zip(prompts, comps)
-                    ]
-                    m = np.fromiter(chain.from_iterable(masks), np.uint8)
-                    fm.write(m.tobytes())
-                    loss_tokens += int(m.sum())
-                else:
-                    seqs = [bos + ids + eos for ids in tokenizer.encode_batch(chunk)]
+        with open(tmp["tokens"], "wb") as f, open(tmp["mask"], "wb") if masked else _Null() as fm:
+            for seqs, masks, srcs in _encode_chunks(
+                documents, tokenizer, bos, chat_template, stats
+            ):
                 arr = np.fromiter(chain.from_iterable(seqs), np.int64)
                 if arr.size and (arr.max() >= tokenizer.vocab_size or arr.min() < 0):
                     raise ValueError(
@@ -229,43 +303,75 @@ def write_token_file(
                         f"[0, {tokenizer.vocab_size})"
                     )
                 f.write(arr.astype(dtype).tobytes())
+                if masked:
+                    m = np.fromiter(chain.from_iterable(masks), np.uint8)
+                    fm.write(m.tobytes())
+                    loss_tokens += int(m.sum())
                 num_tokens += arr.size
+                lengths.extend(len(s) for s in seqs)
+                sources.extend(srcs)
+        if kind is ChatExample and not lengths:
+            raise ValueError(f"no conversation could be rendered with the chat template: {stats}")
+        stats.documents = len(lengths)
+        extra = {}
         if token_split is not None:
             split, fraction = token_split
             n_train, n_val = token_split_sizes(num_tokens, fraction)
             start, stop = (0, n_train) if split == "train" else (n_train, num_tokens)
-            _keep_range(tmp, start * dtype.itemsize, stop * dtype.itemsize)
-            if instruction:
-                _keep_range(tmp_mask, start, stop)
-                loss_tokens = int(np.fromfile(tmp_mask, np.uint8).sum(dtype=np.int64))
+            _keep_range(tmp["tokens"], start * dtype.itemsize, stop * dtype.itemsize)
+            if masked:
+                _keep_range(tmp["mask"], start, stop)
+                loss_tokens = int(np.fromfile(tmp["mask"], np.uint8).sum(dtype=np.int64))
             num_tokens = stop - start
+            extra["token_split"] = {"train": n_train, "validation": n_val}
+        else:  # document boundaries (a split by tokens cuts documents: none)
+            with open(tmp["starts"], "wb") as fs:
+                np.save(fs, np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)]))
+        if sources:
+            tmp["sources"].write_text(json.dumps(sources))
         sidecar = {
             "format_version": FORMAT_VERSION,
             **(meta or {}),
+            **extra,
+            "kind": {str: "text", InstructionExample: "instruction", ChatExample: "chat"}[kind],
             "dtype": dtype.name,
             "num_tokens": num_tokens,
             "vocab_size": tokenizer.vocab_size,
             "eos_token_id": tokenizer.eos_token_id,
             "bos_token_id": tokenizer.bos_token_id,
             "add_bos": bool(bos),
-            "documents": len(documents),
-            "has_loss_mask": instruction,
-            "loss_tokens": loss_tokens if instruction else num_tokens,
+            "documents": len(lengths),
+            "has_loss_mask": masked,
+            "loss_tokens": loss_tokens if masked else num_tokens,
+            "stats": {"documents": stats.documents, **stats.dropped()},
+            "decode_replaced": stats.decode_replaced,
             "tokenizer": tokenizer.fingerprint(),
         }
-        if token_split is not None:
-            sidecar["token_split"] = {"train": n_train, "validation": n_val}
-        os.replace(tmp, path)
-        if instruction:
-            os.replace(tmp_mask, _mask_path(path))
-        tmp_side = _sidecar(path).with_name(f"{_sidecar(path).name}.tmp-{os.getpid()}")
-        tmp_side.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
-        os.replace(tmp_side, _sidecar(path))
+        for name, final in _paths(path).items():
+            if name != "sidecar" and tmp[name].exists():
+                os.replace(tmp[name], final)
+        tmp["sidecar"].write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+        os.replace(tmp["sidecar"], _sidecar(path))  # last: the file exists iff this does
     finally:
-        for t in (tmp, tmp_mask):
+        for t in tmp.values():
             if t.exists():
                 t.unlink()
     return TokenFile.open(path)
+
+
+def _paths(path: Path) -> dict[str, Path]:
+    """The files of a token file, by role."""
+    return {
+        "tokens": path,
+        "mask": _mask_path(path),
+        "starts": path.with_suffix(".starts.npy"),
+        "sources": path.with_suffix(".sources.json"),
+        "sidecar": _sidecar(path),
+    }
+
+
+def _tmp(path: Path) -> Path:
+    return path.with_name(f"{path.name}.tmp-{os.getpid()}")
 
 
 def token_split_sizes(num_tokens: int, val_fraction: float) -> tuple[int, int]:
@@ -327,34 +433,43 @@ def build_token_file(
     """
     key = cache_key(cfg, tokenizer, split)
     path = Path(cache_dir) / f"{split}-{key}.bin"
+    if cfg.too_long not in TOO_LONG:
+        raise ValueError(f"text data: too_long must be one of {TOO_LONG}, got {cfg.too_long!r}")
+    tf = None
     if _sidecar(path).is_file():
         try:
             tf = TokenFile.open(path)
-            if tf.meta.get("key") == key:
+            if tf.meta.get("key") != key:
+                tf = None
+            else:
                 logger.info("reusing token file %s (%d tokens)", path, tf.num_tokens)
-                return tf
         except (ValueError, OSError, KeyError, json.JSONDecodeError) as e:
             logger.warning("rebuilding token file %s: %s", path, e)
-    docs, stats = documents() if documents is not None else load_documents(cfg, split)
-    tf = write_token_file(
-        docs,
-        tokenizer,
-        path,
-        add_bos=cfg.add_bos,
-        meta={
-            "key": key,
-            "split": split,
-            "stats": {"documents": stats.documents, **stats.dropped()},
-            "decode_replaced": stats.decode_replaced,
-            "source": source_fingerprint(cfg, split),
-        },
-        token_split=(split, cfg.val_fraction) if stats.split_by_tokens else None,
-    )
-    logger.info(
-        "wrote %s: %d documents, %d tokens (%s)",
-        path,
-        tf.meta["documents"],
-        tf.num_tokens,
-        tf.meta["dtype"],
-    )
+    if tf is None:
+        docs, stats = documents() if documents is not None else load_documents(cfg, split)
+        tf = write_token_file(
+            docs,
+            tokenizer,
+            path,
+            add_bos=cfg.add_bos,
+            meta={"key": key, "split": split, "source": source_fingerprint(cfg, split)},
+            token_split=(split, cfg.val_fraction) if stats.split_by_tokens else None,
+            chat_template=_template(cfg, tokenizer),
+            stats=dataclasses.replace(stats),
+        )
+        logger.info(
+            "wrote %s: %d documents, %d tokens (%s)",
+            path,
+            tf.meta["documents"],
+            tf.num_tokens,
+            tf.meta["dtype"],
+        )
+    tf.packing, tf.too_long = bool(cfg.packing), cfg.too_long
     return tf
+
+
+def _template(cfg: Any, tokenizer: TextTokenizer) -> str | None:
+    """The chat template of conversation formats (None for text)."""
+    return (
+        chat.chat_template(tokenizer, cfg.chat_template) if cfg.format in RECORD_FORMATS else None
+    )

@@ -29,6 +29,7 @@ from typing import Any
 import ml_collections
 
 from jaxfit.data import bpe
+from jaxfit.data.text import tokenizer_files
 
 logger = logging.getLogger(__name__)
 
@@ -101,6 +102,24 @@ class TextTokenizer:
         encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=False)]
 
+    def encode_with_offsets(self, text: str) -> tuple[list[int], list[tuple[int, int]]]:
+        """Token ids of ``text`` (no special tokens added; special-token strings in it are
+        the special tokens) and each token's ``(start, end)`` character span in ``text``.
+
+        Raises:
+          ValueError: a slow (Python) tokenizer, which has no offsets.
+        """
+        if self._backend is None:
+            raise ValueError(f"tokenizer {self.source!r} is not a fast tokenizer (no offsets)")
+        enc = self._backend.encode(text, add_special_tokens=False)
+        return list(enc.ids), list(enc.offsets)
+
+    @property
+    def chat_template(self) -> str | None:
+        """The tokenizer's own chat template (Jinja), or None."""
+        template = getattr(self.hf, "chat_template", None)
+        return template if isinstance(template, str) and template else None
+
     def encode(self, text: str) -> list[int]:
         """Token ids of one text, without special tokens added."""
         return self.encode_batch([text])[0]
@@ -137,7 +156,10 @@ def load_pretrained(
 ) -> TextTokenizer:
     """Load a tokenizer with ``transformers.AutoTokenizer`` (fast) from a directory or Hub name.
 
-    A directory holding only ``tokenizer.json`` is loaded with ``PreTrainedTokenizerFast``.
+    A directory holding only ``tokenizer.json`` is loaded with ``PreTrainedTokenizerFast``;
+    one holding only Meta's Llama 3 tiktoken file or Llama 2 SentencePiece model (or that
+    file itself) is converted by ``text.tokenizer_files`` (Meta's ids, special tokens and
+    chat template; needs ``tiktoken`` / ``sentencepiece``).
 
     Raises:
       OSError: not found locally and not available from the Hub.
@@ -148,6 +170,8 @@ def load_pretrained(
     path = Path(name_or_path).expanduser()
     if path.is_file() and path.suffix == ".json":
         hf = PreTrainedTokenizerFast(tokenizer_file=str(path))
+    elif (meta_file := tokenizer_files.load_tokenizer_file(path)) is not None:
+        hf = meta_file
     else:
         try:
             hf = AutoTokenizer.from_pretrained(str(path) if path.is_dir() else name_or_path)

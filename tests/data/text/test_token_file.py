@@ -122,6 +122,7 @@ def test_cache_reuse_and_invalidation(tmp_path, bpe, monkeypatch):
     assert second.tokens.tolist() == first.tokens.tolist()
     assert sorted(p.name for p in cache.iterdir()) == sorted(
         [first.path.name, first.path.with_suffix(".json").name]
+        + [first.path.with_suffix(".starts.npy").name]
     )  # no temporary files left
     side = json.loads(first.path.with_suffix(".json").read_text())
     assert side["key"] in first.path.name and side["stats"]["documents"] == 3

@@ -137,3 +137,65 @@ def test_gpt2_ids_equal_transformers():
     assert all(ours.decode(ids) == t for ids, t in zip(got, texts))
     vocab = json.loads((d / "vocab.json").read_text(encoding="utf-8"))
     assert vocab["The"] == 464 and vocab[ENDOFTEXT] == 50256
+
+
+def _texts_without_specials() -> list[str]:
+    """Probe texts plus real prose (blocks of tinyshakespeare, C4 documents when present)."""
+    texts = [p for p in PROBES if ENDOFTEXT not in p]
+    texts += [" leading space", "  two leading", "trailing ", "   ", "a\n  indented", "ü é ß"]
+    shakespeare = SHARED / "tinyshakespeare" / "input.txt"
+    if shakespeare.exists():
+        texts += shakespeare.read_text(encoding="utf-8")[:60000].split("\n\n")
+    c4 = SHARED / "c4_en_minimal" / "derived_jsonl" / "validation.jsonl"
+    if c4.exists():
+        texts += [json.loads(line)["text"] for line in c4.open(encoding="utf-8")][:100]
+    return texts
+
+
+def _shared_tokenizer(name: str) -> Path:
+    d = SHARED / "tokenizers" / name
+    if not d.exists():
+        pytest.skip(f"shared data {d} not available")
+    return d
+
+
+@pytest.mark.shared_data
+def test_llama3_tiktoken_file_equals_tiktoken(tmp_path):
+    tiktoken = pytest.importorskip("tiktoken")
+    from tiktoken.load import load_tiktoken_bpe
+
+    from jaxfit.data.text.tokenizer_files import LLAMA3_PATTERN, LLAMA3_SPECIAL_TOKENS
+
+    d = _shared_tokenizer("llama3")
+    tok = load_pretrained(str(d))  # a directory holding only tokenizer_llama3.tiktoken
+    ranks = load_tiktoken_bpe(str(d / "tokenizer_llama3.tiktoken"))
+    specials = {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIAL_TOKENS)}
+    ref = tiktoken.Encoding("llama3", pat_str=LLAMA3_PATTERN, mergeable_ranks=ranks,
+                            special_tokens=specials)  # fmt: skip
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id) == (128256, 128000, 128001)
+    assert tok.encode("Hello world") == ref.encode("Hello world") == [9906, 1917]
+    assert tok.hf("Hello world")["input_ids"] == [128000, 9906, 1917]  # BOS added by HF
+    texts = _texts_without_specials()
+    got = tok.encode_batch(texts)
+    assert got == ref.encode_batch(texts, disallowed_special=())
+    assert all(tok.decode(ids) == t for ids, t in zip(got, texts))
+    for name in ("<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"):
+        assert tok.encode(name) == [specials[name]]  # special in text -> its id
+    tok.save(tmp_path / "hf")  # a Hugging Face directory: AutoTokenizer reads it back
+    again = load_pretrained(str(tmp_path / "hf"))
+    assert again.encode_batch(texts[:50]) == got[:50] and again.chat_template == tok.chat_template
+
+
+@pytest.mark.shared_data
+def test_llama2_sentencepiece_model_equals_sentencepiece():
+    spm = pytest.importorskip("sentencepiece")
+    d = _shared_tokenizer("llama2")
+    tok = load_pretrained(str(d / "tokenizer.model"))  # the file itself works too
+    ref = spm.SentencePieceProcessor(model_file=str(d / "tokenizer.model"))
+    assert (tok.vocab_size, tok.bos_token_id, tok.eos_token_id) == (32000, 1, 2)
+    assert tok.encode("Hello world") == ref.encode("Hello world") == [15043, 3186]
+    texts = _texts_without_specials()
+    got = tok.encode_batch(texts)
+    assert got == ref.encode(texts)
+    assert [tok.decode(ids) for ids in got] == ref.decode(got)
+    assert "[INST]" in tok.chat_template
