@@ -117,3 +117,22 @@ def test_perf_device_names():
     assert runner.perf_device("NVIDIA H100 PCIe") is None  # not the SXM datasheet
     assert runner.perf_device("cpu") is None
     assert runner.device_info()["device_label"] is None or jax.default_backend() == "gpu"
+
+
+class _Memory:
+    """A device allocator with a 1 GiB limit (a CPU has none)."""
+
+    measure, bytes_limit = "fake", 2**30
+
+    def peak_mib(self) -> float:
+        return 1.0
+
+
+def test_measure_does_not_run_a_step_planned_over_the_limit(tmp_path, monkeypatch):
+    setup = runner.build(load_config("configs/gpt2_scratch.py:demo"), tmp_path)
+    monkeypatch.setattr(runner, "plan_summary", lambda config: {"planned_peak_mib": 2048.0})
+    state = object()  # never touched: nothing is compiled or run
+    out, same = runner.measure(setup, state, {}, warmup=0, steps=1, memory=_Memory())
+    assert same is state and out["fit"] is False and out["predicted"]
+    assert "RESOURCE_EXHAUSTED (foreseen" in out["error"] and "2,048 MiB > " in out["error"]
+    assert runner._foreseen_oom(512.0, 2**30) == "" and runner._foreseen_oom(None, 2**30) == ""

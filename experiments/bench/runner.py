@@ -209,6 +209,16 @@ def plan_summary(config) -> dict:
     }
 
 
+def _foreseen_oom(planned_mib: float | None, limit_bytes: int | None) -> str:
+    """The error of a step planned above the allocator's limit ("" when it may fit)."""
+    if not planned_mib or not limit_bytes or planned_mib * MIB <= limit_bytes:
+        return ""
+    return (
+        f"RESOURCE_EXHAUSTED (foreseen, not run): planned peak {planned_mib:,.0f} MiB > "
+        f"allocator limit {limit_bytes / MIB:,.0f} MiB"
+    )
+
+
 def time_calls(run, warmup: int, steps: int) -> list[float]:
     """Wall times (s) of ``steps`` calls of ``run()`` (which synchronises) after ``warmup``."""
     times = []
@@ -272,16 +282,8 @@ def measure(
     }
     if plan:
         out.update(plan_summary(config))
-        limit = memory.bytes_limit
-        if limit and out.get("planned_peak_mib", 0) * MIB > limit:
-            out.update(
-                fit=False,
-                predicted=True,
-                peak_mib=memory.peak_mib(),
-                error=f"RESOURCE_EXHAUSTED (foreseen, not run): planned peak "
-                f"{out['planned_peak_mib']:,.0f} MiB > allocator limit "
-                f"{limit / MIB:,.0f} MiB",
-            )
+        if error := _foreseen_oom(out.get("planned_peak_mib"), memory.bytes_limit):
+            out.update(fit=False, predicted=True, peak_mib=memory.peak_mib(), error=error)
             return out, state
     if "model_flops_per_step" not in out and hasattr(setup.task, "flops_per_token"):
         out["model_flops_per_step"] = setup.task.flops_per_token() * n * seq

@@ -191,7 +191,7 @@ class SelfAttention(nn.Module):
     causal: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, padding_mask: jax.Array | None) -> jax.Array:
@@ -244,8 +244,9 @@ def _layer_norm(eps: float, param_dtype: Dtype, name: str) -> nn.LayerNorm:
 class EncoderLayer(nn.Module):
     """Pre-norm transformer block (HF ``CLIPEncoderLayer``), ``nn.scan`` convention.
 
-    ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``; the attention and MLP outputs are tagged
-    ``attn_out`` / ``mlp_out`` for the ``names``/``offload`` remat policies.
+    ``x + attn(ln1(x))`` then ``x + mlp(ln2(x))``; the input is tagged ``layer_input`` (the
+    ``offload`` remat policy), the attention and MLP outputs ``attn_out`` / ``mlp_out``
+    (``names``); ``mlp_chunk_size`` as :func:`jaxfit.models.layers.sequence_chunked`.
 
     Args (call):
       x: ``[batch, len, hidden]`` in ``dtype``.
@@ -259,18 +260,20 @@ class EncoderLayer(nn.Module):
     causal: bool
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
+    mlp_chunk_size: int = 0
 
     @nn.compact
     def __call__(self, x: jax.Array, padding_mask: jax.Array | None):
         t, kw = self.tower, dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        x = checkpoint_name(x, "layer_input")
         h = _layer_norm(t.layer_norm_eps, self.param_dtype, "layer_norm1")(x)
         h = SelfAttention(
             t, self.causal, attention_impl=self.attention_impl, name="self_attn", **kw
         )(h, padding_mask)
         x = x + checkpoint_name(h.astype(x.dtype), "attn_out")
         h = _layer_norm(t.layer_norm_eps, self.param_dtype, "layer_norm2")(x)
-        h = MLP(t, name="mlp", **kw)(h)
+        h = layers.sequence_chunked(MLP(t, name="mlp", **kw), h, self.mlp_chunk_size)
         x = x + checkpoint_name(h.astype(x.dtype), "mlp_out")
         return x, None
 
@@ -289,6 +292,7 @@ def _encoder(config: CLIPConfig, tower, *, causal: bool) -> nn.Module:
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         attention_impl=config.attention_impl,
+        mlp_chunk_size=config.mlp_chunk_size,
         name="layers",
     )
 

@@ -127,11 +127,13 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x, segment_ids, layer_cache, index):
         cfg = self.config
+        x = checkpoint_name(x, "layer_input")  # what remat_policy="offload" moves to the host
         attn, layer_cache = GPT2Attention(cfg, name="attn")(
             _layer_norm(cfg, "ln_1")(x), segment_ids, layer_cache, index
         )
         x = x + checkpoint_name(attn, "attn_out")
-        mlp = GPT2MLP(cfg, name="mlp")(_layer_norm(cfg, "ln_2")(x))
+        h = _layer_norm(cfg, "ln_2")(x)
+        mlp = layers.sequence_chunked(GPT2MLP(cfg, name="mlp"), h, cfg.mlp_chunk_size)
         x = x + checkpoint_name(mlp, "mlp_out")
         return x, layer_cache
 

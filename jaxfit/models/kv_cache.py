@@ -80,7 +80,9 @@ def causal_attention(
         ``(k, v)`` cache slices ``[batch, max_len, num_kv_heads, head_dim]``.
       index: int32 scalar write position (with ``layer_cache``).
       segment_ids: ``[batch, len]`` packed-document ids (plain forward only).
-      implementation: forwarded to :func:`jaxfit.models.layers.attention`.
+      implementation: forwarded to :func:`jaxfit.models.layers.attention` (with a
+        cache: ``causal`` from ``q_offset=index``; cuDNN runs single-token steps, a
+        multi-token step such as the prefill falls back as that function says).
 
     Returns:
       ``(out [batch, len, num_heads, head_dim], new_layer_cache or None)``.
@@ -96,15 +98,14 @@ def causal_attention(
     start = (0, index, 0, 0)
     ck = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), start)
     cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
-    q_pos = index + jnp.arange(q.shape[1])
-    k_pos = jnp.arange(ck.shape[1])
-    mask = (k_pos[None, :] <= q_pos[:, None])[None, None]  # [1, 1, len, max_len]
+    # query s sits at position index + s and sees keys <= index + s; the zeros beyond are
+    # masked by the same rule
     out = layers.attention(
         q,
         ck.astype(q.dtype),
         cv.astype(q.dtype),
-        causal=False,
-        mask=mask,
+        causal=True,
+        q_offset=index,
         implementation=implementation,
     )
     return out, (ck, cv)

@@ -5,11 +5,15 @@ transforms (LoRA adapter leaves, int8/NF4 quantised leaves) plug in at one place
 Every stack of identical layers goes through :func:`stack_layers`, which applies
 ``nn.remat`` with a named ``jax.checkpoint_policies`` policy and ``nn.scan`` over the
 layer axis (parameters of a scanned stack carry a leading ``[num_layers]`` axis).
+Every attention goes through :func:`attention`, which runs cuDNN flash attention, the
+blocked form of :mod:`jaxfit.models.flash` or the XLA reference, as
+:func:`choose_attention` decides for the backend and shapes (``attention_impl="auto"``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -18,11 +22,18 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfit.models import flash
+
 Dtype = Any
 
-# Names saved for the backward pass by the ``names`` / ``offload`` policies. Models tag
-# tensors with ``checkpoint_name(x, NAME)``.
+# Names saved for the backward pass by the ``names`` policy. Models tag tensors with
+# ``checkpoint_name(x, NAME)``.
 SAVEABLE_NAMES = ("attn_out", "mlp_out")
+# Names the ``offload`` policy moves to pinned host memory: each block's input (the
+# residual stream entering the layer), the one activation per layer that full remat keeps
+# on the device ([layers, batch, seq, hidden] in all: 8 GiB for Llama-3-8B at 32k tokens).
+# A block must use only the tagged value, so that the untagged input is not kept as well.
+OFFLOAD_NAMES = ("layer_input",)
 
 REMAT_POLICIES = ("none", "full", "dots", "dots_no_batch", "names", "offload")
 
@@ -37,8 +48,13 @@ def remat_policy(name: str) -> Callable | None:
         ``dots``: matmul outputs saved (``dots_saveable``).
         ``dots_no_batch``: matmuls without batch dimensions saved (weights x activations).
         ``names``: only tensors tagged with a name in ``SAVEABLE_NAMES`` saved.
-        ``offload``: tagged tensors offloaded to pinned host memory (GPU/TPU; on CPU
-        it warns and falls back to ``names``).
+        ``offload``: the tensors tagged with a name in ``OFFLOAD_NAMES`` (each layer's
+        input) moved to pinned host memory after the forward pass and back for the
+        backward pass, everything else recomputed as ``full``
+        (``save_and_offload_only_these_names(names_which_can_be_saved=[],
+        names_which_can_be_offloaded=OFFLOAD_NAMES, offload_src="device",
+        offload_dst="pinned_host")``, MaxText's ``decoder_layer_input`` offload). On CPU
+        (host memory is device memory) it warns and saves the same tensors in place.
 
     Returns:
       The policy callable, or ``None`` for ``full`` (``jax.checkpoint``'s default) and
@@ -59,14 +75,14 @@ def remat_policy(name: str) -> Callable | None:
     if name == "offload":
         if jax.default_backend() == "cpu":  # no pinned host memory apart from the host
             warnings.warn(
-                "remat policy 'offload' needs a GPU/TPU (pinned host memory); on CPU it "
-                "falls back to 'names' (the same activations saved, in place)",
+                "remat policy 'offload' needs a GPU/TPU (pinned host memory); on CPU the "
+                f"tensors it would offload ({', '.join(OFFLOAD_NAMES)}) stay in place",
                 stacklevel=2,
             )
-            return policies.save_only_these_names(*SAVEABLE_NAMES)
+            return policies.save_only_these_names(*OFFLOAD_NAMES)
         return policies.save_and_offload_only_these_names(
             names_which_can_be_saved=[],
-            names_which_can_be_offloaded=list(SAVEABLE_NAMES),
+            names_which_can_be_offloaded=list(OFFLOAD_NAMES),
             offload_src="device",
             offload_dst="pinned_host",
         )
@@ -82,24 +98,35 @@ class ExecutionConfig:
       dtype: compute dtype; param_dtype: parameter storage dtype.
       remat_policy: a name from :data:`REMAT_POLICIES`, applied to every layer stack.
       scan_layers: ``nn.scan`` the layer stacks (:func:`stack_layers`).
-      attention_impl: ``implementation`` of :func:`attention` (``None``, ``"xla"``,
-        ``"cudnn"`` or ``"chunked"``).
+      attention_impl: ``implementation`` of :func:`attention`: ``"auto"`` (default; also
+        ``None`` / ``""``), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
+      mlp_chunk_size: > 0: the MLP runs over blocks of this many positions, each under
+        ``jax.checkpoint`` (:func:`sequence_chunked`), so its ``[batch, seq,
+        intermediate]`` temporaries exist for one block at a time; 0: at once.
 
     Raises:
-      ValueError: an unknown ``remat_policy``.
+      ValueError: an unknown ``remat_policy`` or ``attention_impl``, a negative
+        ``mlp_chunk_size``.
     """
 
     dtype: Dtype = jnp.float32
     param_dtype: Dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = True
-    attention_impl: str | None = None
+    attention_impl: str | None = "auto"
+    mlp_chunk_size: int = 0
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
             raise ValueError(
                 f"unknown remat_policy {self.remat_policy!r}; expected one of {REMAT_POLICIES}"
             )
+        if (self.attention_impl or "auto") not in ATTENTION_IMPLS:
+            raise ValueError(
+                f"unknown attention_impl {self.attention_impl!r}; expected one of {ATTENTION_IMPLS}"
+            )
+        if self.mlp_chunk_size < 0:
+            raise ValueError(f"mlp_chunk_size must be >= 0, got {self.mlp_chunk_size}")
 
 
 def stack_layers(
@@ -234,40 +261,262 @@ def activation(name: str) -> Callable:
         ) from None
 
 
-# Queries per block of implementation="chunked" attention.
+def _fold_dropout_keys(params: Any, index: jax.Array) -> Any:
+    """``params`` with every weight leaf's ``dropout_rng`` (LoRA adapters, see
+    ``jaxfit.lora.adapters.LoraWeight``) folded with ``index``: a block of positions draws
+    its own dropout mask instead of repeating the first block's."""
+
+    def fold(leaf):
+        rng = getattr(leaf, "dropout_rng", None)
+        if rng is None or not hasattr(leaf, "replace"):
+            return leaf
+        key = jax.random.fold_in(jax.random.wrap_key_data(rng), index)
+        return leaf.replace(dropout_rng=jax.random.key_data(key))
+
+    return jax.tree.map(fold, params, is_leaf=lambda x: hasattr(x, "dropout_rng"))
+
+
+def sequence_chunked(module: nn.Module, x: jax.Array, chunk_size: int) -> jax.Array:
+    """``module(x)`` for a position-wise ``module`` (an MLP), computed over blocks of
+    ``chunk_size`` positions of ``x [batch, seq, ...]``.
+
+    The blocks run in an ``nn.scan`` (parameters broadcast, not copied) whose body is
+    ``nn.remat``: the forward pass keeps only each block's input, and the backward pass
+    recomputes one block's ``[batch, chunk_size, intermediate]`` temporaries at a time, so
+    they never exist for the whole sequence. The output and the gradients equal the
+    unchunked module's up to float summation order (the weight gradients add the blocks'
+    contributions). Cost: one more forward pass of the module in the backward pass. A
+    length that ``chunk_size`` does not divide is padded with zeros (the padded positions
+    are dropped). LoRA dropout keys (if attached) are folded with the block index, so
+    every block draws its own mask.
+
+    Args:
+      module: an unbound submodule created in the caller's compact method (its
+        parameters keep the name they would have unchunked).
+      x: ``[batch, seq, ...]``.
+      chunk_size: positions per block; ``<= 0`` or ``>= seq``: ``module(x)`` directly.
+
+    Returns:
+      ``module(x)``, ``[batch, seq, ...]``.
+    """
+    if chunk_size <= 0 or x.shape[1] <= chunk_size:
+        return module(x)
+    b, s = x.shape[:2]
+    n = -(-s // chunk_size)
+    x = jnp.pad(x, [(0, 0), (0, n * chunk_size - s)] + [(0, 0)] * (x.ndim - 2))
+    xs = x.reshape(b, n, chunk_size, *x.shape[2:]).swapaxes(0, 1)
+
+    def body(mdl, carry, inputs):
+        index, block = inputs
+        fold = nn.map_variables(
+            lambda m, y: m(y),
+            "params",
+            trans_in_fn=lambda p: _fold_dropout_keys(p, index),
+            init=mdl.is_initializing(),
+        )
+        return carry, fold(mdl, block)
+
+    scan = nn.scan(
+        nn.remat(body, prevent_cse=False),
+        variable_broadcast="params",
+        split_rngs={"params": False},
+        length=n,
+    )
+    _, ys = scan(module, None, (jnp.arange(n, dtype=jnp.int32), xs))
+    return ys.swapaxes(0, 1).reshape(b, n * chunk_size, *ys.shape[3:])[:, :s]
+
+
+# -- attention ------------------------------------------------------------------------------
+
+ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
+# Block sizes of implementation="chunked" (jaxfit.models.flash): queries and keys per block.
 ATTENTION_CHUNK = 512
+ATTENTION_KV_CHUNK = 512
+# A fallback from cuDNN runs the XLA reference while its [q_len, kv_len] scores have at most
+# SHORT_SEQ_LEN**2 entries per head (512 x 512: 1 MiB of float32), the blocked form beyond.
+SHORT_SEQ_LEN = 512
+# cuDNN through jax.nn takes packed documents only as a dense boolean mask, which jax turns
+# into a [batch, 1, q_len, kv_len] bias in the compute dtype and whose gradient (same size)
+# the backward pass computes (see cudnn_problems). Allowed while bias + gradient stay below
+# this (B=1: up to 8,192 tokens in bf16).
+CUDNN_MASK_MAX_BYTES = 256 * 2**20
+_CUDNN_DTYPES = ("bfloat16", "float16")
+
+log = logging.getLogger(__name__)
+_logged: set[str] = set()
 
 
-def _chunked_attention(q, k, v, causal, padding_mask, segment_ids, mask):
-    """``attention`` over blocks of :data:`ATTENTION_CHUNK` queries (see its docstring)."""
-    b, q_len, h, d = q.shape
-    n = q_len // ATTENTION_CHUNK
-    kv_len = k.shape[1]
-    blocks = q.reshape(b, n, ATTENTION_CHUNK, h, d).swapaxes(0, 1)
+def _log_once(level: int, message: str) -> None:
+    """Log ``message`` once per process (attention is traced once per layer stack and
+    compile; the choice is the same every time)."""
+    if message not in _logged:
+        _logged.add(message)
+        log.log(level, message)
 
-    def rows(x, start):  # the block's query rows of a [..., q_len, ...]-shaped array
-        return jax.lax.dynamic_slice_in_dim(x, start, ATTENTION_CHUNK, axis=1)
 
-    @jax.checkpoint
-    def block(i, q_block):
-        start = i * ATTENTION_CHUNK
-        allowed = jnp.ones((1, 1, ATTENTION_CHUNK, kv_len), bool)
-        if causal:
-            q_pos = start + jnp.arange(ATTENTION_CHUNK)
-            allowed = allowed & (jnp.arange(kv_len)[None, :] <= q_pos[:, None])[None, None]
-        if segment_ids is not None:
-            seg = rows(segment_ids, start)[:, :, None] == segment_ids[:, None, :]
-            allowed = allowed & seg[:, None]
-        if mask is not None:
-            m = jnp.broadcast_to(mask.astype(bool), (*mask.shape[:2], q_len, kv_len))
-            allowed = allowed & jax.lax.dynamic_slice_in_dim(m, start, ATTENTION_CHUNK, axis=2)
-        return attention(
-            q_block, k, v, causal=False, padding_mask=padding_mask, mask=allowed,
-            implementation="xla",
-        )  # fmt: skip
+def gpu_compute_capability() -> str | None:
+    """The compute capability of the first GPU (``"8.9"`` for an RTX 4070 Ti), or ``None``
+    without a GPU backend."""
+    try:
+        devices = jax.devices("gpu")
+    except RuntimeError:
+        return None
+    return getattr(devices[0], "compute_capability", None) if devices else None
 
-    out = jax.lax.map(lambda x: block(*x), (jnp.arange(n), blocks))
-    return out.swapaxes(0, 1).reshape(b, q_len, h, d)
+
+def _capability(cc: str | None) -> tuple[int, int] | None:
+    if not cc:
+        return None
+    major, _, minor = str(cc).partition(".")
+    return int(major), int(minor or 0)
+
+
+def cudnn_problems(
+    dtype: Any,
+    head_dim: int,
+    *,
+    q_len: int,
+    kv_len: int | None = None,
+    batch: int = 1,
+    dense_mask: bool = False,
+    compute_capability: str | None = None,
+) -> list[str]:
+    """Why ``jax.nn.dot_product_attention(implementation="cudnn")`` cannot (or should not)
+    run these shapes; empty when it can. Each reason names the jax 0.10/0.11 source it
+    rests on (``jax/_src/cudnn/fused_attention_stablehlo.py``, below ``fused_attention``):
+
+    * dtype: ``check_layout`` raises unless q/k/v are fp16, bf16 (or fp8, not used here).
+    * head_dim: ``check_is_flash_attention`` needs ``head_dim % 8 == 0`` and ``head_dim <=
+      128`` before Hopper, ``<= 256`` from compute capability 9.0 (cuDNN's support matrix
+      says the same for the backward pass; with an unknown capability 128 is assumed).
+    * compute capability below 8.0: cuDNN's SDPA "requires SM80 (Ampere) or newer"
+      (cuDNN frontend documentation, Attention, support matrix); jax does not check it.
+    * ``dense_mask`` (packed documents' segment ids, or any boolean mask beyond a single
+      query): ``jax.nn.dot_product_attention`` has no segment ids, and a mask reaches
+      cuDNN through ``combine_bias_and_mask`` as a dense ``[batch, 1, q_len, kv_len]``
+      bias in the compute dtype; ``should_export_dbias`` returns True, so the backward
+      pass materialises its gradient too. Allowed while the two stay within
+      :data:`CUDNN_MASK_MAX_BYTES`; ``check_is_flash_attention`` also rejects a bias in
+      training with an odd length. (cuDNN's packed ``q_offsets`` layout is reachable
+      only through jax's private ``fused_attention_stablehlo.dot_product_attention`` and
+      only from compute capability 9.0: not used.)
+
+    Args:
+      dtype: the compute dtype of q/k/v.
+      head_dim: per-head size.
+      q_len, kv_len: query / key lengths (``kv_len`` defaults to ``q_len``).
+      batch: sequences per call (the bias is per sequence).
+      dense_mask: the call needs a boolean mask (see above).
+      compute_capability: ``"major.minor"`` of the GPU, ``None`` if unknown.
+
+    Returns:
+      A list of human-readable reasons.
+    """
+    problems = []
+    name = jnp.dtype(dtype).name
+    if name not in _CUDNN_DTYPES:
+        problems.append(f"cuDNN flash attention takes fp16/bf16, not {name} (check_layout)")
+    cap = _capability(compute_capability)
+    if cap is not None and cap < (8, 0):
+        problems.append(f"cuDNN attention needs compute capability >= 8.0, the GPU has {cap}")
+    h_max = 256 if cap is not None and cap >= (9, 0) else 128
+    if head_dim % 8 or head_dim > h_max:
+        problems.append(
+            f"cuDNN flash attention needs head_dim % 8 == 0 and <= {h_max} on this GPU, got "
+            f"{head_dim} (check_is_flash_attention)"
+        )
+    if dense_mask:
+        kv_len = kv_len or q_len
+        nbytes = 2 * batch * q_len * kv_len * jnp.dtype(dtype).itemsize
+        if nbytes > CUDNN_MASK_MAX_BYTES:
+            problems.append(
+                f"packed documents (segment ids) reach cuDNN as a dense [{batch}, 1, {q_len}, "
+                f"{kv_len}] bias and its gradient ({nbytes / 2**20:.0f} MiB > "
+                f"{CUDNN_MASK_MAX_BYTES / 2**20:.0f} MiB; combine_bias_and_mask, "
+                "should_export_dbias)"
+            )
+        elif q_len % 2 or kv_len % 2:
+            problems.append(
+                f"cuDNN with a bias needs even lengths in training, got {q_len} x {kv_len} "
+                "(check_is_flash_attention)"
+            )
+    return problems
+
+
+def fallback_attention(q_len: int, kv_len: int | None = None) -> str:
+    """The implementation used where cuDNN is not: ``"xla"`` while the scores have at most
+    ``SHORT_SEQ_LEN**2`` entries per head, else ``"chunked"`` (no ``[q_len, kv_len]``
+    array at all)."""
+    return "xla" if q_len * (kv_len or q_len) <= SHORT_SEQ_LEN**2 else "chunked"
+
+
+def choose_attention(
+    backend: str,
+    dtype: Any,
+    head_dim: int,
+    *,
+    seq_len: int,
+    kv_len: int | None = None,
+    batch: int = 1,
+    segment_ids: bool = False,
+    compute_capability: str | None = None,
+) -> tuple[str, str]:
+    """The attention implementation ``"auto"`` stands for, and why.
+
+    * Not a GPU: ``"xla"``, the reference (``jax.nn.dot_product_attention`` with
+      ``implementation=None`` is also XLA: "defaults to XLA for now",
+      ``jax/_src/nn/functions.py``), on TPU ``"chunked"`` past :data:`SHORT_SEQ_LEN`.
+    * GPU and :func:`cudnn_problems` finds none: ``"cudnn"``; a causal mask becomes cuDNN's
+      ``MaskType.CAUSAL``, key padding becomes sequence lengths (``PADDING_CAUSAL`` /
+      ``PADDING``; ``jax.nn.dot_product_attention``'s ``case 'cudnn'``), GQA is native.
+    * GPU otherwise: :func:`fallback_attention`, with the problems as the reason.
+
+    Args:
+      backend: ``jax.default_backend()`` of the machine that will run it.
+      dtype: compute dtype; head_dim: per-head size.
+      seq_len: query length (training: the sequence length); kv_len: key length
+        (default ``seq_len``).
+      batch: sequences per call (the micro-batch).
+      segment_ids: the calls pass packed-document ids.
+      compute_capability: the GPU's (``gpu_compute_capability()``), ``None`` if unknown.
+
+    Returns:
+      ``(implementation, reason)``: one of ``"xla"``, ``"cudnn"``, ``"chunked"``, and a
+      sentence for the log.
+    """
+    kv_len = kv_len or seq_len
+    if backend != "gpu":
+        if backend == "tpu" and seq_len * kv_len > SHORT_SEQ_LEN**2:
+            return "chunked", f"{backend}: no cuDNN; blocked attention past {SHORT_SEQ_LEN} tokens"
+        return "xla", f"{backend}: the XLA reference (cuDNN flash attention is GPU-only)"
+    problems = cudnn_problems(
+        dtype,
+        head_dim,
+        q_len=seq_len,
+        kv_len=kv_len,
+        batch=batch,
+        dense_mask=segment_ids,
+        compute_capability=compute_capability,
+    )
+    if problems:
+        impl = fallback_attention(seq_len, kv_len)
+        return impl, f"{impl} instead of cuDNN: " + "; ".join(problems)
+    how = "causal as MaskType.CAUSAL, padding as sequence lengths"
+    if segment_ids:
+        nbytes = 2 * batch * seq_len * kv_len * jnp.dtype(dtype).itemsize
+        how += f", packed documents as a dense bias (+ gradient: {nbytes / 2**20:.0f} MiB)"
+    return "cudnn", f"cuDNN flash attention ({how})"
+
+
+def _dense_mask(segment_ids, mask):
+    """The boolean ``[batch, 1, q_len, kv_len]`` mask of segment ids AND ``mask``, or None."""
+    out = None
+    if segment_ids is not None:
+        out = (segment_ids[:, :, None] == segment_ids[:, None, :])[:, None]
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        out = mask if out is None else out & mask
+    return out
 
 
 def attention(
@@ -279,53 +528,123 @@ def attention(
     padding_mask: jax.Array | None = None,
     segment_ids: jax.Array | None = None,
     mask: jax.Array | None = None,
-    implementation: str | None = None,
+    q_offset: jax.Array | int | None = None,
+    implementation: str | None = "auto",
 ) -> jax.Array:
-    """Scaled dot-product attention through ``jax.nn.dot_product_attention``.
+    """Scaled dot-product attention (``softmax(q k^T / sqrt(head_dim)) v``), by one of
+    three implementations.
 
-    On GPU with ``implementation=None`` XLA may pick cuDNN flash attention; on CPU it
-    runs the XLA reference. Grouped-query attention is handled by the callee when
-    ``k``/``v`` have fewer heads than ``q`` (``num_heads % num_kv_heads == 0``).
+    * ``"xla"``: ``jax.nn.dot_product_attention(implementation="xla")``, the reference;
+      it materialises the ``[batch, heads, q_len, kv_len]`` float32 scores.
+    * ``"cudnn"``: the same call with ``implementation="cudnn"``: cuDNN's fused flash
+      attention (GPU; fp16/bf16): causal as its causal mask, ``padding_mask`` as key
+      sequence lengths (it must be right padding: ones, then zeros), a single decoding
+      query at ``q_offset`` as key length ``q_offset + 1``; segment ids and ``mask`` as a
+      dense bias (:func:`cudnn_problems`). Where cuDNN cannot run the call (a
+      :func:`cudnn_problems` reason, not a GPU, or several queries at a traced
+      ``q_offset``, which cuDNN's causal mask cannot shift) it falls back to
+      :func:`fallback_attention`'s choice and logs why.
+    * ``"chunked"``: :func:`jaxfit.models.flash.blocked_attention` in blocks of
+      :data:`ATTENTION_CHUNK` queries x :data:`ATTENTION_KV_CHUNK` keys: flash attention's
+      algorithm and ``O(seq)`` memory in plain XLA, any device, every mask, any length.
+    * ``"auto"`` (also ``None`` / ``""``): :func:`choose_attention` for this backend and
+      these shapes. ``jax.nn.dot_product_attention``'s own default (``implementation=None``)
+      is the XLA reference on every backend in jax 0.10/0.11; it never picks cuDNN.
+
+    Grouped-query attention: ``k``/``v`` may have fewer heads than ``q`` (query head ``h``
+    reads key/value head ``h // (num_heads // num_kv_heads)``) in all three.
 
     Args:
       q: ``[batch, q_len, num_heads, head_dim]``.
       k, v: ``[batch, kv_len, num_kv_heads, head_dim]``.
-      causal: apply a causal mask (query ``i`` sees keys ``<= i``).
+      causal: query ``s`` sees keys ``<= s`` (``<= q_offset + s`` with ``q_offset``).
       padding_mask: optional ``[batch, kv_len]`` bool/int, 1 for real tokens.
       segment_ids: optional ``[batch, len]`` int; tokens attend only within equal ids
         (packed documents); requires ``q_len == kv_len``.
       mask: optional bool array broadcastable to ``[batch, num_heads, q_len, kv_len]``,
-        True where a query may attend a key; combined (AND) with the masks above (used by
-        KV-cached decoding, where query ``s`` sits at absolute position ``index + s``).
-      implementation: ``None``, ``"xla"`` or ``"cudnn"`` (``jax.nn.dot_product_attention``),
-        or ``"chunked"``: the XLA attention computed for blocks of
-        :data:`ATTENTION_CHUNK` queries at a time, each block under ``jax.checkpoint``,
-        so the ``[batch, heads, q_len, kv_len]`` scores never exist at once (forward or
-        backward): memory ``O(q_chunk x kv_len)`` instead of ``O(q_len x kv_len)``, for a
-        second pass over the scores in the backward pass (query chunking of Rabe &
-        Staats 2021, "Self-attention Does Not Need O(n^2) Memory", arXiv:2112.05682). For
-        devices without cuDNN flash attention, and for planning on a CPU (``jaxfit.plan``)
-        the memory a GPU's flash attention needs. Falls back to ``"xla"`` when ``q_len``
-        is not a multiple of the chunk.
+        True where a query may attend a key; combined (AND) with the masks above.
+      q_offset: position of query 0 among the keys (int32 scalar; KV-cached decoding,
+        where query ``s`` of a step sits at ``index + s`` of the cache), with ``causal``.
+      implementation: ``"auto"``, ``"xla"``, ``"cudnn"`` or ``"chunked"``.
 
     Returns:
       ``[batch, q_len, num_heads, head_dim]`` in ``q``'s dtype.
+
+    Raises:
+      ValueError: an unknown implementation.
     """
-    q_len = q.shape[1]
-    if implementation == "chunked":
-        if q_len > ATTENTION_CHUNK and q_len % ATTENTION_CHUNK == 0:
-            return _chunked_attention(q, k, v, causal, padding_mask, segment_ids, mask)
-        implementation = "xla"
-    extra_mask, mask = mask, None
-    if padding_mask is not None:
-        mask = padding_mask.astype(bool)[:, None, None, :]
-    if segment_ids is not None:
-        seg = segment_ids[:, :, None] == segment_ids[:, None, :]
-        seg = seg[:, None, :, :]
-        mask = seg if mask is None else jnp.logical_and(mask, seg)
-    if extra_mask is not None:
-        extra_mask = extra_mask.astype(bool)
-        mask = extra_mask if mask is None else jnp.logical_and(mask, extra_mask)
+    impl = implementation or "auto"
+    if impl not in ATTENTION_IMPLS:
+        raise ValueError(f"unknown attention implementation {impl!r}; one of {ATTENTION_IMPLS}")
+    b, t, _, d = q.shape
+    s = k.shape[1]
+    backend = jax.default_backend()
+    dense = segment_ids is not None or (mask is not None and t > 1)
+    stepped = q_offset is not None and t > 1  # several queries at a traced position
+    if impl == "auto":
+        impl, reason = choose_attention(
+            backend,
+            q.dtype,
+            d,
+            seq_len=t,
+            kv_len=s,
+            batch=b,
+            segment_ids=dense,
+            compute_capability=gpu_compute_capability() if backend == "gpu" else None,
+        )
+        if impl == "cudnn" and stepped:
+            impl = fallback_attention(t, s)
+        _log_once(logging.DEBUG, f"attention [{b}, {t}/{s}, {d}] auto -> {impl}: {reason}")
+    elif impl == "cudnn":
+        problems = [] if backend == "gpu" else [f"the {backend} backend has no cuDNN"]
+        cc = gpu_compute_capability() if backend == "gpu" else None
+        problems += cudnn_problems(
+            q.dtype, d, q_len=t, kv_len=s, batch=b, dense_mask=dense, compute_capability=cc
+        )
+        if problems or stepped:
+            fallback = fallback_attention(t, s)
+            level = logging.WARNING if problems else logging.DEBUG
+            why = "; ".join(problems) or "several queries at a cache offset"
+            _log_once(level, f"attention [{b}, {t}/{s}, {d}]: {fallback} instead of cuDNN: {why}")
+            impl = fallback
+    if impl == "chunked":
+        return flash.blocked_attention(
+            q,
+            k,
+            v,
+            causal=causal,
+            q_offset=q_offset,
+            kv_mask=None if padding_mask is None else padding_mask.astype(bool),
+            segment_ids=segment_ids,
+            mask=mask,
+            q_chunk=ATTENTION_CHUNK,
+            kv_chunk=ATTENTION_KV_CHUNK,
+        )
+    kv_lengths = None
+    if impl == "cudnn":
+        is_causal = causal and q_offset is None
+        if q_offset is not None and causal:  # one query at position q_offset
+            kv_lengths = jnp.full((b,), q_offset, jnp.int32) + 1
+        if padding_mask is not None:  # right padding: the number of real tokens
+            lengths = padding_mask.astype(jnp.int32).sum(-1)
+            kv_lengths = lengths if kv_lengths is None else jnp.minimum(kv_lengths, lengths)
+        dense_mask = _dense_mask(segment_ids, mask)
+    else:
+        is_causal = causal and q_offset is None
+        dense_mask = _dense_mask(segment_ids, mask)
+        if padding_mask is not None:
+            pad = padding_mask.astype(bool)[:, None, None, :]
+            dense_mask = pad if dense_mask is None else dense_mask & pad
+        if q_offset is not None and causal:
+            q_pos = q_offset + jnp.arange(t, dtype=jnp.int32)
+            shifted = (jnp.arange(s)[None, :] <= q_pos[:, None])[None, None]
+            dense_mask = shifted if dense_mask is None else dense_mask & shifted
     return jax.nn.dot_product_attention(
-        q, k, v, mask=mask, is_causal=causal, implementation=implementation
+        q,
+        k,
+        v,
+        mask=dense_mask,
+        is_causal=is_causal,
+        key_value_seq_lengths=kv_lengths,
+        implementation=impl,
     )

@@ -170,13 +170,15 @@ class LlamaBlock(nn.Module):
     @nn.compact
     def __call__(self, x, cos_sin, segment_ids, layer_cache, index):
         cfg = self.config
+        x = checkpoint_name(x, "layer_input")  # what remat_policy="offload" moves to the host
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x)
         attn, layer_cache = LlamaAttention(cfg, name="self_attn")(
             h, cos_sin, segment_ids, layer_cache, index
         )
         x = x + checkpoint_name(attn, "attn_out")
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="post_attention_layernorm")(x)
-        x = x + checkpoint_name(LlamaMLP(cfg, name="mlp")(h), "mlp_out")
+        mlp = layers.sequence_chunked(LlamaMLP(cfg, name="mlp"), h, cfg.mlp_chunk_size)
+        x = x + checkpoint_name(mlp, "mlp_out")
         return x, layer_cache
 
 

@@ -26,18 +26,54 @@ from jaxfit.data.image_text import pipeline
 from jaxfit.data.image_text import synthetic_coco as synthetic
 from jaxfit.evals import retrieval
 from jaxfit.models import clip as clip_model
+from jaxfit.models import layers
 from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 
 log = logging.getLogger(__name__)
 
 
 def resolve_config(config, workdir):
-    """``config`` with the fields a CLIP run derives filled (a copy; pure): the synthetic
-    demo set's root (``WORKDIR/synthetic_coco``) when ``data.synthetic.enabled`` and no
-    ``data.root`` is given."""
+    """``config`` with the fields a CLIP run derives filled (a copy): the synthetic demo
+    set's root (``WORKDIR/synthetic_coco``) when ``data.synthetic.enabled`` and no
+    ``data.root`` is given, and ``model.attention_impl`` ``"auto"`` / ``""`` (or absent)
+    resolved for this machine's backend (:func:`attention_choice`)."""
+    values = {}
     if config.data.synthetic.enabled and not config.data.root:
-        return config_lib.set_fields(config, {"data.root": str(Path(workdir) / "synthetic_coco")})
-    return config
+        values["data.root"] = str(Path(workdir) / "synthetic_coco")
+    if config.model.get("attention_impl", "auto") in ("", "auto", None):
+        values["model.attention_impl"] = attention_choice(config)[0]
+    return config_lib.set_fields(config, values, create=True) if values else config
+
+
+def attention_choice(config) -> tuple[str, str]:
+    """``(implementation, reason)`` for both towers on this machine
+    (:func:`jaxfit.models.layers.choose_attention` per tower: the text tower's padding is
+    key lengths, no dense mask): cuDNN when both towers can run it, else the first
+    tower's fallback. Reads ``init_from``'s ``config.json`` (no weights). Logged at INFO."""
+    if config.init_from:
+        c = base_model(config).config
+        text, vision, text_len = c.text, c.vision, c.text.max_position_embeddings
+    else:
+        text = clip_model.CLIPTextConfig(**config.model.text.to_dict())
+        vision = clip_model.CLIPVisionConfig(**config.model.vision.to_dict())
+        text_len = config.data.context_length
+    towers = (("text", text, text_len), ("vision", vision, vision.num_patches + 1))
+    backend, cc = jax.default_backend(), layers.gpu_compute_capability()
+    choices = []
+    for name, tower, length in towers:
+        impl, reason = layers.choose_attention(
+            backend,
+            compute_dtype(config),
+            tower.hidden_size // tower.num_attention_heads,
+            seq_len=int(length),
+            batch=int(config.micro_batch_size),
+            compute_capability=cc,
+        )
+        choices.append((impl, f"{name} tower: {reason}"))
+    impl = next((i for i, _ in choices if i != "cudnn"), "cudnn")
+    reason = "; ".join(r for _, r in choices)
+    log.info("attention: %s (%s)", impl, reason)
+    return impl, reason
 
 
 def ensure_synthetic_data(config) -> None:
@@ -77,7 +113,13 @@ def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.C
         dtype=dtype,
         param_dtype=jnp.float32,
         remat_policy=m.remat_policy,
+        **_execution_overrides(config),
     )
+
+
+def _execution_overrides(config) -> dict:
+    """``model.attention_impl`` / ``model.mlp_chunk_size`` when the config has them."""
+    return {k: config.model[k] for k in ("attention_impl", "mlp_chunk_size") if config.model.get(k)}
 
 
 class CLIPTask(Task):
@@ -100,7 +142,9 @@ class CLIPTask(Task):
             if config.eval.max_images:
                 self.val_records = self.val_records[: config.eval.max_images]
         if config.init_from:
-            self.model = base_model(config, remat_policy=config.model.remat_policy)
+            self.model = base_model(
+                config, remat_policy=config.model.remat_policy, **_execution_overrides(config)
+            )
             source = data.tokenizer or config.init_from
             context = self.model.config.text.max_position_embeddings
             self.tokenizer = None

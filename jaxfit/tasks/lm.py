@@ -25,7 +25,7 @@ from jaxfit.data import text as text_data
 from jaxfit.data.text import write_synthetic_text
 from jaxfit.hf import families
 from jaxfit.lora import adapters as lora_adapters
-from jaxfit.models import rope
+from jaxfit.models import layers, rope
 from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -46,15 +46,48 @@ def _shape(model) -> tuple[int, int]:
 
 
 def resolve_config(config, workdir):
-    """``config`` with the fields an LM run derives filled (a copy; pure): the tokenizer
-    of ``init_from`` when none is named, and the synthetic corpus's path in ``workdir``."""
+    """``config`` with the fields an LM run derives filled (a copy): the tokenizer of
+    ``init_from`` when none is named, the synthetic corpus's path in ``workdir``, and
+    ``model.attention_impl`` ``"auto"`` / ``""`` resolved for this machine's backend
+    (:func:`attention_choice`; reads ``init_from``'s ``config.json``, no weights)."""
     data_cfg = config.data
     values = {}
     if config.init_from and not data_cfg.tokenizer.name:
         values["data.tokenizer.name"] = config.init_from
     if data_cfg.get("synthetic") and data_cfg.synthetic.enabled and not data_cfg.path:
         values["data.path"] = str(Path(workdir) / "synthetic_text.txt")
-    return config_lib.set_fields(config, values) if values else config
+    if config.model.get("attention_impl", "auto") in ("", "auto", None):
+        values["model.attention_impl"] = attention_choice(config)[0]
+    return config_lib.set_fields(config, values, create=True) if values else config
+
+
+def _head_dim(config) -> int:
+    """Per-head size of the decoder ``config`` trains (``init_from``'s ``config.json``, or
+    ``model.config`` over the family's defaults)."""
+    if config.init_from:
+        return base_model(config).config.head_dim
+    family = families.get(config.model.family, task="lm")
+    fields = dict(config.model.config.to_dict())
+    fields["vocab_size"] = fields.get("vocab_size") or 1  # irrelevant to the head size
+    return family.config_class(**fields).head_dim
+
+
+def attention_choice(config) -> tuple[str, str]:
+    """``(implementation, reason)`` for this machine (:func:`jaxfit.models.layers.
+    choose_attention`): the config's compute dtype and head size, ``seq_len`` queries,
+    ``micro_batch_size`` sequences per call, packed documents (LM batches always carry
+    segment ids). Logged at INFO."""
+    impl, reason = layers.choose_attention(
+        jax.default_backend(),
+        compute_dtype(config),
+        _head_dim(config),
+        seq_len=int(config.seq_len),
+        batch=int(config.micro_batch_size),
+        segment_ids=True,
+        compute_capability=layers.gpu_compute_capability(),
+    )
+    log.info("attention: %s (%s)", impl, reason)
+    return impl, reason
 
 
 class LMTask(Task):
@@ -102,10 +135,12 @@ class LMTask(Task):
         return self.model.init(rng, ids)["params"]
 
     def _model_overrides(self) -> dict:
-        """Model-config fields the run sets whatever the model: remat policy, attention."""
+        """Model-config fields the run sets whatever the model: remat policy, attention,
+        MLP chunking (when the config has them)."""
         out = {"remat_policy": self.config.model.remat_policy}
-        if self.config.model.get("attention_impl"):
-            out["attention_impl"] = self.config.model.attention_impl
+        for field in ("attention_impl", "mlp_chunk_size"):
+            if self.config.model.get(field):
+                out[field] = self.config.model[field]
         return out
 
     def _scratch_model(self):
