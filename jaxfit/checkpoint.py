@@ -148,6 +148,7 @@ class Checkpointer:
         self.directory = os.path.abspath(os.fspath(directory))
         self._async = async_save
         self._keep = max_to_keep if confirm_saves else None
+        self._confirmed: int | None = None  # newest step confirmed good (confirm_saves)
         self._unsealed: set[int] = set()  # saved by this object, not yet sealed
         self._seal_lock = threading.Lock()
         options = ocp.CheckpointManagerOptions(
@@ -204,11 +205,20 @@ class Checkpointer:
 
     def confirm(self, step: int) -> list[int]:
         """Record that checkpoint ``step`` proved good; with ``confirm_saves``, delete the
-        complete checkpoints older than the newest ``max_to_keep`` ones up to ``step``.
-        Returns the steps deleted."""
+        complete checkpoints older than the newest ``max_to_keep`` ones up to the newest
+        confirmed step (one still being written counts once committed: at the next
+        :meth:`confirm`, :meth:`wait` or :meth:`close`). Returns the steps deleted."""
         if self._keep is None:
             return []
-        done = [s for s in self.all_steps() if s <= step and os.path.isdir(self._step_dir(s))]
+        self._confirmed = step if self._confirmed is None else max(step, self._confirmed)
+        return self._prune()
+
+    def _prune(self) -> list[int]:
+        if self._keep is None or self._confirmed is None:
+            return []
+        done = [
+            s for s in self.all_steps() if s <= self._confirmed and os.path.isdir(self._step_dir(s))
+        ]
         old = done[: -self._keep] if self._keep > 0 else done
         for s in old:
             self._manager.delete(s)
@@ -380,9 +390,11 @@ class Checkpointer:
         return dest
 
     def wait(self) -> None:
-        """Block until every pending asynchronous save is on disk (and sealed)."""
+        """Block until every pending asynchronous save is on disk (and sealed); apply
+        retention to confirmed checkpoints that were still being written."""
         self._manager.wait_until_finished()
         self._seal_committed()
+        self._prune()
 
     def close(self) -> None:
         """Wait for pending saves and release the manager's resources."""

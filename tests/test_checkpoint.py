@@ -192,4 +192,8 @@ def test_confirmed_retention_keeps_the_last_good(tmp_path):
         assert ckpt.all_steps() == [1, 2]  # 2 unconfirmed: 1 is still the good one
         assert ckpt.confirm(2) == [1]
         assert ckpt.all_steps() == [2]
-    assert latest_step_in(tmp_path) == 2 and latest_step_in(tmp_path / "nope") is None
+        ckpt.save(3, state, {})
+        ckpt.confirm(3)  # possibly still being written: retention catches up in wait()
+        ckpt.wait()
+        assert ckpt.all_steps() == [3]
+    assert latest_step_in(tmp_path) == 3 and latest_step_in(tmp_path / "nope") is None
