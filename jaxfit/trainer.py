@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import checkpoint, logs, oom, sharding
+from jaxfit import checkpoint, logs, oom, sharding, validation
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
@@ -264,7 +264,7 @@ def train(
       train metrics.
 
     Raises:
-      jaxfit.config.ConfigError: an invalid value (:func:`jaxfit.config.validate_values`).
+      jaxfit.config.ConfigError: an invalid value (:func:`jaxfit.validation.validate_values`).
       jaxfit.workdir.WorkdirBusyError: another run holds the workdir.
       jaxfit.workdir.ResumeConfigError: resuming would change shapes or the data order.
       jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
@@ -281,7 +281,7 @@ def train(
 
 
 def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float]:
-    config_lib.validate_values(config)
+    validation.validate_values(config)
     config = resolve_config(config, workdir)  # every derived field, before it is saved
     # refused before any work or write when it would change shapes or the data order
     workdir_lib.check_resume(config, workdir, checkpoint.latest_step_in(workdir / "checkpoints"))
