@@ -5,7 +5,8 @@ Every leaf of a pytree has a *path string*, its keys joined by ``/``
 ``re.search`` to that string. Weight-decay masks (``optim.py``), parameter shardings
 (``sharding.py``) and, later, LoRA targets, quantisation and freezing all select leaves
 through :func:`match` / :func:`assign`, so one set of names serves every feature
-(the big_vision convention of regex rules over parameter names).
+(the big_vision convention of regex rules over parameter names); trees that mirror the
+parameters (optimizer states) find their parameter with :func:`longest_contained`.
 
 Works on any pytree: nested dicts of arrays, ``jax.ShapeDtypeStruct`` trees from
 ``jax.eval_shape``, ``flax.struct`` dataclasses (attribute names become path parts) and
@@ -138,6 +139,26 @@ def unmatched(params: PyTree, patterns: Sequence[str]) -> list[str]:
     """
     names = list(flatten(params))
     return [p for p, c in zip(patterns, _compile(patterns)) if not any(c.search(n) for n in names)]
+
+
+def longest_contained(path: str, names) -> str | None:
+    """The longest of ``names`` (path strings) that is a run of whole components of
+    ``path``, or None.
+
+    How a leaf of a tree that mirrors the parameters is matched to its parameter: an
+    optax state leaf ``"1/0/mu/h/attn/kernel"`` or an 8-bit moment's
+    ``"1/0/nu/h/attn/kernel/codes"`` contains the parameter path ``"h/attn/kernel"``
+    (``jaxfit.sharding.follow_params``). ``names`` may be any container with ``in``.
+    """
+    parts = path.split("/")
+    best, best_len = None, 0
+    for i in range(len(parts)):
+        for j in range(len(parts), i + best_len, -1):
+            name = "/".join(parts[i:j])
+            if name in names:
+                best, best_len = name, j - i
+                break
+    return best
 
 
 def count(params: PyTree) -> int:

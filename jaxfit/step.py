@@ -62,6 +62,7 @@ def make_train_step(
     loss_and_grad: LossAndGrad,
     optimizer: optax.GradientTransformation,
     schedule: optax.Schedule,
+    grad_shardings: PyTree = None,
 ) -> Callable[[TrainState, PyTree], tuple[TrainState, Metrics]]:
     """Build ``train_step(state, batch, frozen=None) -> (new_state, metrics)``.
 
@@ -75,6 +76,9 @@ def make_train_step(
         for ``params`` only.
       optimizer: from :func:`jaxfit.optim.make_optimizer` (clipping happens inside it).
       schedule: the optimizer's learning-rate schedule, only used for the ``lr`` metric.
+      grad_shardings: optional shardings of the gradients (the trainable parameters'):
+        under FSDP the gradients are constrained to them as soon as they exist, so XLA
+        reduce-scatters each over ``fsdp`` rather than all-reducing whole copies.
 
     Returns:
       A pure function. ``metrics`` holds the loss's metrics plus ``loss`` (scalar),
@@ -88,6 +92,8 @@ def make_train_step(
     ) -> tuple[TrainState, Metrics]:
         rng, step_rng = jax.random.split(state.rng)
         (loss, metrics), grads = loss_and_grad(state.params, batch, step_rng, frozen)
+        if grad_shardings is not None:
+            grads = sharding.constrain(grads, grad_shardings)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         metrics = {
@@ -113,12 +119,15 @@ def abstract_train_state(task, optimizer, config, mesh):
 
     Returns:
       ``(abstract_state, state_shardings, make_state)``: a ``TrainState`` of
-      ``jax.ShapeDtypeStruct``, the matching ``TrainState`` of shardings, and
+      ``jax.ShapeDtypeStruct``, the matching ``TrainState`` of shardings (parameters by
+      :func:`jaxfit.sharding.fsdp_shardings`, split over the mesh's ``fsdp`` axis; the
+      optimizer state following them, :func:`jaxfit.sharding.follow_params`; step and
+      rng replicated), and
       ``make_state(params) -> TrainState`` (a fresh state at step 0; jittable).
     """
     state_rng = jax.random.fold_in(jax.random.key(config.seed), 1)
     abstract_params = task.abstract_params()
-    param_shardings = sharding.param_shardings(abstract_params, mesh)
+    param_shardings = sharding.fsdp_shardings(abstract_params, mesh, what="trainable")
 
     def make_state(params):
         return create_train_state(params, optimizer, state_rng)
@@ -126,7 +135,10 @@ def abstract_train_state(task, optimizer, config, mesh):
     abstract_state = jax.eval_shape(make_state, abstract_params)
     repl = sharding.replicated(mesh)
     state_shardings = jax.tree.map(lambda _: repl, abstract_state)
-    state_shardings = state_shardings.replace(params=param_shardings)
+    opt_shardings = sharding.follow_params(
+        abstract_state.opt_state, abstract_params, param_shardings, mesh
+    )
+    state_shardings = state_shardings.replace(params=param_shardings, opt_state=opt_shardings)
     return abstract_state, state_shardings, make_state
 
 
@@ -134,9 +146,9 @@ def jit_train_step(task, optimizer, schedule, state_shardings, mesh):
     """The jitted ``step(state, batch, frozen) -> (state, metrics)`` every run uses (the
     trainer runs it; the planner and the benchmarks compile it): :func:`make_train_step`
     of ``task.loss_and_grad``, the state donated and kept in ``state_shardings``, the
-    metrics replicated."""
+    gradients constrained to the parameters' shardings, the metrics replicated."""
     return jax.jit(
-        make_train_step(task.loss_and_grad, optimizer, schedule),
+        make_train_step(task.loss_and_grad, optimizer, schedule, state_shardings.params),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )

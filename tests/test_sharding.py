@@ -1,12 +1,15 @@
 import json
+import logging
 import os
 import subprocess
 import sys
 import textwrap
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
+from jax.sharding import AbstractMesh
 from jax.sharding import PartitionSpec as P
 
 from jaxfit import sharding
@@ -31,6 +34,106 @@ def test_param_shardings_from_rules():
     sh = sharding.param_shardings(params, mesh, [(r"kernel$", P(None, "data"))])
     assert sh["dense"]["kernel"].spec == P(None, "data")
     assert sh["dense"]["bias"].spec == P()
+
+
+def _abstract(shape, dtype=np.float32):
+    return jax.ShapeDtypeStruct(shape, dtype)
+
+
+def test_fsdp_spec_picks_the_largest_divisible_dimension():
+    assert sharding.fsdp_spec((64, 192), 8) == P(None, "fsdp")
+    assert sharding.fsdp_spec((512, 64), 8) == P("fsdp", None)
+    assert sharding.fsdp_spec((64, 64), 8) == P("fsdp", None)  # ties: the first
+    assert sharding.fsdp_spec((8, 64, 6), 8, "inner") == P(None, "fsdp", None)
+    assert sharding.fsdp_spec((32, 6), 8, "inner") is None  # never the layer axis
+    assert sharding.fsdp_spec((32, 6), 8) == P("fsdp", None)
+    assert sharding.fsdp_spec((), 8) is None
+    assert sharding.fsdp_spec((4, 4), 8) is None  # smaller than the axis
+    assert sharding.fsdp_spec((64, 64), 8, "replicate") is None
+    with pytest.raises(ValueError, match="any | inner | replicate"):
+        sharding.fsdp_spec((8,), 8, "all")
+
+
+def test_fsdp_shardings_of_stacks_quantised_leaves_and_what_stays_replicated(caplog):
+    from jaxfit.quant.nf4 import NF4Weight
+
+    mesh = AbstractMesh((2, 4), ("data", "fsdp"))
+    nf4 = jax.eval_shape(lambda w: NF4Weight.quantize(w), _abstract((2, 64, 32)))
+    tree = {
+        "h": {"mlp": {"kernel": _abstract((4, 64, 256)), "bias": _abstract((4, 6))}},
+        "layers": {"q_proj": {"kernel": nf4}},
+        "wte": {"embedding": _abstract((512, 64))},
+        "logit_scale": _abstract(()),
+        "odd": _abstract((6, 3)),
+    }
+    with caplog.at_level(logging.INFO, logger="jaxfit.sharding"):
+        sh = sharding.fsdp_shardings(tree, mesh)
+    assert sh["h"]["mlp"]["kernel"].spec == P(None, None, "fsdp")
+    assert sh["h"]["mlp"]["bias"].spec == P()  # 4 layers divisible, but the layer axis
+    assert sh["wte"]["embedding"].spec == P("fsdp", None)
+    assert sh["logit_scale"].spec == P() and sh["odd"].spec == P()
+    q = sh["layers"]["q_proj"]["kernel"]
+    assert q.packed.spec == P(None, "fsdp") and q.absmax.spec == P(None, "fsdp")
+    assert q.nested_code.spec == P(None, "fsdp")  # [layers, 256] code tables
+    assert q.offset.spec == P() and q.nested_absmax.spec == P()  # [layers], [layers, 1]
+    (line,) = [r.getMessage() for r in caplog.records if "replicated" in r.getMessage()]
+    assert "FSDP over 4 devices: 4 parameter array(s) replicated" in line
+    for name in ("h/mlp/bias", "odd", "layers/q_proj/kernel/offset"):
+        assert name in line
+    assert "logit_scale" not in line  # scalars are not worth a word
+    flat = jax.tree.leaves(sharding.fsdp_shardings(tree, AbstractMesh((8,), ("data",))))
+    assert all(s.spec == P() for s in flat)  # no fsdp axis: data parallel
+
+
+def test_optimizer_state_follows_the_parameters(caplog):
+    from jaxfit import optim
+
+    mesh = AbstractMesh((1, 8), ("data", "fsdp"))
+    params = {"h": {"k": _abstract((2, 64, 256)), "b": _abstract((2, 256))}, "s": _abstract(())}
+    shard = sharding.fsdp_shardings(params, mesh)
+    for name in ("adamw", "adamw8bit"):
+        cfg = optim.default_optim_config()
+        cfg.name = name
+        tx, _ = optim.make_optimizer(cfg, 1000, params)
+        state = jax.eval_shape(tx.init, params)
+        with caplog.at_level(logging.INFO, logger="jaxfit.sharding"):
+            caplog.clear()
+            out = sharding.follow_params(state, params, shard, mesh)
+        specs = {
+            jax.tree_util.keystr(k, simple=True, separator="/"): v.spec
+            for k, v in jax.tree_util.tree_leaves_with_path(out)
+        }
+        moment = [k for k in specs if "/mu/h/k" in k]
+        assert moment and all(
+            specs[k] == P(None, None, "fsdp") for k in moment if "absmax" not in k
+        )
+        assert all(v == P() for k, v in specs.items() if k.endswith("count"))
+        text = " ".join(r.getMessage() for r in caplog.records)
+        if name == "adamw8bit":  # blockwise statistics over the flattened moment
+            assert specs["1/0/mu/h/k/absmax"] == P()
+            assert "optimizer-state array(s) replicated" in text and "mu/h/k/absmax" in text
+        else:
+            assert specs["1/0/nu/h/b"] == P(None, "fsdp") and "replicated" not in text
+
+
+def test_mesh_from_config_validates_against_the_devices():
+    cfg = ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 1}})
+    mesh = sharding.mesh_from_config(cfg)
+    assert mesh.axis_names == ("data", "fsdp")
+    assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1}
+    assert dict(sharding.mesh_from_config(ml_collections.ConfigDict()).shape)["fsdp"] == 1
+    n = jax.device_count()
+    cfg.mesh.update(data=3, fsdp=4 * n)
+    with pytest.raises(ValueError, match=rf"config.mesh .* does not fit this run's {n} device"):
+        sharding.mesh_from_config(cfg)
+    cfg.mesh.update(data=-1, fsdp=-1)
+    with pytest.raises(ValueError, match="at most one axis may be -1"):
+        sharding.mesh_from_config(cfg)
+    with pytest.raises(ValueError, match="tensor parallelism is not implemented"):
+        sharding.mesh_axes(ml_collections.ConfigDict({"mesh": {"tensor": 2}}))
+    with pytest.raises(ValueError, match="unknown axes"):
+        sharding.mesh_axes(ml_collections.ConfigDict({"mesh": {"model": 2}}))
+    assert sharding.process_batch_rows(mesh, 8 * n) == (0, 8 * n)
 
 
 # Runs in a fresh interpreter with 4 fake CPU devices: a jitted GradCache train step with
