@@ -26,7 +26,13 @@ from jaxfit.data.text.prepare import (
     default_text_config,
     prepare_text_data,
 )
-from jaxfit.data.text.records import Document, InstructionExample, TextStats, document_text
+from jaxfit.data.text.records import (
+    ChatExample,
+    Document,
+    InstructionExample,
+    TextStats,
+    document_text,
+)
 from jaxfit.data.text.sources import has_validation
 from jaxfit.data.text.synthetic_corpus import write_synthetic_chat, write_synthetic_text
 from jaxfit.data.text.token_file import TokenFile, build_token_file, token_dtype
@@ -40,6 +46,7 @@ from jaxfit.data.text.tokenizer import (
 
 __all__ = [
     "BATCH_INT_KEYS",
+    "ChatExample",
     "Document",
     "EvalBatches",
     "InstructionExample",
