@@ -30,7 +30,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxfit import checkpoint, cli, logs, trainer
+from jaxfit import checkpoint, cli, distributed, logs, trainer
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
@@ -59,8 +59,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     logs.setup()
     config, flags = config_lib.parse_argv(
-        argv, extra_flags={"workdir": "Run directory (checkpoints, logs); created if missing."}
+        argv,
+        extra_flags={
+            "workdir": "Run directory (checkpoints, logs); created if missing.",
+            **distributed.FLAGS,
+        },
     )
+    distributed.initialize_from_flags(flags)  # before anything touches a device
     workdir = flags["workdir"]
     if not workdir:
         raise UsageError("--workdir DIR is required, in the command line, e.g. --workdir runs/x")

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxfit import config as config_lib
-from jaxfit import hf, quant
+from jaxfit import hf, quant, sharding
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import peft_io
 from jaxfit.lora import training as lora_training
@@ -93,10 +93,12 @@ class ParamSource:
       abstract: built for planning: no weights are ever read; ``lora.peft_dir`` adapters
         are stood in for by adapters of the config's rank and targets (files cannot be
         traced).
+      mesh: the device mesh the frozen base is placed on, split over its ``fsdp`` axis
+        (:func:`jaxfit.sharding.fsdp_shardings`); None: the default device.
     """
 
-    def __init__(self, config, model, init_base: Callable, *, abstract: bool = False):
-        self.config, self.model, self.abstract = config, model, abstract
+    def __init__(self, config, model, init_base: Callable, *, abstract: bool = False, mesh=None):
+        self.config, self.model, self.abstract, self.mesh = config, model, abstract, mesh
         self.precision = config_lib.precision_settings(config)
         self._init_base = init_base
         lora = config.get("lora")
@@ -166,8 +168,14 @@ class ParamSource:
 
     @functools.cached_property
     def frozen(self):
-        """The placed frozen base (``None`` without LoRA)."""
-        return jax.device_put(self._values[1]) if self.frozen_base else None
+        """The placed frozen base (``None`` without LoRA), split over the mesh's ``fsdp``
+        axis (quantised leaves' codes and statistics too)."""
+        if not self.frozen_base:
+            return None
+        values = self._values[1]
+        if self.mesh is None:
+            return jax.device_put(values)
+        return jax.device_put(values, sharding.fsdp_shardings(values, self.mesh, what="frozen"))
 
     @staticmethod
     def full_params(params, frozen, rng=None):
