@@ -25,8 +25,9 @@ if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytes
 from experiments.bench import runner  # noqa: E402
 from jaxfit.config import load_config  # noqa: E402
 
-ONE_STEP = ["total_steps=1", "log_every=1", "eval_every=1", "ckpt_every=1",
-            "eval.max_batches=1", "optim.warmup_steps=0"]  # fmt: skip
+# One step, logged, evaluated and checkpointed; a smaller demo corpus (less BPE training).
+ONE_STEP = ["total_steps=1", "log_every=1", "eval_every=1", "ckpt_every=1", "eval.max_batches=1",
+            "optim.warmup_steps=0", "data.synthetic.num_documents=200"]  # fmt: skip
 
 SCRIPT = """
 import json, sys
@@ -54,10 +55,17 @@ print("RESULT", json.dumps({"train": train_loss, "bench": loss,
 
 
 def test_bench_step_is_the_training_step(tmp_path):
+    env = fast_subprocess_env()
     proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(SCRIPT), str(tmp_path), json.dumps(ONE_STEP)],
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(SCRIPT),
+            str(tmp_path / "run"),
+            json.dumps(ONE_STEP),
+        ],
         cwd=REPO,
-        env=fast_subprocess_env(),
+        env=env,
         capture_output=True,
         text=True,
         timeout=300,

@@ -3,8 +3,8 @@ through the library's own train step. No download; sized to a device call.
 
 Run from the repository root::
 
-    python -m experiments.bench.gpu_suite --record          # ~9 minutes on a GPU
-    python -m experiments.bench.gpu_suite --quick           # ~3.5 minutes, fewer steps, no search
+    python -m experiments.bench.gpu_suite --record          # 540 s budget: a 10-minute call
+    python -m experiments.bench.gpu_suite --quick           # 200 s: a 4-minute call, no search
     python -m experiments.bench.gpu_suite --small           # toy sizes: a CPU smoke test
     python -m experiments.bench.gpu_suite --parts qlora     # matmul + the QLoRA part alone
 
