@@ -6,8 +6,9 @@ Config files follow the Flax-examples habit of a comment above (or after) each f
 :func:`field_comments` walks ``get_config`` with :mod:`ast` and :mod:`tokenize`, follows
 ``c.optim = default_optim_config()`` into the helper (prefixing its fields with
 ``optim.``), calls that pass the config on (``run_rhythm(c, ...)``, ``_demo(c)``) and
-configs loaded from a sibling file (``Path(__file__).with_name("llama_finetune.py")``),
-and maps each dotted field to its comment. Nothing is executed: the module is only read.
+configs built on a sibling file (``sibling_config(__file__, "llama_finetune.py")``),
+and maps each dotted field to its comment. The config file is read, not run (the jaxfit
+modules it imports names from are imported, to find the helpers' source).
 """
 
 from __future__ import annotations
@@ -203,18 +204,23 @@ def _namespace(path: Path) -> dict[str, Any]:
     return names
 
 
+# How a config builds on another beside it: ``sibling_config(__file__, "x.py", ...)`` or
+# ``Path(__file__).with_name("x.py")``.
+_SIBLING = r"""(?:sibling_config\(\s*__file__\s*,|with_name\()\s*["']([\w.]+\.py)["']"""
+
+
 def field_comments(config_file: str | Path) -> dict[str, str]:
     """``{dotted field: comment}`` for the fields ``config_file``'s ``get_config`` sets.
 
     Follows helper functions imported from readable (non-site-packages) modules and
-    configs loaded from sibling files (``with_name("x.py")``, transitively: their comments
-    rank below the file's own); a field without a comment
-    anywhere is absent. Raises ``OSError`` / ``SyntaxError`` for an unreadable file.
+    configs built on sibling files (``sibling_config(__file__, "x.py")``, transitively;
+    their comments rank below the file's own); a field without a comment anywhere is
+    absent. Raises ``OSError`` / ``SyntaxError`` for an unreadable file.
     """
     path = Path(config_file)
     files = [path]
     for file in files:  # grows: siblings of siblings (llama3_8b_qlora -> llama_qlora -> ...)
-        siblings = re.findall(r"""with_name\(\s*["']([\w.]+\.py)["']""", file.read_text())
+        siblings = re.findall(_SIBLING, file.read_text())
         files += [
             file.with_name(s)
             for s in siblings

@@ -64,6 +64,7 @@ def _main(argv: list[str]) -> int:
             "workdir": "Run directory (checkpoints, logs); created if missing.",
             **distributed.FLAGS,
         },
+        bool_flags={"dry_run": "Check the config and flags, print the config, and stop."},
     )
     distributed.initialize_from_flags(flags)  # before anything touches a device
     workdir = flags["workdir"]
@@ -74,6 +75,9 @@ def _main(argv: list[str]) -> int:
             f"--workdir {workdir!r} is a file, not a directory, in the command line, "
             "pass a directory (it is created when missing)"
         )
+    if flags["dry_run"]:
+        print(config)
+        return 0
     try:
         results = run(config, flags["workdir"])
     except OutOfMemoryError as e:

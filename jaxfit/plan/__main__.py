@@ -57,6 +57,7 @@ FLAGS = {
 BOOL_FLAGS = {
     "search": "Search micro-batch x remat policy x CE chunk size for what fits.",
     "search_seq_len": "Search the longest seq_len that fits.",
+    "dry_run": "Check the config and flags, print the config, and stop (no compile).",
 }
 
 
@@ -82,6 +83,9 @@ def _main(argv: list[str]) -> int:
         mfu = float(fl["mfu"] or estimate.DEFAULT_UTILISATION)
     except ValueError as e:
         raise UsageError(f"{e}, in the command line, see --help") from None
+    if fl["dry_run"]:
+        print(config)
+        return 0
     usable = apply.usable_bytes(budget, reserve)
     timing = dict(
         utilisation=mfu,
