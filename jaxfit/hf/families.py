@@ -10,8 +10,9 @@ fields hold the sizes a task needs. Every place that needs a family fact reads i
   model -> family (``save_pretrained``);
 * :mod:`jaxfit.lora`: PEFT short names (``targets.PEFT_SHORT_NAMES``), PEFT module names
   through the name map (``peft_io``);
-* :mod:`jaxfit.quant`: the default quantisation rules (every kernel under a stack,
-  :data:`jaxfit.quant.leaves.DEFAULT_RULES`), name maps for streaming and bitsandbytes;
+* :mod:`jaxfit.quant` and :func:`jaxfit.hf.load_pretrained`: the default quantisation
+  rules (every kernel under a stack, :data:`DEFAULT_QUANT_RULES`), name maps for
+  streaming and bitsandbytes;
 * :mod:`jaxfit.tasks.lm`: config and module classes of ``model.family``, decoder sizes.
 
 Adding a family is one model file (or a config variant of one, as Qwen2 is of Llama) in
@@ -239,3 +240,11 @@ def for_model(model: Any) -> Family:
 def stack_names() -> tuple[str, ...]:
     """The stack names of all families, each once, in registry order (``("layers", "h")``)."""
     return tuple(dict.fromkeys(f.stack for f in FAMILIES.values()))
+
+
+# What quantisation selects by default: every kernel inside a layer stack of any family
+# (``layers/...`` for Llama, Qwen2 and the CLIP towers, ``h/...`` for GPT-2). Embeddings,
+# norms and the LM head stay float, as transformers' bitsandbytes integration keeps them
+# (``get_keys_to_not_convert``: the output embedding is skipped). Regular expressions over
+# jaxfit parameter paths (:mod:`jaxfit.params`).
+DEFAULT_QUANT_RULES: tuple[str, ...] = (rf"(^|/)({'|'.join(stack_names())})/.*kernel$",)

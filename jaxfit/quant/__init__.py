@@ -5,14 +5,23 @@
     qparams = jaxfit.quant.quantize_params(params, method="nf4")   # same model code
     model, qparams = jaxfit.quant.load_quantized("meta-llama/Llama-3.2-1B", "nf4")
     model, qparams = jaxfit.quant.load_quantized("unsloth/Llama-3.2-1B-bnb-4bit")
-    jaxfit.quant.save_bnb_pretrained(model, qparams, "out")       # transformers loads it
+    jaxfit.hf.save_bnb_pretrained(model, qparams, "out")          # transformers loads it
+
+``load_quantized`` is :func:`jaxfit.hf.load_pretrained` with ``quantize=`` (the one
+loader); the bitsandbytes checkpoint format (``nf4_from_bnb``, ``nf4_to_bnb``,
+``save_bnb_pretrained``) is :mod:`jaxfit.hf.bnb`.
+
+Layering: the leaf modules (``base``, ``nf4``, ``int8``) import nothing of ``jaxfit.hf``,
+which imports them; ``leaves``, ``load`` and ``random_init`` sit above ``jaxfit.hf``. As
+importing any ``jaxfit.quant`` module runs this file first, it must import no name of a
+``jaxfit.hf`` module that imports ``jaxfit.quant`` (``hf.bnb``, ``hf.load``): when
+``jaxfit.hf`` is imported first, those are half-initialised at that moment.
 
 Leaves: :class:`NF4Weight` (bitsandbytes' NF4 layout, :mod:`jaxfit.quant.nf4`) and
 :class:`Int8Weight` (per-output-channel absmax, :mod:`jaxfit.quant.int8`); both implement
 the weight-leaf protocol of :func:`jaxfit.models.layers.matmul`.
 """
 
-from jaxfit.quant.bnb_checkpoint import nf4_from_bnb, nf4_to_bnb, save_bnb_pretrained
 from jaxfit.quant.int8 import Int8Weight
 from jaxfit.quant.leaves import (
     DEFAULT_RULES,
@@ -36,9 +45,6 @@ __all__ = [
     "is_weight_leaf",
     "leaf_bits",
     "load_quantized",
-    "nf4_from_bnb",
-    "nf4_to_bnb",
     "quantization_error",
     "quantize_params",
-    "save_bnb_pretrained",
 ]

@@ -13,56 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from bnb_testing import PROJ, bnb_config, float32_reference, write_by_hand
 
 from jaxfit import hf
-from jaxfit.quant import NF4Weight, load_quantized, nf4_from_bnb, nf4_to_bnb, save_bnb_pretrained
+from jaxfit.hf.bnb import nf4_from_bnb, nf4_to_bnb, save_bnb_pretrained
+from jaxfit.quant import NF4Weight, load_quantized
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-PROJ = [f"self_attn.{p}_proj" for p in "qkvo"] + [f"mlp.{p}_proj" for p in ("gate", "up", "down")]
 NF4_REL_TOLERANCE = 0.25  # relative logit error vs the float model (see test_quantized_model)
-
-
-def _bnb_config():
-    return transformers.BitsAndBytesConfig(
-        load_in_4bit=True,
-        bnb_4bit_quant_type="nf4",
-        bnb_4bit_use_double_quant=True,
-        bnb_4bit_compute_dtype=torch.float32,
-    )
-
-
-def _write_by_hand(float_model, out):
-    """The tensors transformers writes, built with bitsandbytes directly."""
-    sd = {}
-    for name, value in float_model.state_dict().items():
-        module = name.removesuffix(".weight")
-        if name.endswith("_proj.weight") and ".layers." in name:
-            packed, state = F.quantize_4bit(
-                value, blocksize=64, compress_statistics=True, quant_type="nf4"
-            )
-            sd[name] = packed
-            sd.update({f"{module}.weight.{k}": v for k, v in state.as_dict(packed=True).items()})
-        else:
-            sd[name] = value.contiguous()
-    safetensors_torch.save_file(sd, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = float_model.config.to_dict()
-    config["quantization_config"] = _bnb_config().to_dict()
-    (out / "config.json").write_text(json.dumps(config))
-
-
-def _float32_reference(model):
-    """On CPUs with AVX512-BF16, bitsandbytes' inference path repacks the weights and
-    computes in bfloat16 whatever ``bnb_4bit_compute_dtype`` says ("cpu fused op only
-    support bf16", ``bitsandbytes/backends/cpu/ops.py``), so its logits depend on the CPU:
-    the float32 reference is the generic path (dequantize, then a float32 matmul)."""
-    for module in model.modules():
-        if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
-    return model
 
 
 @pytest.fixture(scope="module")
@@ -83,15 +45,15 @@ def checkpoint(tmp_path_factory):
     try:
         qmodel = transformers.LlamaForCausalLM.from_pretrained(
             root / "float",
-            quantization_config=_bnb_config(),
+            quantization_config=bnb_config(),
             device_map="cpu",
             dtype=torch.float32,
         ).eval()
-        _float32_reference(qmodel)
+        float32_reference(qmodel)
         qmodel.save_pretrained(root / "q4")
     except Exception:  # bitsandbytes / transformers without 4-bit CPU support
         (root / "q4").mkdir(exist_ok=True)
-        _write_by_hand(float_model, root / "q4")
+        write_by_hand(float_model, root / "q4")
         qmodel = None
     ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8))
     return root, qmodel, ids
@@ -151,7 +113,7 @@ def test_save_is_byte_identical_and_loads_in_transformers(checkpoint, loaded, tm
     config = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
     assert config["load_in_4bit"] and config["llm_int8_skip_modules"] == ["lm_head"]
     if qmodel is not None:
-        again = _float32_reference(
+        again = float32_reference(
             transformers.LlamaForCausalLM.from_pretrained(tmp_path, device_map="cpu")
         )
         with torch.no_grad():
@@ -205,5 +167,5 @@ def test_single_quantised_state_round_trip():
             )
         },
     )
-    with pytest.raises(ValueError, match="only nf4"):
+    with pytest.raises(ValueError, match="NF4 weights only"):
         nf4_from_bnb(bad, "w")

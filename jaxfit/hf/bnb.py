@@ -1,4 +1,4 @@
-"""bitsandbytes 4-bit checkpoints (the ``*-bnb-4bit`` models of the Hub) <-> NF4 leaves.
+"""bitsandbytes checkpoints (the ``*-bnb-4bit`` models of the Hub) <-> NF4 leaves.
 
 transformers saves a ``bnb.nn.Linear4bit`` weight ``W [out, in]`` as these tensors
 (``Linear4bit._save_to_state_dict`` + ``QuantState.as_dict(packed=True)``, bitsandbytes
@@ -15,16 +15,20 @@ transformers saves a ``bnb.nn.Linear4bit`` weight ``W [out, in]`` as these tenso
   "nested_offset"}`` (``bitsandbytes.utils.pack_dict_to_tensor``).
 
 ``config.json`` carries ``quantization_config`` with ``quant_method: "bitsandbytes"`` and
-``load_in_4bit: true``. :func:`nf4_from_bnb` / :func:`nf4_to_bnb` convert one weight;
-:func:`save_bnb_pretrained` writes a whole model that ``transformers`` loads;
-:func:`jaxfit.quant.load.load_quantized` reads one.
+``load_in_4bit: true``. :func:`stored_format` reads it (and refuses what jaxfit does not
+read: LLM.int8, FP4, other ``quant_method`` s); :func:`nf4_from_bnb` / :func:`nf4_to_bnb`
+convert one weight; :func:`save_bnb_pretrained` writes a whole model that ``transformers``
+loads; :func:`jaxfit.hf.load_pretrained` reads one (kept NF4, or dequantised exactly).
+
+This module is the checkpoint format, so it sits in ``jaxfit.hf``; the NF4 leaf it
+produces (:mod:`jaxfit.quant.nf4`) imports nothing of ``jaxfit.hf``, so ``hf`` can use it.
 """
 
 from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -40,20 +44,70 @@ QUANT_STATE_KEY = "quant_state.bitsandbytes__nf4"
 STAT_SUFFIXES = ("absmax", "quant_map", "nested_absmax", "nested_quant_map", QUANT_STATE_KEY)
 _DTYPES = ("float32", "bfloat16", "float16")
 
+# What jaxfit reads instead of an 8-bit or FP4 checkpoint (the end of each refusal).
+_INT8_ADVICE = (
+    "LLM.int8 stores int8 weights with per-row SCB scales for bitsandbytes' mixed-precision "
+    "outlier matmul, a format jaxfit does not implement; load the float checkpoint instead "
+    "(base_format=int8 / quantize='int8' quantises it to jaxfit's int8 while loading)"
+)
+_FP4_ADVICE = (
+    "jaxfit reads bitsandbytes 4-bit checkpoints in NF4 only (bnb_4bit_quant_type='nf4'); "
+    "load the float checkpoint instead (base_format=nf4 quantises it to NF4 while loading)"
+)
 
-def is_bnb_4bit(hf_config: dict) -> bool:
-    """Whether an HF ``config.json`` dict describes a bitsandbytes 4-bit checkpoint.
+
+def stored_format(hf_config: dict, where: str = "checkpoint") -> str | None:
+    """How an HF ``config.json`` says the weights are stored: ``"nf4"`` for a
+    bitsandbytes 4-bit NF4 checkpoint, ``None`` for float weights.
+
+    Args:
+      hf_config: the ``config.json`` dict (its ``quantization_config``).
+      where: the checkpoint's name, for messages.
 
     Raises:
-      ValueError: a bitsandbytes 8-bit checkpoint (``load_in_8bit``), which jaxfit does
-        not read.
+      ValueError: a format jaxfit does not read, named: bitsandbytes LLM.int8
+        (``load_in_8bit``), bitsandbytes FP4 (``bnb_4bit_quant_type="fp4"``) or another
+        ``quant_method`` (GPTQ, AWQ, ...).
     """
     qc = hf_config.get("quantization_config") or {}
-    if qc.get("quant_method") != "bitsandbytes":
-        return False
+    method = qc.get("quant_method")
+    if not method:
+        return None
+    if method != "bitsandbytes":
+        raise ValueError(
+            f"{where}: quantization_config.quant_method={method!r} is not supported; jaxfit "
+            "reads float checkpoints and bitsandbytes 4-bit NF4 ones"
+        )
     if qc.get("load_in_8bit") or qc.get("_load_in_8bit"):
-        raise ValueError("bitsandbytes 8-bit (LLM.int8) checkpoints are not supported")
-    return bool(qc.get("load_in_4bit") or qc.get("_load_in_4bit"))
+        raise ValueError(
+            f"{where} is a bitsandbytes LLM.int8 checkpoint (load_in_8bit): {_INT8_ADVICE}"
+        )
+    if not (qc.get("load_in_4bit") or qc.get("_load_in_4bit")):
+        return None
+    quant_type = qc.get("bnb_4bit_quant_type", "nf4")
+    if quant_type != "nf4":
+        raise ValueError(
+            f"{where} is a bitsandbytes 4-bit {str(quant_type).upper()} checkpoint "
+            f"(bnb_4bit_quant_type={quant_type!r}): {_FP4_ADVICE}"
+        )
+    return "nf4"
+
+
+def check_names(names: Iterable[str], where: str = "checkpoint") -> None:
+    """Refuse tensors of the bitsandbytes formats jaxfit does not read, whatever
+    ``config.json`` says: LLM.int8's ``<module>.SCB`` / ``weight_format`` and FP4's
+    ``<name>.quant_state.bitsandbytes__fp4``.
+
+    Raises:
+      ValueError: naming the format and one such tensor.
+    """
+    for name in names:
+        if name.endswith((".SCB", ".weight_format")):
+            raise ValueError(
+                f"{where} holds bitsandbytes LLM.int8 tensors ({name!r}): {_INT8_ADVICE}"
+            )
+        if name.endswith(".quant_state.bitsandbytes__fp4"):
+            raise ValueError(f"{where} holds bitsandbytes FP4 tensors ({name!r}): {_FP4_ADVICE}")
 
 
 def has_bnb_stats(names, name: str) -> bool:
@@ -75,7 +129,9 @@ def nf4_from_bnb(tensors, name: str) -> NF4Weight:
 
     Args:
       tensors: anything with ``in`` and ``[]`` over checkpoint names (a dict, a
-        :class:`jaxfit.hf.io.TensorReader`), holding ``name`` and its statistics.
+        :class:`jaxfit.hf.io.TensorReader`), holding ``name`` and its statistics (the
+        arrays are placed on JAX's default device: wrap the call in
+        ``jax.default_device`` to keep them on the host).
       name: the packed weight's name, e.g. ``"model.layers.0.mlp.up_proj.weight"``.
 
     Returns:
@@ -89,7 +145,10 @@ def nf4_from_bnb(tensors, name: str) -> NF4Weight:
     packed = _get(tensors, name, name)
     state = json.loads(bytes(_get(tensors, f"{name}.{QUANT_STATE_KEY}", name)).decode("utf-8"))
     if state.get("quant_type") != "nf4":
-        raise ValueError(f"{name!r}: quant_type {state.get('quant_type')!r}; only nf4 is supported")
+        raise ValueError(
+            f"{name!r}: quant_type {state.get('quant_type')!r}; jaxfit reads bitsandbytes NF4 "
+            "weights only (not FP4)"
+        )
     shape, blocksize = tuple(int(s) for s in state["shape"]), int(state["blocksize"])
     if len(shape) != 2:
         raise ValueError(f"{name!r}: quantised shape {shape} is not a matrix [out, in]")
