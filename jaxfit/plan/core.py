@@ -16,20 +16,24 @@ dtype) with the activations saved for the backward pass and the loss's buffers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
 import tempfile
 import time
+import warnings
 from typing import Any
 
 import jax
 import numpy as np
+from jax.extend import core as jex_core
 
 from jaxfit import checkpoint, sharding
 from jaxfit.config import get_field, set_fields
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import training as lora_training
+from jaxfit.models.layers import OFFLOAD_NAMES
 from jaxfit.optim import make_optimizer
 from jaxfit.plan import flops as flops_lib
 from jaxfit.quant.base import is_weight_leaf
@@ -107,6 +111,32 @@ def hoisted_upcast_bytes(hlo_text: str) -> int:
     return total
 
 
+_LOOP_OUTPUT = re.compile(
+    r"%(\S+) = (?:bf16|f16)\[([\d,]*)\]\{[^}]*\} get-tuple-element\(%while[^,\s)]*\)"
+)
+
+
+def loop_upcast_bytes(hlo_text: str) -> int:
+    """Bytes of whole float32 copies of 16-bit loop outputs in an optimised XLA:CPU
+    program (any computation).
+
+    The forward scan over the layers stacks each layer's saved activation into a
+    ``[layers, batch, seq, hidden]`` loop output; the backward loop reads it one layer at a
+    time, into bf16 matmuls that XLA:CPU computes in float32, and XLA:CPU converts the
+    whole stack before the loop (``f32[L, ...] convert(get-tuple-element(while))``: 4
+    bytes per element for the whole backward pass). A GPU converts nothing. Counted:
+    ``convert`` instructions (or fusions of one) whose single operand is a same-shaped
+    bf16/f16 output of a ``while`` loop.
+    """
+    outputs = {m.group(1): m.group(2) for m in _LOOP_OUTPUT.finditer(hlo_text)}
+    total = 0
+    for m in _ENTRY_UPCAST.finditer(hlo_text):
+        dims, src = m.group(1), m.group(2)
+        if outputs.get(src) == dims:
+            total += 4 * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+    return total
+
+
 @dataclasses.dataclass
 class Plan:
     """What one configuration's train step costs. Bytes are per device; FLOPs per step.
@@ -121,10 +151,13 @@ class Plan:
         ``aliased``, ``temporaries``, ``peak`` (XLA's, on this backend), and
         ``peak_target``: the peak on the card planned for. Compiled on a GPU it is
         ``peak``; compiled on a CPU it is ``peak`` less ``cpu_upcasts``
-        (:func:`hoisted_upcast_bytes`), copies a GPU does not make. The CPU compile still
-        differs from a GPU's in other ways (fusion; float32 copies of each layer's
-        weights inside the loop; attention scores, which cuDNN's flash attention never
-        stores): on a CPU the target peak is an estimate that errs high.
+        (:func:`hoisted_upcast_bytes`, :func:`loop_upcast_bytes`), copies a GPU does not
+        make. The CPU compile still differs from a GPU's in other ways (fusion; float32
+        copies of each layer's weights inside the loop; the blocked attention standing
+        in for cuDNN's, :func:`cpu_stand_in`): on a CPU the target peak is an estimate
+        that errs high. ``host_bytes``: activations in pinned host memory under the
+        ``offload`` remat policy (:func:`_host_bytes`); compiled on a CPU they are among
+        the temporaries (``host_on_device``) and leave ``peak_target``.
       flops: ``executed`` (the step's jaxpr, loops times trip counts, recompute
         included), ``model`` (without rematerialisation: ``6N``/``4N`` + attention for
         decoders), ``xla_cost_analysis`` (XLA's count, which takes each loop body once).
@@ -164,7 +197,8 @@ def _model_flops(config, task, batch_size: int) -> float:
     """Model FLOPs of one step: the decoder formula when the task has one, else the
     traced FLOPs of the same step without rematerialisation or micro-batching."""
     if hasattr(task, "flops_per_token"):
-        return task.flops_per_token() * batch_size * config.seq_len
+        with _offload_accounted():
+            return task.flops_per_token() * batch_size * config.seq_len
     plain = {"micro_batch_size": batch_size, "model.remat_policy": "none"}
     if get_field(config, "loss_chunk_size") is not None:
         plain["loss_chunk_size"] = 0
@@ -172,34 +206,108 @@ def _model_flops(config, task, batch_size: int) -> float:
 
 
 def cpu_stand_in(config):
-    """The config compiled when planning on a CPU for a GPU: attention ``"chunked"``
-    (``jaxfit.models.layers.attention``) in place of jax's choice, whose memory on a CPU
-    is the XLA reference's ``[batch, heads, seq, seq]`` scores, while a GPU's cuDNN flash
-    attention keeps none; the query-chunked form keeps ``[.., 512, seq]`` at a time."""
-    if jax.default_backend() != "cpu" or get_field(config, "model.attention_impl") != "":
+    """The config compiled when planning on a CPU for a GPU.
+
+    ``model.attention_impl`` ``"auto"`` (or ``""`` / absent) on a GPU resolves to cuDNN
+    flash attention (``jaxfit.models.layers.choose_attention``), or, where cuDNN's
+    constraints fail, to the blocked ``"chunked"`` form; on a CPU it would resolve to the
+    XLA reference, whose ``[batch, heads, seq, seq]`` float32 scores no GPU run keeps.
+    cuDNN does not compile on a CPU, so the plan compiles ``"chunked"``
+    (``jaxfit.models.flash``, blocks of 512 x 512): like cuDNN's kernel it keeps the output
+    and a float32 log-sum-exp per query for the backward pass and needs float32 gradient
+    accumulators of ``O(seq)`` (cuDNN: dQ; here: dK, dV), so its memory is cuDNN's within
+    one block's scores (``[batch, heads, 512, 512]`` float32: 32 MiB at 32 heads). Not
+    modelled: where the GPU runs cuDNN with packed documents, jax's dense
+    ``[batch, 1, seq, seq]`` bias and its gradient (at most
+    ``layers.CUDNN_MASK_MAX_BYTES``, 256 MiB, by that rule). A configured implementation
+    other than ``"auto"`` is compiled as it is."""
+    impl = get_field(config, "model.attention_impl")
+    if jax.default_backend() != "cpu" or impl not in ("", "auto", None):
         return config
-    return set_fields(config, {"model.attention_impl": "chunked"})
+    return set_fields(config, {"model.attention_impl": "chunked"}, create=True)
+
+
+def offloaded_bytes(jaxpr) -> int:
+    """Bytes the ``offload`` remat policy moves to host memory in one traced step: every
+    ``checkpoint_name`` tensor named in ``layers.OFFLOAD_NAMES`` that the differentiated
+    step saves, times the length of the layer scan around it.
+
+    In the jaxpr of a differentiated step, a tagged value that is saved for the backward
+    pass appears outside any ``checkpoint`` (remat) equation, inside the forward scan over
+    the layers; forward passes that are not differentiated (GradCache's embedding pass,
+    evaluation) keep it inside their ``checkpoint`` equation and save nothing. Only the
+    innermost scan counts: an outer loop (micro-batches) runs its backward pass before the
+    next iteration, so its layers' residuals are not live together.
+    """
+    total = 0
+
+    def walk(jx, scan_length: int, in_remat: bool):
+        nonlocal total
+        for eqn in getattr(jx, "jaxpr", jx).eqns:
+            name = eqn.primitive.name
+            if name == "name" and eqn.params.get("name") in OFFLOAD_NAMES and not in_remat:
+                aval = eqn.outvars[0].aval
+                size = np.prod(aval.shape, dtype=np.int64) * np.dtype(aval.dtype).itemsize
+                total += int(size) * scan_length
+            length = eqn.params["length"] if name == "scan" else scan_length
+            remat = in_remat or name in ("checkpoint", "remat", "remat2")
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    if isinstance(sub, jex_core.ClosedJaxpr | jex_core.Jaxpr):
+                        walk(sub, length, remat)
+
+    walk(jaxpr, 1, False)
+    return total
+
+
+@contextlib.contextmanager
+def _offload_accounted():
+    """Silence ``layers.remat_policy``'s warning that ``offload`` saves in place on a CPU:
+    a plan accounts for it (:func:`_host_bytes`)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "remat policy 'offload'")
+        yield
 
 
 def _trace(config):
-    """``(lowerable step, executed FLOPs, pieces)`` of a config, abstract throughout."""
+    """``(lowerable step, executed FLOPs, pieces)`` of a config, abstract throughout;
+    ``pieces`` ends with the step's jaxpr."""
     config = cpu_stand_in(config)
-    mesh = sharding.make_mesh()
-    with tempfile.TemporaryDirectory() as workdir:
-        task = build_task(config, workdir, mesh, abstract=True)
-    abstract_params = task.abstract_params()
-    optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
-    state, state_shardings, _ = abstract_train_state(task, optimizer, config, mesh)
-    state = checkpoint.to_abstract(state, state_shardings)
-    batch_sharding = sharding.batch_sharding(mesh)
-    batch = jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
-        task.abstract_batch(config.batch_size),
-    )
-    frozen = task.abstract_frozen()
-    step = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
-    executed = flops_lib.traced_flops(step, state, batch, frozen)
-    return step, executed, (task, state, batch, frozen, abstract_params)
+    mesh = sharding.mesh_from_config(config)
+    with _offload_accounted():
+        with tempfile.TemporaryDirectory() as workdir:
+            task = build_task(config, workdir, mesh, abstract=True)
+        abstract_params = task.abstract_params()
+        optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
+        state, state_shardings, _ = abstract_train_state(task, optimizer, config, mesh)
+        state = checkpoint.to_abstract(state, state_shardings)
+        batch_sharding = sharding.batch_sharding(mesh)
+        batch = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
+            task.abstract_batch(config.batch_size),
+        )
+        frozen = task.abstract_frozen()
+        if frozen is not None:  # placed as the trainer places it: split over fsdp
+            frozen = checkpoint.to_abstract(frozen, sharding.fsdp_shardings(frozen, mesh))
+        step = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
+        jaxpr = jax.make_jaxpr(step)(state, batch, frozen)
+    executed = flops_lib.jaxpr_flops(jaxpr)
+    return step, executed, (task, state, batch, frozen, abstract_params, jaxpr)
+
+
+def _host_bytes(config, ma, jaxpr, on_cpu: bool) -> dict[str, int]:
+    """``host_bytes``: activations the ``offload`` remat policy keeps in pinned host memory
+    (0 under other policies). Compiled on a GPU it is XLA's host temporaries; on a CPU,
+    where the policy saves the same tensors in place (``layers.remat_policy``), it is
+    :func:`offloaded_bytes` of the traced step, and ``host_on_device``, the part of the CPU
+    compile's temporaries a GPU holds on the host instead (the same bytes), leaves the
+    target peak."""
+    if get_field(config, "model.remat_policy") != "offload":
+        return {"host_bytes": 0, "host_on_device": 0}
+    if not on_cpu:
+        return {"host_bytes": int(getattr(ma, "host_temp_size_in_bytes", 0)), "host_on_device": 0}
+    host = offloaded_bytes(jaxpr)
+    return {"host_bytes": host, "host_on_device": host}
 
 
 def plan_config(config) -> Plan:
@@ -215,9 +323,10 @@ def plan_config(config) -> Plan:
       ValueError / ConfigError: the config does not describe a buildable task.
     """
     t0 = time.perf_counter()
-    step, executed, (task, state, batch, frozen, abstract_params) = _trace(config)
+    step, executed, (task, state, batch, frozen, abstract_params, jaxpr) = _trace(config)
     options = CPU_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
-    compiled = step.lower(state, batch, frozen).compile(options)
+    with _offload_accounted():
+        compiled = step.lower(state, batch, frozen).compile(options)
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -241,9 +350,12 @@ def plan_config(config) -> Plan:
     memory["activations"] = max(memory["temporaries"] - trainable, 0)
     memory["peak"] = memory["arguments"] + memory["outputs"] - memory["aliased"]
     memory["peak"] += memory["temporaries"]
-    upcasts = hoisted_upcast_bytes(compiled.as_text()) if jax.default_backend() == "cpu" else 0
+    on_cpu = jax.default_backend() == "cpu"
+    hlo_text = compiled.as_text() if on_cpu else ""
+    upcasts = hoisted_upcast_bytes(hlo_text) + loop_upcast_bytes(hlo_text) if on_cpu else 0
     memory["cpu_upcasts"] = upcasts
-    memory["peak_target"] = memory["peak"] - upcasts
+    memory.update(_host_bytes(config, ma, jaxpr, on_cpu))
+    memory["peak_target"] = memory["peak"] - upcasts - memory["host_on_device"]
     batch_size = config.batch_size
     seq_len = get_field(config, "seq_len")
     return Plan(

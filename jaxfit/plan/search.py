@@ -10,10 +10,12 @@ so the walk stops at the first one that does not fit.
 
 ``search_seq_len`` finds the longest sequence that fits at the config's micro-batch:
 doubling from the config's ``seq_len``, then bisecting between the longest that fit and the
-shortest that did not, over lengths where the plan is valid: when planning on a CPU the
-attention is compiled as blocks of 512 queries (``cpu_stand_in``), which falls back to full
-``[seq, seq]`` scores at lengths that are not multiples of 512, so only those multiples
-(and lengths up to one block, in steps of 128) are tried.
+shortest that did not, over lengths where the plan is exact: when planning on a CPU the
+attention is compiled as blocks of 512 x 512 (``cpu_stand_in``), which pads a length that
+is not a multiple of 512 up to one, so only those multiples (and lengths up to one block,
+in steps of 128) are tried. A length the config's remat policy does not fit is tried again
+with ``model.remat_policy="offload"`` (each layer's input in pinned host memory; the plan's
+``host_bytes``), so the answer is the longest length that fits either way.
 """
 
 from __future__ import annotations
@@ -55,9 +57,11 @@ def _try(config, overrides, usable: int, progress) -> Candidate:
         progress(f"  {overrides}: not buildable ({type(e).__name__}: {str(e)[:120]})")
         return Candidate(dict(overrides), None, False, f"{type(e).__name__}: {e}")
     fits = plan.peak_bytes <= usable
+    host = plan.memory.get("host_bytes", 0)
     progress(
         f"  {overrides}: peak {plan.peak_bytes / 2**30:.2f} GiB "
-        f"({'fits' if fits else 'does not fit'}; compiled in {plan.compile_seconds:.0f} s)"
+        + (f"+ {host / 2**30:.2f} GiB on the host " if host else "")
+        + f"({'fits' if fits else 'does not fit'}; compiled in {plan.compile_seconds:.0f} s)"
     )
     return Candidate(dict(overrides), plan, fits)
 
@@ -126,10 +130,10 @@ def _ranked(results: list[Candidate]) -> list[Candidate]:
 
 
 def seq_len_step(config) -> int | None:
-    """The chunk of the attention the plan compiles (``cpu_stand_in``'s ``"chunked"``):
-    lengths above it that are not a multiple of it fall back to full ``[seq, seq]``
-    attention (``jaxfit.models.layers.attention``), so the plan there is not the GPU's.
-    ``None`` when the plan compiles the config's own attention (every length is valid)."""
+    """The block of the attention the plan compiles (``cpu_stand_in``'s ``"chunked"``,
+    ``jaxfit.models.flash``): lengths above it that are not a multiple of it are padded up
+    to one there (the plan would count the padding), so only its multiples are exact.
+    ``None`` when the plan compiles the config's own attention (every length is exact)."""
     impl = core.get_field(core.cpu_stand_in(config), "model.attention_impl")
     return ATTENTION_CHUNK if impl == "chunked" else None
 
@@ -156,7 +160,8 @@ def search_seq_len(
     max_seq_len: int | None = None,
     progress: Callable[[str], None] = log.info,
 ) -> list[Candidate]:
-    """Candidates tried for ``seq_len`` (others as in ``config``), shortest first.
+    """Candidates tried for ``seq_len`` (others as in ``config``), shortest first (at a
+    length, the config's remat policy before ``offload``).
 
     Only lengths where the plan is valid are compiled (:func:`valid_seq_len`: multiples
     of the attention chunk, 512, above one chunk when planning on a CPU); the answer is
@@ -177,10 +182,20 @@ def search_seq_len(
         progress(f"  starting from seq_len={start} (plans are valid at multiples of {chunk})")
     limit = int(max_seq_len or 64 * int(config.seq_len))
     tried: dict[int, Candidate] = {}
+    rows: list[Candidate] = []
+    remat = core.get_field(config, "model.remat_policy")
+    offload = remat is not None and remat != "offload"
 
     def fits(n: int) -> bool:
         if n not in tried:
             tried[n] = _try(config, {"seq_len": n}, usable_bytes, progress)
+            rows.append(tried[n])
+            if offload and not tried[n].fits and tried[n].plan is not None:
+                over = {"seq_len": n, "model.remat_policy": "offload"}
+                cand = _try(config, over, usable_bytes, progress)
+                rows.append(cand)
+                if cand.fits:
+                    tried[n] = cand
         return tried[n].fits
 
     lo, hi = 0, limit + 1  # longest known to fit; shortest known not to (or past the limit)
@@ -205,4 +220,4 @@ def search_seq_len(
             lo = mid
         else:
             hi = mid
-    return sorted(tried.values(), key=lambda c: c.overrides["seq_len"])
+    return sorted(rows, key=lambda c: c.overrides["seq_len"])

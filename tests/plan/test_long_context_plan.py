@@ -1,0 +1,121 @@
+"""The planner for long contexts: the CPU stand-in for a GPU's attention, host memory of
+the ``offload`` remat policy, XLA:CPU's float32 copies of stacked activations, and the
+sequence-length search falling back to offload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import ml_collections
+import pytest
+
+from jaxfit import config as config_lib
+from jaxfit.plan import core, search
+
+REPO = Path(__file__).resolve().parents[2]
+GPT2_DEMO = str(REPO / "configs" / "gpt2_scratch.py") + ":demo"
+CLIP_DEMO = str(REPO / "configs" / "clip_coco.py") + ":demo"
+ON_CPU = jax.default_backend() == "cpu"
+
+
+@pytest.mark.skipif(not ON_CPU, reason="the stand-in is for planning on a CPU")
+def test_the_cpu_stand_in_is_the_blocked_attention_unless_one_is_configured():
+    gpt2 = config_lib.load_config(GPT2_DEMO)
+    assert gpt2.model.attention_impl == ""
+    assert core.cpu_stand_in(gpt2).model.attention_impl == "chunked"
+    auto = config_lib.load_config(GPT2_DEMO, ["model.attention_impl=auto"])
+    assert core.cpu_stand_in(auto).model.attention_impl == "chunked"
+    for impl in ("xla", "cudnn", "chunked"):
+        explicit = config_lib.load_config(GPT2_DEMO, [f"model.attention_impl={impl}"])
+        assert core.cpu_stand_in(explicit).model.attention_impl == impl
+    clip = config_lib.load_config(CLIP_DEMO)  # no attention_impl field: "auto"
+    assert core.cpu_stand_in(clip).model.attention_impl == "chunked"
+
+
+@pytest.mark.skipif(not ON_CPU, reason="host bytes are counted from the jaxpr on a CPU")
+def test_offload_plans_the_layer_inputs_on_the_host():
+    common = ["batch_size=8", "micro_batch_size=4", "model.attention_impl=xla"]
+    full = core.plan_config(config_lib.load_config(GPT2_DEMO, [*common, "model.remat_policy=full"]))
+    off = core.plan_config(
+        config_lib.load_config(GPT2_DEMO, [*common, "model.remat_policy=offload"])
+    )
+    cfg = config_lib.load_config(GPT2_DEMO)
+    layers, width, seq = cfg.model.config.n_layer, cfg.model.config.n_embd, cfg.seq_len
+    # one micro-batch's layer inputs (float32 here): the micro-batch loop runs the backward
+    # pass of one micro-batch before the next
+    assert off.memory["host_bytes"] == layers * 4 * seq * width * 4
+    assert full.memory["host_bytes"] == 0
+    m = off.memory
+    assert m["peak_target"] == m["peak"] - m["cpu_upcasts"] - m["host_bytes"]
+    # on a CPU the policy saves the same tensors as full remat, in place
+    assert m["temporaries"] == full.memory["temporaries"]
+
+
+@pytest.mark.skipif(not ON_CPU, reason="counts the CPU-only float32 copies")
+def test_whole_float32_copies_of_stacked_loop_outputs_are_not_planned():
+    hlo = """
+%body (p: (s32[], bf16[3,2,8])) -> (s32[], bf16[3,2,8]) {
+}
+ENTRY %main {
+  %while.7 = (s32[], bf16[3,2,8]{2,1,0}) while(%tuple.1), condition=%cond, body=%body
+  %get-tuple-element.9 = bf16[3,2,8]{2,1,0} get-tuple-element(%while.7), index=1
+  %get-tuple-element.10 = s32[] get-tuple-element(%while.7), index=0
+  %wrapped_convert.6 = f32[3,2,8]{2,1,0} fusion(%get-tuple-element.9), kind=kLoop
+  %convert.3 = f32[3,2]{1,0} fusion(%get-tuple-element.9), kind=kLoop, calls=%slice
+}
+"""
+    assert core.loop_upcast_bytes(hlo) == 3 * 2 * 8 * 4
+    assert core.loop_upcast_bytes("ENTRY %main { }") == 0
+
+
+class _Plan:
+    def __init__(self, peak, host=0):
+        self.peak_bytes = peak
+        self.memory = {"host_bytes": host}
+        self.compile_seconds = 0.0
+
+
+def test_seq_len_search_tries_offload_where_the_config_does_not_fit(monkeypatch):
+    tried = []
+
+    def fake_try(config, overrides, usable, progress):
+        n, policy = overrides["seq_len"], overrides.get("model.remat_policy", "full")
+        tried.append((n, policy))
+        # full remat keeps the layer inputs: 3 bytes per token; offload: 1
+        plan = _Plan(n * (1 if policy == "offload" else 3))
+        return search.Candidate(dict(overrides), plan, plan.peak_bytes <= usable)
+
+    monkeypatch.setattr(search, "_try", fake_try)
+    monkeypatch.setattr(search, "seq_len_step", lambda config: 512)
+    config = ml_collections.ConfigDict({"seq_len": 2048, "model": {"remat_policy": "full"}})
+    rows = search.search_seq_len(config, usable_bytes=20000, max_seq_len=65536, progress=print)
+    best = max((r for r in rows if r.fits), key=lambda r: r.overrides["seq_len"])
+    assert best.overrides == {"seq_len": 19968, "model.remat_policy": "offload"}  # 39 x 512
+    assert (4096, "full") in tried and (8192, "offload") in tried
+    assert all(p == "full" for n, p in tried if n <= 6144)  # offload only where full fails
+    assert [r.overrides["seq_len"] for r in rows] == sorted(r.overrides["seq_len"] for r in rows)
+    off = ml_collections.ConfigDict({"seq_len": 2048, "model": {"remat_policy": "offload"}})
+    tried.clear()
+    search.search_seq_len(off, usable_bytes=20000, max_seq_len=65536, progress=print)
+    assert all(p == "full" for _, p in tried)  # no override: the config's own policy
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_CPU, reason="the CPU estimate")
+def test_llama3_8b_qlora_longest_context_on_cpu(capsys):
+    """``python -m jaxfit.plan --config configs/llama3_8b_qlora.py --search_seq_len`` (12
+    GiB): the CPU estimate of the longest batch-1 context (measured on a 2-core CPU:
+    see the printed table; the bound checks only that the search reaches past the
+    config's 2,048 tokens with offload)."""
+    from jaxfit.plan.apply import usable_bytes
+
+    config = config_lib.load_config(str(REPO / "configs" / "llama3_8b_qlora.py"))
+    rows = search.search_seq_len(config, usable_bytes(12 * 2**30), max_seq_len=65536,
+                                 progress=print)  # fmt: skip
+    fitting = [r for r in rows if r.fits]
+    assert fitting, [(r.overrides, r.plan and r.plan.peak_bytes) for r in rows]
+    best = max(fitting, key=lambda r: r.overrides["seq_len"])
+    print("longest:", best.overrides, best.plan.memory["peak_target"] / 2**30, "GiB",
+          best.plan.memory["host_bytes"] / 2**30, "GiB on the host")  # fmt: skip
+    assert best.overrides["seq_len"] >= 2048
