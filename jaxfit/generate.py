@@ -28,7 +28,9 @@ def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adap
     """``(model, params, encode, decode, eos_token_id)`` for a workdir or an HF model.
 
     For an HF model, ``quant_method`` (``"nf4"`` / ``"int8"``) quantises the weights while
-    loading (``jaxfit.quant.load_quantized``) and ``adapter`` applies a PEFT LoRA directory.
+    loading (``jaxfit.quant.load_quantized``); without it the weights load as stored (a
+    bitsandbytes 4-bit checkpoint as NF4, through ``jaxfit.hf.load_pretrained``).
+    ``adapter`` applies a PEFT LoRA directory.
     A workdir is sampled as trained (its LoRA adapters over its frozen, possibly quantised,
     base).
 
@@ -47,7 +49,7 @@ def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adap
     if quant_method:
         model, params = quant.load_quantized(path, quant_method)
     else:
-        model, params = hf.load_pretrained(path)
+        model, params = hf.load_pretrained(path, quantize=hf.stored_quantization(path))
     if adapter:
         params = lora.load_peft(params, model, adapter)
     tok = AutoTokenizer.from_pretrained(str(hf.io.resolve(path)))

@@ -50,29 +50,40 @@ def base_dtype(config):
     return compute_dtype(config) if config_lib.precision_settings(config).lora else jnp.float32
 
 
-def load_base(config, **overrides):
-    """``(model, params)`` of ``config.init_from``: quantised while streaming when
-    ``base_format`` is quantised (the full-precision model never exists at once), float
-    otherwise. ``overrides`` are model-config fields (e.g. ``remat_policy``)."""
+def _quantize(config) -> str | None:
+    """What :func:`jaxfit.hf.load_pretrained` makes of the checkpoint's weights: the
+    ``base_format`` when quantised, ``None`` (float) otherwise."""
     precision = config_lib.precision_settings(config)
-    dtype = compute_dtype(config)
-    if precision.quantised:
-        return quant.load_quantized(
-            config.init_from, precision.base_format, dtype=dtype, compute_dtype=dtype, **overrides
-        )
+    return precision.base_format if precision.quantised else None
+
+
+def load_base(config, **overrides):
+    """``(model, params)`` of ``config.init_from`` through the one loader
+    (:func:`jaxfit.hf.load_pretrained`): quantised while streaming when ``base_format`` is
+    quantised (the full-precision model never exists at once; a bitsandbytes NF4
+    checkpoint under ``nf4`` kept as stored, under ``int8`` refused), float otherwise (an
+    NF4 checkpoint dequantised exactly). ``overrides`` are model-config fields (e.g.
+    ``remat_policy``)."""
     return hf.load_pretrained(
-        config.init_from, dtype=base_dtype(config), compute_dtype=dtype, **overrides
+        config.init_from,
+        dtype=base_dtype(config),
+        compute_dtype=compute_dtype(config),
+        quantize=_quantize(config),
+        **overrides,
     )
 
 
 def base_model(config, **overrides):
     """The module of ``config.init_from`` from its ``config.json`` (no weights read), with
-    the dtypes :func:`load_base` gives it. ``overrides``: model-config fields."""
-    dtype = compute_dtype(config)
-    quantised = config_lib.precision_settings(config).quantised
-    param_dtype = dtype if quantised else base_dtype(config)
+    the dtypes :func:`load_base` gives it; a checkpoint format ``load_base`` would refuse
+    (LLM.int8, FP4, NF4 under ``int8``) raises here already. ``overrides``: model-config
+    fields."""
     return hf.model_from_config(
-        config.init_from, dtype=param_dtype, compute_dtype=dtype, **overrides
+        config.init_from,
+        dtype=base_dtype(config),
+        compute_dtype=compute_dtype(config),
+        quantize=_quantize(config),
+        **overrides,
     )[0]
 
 
