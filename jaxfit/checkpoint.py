@@ -229,8 +229,12 @@ class Checkpointer:
 
     def _seal_committed(self) -> None:
         """Write the checksums of every checkpoint this object saved that orbax has
-        committed since (orbax calls this after each asynchronous save is finalised)."""
+        committed since (orbax calls this after each asynchronous save is finalised).
+        In a multi-process run only process 0 seals (the files are every process's)."""
         with self._seal_lock:
+            if jax.process_index() != 0:
+                self._unsealed.clear()
+                return
             for step in sorted(self._unsealed):
                 step_dir = self._step_dir(step)
                 if not os.path.isdir(step_dir):

@@ -37,7 +37,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import checkpoint, logs, oom, sharding, validation
+from jaxfit import checkpoint, distributed, logs, oom, sharding, validation
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
@@ -285,8 +285,8 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float
     config = resolve_config(config, workdir)  # every derived field, before it is saved
     # refused before any work or write when it would change shapes or the data order
     workdir_lib.check_resume(config, workdir, checkpoint.latest_step_in(workdir / "checkpoints"))
-    mesh = sharding.make_mesh()
-    task = build_task(config, workdir, mesh)
+    mesh = sharding.mesh_from_config(config)
+    task = distributed.primary_first(build_task, config, workdir, mesh)  # shared data files
     abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
     ckpt = checkpoint.Checkpointer(

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import config as config_lib
-from jaxfit import objectives
+from jaxfit import objectives, sharding
 from jaxfit.data import image_text
 from jaxfit.data.image_text import caption_tokenizer as tokenizers
 from jaxfit.data.image_text import pipeline
@@ -162,7 +162,7 @@ class CLIPTask(Task):
                 )
             self.model = clip_model.CLIPModel(model_config(config, self.tokenizer))
         self.image_size = self.model.config.vision.image_size
-        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract)
+        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract, mesh=mesh)
         self.num_micro_batches = config.batch_size // config.micro_batch_size
         self.loss_and_grad = objectives.contrastive_loss_and_grad(
             self.model,
@@ -206,6 +206,7 @@ class CLIPTask(Task):
             augment=pipeline.augment_from_config(data),
             num_threads=data.num_threads,
             counter=self.train_skips,
+            process_rows=sharding.process_batch_rows(self.mesh, self.config.batch_size),
         )
 
     def skip_counts(self) -> dict[str, int]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import config as config_lib
-from jaxfit import objectives, perf
+from jaxfit import objectives, perf, sharding
 from jaxfit.data import text as text_data
 from jaxfit.data.text import write_synthetic_text
 from jaxfit.hf import families
@@ -121,7 +121,7 @@ class LMTask(Task):
                 max_positions=_max_positions(self.model),
                 model_vocab_size=_vocab_size(self.model),
             )
-        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract)
+        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract, mesh=mesh)
         self.num_micro_batches = config.batch_size // config.micro_batch_size
         chunk_size = config.get("loss_chunk_size", 0)
         self.loss_and_grad = objectives.lm_loss_and_grad(
@@ -186,13 +186,16 @@ class LMTask(Task):
 
     # -- training -----------------------------------------------------------------------
     def train_iterator(self):
-        return text_data.train_batches(
+        batches = text_data.train_batches(
             self.data.train,
             batch_size=self.config.batch_size,
             seq_len=self.config.seq_len,
             seed=self.config.seed,
             mask_cut_documents=bool(self.config.data.instruction),
         )
+        # this process's rows of each global batch (all of them for one process)
+        batches.process_rows = sharding.process_batch_rows(self.mesh, self.config.batch_size)
+        return batches
 
     def skip_counts(self) -> dict[str, int]:
         stats = self.data.train.meta.get("stats", {})

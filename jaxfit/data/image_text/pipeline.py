@@ -15,6 +15,15 @@ Each epoch visits every record once, in a seed-determined order. For record ``i`
 ``np.random.default_rng([seed, e, i])``: batches are a deterministic function of
 (seed, step), independent of thread count and timing.
 
+Several processes (``process_rows``, from ``jaxfit.sharding.process_batch_rows``): each
+reads and decodes only its rows ``[start, stop)`` of every global batch, i.e. stream
+positions ``k * B + start .. k * B + stop - 1`` of batch ``k`` (``map_with_index`` over a
+local position ``l`` looks up global position ``(l // b) * B + start + l % b``, ``b`` its
+row count), so the global batch is the single-process one whatever the process count.
+(grain's ``ShardByJaxProcess`` would instead split the records, giving each process
+other examples and a global batch that depends on the process count.) Exact as long as
+every image decodes: an undecodable one is skipped within its process's share.
+
 Threads, not processes: PIL decodes and resizes with the GIL released, and skip counters
 stay in the main process. ``get_state()`` is grain's state (the stream position, an int)
 plus the settings it is only valid for; it is JSON-serialisable, and ``set_state`` resumes
@@ -93,6 +102,20 @@ class _LoadExample:
         return {"pixel_values": pixels, "caption": caption, "index": int(index)}
 
 
+class _AtGlobalPosition:
+    """``load`` of this process's rows ``[start, stop)`` of each global batch of ``size``:
+    local stream position ``l`` is global position ``(l // b) * size + start + l % b``."""
+
+    def __init__(self, order, load, start: int, stop: int, size: int):
+        self.order, self.load = order, load
+        self.start, self.rows, self.size = start, stop - start, size
+
+    def __call__(self, position: int, _index: int):
+        k, j = divmod(int(position), self.rows)
+        g = k * self.size + self.start + j
+        return self.load(g, self.order[g])
+
+
 class TrainIterator:
     """Endless iterator of CLIP training batches (see ``train_iterator``).
 
@@ -114,6 +137,7 @@ class TrainIterator:
         prefetch_batches: int,
         counter: SkipCounter,
         with_image_index: bool,
+        process_rows: tuple[int, int] | None = None,
     ):
         if not records:
             raise ValueError("train_iterator: no records")
@@ -123,24 +147,28 @@ class TrainIterator:
             raise ValueError(f"global_batch_size must be positive, got {global_batch_size}")
         if augment is True:
             augment = Augment()
+        start, stop = process_rows or (0, global_batch_size)
+        if not 0 <= start < stop <= global_batch_size:
+            raise ValueError(f"process_rows {process_rows} outside a batch of {global_batch_size}")
         self.num_records = len(records)
         self.seed = int(seed)
         self.global_batch_size = int(global_batch_size)
+        self.local_batch_size = stop - start
         self._tokenizer = tokenizer
         self._with_image_index = with_image_index
         load = _LoadExample(records, image_size, seed, augment or None, counter)
+        order = grain.MapDataset.range(self.num_records).shuffle(seed=_shuffle_seed(seed)).repeat()
+        if (start, stop) != (0, global_batch_size):
+            load = _AtGlobalPosition(order, load, start, stop, global_batch_size)
         ds = (
-            grain.MapDataset.range(self.num_records)
-            .shuffle(seed=_shuffle_seed(seed))
-            .repeat()
-            .map_with_index(load)
+            order.map_with_index(load)
             .to_iter_dataset(
                 grain.ReadOptions(
                     num_threads=num_threads,
-                    prefetch_buffer_size=max(global_batch_size, 2 * num_threads),
+                    prefetch_buffer_size=max(self.local_batch_size, 2 * num_threads),
                 )
             )
-            .batch(global_batch_size, drop_remainder=True, batch_fn=self._collate)
+            .batch(self.local_batch_size, drop_remainder=True, batch_fn=self._collate)
         )
         if prefetch_batches > 0:
             ds = grain.experimental.ThreadPrefetchIterDataset(
@@ -167,13 +195,14 @@ class TrainIterator:
 
     def get_state(self) -> dict:
         """JSON-serialisable position: ``{"version", "seed", "num_records",
-        "global_batch_size", "grain"}``; ``grain`` is grain's iterator state (the next
-        stream position, an int, under ``next_index``)."""
+        "global_batch_size", "local_batch_size", "grain"}``; ``grain`` is grain's iterator
+        state (the next local stream position, an int, under ``next_index``)."""
         return {
             "version": STATE_VERSION,
             "seed": self.seed,
             "num_records": self.num_records,
             "global_batch_size": self.global_batch_size,
+            "local_batch_size": self.local_batch_size,
             "grain": self._it.get_state(),
         }
 
@@ -189,11 +218,16 @@ class TrainIterator:
           ValueError: the state was saved with another seed or batch size, or is not a
             ``TrainIterator`` state of this version.
         """
-        mine = {k: v for k, v in self.get_state().items() if k not in ("grain", "num_records")}
+        skip = ("grain", "num_records", "local_batch_size")
+        mine = {k: v for k, v in self.get_state().items() if k not in skip}
         theirs = {k: state.get(k) for k in mine}
         if theirs != mine:
             raise ValueError(f"data iterator state is for {theirs}, this pipeline is {mine}")
         grain_state = dict(state["grain"])
+        saved_local = int(state.get("local_batch_size", self.global_batch_size))
+        if saved_local != self.local_batch_size:  # another process count: same batch index
+            batches = int(grain_state["next_index"]) // saved_local
+            grain_state["next_index"] = batches * self.local_batch_size
         n_old, n_new = int(state["num_records"]), self.num_records
         if n_old != n_new:
             epoch, offset = divmod(int(grain_state["next_index"]), n_old)
@@ -225,6 +259,7 @@ def train_iterator(
     prefetch_batches: int = 2,
     counter: SkipCounter | None = None,
     with_image_index: bool = False,
+    process_rows: tuple[int, int] | None = None,
 ) -> TrainIterator:
     """Endless, checkpointable stream of CLIP training batches.
 
@@ -244,6 +279,8 @@ def train_iterator(
       counter: receives ``undecodable_image`` skips (each image counted once; all threads
         count into it). A fresh one if None.
       with_image_index: also yield ``image_index`` int32 [B] (record indices).
+      process_rows: ``(start, stop)``: yield only these rows of each global batch (this
+        process's, ``jaxfit.sharding.process_batch_rows``); None: all ``B``.
 
     Returns:
       A ``TrainIterator``: ``next()`` gives ``{"pixel_values": float32 [B, H, W, 3],
@@ -266,6 +303,7 @@ def train_iterator(
         prefetch_batches=prefetch_batches,
         counter=counter if counter is not None else SkipCounter(),
         with_image_index=with_image_index,
+        process_rows=process_rows,
     )
 
 
