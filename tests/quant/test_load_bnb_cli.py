@@ -2,8 +2,9 @@
 
 ``python -m jaxfit.train`` with ``configs/llama_qlora.py:demo`` and ``init_from`` = a tiny
 NF4 checkpoint saved by transformers + bitsandbytes: bf16 LoRA over the base dequantised
-exactly, and QLoRA (``precision=nf4``) over the base kept as stored; ``python -m
-jaxfit.generate --model BNB_DIR`` samples the greedy tokens of the bitsandbytes model.
+exactly, and QLoRA (``precision=nf4``) over the base kept as stored, each exported with
+``python -m jaxfit.export``; ``python -m jaxfit.generate --model BNB_DIR`` samples the
+greedy tokens of the bitsandbytes model.
 """
 
 import json
@@ -95,6 +96,14 @@ def test_lora_trains_over_a_bnb_checkpoint(bnb_dir, tmp_path, precision, log_lin
     assert len(losses) == 4 and np.all(np.isfinite(losses)), losses
     saved = json.loads((workdir / "config.json").read_text())
     assert saved["init_from"] == str(directory) and saved["lora"]["enabled"]
+    # the run exports as a float HF directory (adapters merged) that transformers loads
+    out = tmp_path / "hf"
+    done = _run("jaxfit.export", "--workdir", str(workdir), "--out", str(out), timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    exported = transformers.LlamaForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        logits = exported(torch.tensor([[1, 2, 3]])).logits.float().numpy()
+    assert np.all(np.isfinite(logits))
 
 
 def test_generate_cli_samples_the_bitsandbytes_models_greedy_tokens(bnb_dir):
