@@ -5,6 +5,8 @@
       --apply runs/llama3_8b          # then: python -m jaxfit.train ... --workdir runs/llama3_8b
   python -m jaxfit.plan --config configs/llama3_8b_qlora.py --search_seq_len
   python -m jaxfit.plan --config configs/nanochat_d32.py --device rtx4070 --tokens 38e9
+  python -m jaxfit.plan --config configs/llama_finetune.py --device h100-sxm --devices 8 \
+      --mesh fsdp=8    # per-device memory and communication of an FSDP run on 8 cards
 
 Builds the config's model and train step for abstract shapes (no data read, no weights
 loaded, no device memory used), compiles the step on the local backend and prints the
@@ -15,6 +17,9 @@ estimate. ``--config.x=y`` overrides work as in ``jaxfit.train``. Flags:
   ``device``): its memory is the default budget, its peak bf16 rate the time's basis.
 * ``--budget 12GiB`` / ``--reserve 1GiB``: memory budget and what to keep free of it
   (default 512 MiB + 5%: CUDA context, library workspaces, fragmentation).
+* ``--devices N`` / ``--mesh data=2,fsdp=4``: plan for a mesh of N devices (compiled as
+  an SPMD program on N host CPU devices, so every byte is per device) and report the
+  communication of one step; ``--mesh`` sets ``config.mesh``.
 * ``--search``: try micro-batch x remat policy x CE chunk size (``--micro_batch_sizes``,
   ``--remat_policies``, ``--loss_chunk_sizes`` narrow it; ``--max_compiles`` bounds it)
   and print what fits, fastest first. ``--search_seq_len``: the longest ``seq_len`` that
@@ -26,6 +31,7 @@ estimate. ``--config.x=y`` overrides work as in ``jaxfit.train``. Flags:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import sys
@@ -34,7 +40,7 @@ import time
 from jaxfit import cli
 from jaxfit import config as config_lib
 from jaxfit.errors import UsageError
-from jaxfit.plan import apply, core, estimate, report, search
+from jaxfit.plan import apply, core, devices, estimate, report, search
 
 PROG = "python -m jaxfit.plan"
 
@@ -53,6 +59,8 @@ FLAGS = {
     "loss_chunk_sizes": "Comma-separated CE chunk sizes for --search.",
     "max_compiles": "Stop a search after this many compilations (default 40).",
     "max_seq_len": "Upper bound of --search_seq_len.",
+    "devices": "Plan for this many devices (compiled on as many host CPU devices).",
+    "mesh": "Split of the devices, e.g. data=2,fsdp=4 (sets config.mesh).",
 }
 BOOL_FLAGS = {
     "search": "Search micro-batch x remat policy x CE chunk size for what fits.",
@@ -72,6 +80,13 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config, fl = config_lib.parse_argv(argv, extra_flags=FLAGS, bool_flags=BOOL_FLAGS)
+    try:  # before anything touches a device
+        if fl["devices"]:
+            devices.use_devices(int(fl["devices"]))
+        if fl["mesh"]:
+            config = core.set_fields(config, devices.parse_mesh(fl["mesh"]))
+    except ValueError as e:
+        raise UsageError(f"{e}, in the command line, see --help") from None
     if fl["apply"] and not (fl["search"] or fl["search_seq_len"]):
         raise UsageError("--apply needs --search or --search_seq_len, in the command line")
     try:
@@ -110,15 +125,20 @@ def _main(argv: list[str]) -> int:
 
     if fl["search"]:
         print("\nsearch: micro-batch x remat policy x CE chunk size")
-        rows = search.search_batch(
-            config,
-            usable,
-            micro_batch_sizes=_ints(fl["micro_batch_sizes"]),
-            remat_policies=(fl["remat_policies"] or ",".join(search.REMAT_POLICIES)).split(","),
-            loss_chunk_sizes=_ints(fl["loss_chunk_sizes"]),
-            max_compiles=int(fl["max_compiles"] or 40),
-            progress=print,
-        )
+        rows = []  # every data x fsdp split of the devices unless --mesh names one
+        for split in [{}] if fl["mesh"] else devices.mesh_splits(plan.devices):
+            found_here = search.search_batch(
+                core.set_fields(config, split),
+                usable,
+                micro_batch_sizes=_ints(fl["micro_batch_sizes"]),
+                remat_policies=(fl["remat_policies"] or ",".join(search.REMAT_POLICIES)).split(","),
+                loss_chunk_sizes=_ints(fl["loss_chunk_sizes"]),
+                max_compiles=int(fl["max_compiles"] or 40),
+                progress=print,
+            )
+            rows += [dataclasses.replace(c, overrides={**split, **c.overrides}) for c in found_here]
+        # fitting, then fewest FLOPs first; stable: ties keep the least sharded split first
+        rows.sort(key=lambda c: (not c.fits, c.plan.flops["executed"] if c.plan else 0.0))
         print("\nwhat fits, fastest first (then what does not):")
         print(table(rows))
         found += rows

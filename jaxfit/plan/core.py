@@ -35,6 +35,7 @@ from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import training as lora_training
 from jaxfit.models.layers import OFFLOAD_NAMES
 from jaxfit.optim import make_optimizer
+from jaxfit.plan import devices as devices_lib
 from jaxfit.plan import flops as flops_lib
 from jaxfit.quant.base import is_weight_leaf
 from jaxfit.step import abstract_train_state, jit_train_step
@@ -55,10 +56,17 @@ SETTINGS = ("batch_size", "micro_batch_size", "model.remat_policy", "loss_chunk_
 
 
 def tree_bytes(tree: Any) -> int:
-    """Total bytes of the arrays (or ``ShapeDtypeStruct``) of a pytree."""
+    """Bytes of the arrays (or ``ShapeDtypeStruct``) of a pytree on one device: a leaf with
+    a ``sharding`` counts its shard (split over ``fsdp``: a fraction of the array)."""
     return int(
-        sum(np.prod(x.shape, dtype=np.int64) * np.dtype(x.dtype).itemsize for x in _arrays(tree))
-    )
+        sum(np.prod(_shard_shape(x), dtype=np.int64) * np.dtype(x.dtype).itemsize
+            for x in _arrays(tree))
+    )  # fmt: skip
+
+
+def _shard_shape(x) -> tuple:
+    sharding_ = getattr(x, "sharding", None)
+    return tuple(x.shape) if sharding_ is None else sharding_.shard_shape(tuple(x.shape))
 
 
 def _arrays(tree: Any) -> list:
@@ -72,7 +80,7 @@ def frozen_bytes_by_kind(frozen: Any) -> dict[str, int]:
     out: dict[str, int] = {}
     for leaf in jax.tree.leaves(frozen, is_leaf=is_weight_leaf):
         if is_weight_leaf(leaf):
-            kind, size = leaf.kind, leaf.nbytes
+            kind, size = leaf.kind, tree_bytes(leaf)  # its arrays' shards
         elif hasattr(leaf, "dtype"):
             kind, size = np.dtype(leaf.dtype).name, tree_bytes(leaf)
         else:
@@ -164,6 +172,10 @@ class Plan:
       examples_per_step, tokens_per_step: what one optimizer step consumes (tokens: LM).
       compile_seconds: lowering + compilation wall time.
       backend: the jax backend compiled for (``cpu``, ``gpu``, ``tpu``).
+      devices: devices of the mesh the step was compiled for (``settings`` has its
+        ``mesh.data`` x ``mesh.fsdp``); ``memory`` is per device, ``flops`` for all.
+      communication: bytes of the collectives' results in one step, per device, by kind
+        (``jaxfit.plan.devices.collective_bytes``; empty on one device).
     """
 
     settings: dict[str, Any]
@@ -174,6 +186,8 @@ class Plan:
     tokens_per_step: int | None
     compile_seconds: float
     backend: str
+    devices: int = 1
+    communication: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     @property
     def peak_bytes(self) -> int:
@@ -190,6 +204,7 @@ def _settings(config) -> dict[str, Any]:
         out["model.attention_impl"] = get_field(config, "model.attention_impl") or "auto"
     out["precision"] = config.precision
     out["optimizer"] = config.optim.name
+    out.update({f"mesh.{k}": int(v) for k, v in sharding.mesh_from_config(config).shape.items()})
     return out
 
 
@@ -351,7 +366,7 @@ def plan_config(config) -> Plan:
     memory["peak"] = memory["arguments"] + memory["outputs"] - memory["aliased"]
     memory["peak"] += memory["temporaries"]
     on_cpu = jax.default_backend() == "cpu"
-    hlo_text = compiled.as_text() if on_cpu else ""
+    hlo_text = compiled.as_text()
     upcasts = hoisted_upcast_bytes(hlo_text) + loop_upcast_bytes(hlo_text) if on_cpu else 0
     memory["cpu_upcasts"] = upcasts
     memory.update(_host_bytes(config, ma, jaxpr, on_cpu))
@@ -375,4 +390,6 @@ def plan_config(config) -> Plan:
         tokens_per_step=batch_size * seq_len if config.task == "lm" else None,
         compile_seconds=seconds,
         backend=jax.default_backend(),
+        devices=jax.device_count(),
+        communication=devices_lib.collective_bytes(hlo_text) if jax.device_count() > 1 else {},
     )

@@ -108,7 +108,8 @@ def estimate_time(
     """Estimate throughput and wall time of ``plan`` (a :class:`jaxfit.plan.core.Plan`).
 
     Args:
-      device: a ``jaxfit.perf.DEVICES`` name (its peak bf16 TFLOP/s is used).
+      device: a ``jaxfit.perf.DEVICES`` name (its peak bf16 TFLOP/s is used, times the
+        plan's ``devices``; the time collectives take is not modelled).
       utilisation: sustained fraction of peak on executed FLOPs, in (0, 1].
       total_steps: the config's optimizer steps (for ``run_seconds``).
       tokens: a token budget to estimate the time of (language models).
@@ -121,7 +122,8 @@ def estimate_time(
     if not 0.0 < utilisation <= 1.0:
         raise ValueError(f"utilisation (--mfu) must be in (0, 1], got {utilisation}")
     dev = perf.device(device)
-    peak = dev.peak_bf16_tflops * 1e12
+    # the step's FLOPs are shared by every device of the mesh (communication not counted)
+    peak = dev.peak_bf16_tflops * 1e12 * getattr(plan, "devices", 1)
     step = plan.flops["executed"] / (peak * utilisation)
     examples = plan.examples_per_step / step
     per_token = None

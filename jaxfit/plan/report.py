@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from jaxfit.plan.core import Plan
+from jaxfit.plan.devices import COLLECTIVES
 from jaxfit.plan.estimate import TimeEstimate, format_bytes, format_seconds
 
 
@@ -58,6 +59,13 @@ def memory_report(plan: Plan, budget: int, usable: int, device: str) -> str:
         lines.append(
             f"  less {format_bytes(m['cpu_upcasts'])} of float32 copies of bf16 arguments "
             "that only XLA:CPU makes (it has no bf16 matmul)"
+        )
+    if plan.communication:
+        c = plan.communication
+        kinds = ", ".join(f"{k} {format_bytes(v)}" for k, v in c.items() if k in COLLECTIVES and v)
+        lines.append(
+            f"communication per step and device ({plan.devices} devices): {kinds or 'none'} "
+            f"(sizes of the collectives' results; total {format_bytes(c['total'])})"
         )
     verdict = (
         "FITS"
