@@ -105,3 +105,39 @@ def test_two_processes_train_as_one_and_their_checkpoint_resumes_in_one(tmp_path
     for s in ("4", "5", "6"):
         np.testing.assert_allclose(cont["losses"][s], two["losses"][s], rtol=1e-6)
     _close(cont["params_6"], two["params_6"], rtol=0, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_the_train_cli_joins_a_two_process_run(tmp_path):
+    """``python -m jaxfit.train ... --coordinator_address --num_processes --process_id``:
+    both processes finish; process 0 alone writes config.json, metrics and train.log."""
+    address = f"127.0.0.1:{free_port()}"
+    workdir = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "jaxfit.train", "--config", SPEC, "--workdir", str(workdir),
+        "--config.total_steps=2", "--config.eval_every=2", "--config.ckpt_every=2",
+        "--config.log_every=1", "--config.mesh.fsdp=2", "--config.data.synthetic.num_documents=300",
+        "--coordinator_address", address, "--num_processes", "2",
+    ]  # fmt: skip
+    procs = [
+        subprocess.Popen(
+            [*cmd, "--process_id", str(i)],
+            env=device_env(2),
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for i in range(2)
+    ]
+    try:
+        outs = [p.communicate(timeout=900)[0] for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    assert [p.returncode for p in procs] == [0, 0], "\n---\n".join(o[-3000:] for o in outs)
+    rows = [json.loads(line) for line in open(workdir / "metrics.jsonl")]
+    assert [r["step"] for r in rows if "train/loss" in r] == [1, 2]  # written once
+    assert json.loads((workdir / "config.json").read_text())["mesh"] == {"data": -1, "fsdp": 2}
+    assert (workdir / "checkpoints" / "2").is_dir()
