@@ -135,14 +135,11 @@ def load_pretrained(
     ``model.safetensors.index.json``) one at a time and converted on the host; torch is
     not needed. ``config.json``'s ``quantization_config`` says how they are stored:
 
-    ============================  =================================  ====================
-    stored \\ ``quantize``         ``None``                           ``"nf4"`` / ``"int8"``
-    ============================  =================================  ====================
-    float                         float in ``dtype``                 quantised on reading
-    bitsandbytes NF4 (``-bnb-4bit``)  dequantised exactly to ``dtype``   nf4: kept as stored;
-                                                                     int8: refused
-    LLM.int8, FP4, GPTQ, ...      refused (named)                    refused (named)
-    ============================  =================================  ====================
+    * float weights: float in ``dtype`` (``quantize=None``), or quantised tensor by tensor
+      (``"nf4"`` / ``"int8"``);
+    * bitsandbytes NF4 (``*-bnb-4bit``): dequantised exactly to ``dtype`` (``None``), kept
+      as stored (``"nf4"``), refused (``"int8"``);
+    * LLM.int8, FP4, GPTQ, ...: refused, naming the format.
 
     "Exactly" means every weight equals bitsandbytes' ``dequantize_4bit`` (in the
     checkpoint's ``quant_state.dtype``) cast to ``dtype``: what a bitsandbytes model
