@@ -26,7 +26,7 @@ from jaxfit.quant.base import is_weight_leaf
 # ``layers/...`` for Llama, Qwen2 and the CLIP towers, ``h/...`` for GPT-2). Embeddings,
 # norms and the LM head stay float, as transformers' bitsandbytes integration keeps them
 # (``get_keys_to_not_convert``: the output embedding is skipped).
-DEFAULT_RULES: tuple[str, ...] = (rf"(^|/)({'|'.join(families.stack_names())})/.*kernel$",)
+DEFAULT_RULES: tuple[str, ...] = families.DEFAULT_QUANT_RULES
 
 
 def leaf_class(method: str):
