@@ -175,7 +175,12 @@ def dequantize_blockwise(q: jax.Array, absmax: jax.Array, code: jax.Array, block
     """
     m = q.shape[-1]
     values = jnp.take_along_axis(code, q.astype(jnp.int32), axis=-1)
-    scale = jnp.repeat(absmax, blocksize, axis=-1, total_repeat_length=absmax.shape[-1] * blocksize)
+    # Each scale repeated blocksize times by a broadcast and a reshape. (jnp.repeat with
+    # total_repeat_length builds its gather indices from a cumulative sum of constants,
+    # s32[n] for n scaled values, which XLA then constant-folds at compile time: the
+    # "slow_operation_alarm: Constant folding ... s32[57344,16]" of an 8B NF4 step.)
+    scale = jnp.broadcast_to(absmax[..., None], (*absmax.shape, blocksize))
+    scale = scale.reshape(*absmax.shape[:-1], absmax.shape[-1] * blocksize)
     return values * scale[..., :m]
 
 
