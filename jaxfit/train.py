@@ -30,7 +30,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxfit import checkpoint, cli, distributed, logs, trainer
+from jaxfit import checkpoint, cli, distributed, logs, runtime, trainer
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
@@ -58,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str]) -> int:
     logs.setup()
+    runtime.configure_runtime()  # compilation cache, XLA flag defaults: before any device
     config, flags = config_lib.parse_argv(
         argv,
         extra_flags={
