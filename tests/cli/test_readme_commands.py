@@ -293,8 +293,13 @@ class Runner:
     def instruction_jsonl(self) -> Path:
         path = self.root / "train.jsonl"
         if not path.exists():
+            # Instruction rows that are also plain text rows ("text"), for either reading.
             rows = [
-                {"prompt": f"Add {i} and {i + 1}.", "completion": f" {2 * i + 1}"}
+                {
+                    "prompt": f"Add {i} and {i + 1}.",
+                    "completion": f" {2 * i + 1}",
+                    "text": f"Add {i} and {i + 1}. {2 * i + 1}",
+                }
                 for i in range(200)
             ]
             path.write_text("".join(json.dumps(r) + "\n" for r in rows))
