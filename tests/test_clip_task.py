@@ -147,7 +147,9 @@ def test_sigterm_checkpoints_and_stops(tmp_path):
         if step == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    trainer.train(config, tmp_path / "run", on_step=send_sigterm)
+    with pytest.raises(trainer.StoppedBySignal) as stopped:
+        trainer.train(config, tmp_path / "run", on_step=send_sigterm)
+    assert (stopped.value.step, stopped.value.exit_code) == (2, 143)
     ckpt_steps = sorted(int(p.name) for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert ckpt_steps == [2]  # saved at the signal, not at ckpt_every, and stopped there
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # handler restored
