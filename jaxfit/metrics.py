@@ -199,7 +199,10 @@ class MetricWriter:
         self._jsonl.write(json.dumps(record) + "\n")
         self._jsonl.flush()
         if self._console:
-            self._postfix.update(console_postfix(values))
+            shown = console_postfix(values)
+            if step <= self._first_step + 1:  # rates over the compiling step: not a speed
+                shown = {k: v for k, v in shown.items() if k not in ("tok/s", "img/s", "mfu")}
+            self._postfix.update(shown)
             if self._bar is not None:
                 self._bar.set_postfix(self._postfix, refresh=False)
             evals = [(k.removeprefix("eval/"), v) for k, v in _natural(values) if k[:5] == "eval/"]

@@ -23,6 +23,16 @@ def test_bar_starts_after_the_first_step(tmp_path, capsys):
     assert err.count("5/5") == 1  # the final bar is drawn once
 
 
+def test_no_rate_from_the_compiling_step(tmp_path, capsys):
+    with MetricWriter(tmp_path, total_steps=4, initial_step=2) as w:
+        w.write_scalars(3, {"train/loss": 1.0, "perf/images_per_sec": 3.0})  # compiled here
+        w.update_progress(3)
+        w.write_scalars(4, {"train/loss": 0.5, "perf/images_per_sec": 900.0})
+        w.update_progress(4)
+    err = capsys.readouterr().err
+    assert "img/s=3" not in err and "img/s=900" in err
+
+
 def test_already_finished(tmp_path, capsys):
     with MetricWriter(tmp_path, total_steps=300, initial_step=300):
         pass
