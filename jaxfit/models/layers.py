@@ -270,8 +270,9 @@ def _fold_dropout_keys(params: Any, index: jax.Array) -> Any:
         rng = getattr(leaf, "dropout_rng", None)
         if rng is None or not hasattr(leaf, "replace"):
             return leaf
-        key = jax.random.fold_in(jax.random.wrap_key_data(rng), index)
-        return leaf.replace(dropout_rng=jax.random.key_data(key))
+        keys = jax.random.wrap_key_data(rng)  # one key, or one per layer of a stack
+        flat = jax.vmap(lambda k: jax.random.fold_in(k, index))(keys.reshape(-1))
+        return leaf.replace(dropout_rng=jax.random.key_data(flat.reshape(keys.shape)))
 
     return jax.tree.map(fold, params, is_leaf=lambda x: hasattr(x, "dropout_rng"))
 
