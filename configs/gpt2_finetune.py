@@ -29,9 +29,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     c.model.family = "gpt2"  # from init_from's config.json; kept for from-scratch overrides
     c.model.remat_policy = "dots_no_batch"
-    # "" = jax picks (cuDNN flash attention on GPU where it applies, else XLA); "xla",
-    # "cudnn", or "chunked" (blocks of queries: no [seq, seq] scores; jaxfit.models.layers)
-    c.model.attention_impl = ""
+    # "auto": cuDNN flash attention on a GPU where jax's cuDNN path takes the shapes, else
+    # the XLA reference for short sequences and jaxfit's blocked flash attention ("chunked",
+    # no [seq, seq] scores) beyond; "xla" on CPU (jaxfit.models.layers.choose_attention).
+    # The choice and its reason are logged and recorded in config.json.
+    c.model.attention_impl = "auto"
+    # > 0: the MLP runs over blocks of this many positions, recomputed in the backward
+    # pass ([seq, intermediate] temporaries of one block at a time); 0 = whole sequence
+    c.model.mlp_chunk_size = 0
     c.model.config = ml_collections.ConfigDict(dict(vocab_size=0))
     c.data = default_text_config()
     c.data.val_fraction = 0.05  # ignored when data.val_path is set
