@@ -424,6 +424,10 @@ class Runner:
                 extra[key] = value
         if command.module == "train":
             extra.update(RHYTHM)
+        devices = next((int(v[0]) for f, *v in _pairs(list(command.tokens)) if f == "--devices"), 1)
+        for key in ("batch_size", "micro_batch_size"):  # a batch that splits over the mesh
+            if key in extra:
+                extra[key] *= devices
         flags = [
             f"--config.{k}={v}"
             for k, v in extra.items()
@@ -491,6 +495,9 @@ def test_runner_adapts_paths_and_sizes(tmp_path):
     assert [a for a in argv if "val_fraction" in a] == ["--config.data.val_fraction=0.05"]
     demo = Command("README.md", "", scratch.tokens[:4] + ("configs/gpt2_scratch.py:demo",))
     assert not any("n_layer" in a for a in runner.adapt(demo))  # a demo keeps its sizes
+    mesh = Command("README.md", "", (*scratch.tokens[:5], "--devices", "8"))
+    mesh = dataclasses.replace(mesh, tokens=("python", "-m", "jaxfit.plan", *mesh.tokens[3:]))
+    assert "--config.batch_size=32" in runner.adapt(mesh)  # 4 per device
     runner.unavailable.add("runs/clip")
     evaluate_clip = Command(
         "README.md", "", ("python", "-m", "jaxfit.evaluate", "--workdir", "runs/clip")
