@@ -157,7 +157,13 @@ class Checkpointer:
             create=True,
             cleanup_tmp_directories=True,
             enable_async_checkpointing=async_save,
-            async_options=ocp.AsyncOptions(post_finalization_callback=self._seal_committed),
+            # a synchronous save seals right after it returns (see save); orbax takes the
+            # callback only with its asynchronous checkpointer
+            async_options=(
+                ocp.AsyncOptions(post_finalization_callback=self._seal_committed)
+                if async_save
+                else None
+            ),
         )
         self._manager = ocp.CheckpointManager(
             self.directory, options=options, item_names=("state", "meta")

@@ -30,7 +30,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxfit import checkpoint, cli, distributed, logs, runtime, trainer
+from jaxfit import checkpoint, cli, distributed, logs, runtime, trainer, validation
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
@@ -67,6 +67,7 @@ def _main(argv: list[str]) -> int:
         },
         bool_flags={"dry_run": "Check the config and flags, print the config, and stop."},
     )
+    validation.validate_values(config)  # every value, before any work or write
     distributed.initialize_from_flags(flags)  # before anything touches a device
     workdir = flags["workdir"]
     if not workdir:

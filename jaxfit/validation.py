@@ -18,11 +18,20 @@ from typing import Any
 
 import ml_collections
 
+from jaxfit import config as config_lib
 from jaxfit.config import ConfigError, get_field, precision_settings
 from jaxfit.hf import families
 from jaxfit.optim import OPTIMIZERS
 
 log = logging.getLogger(__name__)
+
+
+def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
+    """:func:`jaxfit.config.load_config` followed by :func:`validate_values`: the config
+    a CLI would run, or :class:`~jaxfit.config.ConfigError` naming the bad value."""
+    config = config_lib.load_config(spec, overrides)
+    validate_values(config)
+    return config
 
 
 def _bad(key: str, value: Any, allowed: str) -> ConfigError:

@@ -1,6 +1,7 @@
 """Fixtures shared by the whole test suite."""
 
 import functools
+import logging
 import os
 from pathlib import Path
 
@@ -40,3 +41,17 @@ def jit_fast():
 def np_rng():
     """A fresh ``np.random.Generator`` seeded with 0 (deterministic test data)."""
     return np.random.default_rng(0)
+
+
+@pytest.fixture(autouse=True)
+def _jaxfit_logger_as_found():
+    """A CLI ``main`` run in-process calls ``jaxfit.logs.setup``, which gives the
+    ``jaxfit`` logger its own console handler and stops propagation (so absl's root
+    handler does not print records twice); restore the logger after each test so later
+    tests' ``caplog`` (a root handler) still sees jaxfit's records."""
+    logger = logging.getLogger("jaxfit")
+    state = (logger.level, logger.propagate, list(logger.handlers))
+    yield
+    logger.setLevel(state[0])
+    logger.propagate = state[1]
+    logger.handlers[:] = state[2]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from jaxfit import config as config_lib
-from jaxfit import trainer
+from jaxfit import trainer, validation
 from jaxfit.evals.retrieval import chance_recall
 from jaxfit.evaluate import main as evaluate_main
 from jaxfit.train import main as train_main
@@ -127,21 +127,21 @@ def test_config_errors_name_the_key(capsys):
 )
 def test_values_are_checked_before_any_work(override, message):
     with pytest.raises(config_lib.ConfigError, match=message):
-        config_lib.load_config(f"{CLIP_CONFIG}:demo", [override])
+        validation.load_config(f"{CLIP_CONFIG}:demo", [override])
 
 
 def test_hub_names_and_local_dirs_pass_without_the_hub(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     for value in ("openai/clip-vit-base-patch32", "gpt2", str(tmp_path)):
-        config_lib.load_config(f"{CLIP_CONFIG}:demo", [f"init_from={value}"])
+        validation.load_config(f"{CLIP_CONFIG}:demo", [f"init_from={value}"])
     (tmp_path / "empty").mkdir()
     with pytest.raises(config_lib.ConfigError, match="has no config.json"):
-        config_lib.load_config(f"{CLIP_CONFIG}:demo", [f"init_from={tmp_path / 'empty'}"])
+        validation.load_config(f"{CLIP_CONFIG}:demo", [f"init_from={tmp_path / 'empty'}"])
 
 
 def test_warmup_longer_than_the_run_is_clamped(caplog):
-    with caplog.at_level("WARNING", logger="jaxfit.config"):
-        cfg = config_lib.load_config(CLIP_CONFIG, ["total_steps=60"])  # the recipe warms 500
+    with caplog.at_level("WARNING", logger="jaxfit.validation"):
+        cfg = validation.load_config(CLIP_CONFIG, ["total_steps=60"])  # the recipe warms 500
     assert cfg.optim.warmup_steps == 59
     assert "optim.warmup_steps=500 is not shorter than total_steps=60: clamped to 59" in (
         caplog.text

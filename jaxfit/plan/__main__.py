@@ -37,7 +37,7 @@ import logging
 import sys
 import time
 
-from jaxfit import cli
+from jaxfit import cli, validation
 from jaxfit import config as config_lib
 from jaxfit.errors import UsageError
 from jaxfit.plan import apply, core, devices, estimate, report, search
@@ -80,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config, fl = config_lib.parse_argv(argv, extra_flags=FLAGS, bool_flags=BOOL_FLAGS)
+    validation.validate_values(config)
     try:  # before anything touches a device
-        if fl["devices"]:
+        if fl["devices"] and int(fl["devices"]) < 1:
+            raise ValueError(f"--devices {fl['devices']}: at least 1")
+        if fl["devices"] and not fl["dry_run"]:  # a dry run touches no device
             devices.use_devices(int(fl["devices"]))
         if fl["mesh"]:
             config = core.set_fields(config, devices.parse_mesh(fl["mesh"]))

@@ -177,7 +177,7 @@ def test_chunked_gradient_memory_grows_linearly_not_quadratically():
 
 def test_auto_is_resolved_into_the_config_the_run_records(tmp_path, caplog):
     gpt2 = config_lib.load_config(str(REPO / "configs" / "gpt2_scratch.py") + ":demo")
-    assert gpt2.model.attention_impl == ""
+    assert gpt2.model.attention_impl == "auto"  # the configs' default
     with caplog.at_level(logging.INFO, logger="jaxfit.tasks"):
         resolved = tasks.resolve_config(gpt2, tmp_path)
     expected = "xla" if jax.default_backend() == "cpu" else resolved.model.attention_impl

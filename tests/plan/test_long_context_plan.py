@@ -22,7 +22,7 @@ ON_CPU = jax.default_backend() == "cpu"
 @pytest.mark.skipif(not ON_CPU, reason="the stand-in is for planning on a CPU")
 def test_the_cpu_stand_in_is_the_blocked_attention_unless_one_is_configured():
     gpt2 = config_lib.load_config(GPT2_DEMO)
-    assert gpt2.model.attention_impl == ""
+    assert gpt2.model.attention_impl == "auto"  # the configs' default
     assert core.cpu_stand_in(gpt2).model.attention_impl == "chunked"
     auto = config_lib.load_config(GPT2_DEMO, ["model.attention_impl=auto"])
     assert core.cpu_stand_in(auto).model.attention_impl == "chunked"
