@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from checkpoint_damage import HOW, damage
 
 from jaxfit import optim, sharding, step
 from jaxfit.checkpoint import Checkpointer, NoUsableCheckpointError, latest_step_in, to_abstract
@@ -117,24 +118,7 @@ def test_errors(tmp_path):
             ckpt.restore({"a": jax.ShapeDtypeStruct((2,), jnp.float32)}, step=3)
 
 
-def _damage(step_dir, how):
-    """Damage a checkpoint directory as a disk, a copy or a hand might."""
-    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
-    data = max((f for f in files if "/d/" in f), key=os.path.getsize)
-    if how == "truncate":
-        os.truncate(data, os.path.getsize(data) // 2)
-    elif how == "flip":
-        with open(data, "r+b") as f:
-            f.seek(os.path.getsize(data) // 2)
-            byte = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([byte[0] ^ 0x10]))
-    elif how == "metadata":
-        os.remove(os.path.join(step_dir, "state", "_METADATA"))
-    return os.path.relpath(data, step_dir)
-
-
-@pytest.mark.parametrize("how", ["truncate", "flip", "metadata"])
+@pytest.mark.parametrize("how", HOW)
 def test_damaged_latest_falls_back_to_previous(tmp_path, how):
     """A byte flip restores silently with orbax alone; the checksums written after each
     commit catch it, and every kind of damage is named with its step and file."""
@@ -143,7 +127,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, how):
         ckpt.save(3, a, {"step": 3})
         ckpt.save(6, b, {"step": 6})
     assert os.path.isfile(tmp_path / "6" / "jaxfit_checksums.json")
-    name = _damage(tmp_path / "6", how)
+    name = damage(tmp_path / "6", how)
     with Checkpointer(tmp_path) as ckpt:
         problem = ckpt.verify(6)
         assert problem and ("_METADATA" if how == "metadata" else name) in problem

@@ -5,13 +5,13 @@ a changed config, signals and malformed config values. Each test drives real
 from __future__ import annotations
 
 import json
-import os
 import random
 import signal
 import time
 
 import numpy as np
 import pytest
+from checkpoint_damage import HOW, damage
 from faultlib import (
     assert_same_state,
     checkpoint_steps,
@@ -171,30 +171,13 @@ def test_second_ctrl_c_exits_at_once(tmp_path):
 # --- damaged checkpoints --------------------------------------------------------------
 
 
-def _damage(step_dir, how) -> str:
-    files = [os.path.join(r, f) for r, _, fs in os.walk(step_dir) for f in fs]
-    data = max((f for f in files if f"{os.sep}d{os.sep}" in f), key=os.path.getsize)
-    if how == "truncate":
-        os.truncate(data, os.path.getsize(data) // 2)
-    elif how == "flip":
-        with open(data, "r+b") as f:
-            f.seek(os.path.getsize(data) // 2)
-            byte = f.read(1)
-            f.seek(-1, 1)
-            f.write(bytes([byte[0] ^ 0x01]))
-    else:
-        os.remove(os.path.join(step_dir, "state", "_METADATA"))
-        return "state/_METADATA"
-    return os.path.relpath(data, step_dir)
-
-
-@pytest.mark.parametrize("how", ["truncate", "flip", "metadata"])
+@pytest.mark.parametrize("how", HOW)
 def test_damaged_latest_checkpoint_falls_back(tmp_path, reference, how):
     """The latest checkpoint damaged (half its data file, one flipped bit, _METADATA gone):
     reported with step and file, set aside, the previous one used; the run ends with the
     reference's parameters."""
     workdir = copy_run(reference, tmp_path / "run")
-    name = _damage(workdir / "checkpoints" / "12", how)
+    name = damage(workdir / "checkpoints" / "12", how)
     done = train(workdir, total_steps=12)
     assert done.returncode == 0, done.stderr[-3000:]
     warning = next(x for x in done.stderr.splitlines() if "checkpoint at step 12" in x)
@@ -208,7 +191,7 @@ def test_damaged_latest_checkpoint_falls_back(tmp_path, reference, how):
 def test_no_usable_checkpoint_is_a_clear_error(tmp_path, reference):
     workdir = copy_run(reference, tmp_path / "run")
     for step in checkpoint_steps(workdir):
-        _damage(workdir / "checkpoints" / str(step), "truncate")
+        damage(workdir / "checkpoints" / str(step), "truncate")
     done = train(workdir)
     assert done.returncode == 6, done.stderr[-3000:]
     (line,) = _error_lines(done.stderr)
