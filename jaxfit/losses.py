@@ -13,6 +13,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jaxfit.accumulate import merge_micro, split_micro
 from jaxfit.models.clip import logit_scale_value
@@ -300,10 +301,12 @@ def chunked_cross_entropy(
 ) -> tuple[jax.Array, jax.Array]:
     """:func:`cross_entropy` of ``head_fn(hidden)`` without materialising all the logits.
 
-    The tokens are flattened (``[..., D] -> [N, D]``), padded to a multiple of
-    ``chunk_size`` (padding is ignored: target ``-1``, mask 0) and the LM head plus the loss
-    run one chunk of ``chunk_size`` tokens at a time in a ``lax.scan`` whose body is
-    ``jax.checkpoint``-ed: the ``[chunk_size, V]`` logits of a chunk are recomputed in the
+    The sequences (``[R, S, D]``: ``R`` rows, the leading dimensions but the last; one row
+    for ``[N, D]``) are cut along ``S`` into chunks of ``c = ceil(chunk_size / R)``
+    positions of every row (``S`` padded to a multiple of ``c``; padding is ignored:
+    target ``-1``, mask 0), and the LM head plus the loss run one ``[R, c]`` chunk (about
+    ``chunk_size`` tokens) at a time in a ``lax.scan`` whose body is
+    ``jax.checkpoint``-ed: the ``[R, c, V]`` logits of a chunk are recomputed in the
     backward pass instead of stored, so at most one chunk's logits (and their gradient)
     exist at once instead of ``[N, V]`` float32 (Llama 3's V = 128,256 makes those 2.1 GB
     for 4,096 tokens, twice that with their gradient). Cost: the head's matmul runs once
@@ -325,17 +328,18 @@ def chunked_cross_entropy(
 
     Args:
       hidden: ``[..., D]`` final hidden states, any float dtype (passed to ``head_fn``
-        unchanged, one ``[chunk_size, D]`` slice at a time).
-      head_fn: ``[chunk, D] -> [chunk, V]`` logits (any float dtype; the loss upcasts to
+        unchanged, one ``[R, c, D]`` chunk at a time).
+      head_fn: ``[R, c, D] -> [R, c, V]`` logits (any float dtype; the loss upcasts to
         float32), e.g. ``lambda h: model.apply(variables, h, method="logits")``. Must be
         deterministic and act on each token independently: it is called once per chunk
         in the forward pass and again in the backward pass.
       targets: ``[...]`` integer ids in ``[0, V)`` (same leading shape as ``hidden``);
         negative ids are ignored, as in :func:`cross_entropy`.
       mask: optional ``[...]`` weights (bool/0-1); zero entries are ignored.
-      chunk_size: tokens per chunk (keyword-only, static); clamped to the number of
-        tokens. A chunk's float32 logits and their gradient take ``2 * chunk_size * V * 4``
-        bytes.
+      chunk_size: tokens per chunk (keyword-only, static): ``ceil(chunk_size / R)``
+        positions of each row, at most ``S``. A chunk's float32 logits and their gradient
+        take about ``2 * chunk_size * V * 4`` bytes. Rows stay whole along the chunks, so
+        a batch split over devices (``jaxfit.sharding``) stays split.
 
     Returns:
       ``(loss_sum, token_count)``: float32 scalars, as :func:`cross_entropy`.
@@ -351,22 +355,27 @@ def chunked_cross_entropy(
         raise ValueError(f"targets shape {targets.shape} != hidden shape[:-1] {hidden.shape}")
     if mask is not None and mask.shape != targets.shape:
         raise ValueError(f"mask shape {mask.shape} != targets shape {targets.shape}")
-    h = hidden.reshape(-1, hidden.shape[-1])
-    t = targets.reshape(-1)
-    m = None if mask is None else mask.reshape(-1)
-    n = h.shape[0]
-    chunk_size = max(1, min(chunk_size, n))
-    num_chunks = -(-n // chunk_size)
-    pad = num_chunks * chunk_size - n
+    # Rows stay rows: [R, S, D] (R = the leading dims but the last; 1 for [N, D]) is cut
+    # along S into chunks of c positions of every row, c * R ~ chunk_size tokens, so a
+    # batch split over devices stays split chunk by chunk (flat token chunks would span
+    # devices: data parallelism would gather the hidden states and repeat the head).
+    rows = int(np.prod(hidden.shape[:-2], dtype=np.int64)) if hidden.ndim > 2 else 1
+    h = hidden.reshape(rows, -1, hidden.shape[-1])
+    t = targets.reshape(rows, -1)
+    m = None if mask is None else mask.reshape(rows, -1)
+    n = h.shape[1]
+    per_row = max(1, min(-(-chunk_size // rows), n))
+    num_chunks = -(-n // per_row)
+    pad = num_chunks * per_row - n
     if pad:
-        h = jnp.pad(h, ((0, pad), (0, 0)))
-        t = jnp.pad(t, (0, pad), constant_values=-1)  # negative target: ignored
-        m = None if m is None else jnp.pad(m, (0, pad))
-    xs = (
-        h.reshape(num_chunks, chunk_size, h.shape[-1]),
-        t.reshape(num_chunks, chunk_size),
-        None if m is None else m.reshape(num_chunks, chunk_size),
-    )
+        h = jnp.pad(h, ((0, 0), (0, pad), (0, 0)))
+        t = jnp.pad(t, ((0, 0), (0, pad)), constant_values=-1)  # negative target: ignored
+        m = None if m is None else jnp.pad(m, ((0, 0), (0, pad)))
+
+    def chunks(x):  # [R, num_chunks * c, ...] -> [num_chunks, R, c, ...]
+        return jnp.swapaxes(x.reshape(rows, num_chunks, per_row, *x.shape[2:]), 0, 1)
+
+    xs = (chunks(h), chunks(t), None if m is None else chunks(m))
 
     # Save nothing inside a chunk (its inputs are the scan's xs anyway): the [chunk, V]
     # logits are recomputed by the backward pass. prevent_cse=False is safe inside scan.

@@ -8,6 +8,7 @@ lives in the ``loss_and_grad`` function it is built from.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -147,8 +148,31 @@ def jit_train_step(task, optimizer, schedule, state_shardings, mesh):
     trainer runs it; the planner and the benchmarks compile it): :func:`make_train_step`
     of ``task.loss_and_grad``, the state donated and kept in ``state_shardings``, the
     gradients constrained to the parameters' shardings, the metrics replicated."""
+    train_step = make_train_step(task.loss_and_grad, optimizer, schedule, state_shardings.params)
     return jax.jit(
-        make_train_step(task.loss_and_grad, optimizer, schedule, state_shardings.params),
+        traced_for(mesh, train_step),
         out_shardings=(state_shardings, sharding.replicated(mesh)),
         donate_argnums=0,
     )
+
+
+def traced_for(mesh, fn: Callable) -> Callable:
+    """``fn`` traced under :func:`jaxfit.sharding.spmd_mesh` of ``mesh``: the models split
+    activations over the batch axes and gather each weight where a layer uses it (FSDP)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with sharding.spmd_mesh(mesh):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def jit_eval(fn: Callable, mesh) -> Callable:
+    """``jax.jit`` of an evaluation function ``fn(params, frozen, batch, ...)`` for
+    ``mesh``: traced as :func:`traced_for`, its results replicated on every device (so
+    every process can read them; give it batches placed by
+    :func:`jaxfit.sharding.shard_global_batch`)."""
+    if mesh is None:
+        return jax.jit(fn)
+    return jax.jit(traced_for(mesh, fn), out_shardings=sharding.replicated(mesh))

@@ -42,7 +42,7 @@ from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
 from jaxfit.optim import make_optimizer
-from jaxfit.step import TrainState, abstract_train_state, create_train_state, jit_train_step
+from jaxfit.step import TrainState, abstract_train_state, jit_train_step
 from jaxfit.tasks import build_task, resolve_config
 from jaxfit.tasks.base import param_rng
 
@@ -286,6 +286,7 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float
     # refused before any work or write when it would change shapes or the data order
     workdir_lib.check_resume(config, workdir, checkpoint.latest_step_in(workdir / "checkpoints"))
     mesh = sharding.mesh_from_config(config)
+    sharding.check_batch_sizes(config, mesh)
     task = distributed.primary_first(build_task, config, workdir, mesh)  # shared data files
     abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
@@ -414,6 +415,9 @@ def run_evaluation(task, params, workdir: str | Path, step: int) -> dict[str, fl
 def restore_params(workdir: str | Path, step: int | None = None):
     """Rebuild the task of a finished or running workdir and restore its parameters.
 
+    The parameters are placed as the run placed them (``config.mesh``: split over
+    ``fsdp``) when its mesh fits this process's devices, else split over all of them.
+
     Without ``step``, the newest usable checkpoint: newer damaged ones are reported
     (warnings naming step and file) and skipped, not moved.
 
@@ -426,17 +430,18 @@ def restore_params(workdir: str | Path, step: int | None = None):
     """
     workdir = Path(workdir)
     config = config_lib.load_saved_config(workdir)
-    mesh = sharding.make_mesh()
+    try:  # the run's own mesh when it fits these devices ...
+        mesh = sharding.mesh_from_config(config)
+    except ValueError:  # ... else the parameters split over all of them
+        mesh = sharding.make_mesh(axes={"data": 1, "fsdp": -1})
     task = build_task(config, workdir, mesh)
     abstract_params = task.abstract_params()
     optimizer, _ = make_optimizer(config.optim, config.total_steps, abstract_params)
     with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {str(workdir / 'checkpoints')!r}")
-        abstract_state = jax.eval_shape(
-            lambda p: create_train_state(p, optimizer, jax.random.key(0)), abstract_params
-        )
-        abstract = checkpoint.to_abstract(abstract_state, sharding.replicated(mesh))
+        abstract_state, shardings, _ = abstract_train_state(task, optimizer, config, mesh)
+        abstract = checkpoint.to_abstract(abstract_state, shardings)
         if step is None:
             state, _, found, _ = ckpt.restore_latest_usable(abstract, check=_state_problem)
         else:

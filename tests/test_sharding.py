@@ -136,6 +136,27 @@ def test_mesh_from_config_validates_against_the_devices():
     assert sharding.process_batch_rows(mesh, 8 * n) == (0, 8 * n)
 
 
+def test_batch_sizes_are_checked_against_the_mesh_before_any_work():
+    mesh = AbstractMesh((2, 4), ("data", "fsdp"))  # each micro-batch split 8 ways
+    ok = ml_collections.ConfigDict({"batch_size": 32, "micro_batch_size": 16})
+    sharding.check_batch_sizes(ok, mesh)
+    bad = ml_collections.ConfigDict({"batch_size": 36, "micro_batch_size": 12})
+    with pytest.raises(ValueError) as e:
+        sharding.check_batch_sizes(bad, mesh)
+    assert str(e.value) == (
+        "config.micro_batch_size=12 is not a multiple of the 8 devices of mesh data=2 x "
+        "fsdp=4, over which each micro-batch is split; use a multiple of 8, e.g. "
+        "--config.micro_batch_size=8"
+    )
+    whole = ml_collections.ConfigDict({"batch_size": 4})  # no micro-batching
+    with pytest.raises(ValueError, match=r"config.batch_size=4 .* multiple of 8"):
+        sharding.check_batch_sizes(whole, mesh)
+    sharding.check_batch_sizes(bad, AbstractMesh((1, 1), ("data", "fsdp")))  # one device
+    # evaluation batches are rounded up instead (padded rows count for nothing)
+    assert [sharding.eval_batch_size(n, mesh) for n in (1, 8, 9)] == [8, 8, 16]
+    assert sharding.eval_batch_size(3, None) == 3
+
+
 # Runs in a fresh interpreter with 4 fake CPU devices: a jitted GradCache train step with
 # the batch sharded over 4 devices must match the same step on a 1-device mesh.
 SCRIPT = textwrap.dedent(

@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxfit import sharding
 from jaxfit.models import layers
 
 Dtype = Any
@@ -266,7 +267,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, padding_mask: jax.Array | None):
         t, kw = self.tower, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = checkpoint_name(x, "layer_input")
+        x = checkpoint_name(sharding.constrain_batch(x), "layer_input")
         h = _layer_norm(t.layer_norm_eps, self.param_dtype, "layer_norm1")(x)
         h = SelfAttention(
             t, self.causal, attention_impl=self.attention_impl, name="self_attn", **kw
@@ -333,14 +334,14 @@ class CLIPTextTransformer(nn.Module):
             )
         kw = dict(dtype=c.dtype, param_dtype=c.param_dtype)
         # OpenAI clip/model.py initialize_parameters: token std 0.02, positions std 0.01.
-        tok = nn.Embed(
+        tok = layers.Embed(
             t.vocab_size,
             t.hidden_size,
             embedding_init=nn.initializers.normal(0.02),
             name="token_embedding",
             **kw,
         )(input_ids)
-        pos = nn.Embed(
+        pos = layers.Embed(
             t.max_position_embeddings,
             t.hidden_size,
             embedding_init=nn.initializers.normal(0.01),
@@ -403,7 +404,7 @@ class CLIPVisionTransformer(nn.Module):
         cls = self.param("class_embedding", nn.initializers.normal(scale), (width,), c.param_dtype)
         cls = jnp.broadcast_to(jnp.asarray(cls, c.dtype), (x.shape[0], 1, width))
         x = jnp.concatenate([cls, x], axis=1)
-        pos = nn.Embed(
+        pos = layers.Embed(
             v.num_patches + 1,
             width,
             embedding_init=nn.initializers.normal(scale),

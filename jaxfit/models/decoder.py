@@ -17,6 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfit import sharding
 from jaxfit.models import kv_cache, layers
 
 
@@ -27,12 +28,14 @@ def dense(
     *,
     use_bias: bool = True,
     std: float | None = None,
+    output_parallel: bool = False,
 ) -> layers.Dense:
     """A projection in ``cfg``'s dtypes, kernel drawn from ``N(0, std)`` (default
-    ``cfg.initializer_range``), bias zero."""
+    ``cfg.initializer_range``), bias zero; ``output_parallel`` as :class:`layers.Dense`."""
     return layers.Dense(
         features,
         use_bias=use_bias,
+        output_parallel=output_parallel,
         dtype=cfg.dtype,
         param_dtype=cfg.param_dtype,
         kernel_init=nn.initializers.normal(std or cfg.initializer_range),
@@ -40,9 +43,9 @@ def dense(
     )
 
 
-def embed(cfg: Any, num_embeddings: int, features: int) -> nn.Embed:
+def embed(cfg: Any, num_embeddings: int, features: int) -> layers.Embed:
     """A lookup table ``[num_embeddings, features]`` drawn from ``N(0, initializer_range)``."""
-    return nn.Embed(
+    return layers.Embed(
         num_embeddings,
         features,
         dtype=cfg.dtype,
@@ -86,7 +89,9 @@ class CausalLMMixin:
     def _setup_head(self) -> None:
         """The untied LM head ``lm_head [hidden, vocab]`` (none when tied; ``setup``)."""
         if not self.config.tie_word_embeddings:
-            self.lm_head = dense(self.config, self.config.vocab_size, use_bias=False)
+            self.lm_head = dense(
+                self.config, self.config.vocab_size, use_bias=False, output_parallel=True
+            )
 
     @staticmethod
     def _positions(input_ids: jax.Array, positions: jax.Array | None) -> jax.Array:
@@ -134,7 +139,10 @@ class CausalLMMixin:
         token embedding transposed)."""
         cfg = self.config
         if cfg.tie_word_embeddings:
-            emb = jnp.asarray(getattr(self, self.EMBEDDING).embedding, cfg.dtype)
+            # under FSDP a table split over the vocabulary stays split (vocabulary-parallel
+            # logits, as the untied head's output_parallel)
+            emb = getattr(self, self.EMBEDDING).embedding
+            emb = jnp.asarray(sharding.gathered(emb, cfg.dtype, unless_split_on=0), cfg.dtype)
             out = jnp.matmul(hidden.astype(cfg.dtype), emb.T)
         else:
             out = self.lm_head(hidden)

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
+from jaxfit import sharding
 from jaxfit.models import kv_cache, layers
 from jaxfit.models.decoder import CausalLMMixin, causal_attention, dense, embed
 
@@ -127,7 +128,8 @@ class GPT2Block(nn.Module):
     @nn.compact
     def __call__(self, x, segment_ids, layer_cache, index):
         cfg = self.config
-        x = checkpoint_name(x, "layer_input")  # what remat_policy="offload" moves to the host
+        # the residual stream, split over the batch; what remat_policy="offload" moves to the host
+        x = checkpoint_name(sharding.constrain_batch(x), "layer_input")
         attn, layer_cache = GPT2Attention(cfg, name="attn")(
             _layer_norm(cfg, "ln_1")(x), segment_ids, layer_cache, index
         )

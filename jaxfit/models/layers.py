@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxfit import sharding
 from jaxfit.models import flash
 
 Dtype = Any
@@ -178,7 +179,7 @@ def stack_layers(
     )
 
 
-def matmul(x: jax.Array, kernel: Any, dtype: Dtype) -> jax.Array:
+def matmul(x: jax.Array, kernel: Any, dtype: Dtype, *, output_parallel: bool = False) -> jax.Array:
     """``x @ kernel`` in ``dtype`` for a plain kernel array or a weight leaf.
 
     A *weight leaf* is a pytree node stored in the parameter tree in place of a kernel
@@ -187,16 +188,23 @@ def matmul(x: jax.Array, kernel: Any, dtype: Dtype) -> jax.Array:
     quantised or adapted weights. Inside ``nn.scan`` stacks the node's arrays carry the
     layer axis first and are sliced per layer like any other parameter.
 
+    Under FSDP the kernel is gathered whole first (:func:`jaxfit.sharding.gathered`; a
+    weight leaf gathers its own arrays, in their storage format). With
+    ``output_parallel`` a plain kernel split over ``fsdp`` on its output axis stays split
+    and XLA splits the product's output features instead, gathering the (smaller) input.
+
     Args:
       x: ``[..., in]``.
       kernel: ``[in, out]`` array, or a weight leaf with a ``matmul`` method.
       dtype: compute dtype.
+      output_parallel: see above.
 
     Returns:
       ``[..., out]`` in ``dtype``.
     """
     if hasattr(kernel, "matmul"):
         return kernel.matmul(x, dtype)
+    kernel = sharding.gathered(kernel, dtype, unless_split_on=-1 if output_parallel else None)
     return jnp.matmul(x.astype(dtype), jnp.asarray(kernel, dtype))
 
 
@@ -214,6 +222,10 @@ class Dense(nn.Module):
       dtype: compute dtype (inputs and kernel are cast to it); ``None`` keeps the input's.
       param_dtype: storage dtype of the parameters (float32 master weights by default).
       kernel_init: initialiser of ``kernel``.
+      output_parallel: under FSDP every kernel is gathered whole where it is used;
+        True keeps a kernel split on its output axis split, so are the output features:
+        for the LM head, whose ``[hidden, vocab]`` kernel is far larger than the hidden
+        states XLA gathers instead (vocabulary-parallel logits, as Megatron-LM's).
     """
 
     features: int
@@ -222,6 +234,7 @@ class Dense(nn.Module):
     param_dtype: Dtype = jnp.float32
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros_init()
+    output_parallel: bool = False
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -229,11 +242,27 @@ class Dense(nn.Module):
             "kernel", self.kernel_init, (x.shape[-1], self.features), self.param_dtype
         )
         dtype = self.dtype or x.dtype
-        y = matmul(x, kernel, dtype)
+        y = matmul(x, kernel, dtype, output_parallel=self.output_parallel)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+            bias = sharding.gathered(
+                bias, dtype, unless_split_on=0 if self.output_parallel else None
+            )
             y = y + jnp.asarray(bias, dtype)
         return y
+
+
+class Embed(nn.Embed):
+    """``flax.linen.Embed`` (same parameter, ``embedding [num_embeddings, features]``)
+    whose table is gathered whole where it is looked up under FSDP
+    (:func:`jaxfit.sharding.gathered`), so a lookup never moves activations."""
+
+    def __call__(self, inputs: jax.Array) -> jax.Array:
+        if not jnp.issubdtype(inputs.dtype, jnp.integer):
+            raise ValueError(f"Embed: integer ids expected, got {inputs.dtype}")
+        dtype = self.dtype or self.embedding.dtype
+        table = sharding.gathered(self.embedding, dtype)
+        return jnp.take(jnp.asarray(table, dtype), inputs, axis=0)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:

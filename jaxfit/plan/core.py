@@ -289,6 +289,7 @@ def _trace(config):
     ``pieces`` ends with the step's jaxpr."""
     config = cpu_stand_in(config)
     mesh = sharding.mesh_from_config(config)
+    sharding.check_batch_sizes(config, mesh)
     with _offload_accounted():
         with tempfile.TemporaryDirectory() as workdir:
             task = build_task(config, workdir, mesh, abstract=True)

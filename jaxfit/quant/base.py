@@ -27,6 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
+from jaxfit import sharding
+
 # name -> leaf class, filled by @register in the format modules (int8.py, nf4.py).
 FORMATS: dict[str, type] = {}
 
@@ -69,7 +71,9 @@ class KernelView:
         self.dtype = jnp.dtype(leaf.dtype)
 
     def matmul(self, x: jax.Array, dtype: Any) -> jax.Array:
-        return self.leaf.matmul(x, dtype)
+        """The leaf's ``matmul``, its arrays gathered first under FSDP
+        (:func:`jaxfit.sharding.gathered`: the codes and statistics, not a dequantised copy)."""
+        return sharding.gathered(self.leaf).matmul(x, dtype)
 
     def __repr__(self) -> str:
         return f"KernelView({type(self.leaf).__name__}, shape={self.shape})"

@@ -20,6 +20,7 @@ import numpy as np
 
 from jaxfit import config as config_lib
 from jaxfit import objectives, sharding
+from jaxfit import step as step_lib
 from jaxfit.data import image_text
 from jaxfit.data.image_text import caption_tokenizer as tokenizers
 from jaxfit.data.image_text import pipeline
@@ -170,11 +171,13 @@ class CLIPTask(Task):
             chunk_size=config.get("loss_chunk_size", 0),
         )
         self._eval_counter = image_text.SkipCounter()
-        self._encode_image = jax.jit(
-            lambda p, x: self.model.apply({"params": p}, x, method="encode_image")
+        # evaluation: batches split over the mesh, embeddings replicated
+        self._encode_image = step_lib.jit_eval(
+            lambda p, x: self.model.apply({"params": p}, x, method="encode_image"), mesh
         )
-        self._encode_text = jax.jit(
-            lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, method="encode_text")
+        self._encode_text = step_lib.jit_eval(
+            lambda p, ids, mask: self.model.apply({"params": p}, ids, mask, method="encode_text"),
+            mesh,
         )
 
     def _init_base(self, rng: jax.Array):
@@ -239,7 +242,7 @@ class CLIPTask(Task):
             self.val_records,
             self.tokenizer,
             image_size=self.image_size,
-            batch_size=self.config.eval.batch_size,
+            batch_size=sharding.eval_batch_size(self.config.eval.batch_size, self.mesh),
             num_threads=self.config.data.num_threads,
             counter=self._eval_counter,
         )
@@ -247,10 +250,15 @@ class CLIPTask(Task):
         for kind, batch in batches:
             valid = batch["valid"]
             if kind == "image":
-                emb = self._encode_image(params, batch["pixel_values"])
+                placed = sharding.shard_global_batch(
+                    {"pixel_values": batch["pixel_values"]}, self.mesh
+                )
+                emb = self._encode_image(params, placed["pixel_values"])
                 images.append(np.asarray(emb)[valid])
             else:
-                emb = self._encode_text(params, batch["input_ids"], batch["attention_mask"])
+                keys = ("input_ids", "attention_mask")
+                placed = sharding.shard_global_batch({k: batch[k] for k in keys}, self.mesh)
+                emb = self._encode_text(params, placed["input_ids"], placed["attention_mask"])
                 texts.append(np.asarray(emb)[valid])
                 text_to_image.append(batch["image_index"][valid])
         images, texts = np.concatenate(images), np.concatenate(texts)

@@ -21,6 +21,7 @@ import numpy as np
 
 from jaxfit import config as config_lib
 from jaxfit import objectives, perf, sharding
+from jaxfit import step as step_lib
 from jaxfit.data import text as text_data
 from jaxfit.data.text import write_synthetic_text
 from jaxfit.hf import families
@@ -127,7 +128,8 @@ class LMTask(Task):
         self.loss_and_grad = objectives.lm_loss_and_grad(
             self.model, num_micro_batches=self.num_micro_batches, chunk_size=chunk_size
         )
-        self._eval_sums = jax.jit(objectives.lm_eval_sums(self.model, chunk_size=chunk_size))
+        eval_sums = objectives.lm_eval_sums(self.model, chunk_size=chunk_size)
+        self._eval_sums = step_lib.jit_eval(eval_sums, mesh)  # batches split over the mesh
         self._flops_per_token = None
 
     def _init_base(self, rng: jax.Array):
@@ -243,14 +245,15 @@ class LMTask(Task):
             return {}, {}
         batches = text_data.eval_batches(
             self.data.validation,
-            batch_size=self.config.eval.batch_size,
+            batch_size=sharding.eval_batch_size(self.config.eval.batch_size, self.mesh),
             seq_len=self.config.seq_len,
         )
         sums, counts, keys = [], [], []
         for i, batch in enumerate(batches):
             if self.config.eval.max_batches and i >= self.config.eval.max_batches:
                 break
-            s, n = jax.device_get(self._eval_sums(params, self.frozen, batch))
+            placed = sharding.shard_global_batch(batch, self.mesh)
+            s, n = jax.device_get(self._eval_sums(params, self.frozen, placed))
             keep = n > 0  # padding rows (and sequences without loss tokens) are no examples
             sums.append(np.asarray(s, np.float64)[keep])
             counts.append(np.asarray(n, np.float64)[keep])

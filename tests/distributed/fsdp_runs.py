@@ -3,7 +3,8 @@
 with ``MESH`` like ``data=2,fsdp=4`` and ``XLA_FLAGS=--xla_force_host_platform_device_count=N``.
 
 For each mesh, a fresh workdir trains ``SPEC`` for ``STEPS`` steps (``jaxfit.trainer.train``)
-and ``OUT.json`` gets ``{mesh: {"losses", "bytes", "devices"}}``: ``train/loss`` per step,
+and ``OUT.json`` gets ``{mesh: {"losses", "eval", "bytes", "devices"}}``: ``train/loss`` per
+step, the ``eval/`` metrics of the final evaluation (its batches split over the mesh),
 and the most bytes one device holds of the trainable parameters, the optimizer state and
 the frozen base (``bytes``: ``{"params", "opt_state", "frozen", "total"}``), read from the
 arrays' shards (``jaxfit.sharding.bytes_per_device``).
@@ -55,7 +56,13 @@ def main(argv: list[str]) -> None:
             found["frozen"] = _most(task.frozen) if task.frozen is not None else 0
         found["total"] += found["frozen"]
         losses = [r["train/loss"] for r in rows if "train/loss" in r]
-        results[mesh] = {"losses": losses, "bytes": found, "devices": jax.device_count()}
+        evals = {k: v for r in rows for k, v in r.items() if k.startswith("eval/")}
+        results[mesh] = {
+            "losses": losses,
+            "eval": evals,
+            "bytes": found,
+            "devices": jax.device_count(),
+        }
     Path(out).write_text(json.dumps(results))
 
 

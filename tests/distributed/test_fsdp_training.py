@@ -1,6 +1,7 @@
 """FSDP on 8 forced CPU devices: ``mesh.fsdp=8`` and ``mesh.data=2, mesh.fsdp=4`` train the
 GPT-2, QLoRA-Llama and CLIP demos for 20 steps with the losses of one device, each device
-holding 1/8 (1/4) of the parameters, optimizer state and frozen base.
+holding 1/8 (1/4) of the parameters, optimizer state and frozen base, and the final
+evaluation (its batches split over the devices) agreeing with one device's.
 
 Tolerance: the losses agree to ``rtol=1e-5`` (float32; the sharded program sums partial
 matmuls and gradients across devices in another order than one device: measured
@@ -49,6 +50,10 @@ def test_fsdp_matches_one_device_with_a_fraction_of_the_bytes(tmp_path, name):
         run = many[mesh]
         assert run["devices"] == 8
         np.testing.assert_allclose(run["losses"], one["losses"], rtol=1e-5, err_msg=mesh)
+        # the evaluation, its batches split over the 8 devices, agrees with one device's
+        assert sorted(run["eval"]) == sorted(one["eval"]) and one["eval"]
+        for key, value in one["eval"].items():
+            np.testing.assert_allclose(run["eval"][key], value, rtol=1e-5, err_msg=key)
         for part in ("params", "opt_state", "frozen", "total"):
             full, mine = one["bytes"][part], run["bytes"][part]
             # a few tiny arrays stay replicated (scalars, NF4 offsets): within 2% + 1 KiB

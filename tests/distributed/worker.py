@@ -2,7 +2,8 @@
 ``python tests/distributed/worker.py OUT.json SPEC WORKDIR PROCESS_ID NUM_PROCESSES ADDRESS
 [override ...]`` with ``XLA_FLAGS=--xla_force_host_platform_device_count=N`` set.
 
-Joins the run through :func:`jaxfit.distributed.initialize` (when ``NUM_PROCESSES > 1``),
+Joins the run through :func:`jaxfit.distributed.initialize` (unless ``ADDRESS`` is
+``none``; with one process that still makes its collectives gloo's),
 trains ``SPEC`` with ``jaxfit.trainer.train`` and, on process 0, writes ``OUT.json``:
 ``losses`` (``train/loss`` by step, from ``metrics.jsonl``), ``params_<step>`` (the
 trainable parameters after step ``ckpt_every`` and after the last step, gathered from
@@ -27,7 +28,7 @@ def main(argv: list[str]) -> None:
     from jaxfit import config as config_lib
     from jaxfit import distributed, sharding, trainer
 
-    if nproc > 1:
+    if address != "none":  # also one process: then its collectives are gloo's too
         distributed.initialize(address, nproc, pid)
     config = config_lib.load_config(spec, overrides)
     found = {}
