@@ -254,14 +254,16 @@ class Dense(nn.Module):
 
 class Embed(nn.Embed):
     """``flax.linen.Embed`` (same parameter, ``embedding [num_embeddings, features]``)
-    whose table is gathered whole where it is looked up under FSDP
-    (:func:`jaxfit.sharding.gathered`), so a lookup never moves activations."""
+    placed for FSDP (:func:`jaxfit.sharding.gathered`): a table split over its rows (the
+    vocabulary) stays split, each device looks up the ids in its rows and XLA adds the
+    pieces (``[batch, seq, features]`` activations move, far fewer bytes than the table);
+    a table split over its features is gathered whole, so the lookup is local."""
 
     def __call__(self, inputs: jax.Array) -> jax.Array:
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError(f"Embed: integer ids expected, got {inputs.dtype}")
         dtype = self.dtype or self.embedding.dtype
-        table = sharding.gathered(self.embedding, dtype)
+        table = sharding.gathered(self.embedding, dtype, unless_split_on=0)
         return jnp.take(jnp.asarray(table, dtype), inputs, axis=0)
 
 
