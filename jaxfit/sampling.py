@@ -2,9 +2,15 @@
 
 ``generate`` prefills the prompt in one call of ``model.decode``, then produces one token
 per iteration of a ``lax.while_loop`` (which stops early once every sequence has emitted
-EOS); prefill and loop are compiled together, once per (model, batch, prompt length,
-``max_new_tokens``, number of EOS ids). Temperature, top-k, top-p, the EOS ids and the seed
-are run-time values, so changing them does not recompile.
+EOS); prefill and loop are compiled together, once per (model, batch, prompt-length
+bucket, ``max_new_tokens``, number of EOS ids). A prompt is padded on the right to its
+bucket (:func:`prompt_bucket`: the next power of two, at least 16): the padding comes after
+every real token, so causal attention keeps it out of their keys and values, the first
+new token is read at the prompt's last position, and decoding starts writing the cache
+there, over the padding (a position beyond the write index is masked). So HumanEval's
+164 prompts of 30 to 400 tokens compile 5 programs, not ~150. Temperature, top-k, top-p,
+the EOS ids, the seed and the true prompt length are run-time values: changing them does
+not recompile.
 
 Sampling follows ``transformers``' ``generate`` (``transformers/generation/utils.py``,
 ``_get_logits_processor``): logits are divided by the temperature
@@ -92,11 +98,25 @@ def sample_logits(
     return jax.lax.cond(temperature == 0, greedy, draw, None)
 
 
+MIN_BUCKET = 16
+
+
+def prompt_bucket(length: int, limit: int | None = None) -> int:
+    """The padded prompt length that one compiled program of :func:`generate` serves:
+    the next power of two >= ``length``, at least :data:`MIN_BUCKET`, at most ``limit``
+    (but never below ``length``)."""
+    bucket = max(MIN_BUCKET, 1 << max(0, int(length) - 1).bit_length())
+    if limit is not None:
+        bucket = min(bucket, int(limit))
+    return max(bucket, int(length))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
 def _generate(
     model,
     params,
     prompt,
+    prompt_len,
     rng,
     temperature,
     top_k,
@@ -106,7 +126,7 @@ def _generate(
     *,
     max_new_tokens: int,
 ):
-    batch, prompt_len = prompt.shape
+    batch, bucket = prompt.shape  # prompt_len (traced) real tokens, then padding
     variables = {"params": params}
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
@@ -114,10 +134,12 @@ def _generate(
         return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
 
     # The last token sampled is never fed back, so the cache needs prompt + new - 1 slots.
-    cache = model.init_cache(batch, prompt_len + max_new_tokens - 1)
+    cache = model.init_cache(batch, bucket + max_new_tokens - 1)
     logits, cache = model.apply(variables, prompt, cache, method="decode")
+    cache = cache.replace(index=prompt_len)  # decoding overwrites the padding
+    last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
     rng, sub = jax.random.split(rng)
-    tok = sample(logits[:, -1], sub)
+    tok = sample(last, sub)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
     done = is_eos(tok)
 
@@ -174,6 +196,9 @@ def generate(
     Raises:
       ValueError: bad arguments, or (GPT-2) ``prompt_len + max_new_tokens - 1`` beyond
         ``n_positions``.
+
+    The prompt is padded to :func:`prompt_bucket` of its length (capped so that the cache
+    stays within GPT-2's ``n_positions``): one compiled program per bucket.
     """
     prompt = np.asarray(prompt_ids)
     single = prompt.ndim == 1
@@ -199,10 +224,16 @@ def generate(
         pad_token_id = eos[0] if eos else 0
     eos_ids = np.asarray(eos or [-1], np.int32)  # -1 never matches a token
     vocab = model.config.vocab_size
+    length = prompt.shape[1]
+    positions = getattr(model.config, "n_positions", None)  # learned positions end there
+    limit = positions - max_new_tokens + 1 if positions else None
+    padded = np.full((prompt.shape[0], prompt_bucket(length, limit)), pad_token_id, np.int32)
+    padded[:, :length] = prompt
     out = _generate(
         model,
         params,
-        jnp.asarray(prompt, jnp.int32),
+        jnp.asarray(padded),
+        jnp.int32(length),
         rng if rng is not None else jax.random.key(0),
         jnp.float32(temperature),
         jnp.int32(min(top_k or vocab, vocab)),

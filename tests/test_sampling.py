@@ -77,6 +77,22 @@ def test_greedy_matches_transformers(family):
     assert (out_eos[0, 3:] == eos).all()  # padded with the EOS id after the first EOS
 
 
+def test_prompt_lengths_share_one_compiled_program(family):
+    """Prompts of 3 to 16 tokens are padded to one bucket (16): one compile, and still
+    token-for-token transformers' greedy continuation of each unpadded prompt."""
+    hf_model, model, params, _ = family
+    rng = np.random.RandomState(1)
+    before = sampling._generate._cache_size()
+    for length in (3, 7, 11, 16):
+        prompts = rng.randint(0, VOCAB, (2, length))
+        out = sampling.generate(model, params, prompts, max_new_tokens=NEW, temperature=0)
+        np.testing.assert_array_equal(out, _hf_greedy(hf_model, prompts), err_msg=str(length))
+    assert sampling._generate._cache_size() - before <= 1
+    assert [sampling.prompt_bucket(n) for n in (1, 16, 17, 400)] == [16, 16, 32, 512]
+    assert sampling.prompt_bucket(17, limit=20) == 20  # GPT-2: the cache within n_positions
+    assert sampling.prompt_bucket(30, limit=20) == 30  # never below the prompt
+
+
 def test_single_prompt(family):
     hf_model, model, params, prompts = family
     if isinstance(hf_model, transformers.LlamaForCausalLM):
