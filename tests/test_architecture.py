@@ -111,3 +111,45 @@ def test_low_modules_import_nothing_above_them(low):
     above = ("jaxfit.trainer", "jaxfit.plan", "jaxfit.tasks", "jaxfit.train")
     bad = {m for m in import_graph()[low] if m.startswith(above)}
     assert not bad, f"{low} imports {bad}"
+
+
+# The floors of docs/DESIGN.md, top (0) to bottom; a module is on the floor of the longest
+# prefix listed, the bottom floor otherwise. config_docs documents the CLIs' configs.
+FLOORS: dict[str, int] = {
+    **dict.fromkeys(
+        ["jaxfit.train", "jaxfit.evaluate", "jaxfit.generate", "jaxfit.export",
+         "jaxfit.quantize", "jaxfit.evaluate_code", "jaxfit.plan.__main__", "jaxfit.cli",
+         "jaxfit.config_docs"],
+        0,
+    ),  # fmt: skip
+    "jaxfit.plan": 1,
+    "jaxfit.trainer": 2,
+    "jaxfit.workdir": 2,
+    "jaxfit.tasks": 3,
+    "jaxfit.validation": 3,
+    "jaxfit.objectives": 4,
+    "jaxfit.hf": 5,
+    "jaxfit.lora": 5,
+    "jaxfit.quant": 5,
+    "jaxfit.optim": 5,  # 8-bit optimizer states are NF4-style quantised (quant.optim8bit)
+}
+BOTTOM = 6
+
+
+def floor(module: str) -> int:
+    best = max((p for p in FLOORS if module == p or module.startswith(p + ".")),
+               key=len, default=None)  # fmt: skip
+    return FLOORS[best] if best else BOTTOM
+
+
+def test_imports_point_down_the_floors():
+    """Every import (function-level ones included) goes to the module's own floor or a
+    lower one: e.g. nothing on the bottom floor (models, data, evals, ...) imports a CLI."""
+    graph = _without_package_faces(import_graph())
+    bad = sorted(
+        f"{m} (floor {floor(m)}) imports {t} (floor {floor(t)})"
+        for m, deps in graph.items()
+        for t in deps
+        if floor(t) < floor(m)
+    )
+    assert not bad, "\n".join(bad)
