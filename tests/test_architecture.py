@@ -117,9 +117,17 @@ def test_low_modules_import_nothing_above_them(low):
 # prefix listed, the bottom floor otherwise. config_docs documents the CLIs' configs.
 FLOORS: dict[str, int] = {
     **dict.fromkeys(
-        ["jaxfit.train", "jaxfit.evaluate", "jaxfit.generate", "jaxfit.export",
-         "jaxfit.quantize", "jaxfit.evaluate_code", "jaxfit.plan.__main__", "jaxfit.cli",
-         "jaxfit.config_docs"],
+        [
+            "jaxfit.train",
+            "jaxfit.evaluate",
+            "jaxfit.generate",
+            "jaxfit.export",
+            "jaxfit.quantize",
+            "jaxfit.evaluate_code",
+            "jaxfit.plan.__main__",
+            "jaxfit.cli",
+            "jaxfit.config_docs",
+        ],
         0,
     ),  # fmt: skip
     "jaxfit.plan": 1,
