@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxfit import sharding
+from jaxfit import placement, sharding
 
 PyTree = Any
 Metrics = dict[str, jax.Array]
@@ -157,12 +157,12 @@ def jit_train_step(task, optimizer, schedule, state_shardings, mesh):
 
 
 def traced_for(mesh, fn: Callable) -> Callable:
-    """``fn`` traced under :func:`jaxfit.sharding.spmd_mesh` of ``mesh``: the models split
+    """``fn`` traced under :func:`jaxfit.placement.spmd_mesh` of ``mesh``: the models split
     activations over the batch axes and gather each weight where a layer uses it (FSDP)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with sharding.spmd_mesh(mesh):
+        with placement.spmd_mesh(mesh):
             return fn(*args, **kwargs)
 
     return wrapped

@@ -46,7 +46,7 @@ import numpy as np
 from flax import struct, traverse_util
 
 from jaxfit import params as params_lib
-from jaxfit import sharding
+from jaxfit import placement
 from jaxfit.lora import targets as targets_lib
 from jaxfit.models import layers
 
@@ -126,8 +126,8 @@ class LoraWeight:
             key = jax.random.wrap_key_data(self.dropout_rng)
             mask = jax.random.bernoulli(key, keep, x.shape)
             h = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
-        a = jnp.asarray(sharding.gathered(self.lora_A, dtype), dtype)  # whole under FSDP
-        b = jnp.asarray(sharding.gathered(self.lora_B, dtype), dtype)
+        a = jnp.asarray(placement.gathered(self.lora_A, dtype), dtype)  # whole under FSDP
+        b = jnp.asarray(placement.gathered(self.lora_B, dtype), dtype)
         delta = jnp.matmul(jnp.matmul(h.astype(dtype), a), b)
         return y + (delta * jnp.asarray(self.scale, dtype)).astype(dtype)
 

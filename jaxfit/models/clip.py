@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxfit import sharding
+from jaxfit import placement
 from jaxfit.models import layers
 
 Dtype = Any
@@ -267,7 +267,7 @@ class EncoderLayer(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array, padding_mask: jax.Array | None):
         t, kw = self.tower, dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        x = checkpoint_name(sharding.constrain_batch(x), "layer_input")
+        x = checkpoint_name(placement.constrain_batch(x), "layer_input")
         h = _layer_norm(t.layer_norm_eps, self.param_dtype, "layer_norm1")(x)
         h = SelfAttention(
             t, self.causal, attention_impl=self.attention_impl, name="self_attn", **kw

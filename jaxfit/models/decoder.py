@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxfit import sharding
+from jaxfit import placement
 from jaxfit.models import kv_cache, layers
 
 
@@ -142,7 +142,7 @@ class CausalLMMixin:
             # under FSDP a table split over the vocabulary stays split (vocabulary-parallel
             # logits, as the untied head's output_parallel)
             emb = getattr(self, self.EMBEDDING).embedding
-            emb = jnp.asarray(sharding.gathered(emb, cfg.dtype, unless_split_on=0), cfg.dtype)
+            emb = jnp.asarray(placement.gathered(emb, cfg.dtype, unless_split_on=0), cfg.dtype)
             out = jnp.matmul(hidden.astype(cfg.dtype), emb.T)
         else:
             out = self.lm_head(hidden)

@@ -31,7 +31,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxfit import sharding
+from jaxfit import placement
 from jaxfit.models import kv_cache, layers
 from jaxfit.models.decoder import CausalLMMixin, causal_attention, dense, embed
 
@@ -129,7 +129,7 @@ class GPT2Block(nn.Module):
     def __call__(self, x, segment_ids, layer_cache, index):
         cfg = self.config
         # the residual stream, split over the batch; what remat_policy="offload" moves to the host
-        x = checkpoint_name(sharding.constrain_batch(x), "layer_input")
+        x = checkpoint_name(placement.constrain_batch(x), "layer_input")
         attn, layer_cache = GPT2Attention(cfg, name="attn")(
             _layer_norm(cfg, "ln_1")(x), segment_ids, layer_cache, index
         )

@@ -22,7 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxfit import sharding
+from jaxfit import placement
 from jaxfit.models import flash
 
 Dtype = Any
@@ -188,7 +188,7 @@ def matmul(x: jax.Array, kernel: Any, dtype: Dtype, *, output_parallel: bool = F
     quantised or adapted weights. Inside ``nn.scan`` stacks the node's arrays carry the
     layer axis first and are sliced per layer like any other parameter.
 
-    Under FSDP the kernel is gathered whole first (:func:`jaxfit.sharding.gathered`; a
+    Under FSDP the kernel is gathered whole first (:func:`jaxfit.placement.gathered`; a
     weight leaf gathers its own arrays, in their storage format). With
     ``output_parallel`` a plain kernel split over ``fsdp`` on its output axis stays split
     and XLA splits the product's output features instead, gathering the (smaller) input.
@@ -204,7 +204,7 @@ def matmul(x: jax.Array, kernel: Any, dtype: Dtype, *, output_parallel: bool = F
     """
     if hasattr(kernel, "matmul"):
         return kernel.matmul(x, dtype)
-    kernel = sharding.gathered(kernel, dtype, unless_split_on=-1 if output_parallel else None)
+    kernel = placement.gathered(kernel, dtype, unless_split_on=-1 if output_parallel else None)
     return jnp.matmul(x.astype(dtype), jnp.asarray(kernel, dtype))
 
 
@@ -245,7 +245,7 @@ class Dense(nn.Module):
         y = matmul(x, kernel, dtype, output_parallel=self.output_parallel)
         if self.use_bias:
             bias = self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-            bias = sharding.gathered(
+            bias = placement.gathered(
                 bias, dtype, unless_split_on=0 if self.output_parallel else None
             )
             y = y + jnp.asarray(bias, dtype)
@@ -254,7 +254,7 @@ class Dense(nn.Module):
 
 class Embed(nn.Embed):
     """``flax.linen.Embed`` (same parameter, ``embedding [num_embeddings, features]``)
-    placed for FSDP (:func:`jaxfit.sharding.gathered`): a table split over its rows (the
+    placed for FSDP (:func:`jaxfit.placement.gathered`): a table split over its rows (the
     vocabulary) stays split, each device looks up the ids in its rows and XLA adds the
     pieces (``[batch, seq, features]`` activations move, far fewer bytes than the table);
     a table split over its features is gathered whole, so the lookup is local."""
@@ -263,7 +263,7 @@ class Embed(nn.Embed):
         if not jnp.issubdtype(inputs.dtype, jnp.integer):
             raise ValueError(f"Embed: integer ids expected, got {inputs.dtype}")
         dtype = self.dtype or self.embedding.dtype
-        table = sharding.gathered(self.embedding, dtype, unless_split_on=0)
+        table = placement.gathered(self.embedding, dtype, unless_split_on=0)
         return jnp.take(jnp.asarray(table, dtype), inputs, axis=0)
 
 

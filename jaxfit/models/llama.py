@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
-from jaxfit import sharding
+from jaxfit import placement
 from jaxfit.models import kv_cache, layers, rope
 from jaxfit.models.decoder import CausalLMMixin, causal_attention, dense, embed
 
@@ -172,7 +172,7 @@ class LlamaBlock(nn.Module):
     def __call__(self, x, cos_sin, segment_ids, layer_cache, index):
         cfg = self.config
         # the residual stream, split over the batch; what remat_policy="offload" moves to the host
-        x = checkpoint_name(sharding.constrain_batch(x), "layer_input")
+        x = checkpoint_name(placement.constrain_batch(x), "layer_input")
         h = RMSNorm(cfg.rms_norm_eps, cfg.param_dtype, name="input_layernorm")(x)
         attn, layer_cache = LlamaAttention(cfg, name="self_attn")(
             h, cos_sin, segment_ids, layer_cache, index

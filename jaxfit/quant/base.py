@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax.core import meta
 
-from jaxfit import sharding
+from jaxfit import placement
 
 # name -> leaf class, filled by @register in the format modules (int8.py, nf4.py).
 FORMATS: dict[str, type] = {}
@@ -72,8 +72,8 @@ class KernelView:
 
     def matmul(self, x: jax.Array, dtype: Any) -> jax.Array:
         """The leaf's ``matmul``, its arrays gathered first under FSDP
-        (:func:`jaxfit.sharding.gathered`: the codes and statistics, not a dequantised copy)."""
-        return sharding.gathered(self.leaf).matmul(x, dtype)
+        (:func:`jaxfit.placement.gathered`: the codes and statistics, not a dequantised copy)."""
+        return placement.gathered(self.leaf).matmul(x, dtype)
 
     def __repr__(self) -> str:
         return f"KernelView({type(self.leaf).__name__}, shape={self.shape})"
