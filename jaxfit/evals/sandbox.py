@@ -35,13 +35,18 @@ Enforced by the OS when the evaluator runs as root (this project's machines) and
 * a read-only file system: the child moves into a new mount namespace, bind-mounts its
   temporary directory onto itself and remounts every other mount read-only (``EROFS``
   on any write; the evaluator's own mounts are untouched);
+* hidden home directories: ``/root`` and ``/home`` (:data:`HIDDEN_DIRECTORIES`) are
+  replaced by empty read-only ``tmpfs`` mounts into which only the directories of this
+  Python's ``sys.path`` that lie below them are bind-mounted back, so keys, data and
+  checkouts under a home directory do not exist for the program
+  (``isolation["hidden"]`` lists what was hidden);
 * an unprivileged user: the child becomes ``nobody`` (uid/gid 65534, no supplementary
   groups, no capabilities), so it cannot write files it does not own nor signal the
   evaluator, and the ``RLIMIT_NPROC`` of 0 holds: fork, ``clone`` and new threads fail
   with ``EAGAIN``. Where the Python installation itself is closed to other users (e.g.
   pyenv under ``/root``), the child keeps one capability, ``CAP_DAC_READ_SEARCH``, so it
-  can import the standard library: it can then READ any file (not write one);
-  ``isolation["reads_any_file"]`` says so.
+  can import the standard library: it can then READ any file still visible (not write
+  one): outside the hidden directories; ``isolation["reads_any_file"]`` says so.
 
 When not root the child tries an unprivileged user + network namespace for the network;
 where the kernel refuses it, the network is only blocked by the Python guard.
@@ -136,7 +141,7 @@ class Result:
         the child died before reporting): ``uid``, ``network`` (``"namespace"`` or
         ``"python guard"``), ``filesystem`` (``"read-only except the temporary
         directory"`` or ``"python guard"``), ``nproc_enforced``, ``no_new_privs``,
-        ``python_guard``, and as root ``reads_any_file``.
+        ``python_guard``, and as root ``reads_any_file`` and ``hidden``.
     """
 
     passed: bool
@@ -161,6 +166,11 @@ def parse_size(text: str | int) -> int:
         raise ValueError(f"cannot read {text!r} as a size in bytes (e.g. 2GiB, 512MiB)")
     scale = {"": 1, "k": KIB, "m": KIB**2, "g": KIB**3, "t": KIB**4}[m.group(2).lower()]
     return int(float(m.group(1)) * scale)
+
+
+# Directories an isolated child (root evaluator) sees as empty: the users' homes, where
+# keys, data and checkouts live (its Python's own directories are mounted back).
+HIDDEN_DIRECTORIES = ("/root", "/home")
 
 
 # --------------------------------------------------------------------------------------
@@ -212,6 +222,32 @@ def _child() -> None:  # pragma: no cover (runs in the sandboxed process)
                 iso["filesystem"] = "read-only except the temporary directory and " + ", ".join(
                     failed
                 )
+            # Home directories become empty read-only tmpfs, but for the directories of
+            # this Python's sys.path below them (moved back in through the workdir).
+            iso["hidden"] = []
+            keep = sorted({os.path.realpath(d) for d in sys.path if os.path.isdir(d)})
+            for top in cfg["hide"] if ok else ():
+                if not os.path.isdir(top) or (work + "/").startswith(top + "/"):
+                    continue
+                inside = [d for d in keep if d.startswith(top + "/")]
+                inside = [d for d in inside if not any(d.startswith(o + "/") for o in inside)]
+                staged = []
+                for i, d in enumerate(inside):
+                    stage = os.path.join(work, f".keep{len(iso['hidden'])}.{i}")
+                    os.mkdir(stage)
+                    if libc.mount(d.encode(), stage.encode(), None, ms_bind | ms_rec, None):
+                        break
+                    staged.append((stage, d))
+                else:
+                    tmpfs_flags = 2 | 4 | 8  # nosuid, nodev, noexec
+                    if libc.mount(b"tmpfs", top.encode(), b"tmpfs", tmpfs_flags, b"mode=0755"):
+                        continue
+                    for stage, d in staged:
+                        os.makedirs(d, exist_ok=True)
+                        libc.mount(stage.encode(), d.encode(), None, 8192, None)  # MS_MOVE
+                        os.rmdir(stage)
+                    libc.mount(None, top.encode(), None, ms_remount | ms_rdonly, None)
+                    iso["hidden"].append(top)
         # Become nobody; keep CAP_DAC_READ_SEARCH only when Python lives where nobody
         # cannot read it (e.g. /root/.pyenv): then files are readable, never writable.
         iso["reads_any_file"] = False
@@ -477,6 +513,7 @@ def run_program(program: str, limits: Limits = Limits()) -> Result:
                 "python_guard": bool(limits.python_guard),
                 "uid": NOBODY,
                 "read_cap": root and limits.isolate and _python_private(),
+                "hide": list(HIDDEN_DIRECTORIES),
                 "memory_bytes": int(limits.memory_bytes),
                 "cpu_s": int(limits.cpu_s or math.ceil(limits.timeout_s) + 1),
                 "max_output_bytes": cap,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 import time
 
 import pytest
@@ -163,6 +164,25 @@ def test_write_outside_read_only_filesystem(tmp_path, isolation):
     r = sandbox.run_program(f"open({str(target)!r}, 'w').write('x')\n", OS_ONLY)
     assert r.result.startswith("failed: OSError: [Errno 30] Read-only file system"), r.result
     assert not target.exists()
+
+
+def test_home_directories_are_hidden(isolation):
+    """A file in a home directory does not exist for the program (even one readable by
+    ``CAP_DAC_READ_SEARCH``), while the standard library, even below /root, imports."""
+    if "/root" not in isolation.get("hidden", []):
+        pytest.skip(f"home directories are not hidden here ({isolation})")
+    fd, secret = tempfile.mkstemp(prefix="jaxfit-sandbox-secret-", dir="/root")
+    os.write(fd, b"key")
+    os.close(fd)
+    try:
+        read = f"import json, re, decimal\nprint(open({secret!r}).read())\n"
+        r = sandbox.run_program(read, OS_ONLY)
+        assert r.result.startswith("failed: FileNotFoundError"), r.result
+        r = sandbox.run_program("import os\nprint(sorted(os.listdir('/root')))\n", OS_ONLY)
+        assert r.passed and os.path.basename(secret) not in r.stdout, r.stdout
+        assert open(secret).read() == "key"  # the evaluator's /root is untouched
+    finally:
+        os.remove(secret)
 
 
 def test_many_hostile_programs_finish(tmp_path):
