@@ -31,7 +31,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.model.remat_policy = "dots_no_batch"
     # "auto": cuDNN flash attention on a GPU where jax's cuDNN path takes the shapes, else
     # the XLA reference for short sequences and jaxfit's blocked flash attention ("chunked",
-    # no [seq, seq] scores) beyond; "xla" on CPU (jaxfit.models.layers.choose_attention).
+    # no [seq, seq] scores) beyond; "xla" on CPU (jaxfit.models.attention.choose_attention).
     # The choice and its reason are logged and recorded in config.json.
     c.model.attention_impl = "auto"
     # > 0: the MLP runs over blocks of this many positions, recomputed in the backward

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.ad_checkpoint import checkpoint_name
 
 from jaxfit import placement
-from jaxfit.models import layers
+from jaxfit.models import attention, layers
 
 Dtype = Any
 
@@ -185,7 +185,7 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention with biased q/k/v/out projections (HF ``CLIPAttention``).
 
     Input and output ``[batch, len, hidden]`` in ``dtype``; scores scaled by
-    ``head_dim ** -0.5``, softmax in float32 (``layers.attention``).
+    ``head_dim ** -0.5``, softmax in float32 (``attention.dot_product_attention``).
     """
 
     tower: CLIPTextConfig | CLIPVisionConfig
@@ -207,7 +207,7 @@ class SelfAttention(nn.Module):
         q = split(dense(kernel_init=init, name="q_proj")(x))
         k = split(dense(kernel_init=init, name="k_proj")(x))
         v = split(dense(kernel_init=init, name="v_proj")(x))
-        y = layers.attention(
+        y = attention.dot_product_attention(
             q,
             k,
             v,

@@ -1,12 +1,13 @@
 """Blocked attention with an online softmax: the FlashAttention algorithm in plain JAX.
 
-``implementation="chunked"`` of :func:`jaxfit.models.layers.attention`. The queries are
-cut into blocks of ``q_chunk`` and the keys into blocks of ``kv_chunk``; one ``lax.scan``
-visits the (query block, key block) pairs a query block needs, row by row, keeping the
-running row maximum ``m``, normaliser ``l`` and unnormalised output ``acc`` of the block
-(Milakov & Gimelshein 2018, "Online normalizer calculation for softmax",
-arXiv:1805.02867; Dao et al. 2022, "FlashAttention", arXiv:2205.14135, Algorithm 1). A
-causal self-attention visits only the pairs on or below the diagonal (half the work).
+``implementation="chunked"`` of :func:`jaxfit.models.attention.dot_product_attention`.
+The queries are cut into blocks of ``q_chunk`` and the keys into blocks of ``kv_chunk``;
+one ``lax.scan`` visits the (query block, key block) pairs a query block needs, row by
+row, keeping the running row maximum ``m``, normaliser ``l`` and unnormalised output
+``acc`` of the block (Milakov & Gimelshein 2018, "Online normalizer calculation for
+softmax", arXiv:1805.02867; Dao et al. 2022, "FlashAttention", arXiv:2205.14135,
+Algorithm 1). A causal self-attention visits only the pairs on or below the diagonal
+(half the work).
 
 Memory is ``O(seq)`` per head, as cuDNN's flash attention: the forward pass keeps the
 output and the row log-sum-exp ``lse = m + log(l)`` (float32 ``[batch, heads, q_len]``)

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from jaxfit.models import layers
+from jaxfit.models import attention
 
 
 @struct.dataclass
@@ -80,7 +80,7 @@ def causal_attention(
         ``(k, v)`` cache slices ``[batch, max_len, num_kv_heads, head_dim]``.
       index: int32 scalar write position (with ``layer_cache``).
       segment_ids: ``[batch, len]`` packed-document ids (plain forward only).
-      implementation: forwarded to :func:`jaxfit.models.layers.attention` (with a
+      implementation: forwarded to :func:`jaxfit.models.attention.dot_product_attention` (with a
         cache: ``causal`` from ``q_offset=index``; cuDNN runs single-token steps, a
         multi-token step such as the prefill falls back as that function says).
 
@@ -88,7 +88,7 @@ def causal_attention(
       ``(out [batch, len, num_heads, head_dim], new_layer_cache or None)``.
     """
     if layer_cache is None:
-        out = layers.attention(
+        out = attention.dot_product_attention(
             q, k, v, causal=True, segment_ids=segment_ids, implementation=implementation
         )
         return out, None
@@ -100,7 +100,7 @@ def causal_attention(
     cv = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), start)
     # query s sits at position index + s and sees keys <= index + s; the zeros beyond are
     # masked by the same rule
-    out = layers.attention(
+    out = attention.dot_product_attention(
         q,
         ck.astype(q.dtype),
         cv.astype(q.dtype),

@@ -224,7 +224,7 @@ def cpu_stand_in(config):
     """The config compiled when planning on a CPU for a GPU.
 
     ``model.attention_impl`` ``"auto"`` (or ``""`` / absent) on a GPU resolves to cuDNN
-    flash attention (``jaxfit.models.layers.choose_attention``), or, where cuDNN's
+    flash attention (``jaxfit.models.attention.choose_attention``), or, where cuDNN's
     constraints fail, to the blocked ``"chunked"`` form; on a CPU it would resolve to the
     XLA reference, whose ``[batch, heads, seq, seq]`` float32 scores no GPU run keeps.
     cuDNN does not compile on a CPU, so the plan compiles ``"chunked"``
@@ -234,7 +234,7 @@ def cpu_stand_in(config):
     one block's scores (``[batch, heads, 512, 512]`` float32: 32 MiB at 32 heads). Not
     modelled: where the GPU runs cuDNN with packed documents, jax's dense
     ``[batch, 1, seq, seq]`` bias and its gradient (at most
-    ``layers.CUDNN_MASK_MAX_BYTES``, 256 MiB, by that rule). A configured implementation
+    ``attention.CUDNN_MASK_MAX_BYTES``, 256 MiB, by that rule). A configured implementation
     other than ``"auto"`` is compiled as it is."""
     impl = get_field(config, "model.attention_impl")
     if jax.default_backend() != "cpu" or impl not in ("", "auto", None):

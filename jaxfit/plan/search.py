@@ -25,7 +25,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxfit.models.layers import ATTENTION_CHUNK
+from jaxfit.models.attention import ATTENTION_CHUNK
 from jaxfit.plan import core
 
 log = logging.getLogger(__name__)

@@ -26,8 +26,8 @@ from jaxfit.data.image_text import caption_tokenizer as tokenizers
 from jaxfit.data.image_text import pipeline
 from jaxfit.data.image_text import synthetic_coco as synthetic
 from jaxfit.evals import retrieval
+from jaxfit.models import attention
 from jaxfit.models import clip as clip_model
-from jaxfit.models import layers
 from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -48,7 +48,7 @@ def resolve_config(config, workdir):
 
 def attention_choice(config) -> tuple[str, str]:
     """``(implementation, reason)`` for both towers on this machine
-    (:func:`jaxfit.models.layers.choose_attention` per tower: the text tower's padding is
+    (:func:`jaxfit.models.attention.choose_attention` per tower: the text tower's padding is
     key lengths, no dense mask): cuDNN when both towers can run it, else the first
     tower's fallback. Reads ``init_from``'s ``config.json`` (no weights). Logged at INFO."""
     if config.init_from:
@@ -59,10 +59,10 @@ def attention_choice(config) -> tuple[str, str]:
         vision = clip_model.CLIPVisionConfig(**config.model.vision.to_dict())
         text_len = config.data.context_length
     towers = (("text", text, text_len), ("vision", vision, vision.num_patches + 1))
-    backend, cc = jax.default_backend(), layers.gpu_compute_capability()
+    backend, cc = jax.default_backend(), attention.gpu_compute_capability()
     choices = []
     for name, tower, length in towers:
-        impl, reason = layers.choose_attention(
+        impl, reason = attention.choose_attention(
             backend,
             compute_dtype(config),
             tower.hidden_size // tower.num_attention_heads,

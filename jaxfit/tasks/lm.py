@@ -26,7 +26,7 @@ from jaxfit.data import text as text_data
 from jaxfit.data.text import write_synthetic_text
 from jaxfit.hf import families
 from jaxfit.lora import adapters as lora_adapters
-from jaxfit.models import layers, rope
+from jaxfit.models import attention, rope
 from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 
 log = logging.getLogger(__name__)
@@ -78,14 +78,14 @@ def attention_choice(config) -> tuple[str, str]:
     choose_attention`): the config's compute dtype and head size, ``seq_len`` queries,
     ``micro_batch_size`` sequences per call, packed documents (LM batches always carry
     segment ids). Logged at INFO."""
-    impl, reason = layers.choose_attention(
+    impl, reason = attention.choose_attention(
         jax.default_backend(),
         compute_dtype(config),
         _head_dim(config),
         seq_len=int(config.seq_len),
         batch=int(config.micro_batch_size),
         segment_ids=True,
-        compute_capability=layers.gpu_compute_capability(),
+        compute_capability=attention.gpu_compute_capability(),
     )
     log.info("attention: %s (%s)", impl, reason)
     return impl, reason

@@ -8,7 +8,7 @@ import jax
 import ml_collections
 import pytest
 
-from jaxfit.models.layers import ATTENTION_CHUNK
+from jaxfit.models.attention import ATTENTION_CHUNK
 from jaxfit.plan import search
 
 REPO = Path(__file__).resolve().parents[2]

@@ -1,4 +1,4 @@
-"""Which attention runs where (``layers.choose_attention``), its logged fallbacks, the
+"""Which attention runs where (``attention.choose_attention``), its logged fallbacks, the
 resolution of ``"auto"`` into the run's config, and the equality of every implementation
 with the XLA reference (cuDNN's where a GPU is present)."""
 
@@ -14,7 +14,7 @@ import pytest
 
 from jaxfit import config as config_lib
 from jaxfit import tasks
-from jaxfit.models import layers
+from jaxfit.models import attention
 
 REPO = Path(__file__).resolve().parents[2]
 BF16, F32, F16 = jnp.bfloat16, jnp.float32, jnp.float16
@@ -53,7 +53,7 @@ CASES = [
 )  # fmt: skip
 def test_choice_and_its_reason(backend, dtype, head_dim, seq_len, batch, segments, cc,
                                expected, words):  # fmt: skip
-    impl, reason = layers.choose_attention(
+    impl, reason = attention.choose_attention(
         backend, dtype, head_dim, seq_len=seq_len, batch=batch, segment_ids=segments,
         compute_capability=cc,
     )  # fmt: skip
@@ -62,10 +62,10 @@ def test_choice_and_its_reason(backend, dtype, head_dim, seq_len, batch, segment
 
 
 def test_fallback_is_xla_only_for_small_scores():
-    assert layers.fallback_attention(512) == "xla"
-    assert layers.fallback_attention(513) == "chunked"
-    assert layers.fallback_attention(1, 32768) == "xla"  # one decoding query: [1, S] scores
-    assert layers.fallback_attention(2048, 4096) == "chunked"
+    assert attention.fallback_attention(512) == "xla"
+    assert attention.fallback_attention(513) == "chunked"
+    assert attention.fallback_attention(1, 32768) == "xla"  # one decoding query: [1, S] scores
+    assert attention.fallback_attention(2048, 4096) == "chunked"
 
 
 def _qkv(b=2, t=40, h=4, kv=2, d=16, dtype=F32, s=None, seed=0):
@@ -80,19 +80,23 @@ def _qkv(b=2, t=40, h=4, kv=2, d=16, dtype=F32, s=None, seed=0):
 def test_auto_on_cpu_is_the_reference():
     q, k, v = _qkv()
     seg = jnp.asarray([[1] * 25 + [2] * 15, [1] * 3 + [2] * 37])
-    ref = layers.attention(q, k, v, causal=True, segment_ids=seg, implementation="xla")
+    ref = attention.dot_product_attention(
+        q, k, v, causal=True, segment_ids=seg, implementation="xla"
+    )
     for impl in ("auto", None, ""):
-        out = layers.attention(q, k, v, causal=True, segment_ids=seg, implementation=impl)
+        out = attention.dot_product_attention(
+            q, k, v, causal=True, segment_ids=seg, implementation=impl
+        )
         np.testing.assert_array_equal(out, ref)
 
 
 @pytest.mark.skipif(ON_GPU, reason="the CPU fallback of an explicit cudnn")
 def test_explicit_cudnn_off_gpu_falls_back_and_says_why(caplog):
-    layers._logged.clear()
+    attention._logged.clear()
     q, k, v = _qkv(dtype=BF16)
     with caplog.at_level(logging.WARNING, logger="jaxfit.models.layers"):
-        out = layers.attention(q, k, v, causal=True, implementation="cudnn")
-    ref = layers.attention(q, k, v, causal=True, implementation="xla")
+        out = attention.dot_product_attention(q, k, v, causal=True, implementation="cudnn")
+    ref = attention.dot_product_attention(q, k, v, causal=True, implementation="xla")
     np.testing.assert_array_equal(out, ref)  # 40 tokens: the fallback is the reference
     assert "instead of cuDNN" in caplog.text and "has no cuDNN" in caplog.text
 
@@ -116,10 +120,10 @@ def test_chunked_equals_the_reference_with_every_mask_and_its_gradients(impl, b,
             return lambda q, k, v: (f(q, k, v) ** 2).sum()
 
         def ref(q, k, v, kw=kw):
-            return layers.attention(q, k, v, implementation="xla", **kw)
+            return attention.dot_product_attention(q, k, v, implementation="xla", **kw)
 
         def out(q, k, v, kw=kw):
-            return layers.attention(q, k, v, implementation=impl, **kw)
+            return attention.dot_product_attention(q, k, v, implementation=impl, **kw)
 
         np.testing.assert_allclose(jax.jit(out)(q, k, v), ref(q, k, v), atol=3e-6)
         g_ref = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
@@ -130,8 +134,10 @@ def test_chunked_equals_the_reference_with_every_mask_and_its_gradients(impl, b,
 
 def test_chunked_bfloat16_matches_the_reference_to_bf16_precision():
     q, k, v = _qkv(2, 1100, 8, 2, 64, dtype=BF16)
-    ref = layers.attention(q, k, v, causal=True, implementation="xla").astype(F32)
-    out = layers.attention(q, k, v, causal=True, implementation="chunked").astype(F32)
+    ref = attention.dot_product_attention(q, k, v, causal=True, implementation="xla").astype(F32)
+    out = attention.dot_product_attention(q, k, v, causal=True, implementation="chunked").astype(
+        F32
+    )
     err = jnp.abs(out - ref)  # values ~1; a bf16 ulp there is 2^-7 (8-bit mantissa)
     assert float(err.max()) <= 2**-5 and float(err.mean()) <= 2**-10, (err.max(), err.mean())
 
@@ -147,7 +153,7 @@ def test_kv_cached_steps_equal_the_reference(index, new):
     ref = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
     for impl in ("xla", "chunked", "auto"):
         out = jax.jit(
-            lambda q, k, v, i, impl=impl: layers.attention(
+            lambda q, k, v, i, impl=impl: attention.dot_product_attention(
                 q, k, v, causal=True, q_offset=i, implementation=impl
             )
         )(q, k, v, jnp.int32(index))
@@ -160,7 +166,9 @@ def test_chunked_gradient_memory_grows_linearly_not_quadratically():
         seg = jax.ShapeDtypeStruct((1, n), jnp.int32)
 
         def f(q, k, v, s):
-            return layers.attention(q, k, v, causal=True, segment_ids=s, implementation=impl)
+            return attention.dot_product_attention(
+                q, k, v, causal=True, segment_ids=s, implementation=impl
+            )
 
         g = jax.grad(lambda q, k, v, s: f(q, k, v, s).astype(F32).sum(), argnums=(0, 1, 2))
         return jax.jit(g).lower(x, x, x, seg).compile().memory_analysis().temp_size_in_bytes
@@ -181,7 +189,7 @@ def test_auto_is_resolved_into_the_config_the_run_records(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="jaxfit.tasks"):
         resolved = tasks.resolve_config(gpt2, tmp_path)
     expected = "xla" if jax.default_backend() == "cpu" else resolved.model.attention_impl
-    assert resolved.model.attention_impl == expected and expected in layers.ATTENTION_IMPLS
+    assert resolved.model.attention_impl == expected and expected in attention.ATTENTION_IMPLS
     assert "attention: " in caplog.text
     assert tasks.resolve_config(resolved, tmp_path).to_dict() == resolved.to_dict()
     path = config_lib.save_config(resolved, tmp_path)
@@ -220,19 +228,21 @@ def test_cudnn_equals_the_reference_on_a_gpu(kw):
         args["segment_ids"] = jnp.asarray(np.repeat([[1, 2, 3, 4]], b, 0).repeat(t // 4, 1))
     if "padding" in kw:
         args["padding_mask"] = jnp.asarray(np.arange(t)[None] < np.array([[200], [256]]))
-    cc = layers.gpu_compute_capability()
-    choice = layers.choose_attention(
+    cc = attention.gpu_compute_capability()
+    choice = attention.choose_attention(
         "gpu", BF16, 64, seq_len=t, batch=b, segment_ids="segments" in kw, compute_capability=cc
     )
     assert choice[0] == "cudnn", choice
 
     def loss(impl):
         return lambda q, k, v: (
-            layers.attention(q, k, v, implementation=impl, **args).astype(F32) ** 2
+            attention.dot_product_attention(q, k, v, implementation=impl, **args).astype(F32) ** 2
         ).sum()
 
-    ref = layers.attention(q, k, v, implementation="xla", **args).astype(F32)
-    out = jax.jit(lambda q, k, v: layers.attention(q, k, v, implementation="cudnn", **args))
+    ref = attention.dot_product_attention(q, k, v, implementation="xla", **args).astype(F32)
+    out = jax.jit(
+        lambda q, k, v: attention.dot_product_attention(q, k, v, implementation="cudnn", **args)
+    )
     np.testing.assert_allclose(out(q, k, v).astype(F32), ref, atol=2e-2)
     g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
     g_out = jax.jit(jax.grad(loss("cudnn"), argnums=(0, 1, 2)))(q, k, v)
@@ -250,6 +260,6 @@ def test_cudnn_decoding_step_equals_the_reference_on_a_gpu():
     for index in (0, 100, 511):
         mask = (jnp.arange(512) <= index)[None, None, None]
         ref = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation="xla")
-        out = layers.attention(q, k, v, causal=True, q_offset=jnp.int32(index),
+        out = attention.dot_product_attention(q, k, v, causal=True, q_offset=jnp.int32(index),
                                implementation="cudnn")  # fmt: skip
         np.testing.assert_allclose(out.astype(F32), ref.astype(F32), atol=2e-2)

@@ -7,14 +7,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxfit.models import layers
+from jaxfit.models import attention
 
 B, T, H, KV, D = 2, 32, 4, 2, 16
 
 
 @pytest.fixture
 def small_chunks(monkeypatch):
-    monkeypatch.setattr(layers, "ATTENTION_CHUNK", 8)  # 4 blocks of queries
+    monkeypatch.setattr(attention, "ATTENTION_CHUNK", 8)  # 4 blocks of queries
 
 
 @pytest.mark.parametrize("masks", ["causal", "causal+segments", "padding", "causal+extra"])
@@ -33,10 +33,12 @@ def test_chunked_attention_equals_reference(small_chunks, masks):
         kw["mask"] = kw["mask"] | jnp.eye(T, dtype=bool)
 
     def loss(impl):
-        return lambda q, k, v: (layers.attention(q, k, v, implementation=impl, **kw) ** 2).sum()
+        return lambda q, k, v: (
+            attention.dot_product_attention(q, k, v, implementation=impl, **kw) ** 2
+        ).sum()
 
-    ref = layers.attention(q, k, v, implementation="xla", **kw)
-    out = layers.attention(q, k, v, implementation="chunked", **kw)
+    ref = attention.dot_product_attention(q, k, v, implementation="xla", **kw)
+    out = attention.dot_product_attention(q, k, v, implementation="chunked", **kw)
     np.testing.assert_allclose(out, ref, atol=2e-6)
     g_ref = jax.grad(loss("xla"), argnums=(0, 1, 2))(q, k, v)
     g_out = jax.grad(loss("chunked"), argnums=(0, 1, 2))(q, k, v)
@@ -48,11 +50,11 @@ def test_chunked_attention_never_holds_the_full_scores():
     x = jax.ShapeDtypeStruct((1, 2048, 8, 64), jnp.float32)
 
     def temp(impl):
-        f = jax.grad(lambda q, k, v: layers.attention(q, k, v, causal=True,
+        f = jax.grad(lambda q, k, v: attention.dot_product_attention(q, k, v, causal=True,
                                                       implementation=impl).sum())  # fmt: skip
         return jax.jit(f).lower(x, x, x).compile().memory_analysis().temp_size_in_bytes
 
     scores = 8 * 2048 * 2048 * 4  # one [heads, T, T] float32: 128 MiB
-    block = scores * layers.ATTENTION_CHUNK // 2048  # one block's [heads, 512, T]: 32 MiB
+    block = scores * attention.ATTENTION_CHUNK // 2048  # one block's [heads, 512, T]: 32 MiB
     assert temp("xla") >= 2 * scores  # measured 388 MiB: scores, probabilities, gradients
     assert temp("chunked") <= 3 * block, (temp("chunked"), block)  # measured 77 MiB
