@@ -9,7 +9,7 @@ annotate theirs: the residual stream entering each layer is split over the batch
 cast to the compute dtype before the gather. Left to itself, XLA's partitioner keeps a
 weight split over ``fsdp`` and moves the activations instead (all-gathers and
 all-reduces of ``[batch, seq, hidden]`` in every layer: 314 GiB of collectives per step
-for an 8B NF4 QLoRA at ``fsdp=4``, 34.6 GiB with these constraints, docs/BENCHMARKS.md).
+for an 8B NF4 QLoRA at ``fsdp=4``, 30.7 GiB with these constraints, docs/BENCHMARKS.md).
 Outside :func:`spmd_mesh`, or on a mesh of one device, every function here is the
 identity. The mesh and the parameters' shardings are :mod:`jaxfit.sharding`'s.
 """
@@ -25,7 +25,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfit import sharding
 
@@ -116,3 +116,20 @@ def _gather_bwd(whole, split, dtype, source, cotangent):
 
 
 _gather.defvjp(_gather_fwd, _gather_bwd)
+
+
+def constrain_vocab(logits: jax.Array) -> jax.Array:
+    """``logits [..., vocab]`` split over ``fsdp`` on the vocabulary axis (rows over
+    ``data``), under :func:`spmd_mesh` with ``fsdp > 1`` and a vocabulary ``fsdp``
+    divides: the layout the vocabulary-parallel head computes them in, kept for the loss
+    and, transposed, for the logits' gradient, whose two parts (the softmax's and the
+    target's) then add without a reshuffle. Unchanged otherwise."""
+    mesh = _SPMD_MESH.get()
+    n = sharding.fsdp_size(mesh) if mesh is not None else 1
+    if n == 1 or logits.shape[-1] % n:
+        return logits
+    rows = (
+        "data" if "data" in mesh.axis_names and logits.shape[0] % mesh.shape["data"] == 0 else None
+    )
+    spec = PartitionSpec(rows, *([None] * (logits.ndim - 2)), sharding.FSDP_AXIS)
+    return jax.lax.with_sharding_constraint(logits, NamedSharding(mesh, spec))

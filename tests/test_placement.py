@@ -54,7 +54,19 @@ SCRIPT = textwrap.dedent(
         gathered_dtype = str(to_bf16.dtype)
         kept = placement.gathered(ws, unless_split_on=1)  # split on the output axis: kept
         odd = placement.constrain_batch(jnp.ones((3, 2)))  # 3 rows over 4 devices: as is
+    def vocab(x):
+        with placement.spmd_mesh(mesh):
+            return placement.constrain_vocab(x)
+
+    logits = jax.jit(vocab)(jnp.ones((4, 3, 8)))  # vocabulary 8 over fsdp=4
+    odd_vocab = jax.jit(vocab)(jnp.ones((4, 3, 6)))  # 6: not split
     print("RESULT" + json.dumps({
+        "vocab_split": [
+            logits.sharding.is_equivalent_to(
+                NamedSharding(mesh, jax.sharding.PartitionSpec(None, None, "fsdp")), 3
+            ),
+            odd_vocab.sharding.is_fully_replicated,
+        ],
         "loss": [float(got[0]), float(ref[0])],
         "grad": [np.asarray(got[1]).tolist(), np.asarray(ref[1]).tolist()],
         "grad_split": got[1].sharding.is_equivalent_to(split, 2),
@@ -81,3 +93,5 @@ def test_gathered_weights_give_the_plain_value_and_a_split_gradient():
     # gathered in bfloat16, the gradient comes back in the weight's float32, split
     assert out["bf16"] == ["float32", True, "bfloat16"]
     assert out["kept"] and out["odd_rows"] == 3
+    # logits of a vocabulary-parallel head stay split over the vocabulary (rows over data)
+    assert out["vocab_split"] == [True, True]

@@ -146,7 +146,7 @@ class CausalLMMixin:
             out = jnp.matmul(hidden.astype(cfg.dtype), emb.T)
         else:
             out = self.lm_head(hidden)
-        return out.astype(jnp.float32)
+        return placement.constrain_vocab(out.astype(jnp.float32))
 
     def __call__(
         self,
