@@ -9,17 +9,25 @@ from __future__ import annotations
 
 import dataclasses
 
-
 # Dense bf16 tensor-core peak without sparsity, TFLOP/s, and memory, GiB. Sources: NVIDIA
 # product pages / architecture whitepapers ("Ada Lovelace architecture" whitepaper,
 # Appendix A for GeForce RTX 40 cards, FP16/BF16 tensor with FP32 accumulate, dense; A100
-# and H100/H200 datasheets, dense = half the "with sparsity" figure).
+# and H100/H200 datasheets, dense = half the "with sparsity" figure). ``link_gbs``: the
+# bandwidth between two devices of one machine, GB/s in each direction: PCIe 4.0 x16 for
+# GeForce cards (16 GT/s x 16 lanes x 128b/130b / 8 = 31.5 GB/s, PCI-SIG's PCIe 4.0
+# specification; RTX 40 cards have no NVLink, an RTX 3090's optional bridge is not
+# assumed), NVLink for A100 (600 GB/s both directions, A100 datasheet) and H100 / H200 SXM
+# (900 GB/s both directions, H100 / H200 datasheets).
+PCIE4_X16_GBS = 31.5
+
+
 @dataclasses.dataclass(frozen=True)
 class Device:
     name: str
     peak_bf16_tflops: float
     memory_gib: float
     source: str
+    link_gbs: float = PCIE4_X16_GBS
 
 
 DEVICES = {
@@ -29,10 +37,10 @@ DEVICES = {
         Device("rtx4070ti", 80.2, 12, "Ada whitepaper App. A: RTX 4070 Ti, FP16 tensor FP32 acc"),
         Device("rtx4090", 165.2, 24, "Ada whitepaper App. A: RTX 4090, FP16 tensor FP32 acc"),
         Device("rtx3090", 71.0, 24, "Ampere GA102 whitepaper: RTX 3090, FP16 tensor FP32 acc"),
-        Device("a100-40gb", 312.0, 40, "A100 datasheet: BF16 tensor core, dense"),
-        Device("a100-80gb", 312.0, 80, "A100 datasheet: BF16 tensor core, dense"),
-        Device("h100-sxm", 989.4, 80, "H100 datasheet: BF16 tensor core SXM, dense"),
-        Device("h200", 989.4, 141, "H200 datasheet: BF16 tensor core, dense"),
+        Device("a100-40gb", 312.0, 40, "A100 datasheet: BF16 tensor core, dense", 300.0),
+        Device("a100-80gb", 312.0, 80, "A100 datasheet: BF16 tensor core, dense", 300.0),
+        Device("h100-sxm", 989.4, 80, "H100 datasheet: BF16 tensor core SXM, dense", 450.0),
+        Device("h200", 989.4, 141, "H200 datasheet: BF16 tensor core, dense", 450.0),
     )
 }
 

@@ -140,8 +140,13 @@ def _main(argv: list[str]) -> int:
                 progress=print,
             )
             rows += [dataclasses.replace(c, overrides={**split, **c.overrides}) for c in found_here]
-        # fitting, then fewest FLOPs first; stable: ties keep the least sharded split first
-        rows.sort(key=lambda c: (not c.fits, c.plan.flops["executed"] if c.plan else 0.0))
+
+        # fitting, then the estimated step time (FLOPs, and on several devices the
+        # collectives on the card's link); stable: ties keep the least sharded split first
+        def step_time(c) -> float:
+            return estimate.estimate_time(c.plan, device, **timing).step_seconds
+
+        rows.sort(key=lambda c: (not c.fits, step_time(c) if c.plan else float("inf")))
         print("\nwhat fits, fastest first (then what does not):")
         print(table(rows))
         found += rows

@@ -6,6 +6,14 @@ fraction of the device's dense bf16 peak (``jaxfit.perf.DEVICES``). The MFU this
 (model FLOPs without recompute over the peak, PaLM Appendix B) is printed next to it.
 Memory-bound work that FLOPs do not capture (dequantising an NF4 base, optimizer updates,
 small matmuls of LoRA adapters) is inside the utilisation assumption.
+
+On several devices the step's collectives (the plan's ``communication``, read off the
+compiled program) take at least :func:`collective_seconds` on the devices' link
+(``jaxfit.perf.Device.link_gbs``: PCIe for GeForce cards, NVLink for A100 / H100); the step
+time is the larger of the two, i.e. collectives assumed hidden behind compute as far as
+they can be (XLA's latency-hiding scheduler, ``jaxfit.runtime``). Neither is measured yet;
+planned on a CPU, the bytes of bf16 weights gathered count double (XLA:CPU gathers them
+as float32), so the collectives' time errs high there.
 """
 
 from __future__ import annotations
@@ -67,6 +75,36 @@ def format_seconds(s: float) -> str:
     return f"{s:.2f} s"
 
 
+def collective_seconds(communication: dict, devices: int, link_gbs: float) -> float:
+    """Seconds one step's collectives need on the wire, at least: bandwidth-optimal ring
+    algorithms (Patarasuk & Yuan 2009, "Bandwidth optimal all-reduce algorithms for
+    clusters of workstations") move, per device and direction, ``(n - 1) / n`` of an
+    all-gather's or all-to-all's result, twice that for an all-reduce, ``n - 1`` times a
+    reduce-scatter's piece and a collective-permute's whole result, over a link of
+    ``link_gbs`` GB/s. ``n`` is the mesh's device count (a collective over one mesh axis
+    has a smaller group, so a factor closer to 1/2: this errs high there). Latency is not
+    counted.
+
+    Args:
+      communication: bytes of the collectives' results by kind
+        (:func:`jaxfit.plan.devices.collective_bytes`).
+      devices: the mesh's device count ``n``.
+      link_gbs: GB/s per direction between two devices.
+
+    Returns:
+      Seconds (0 on one device or without collectives).
+    """
+    n = int(devices)
+    if n < 2 or not communication:
+        return 0.0
+    ring = (n - 1) / n
+    wire = ring * (communication.get("all-gather", 0) + communication.get("all-to-all", 0))
+    wire += 2 * ring * communication.get("all-reduce", 0)
+    wire += (n - 1) * communication.get("reduce-scatter", 0)
+    wire += communication.get("collective-permute", 0)
+    return wire / (link_gbs * 1e9)
+
+
 @dataclasses.dataclass
 class TimeEstimate:
     """Estimated speed of a planned step on a device.
@@ -75,7 +113,9 @@ class TimeEstimate:
       device: name in ``jaxfit.perf.DEVICES``; peak_tflops: its dense bf16 peak (TFLOP/s).
       utilisation: the assumed sustained fraction of peak on executed FLOPs.
       mfu: the model FLOPs utilisation that implies (``utilisation x model / executed``).
-      step_seconds: seconds per optimizer step.
+      step_seconds: seconds per optimizer step: the larger of ``compute_seconds`` (the
+        executed FLOPs at the assumed utilisation) and ``collective_seconds``
+        (:func:`collective_seconds` on the device's link; 0 on one device).
       examples_per_second, tokens_per_second: throughput (tokens: language models).
       run_seconds: ``total_steps`` steps of the config.
       budget_tokens, budget_seconds: time for a token budget (when one is given).
@@ -90,6 +130,9 @@ class TimeEstimate:
     examples_per_second: float
     tokens_per_second: float | None
     run_seconds: float
+    compute_seconds: float = 0.0
+    collective_seconds: float = 0.0
+    link_gbs: float = 0.0
     budget_tokens: float | None = None
     budget_seconds: float | None = None
     epoch_seconds: float | None = None
@@ -109,7 +152,7 @@ def estimate_time(
 
     Args:
       device: a ``jaxfit.perf.DEVICES`` name (its peak bf16 TFLOP/s is used, times the
-        plan's ``devices``; the time collectives take is not modelled).
+        plan's ``devices``, and its link bandwidth for the collectives).
       utilisation: sustained fraction of peak on executed FLOPs, in (0, 1].
       total_steps: the config's optimizer steps (for ``run_seconds``).
       tokens: a token budget to estimate the time of (language models).
@@ -122,9 +165,12 @@ def estimate_time(
     if not 0.0 < utilisation <= 1.0:
         raise ValueError(f"utilisation (--mfu) must be in (0, 1], got {utilisation}")
     dev = perf.device(device)
-    # the step's FLOPs are shared by every device of the mesh (communication not counted)
-    peak = dev.peak_bf16_tflops * 1e12 * getattr(plan, "devices", 1)
-    step = plan.flops["executed"] / (peak * utilisation)
+    # the step's FLOPs are shared by every device of the mesh; its collectives overlap them
+    devices = getattr(plan, "devices", 1)
+    peak = dev.peak_bf16_tflops * 1e12 * devices
+    compute = plan.flops["executed"] / (peak * utilisation)
+    wire = collective_seconds(getattr(plan, "communication", {}) or {}, devices, dev.link_gbs)
+    step = max(compute, wire)
     examples = plan.examples_per_step / step
     per_token = None
     if plan.tokens_per_step:
@@ -141,6 +187,9 @@ def estimate_time(
         examples_per_second=examples,
         tokens_per_second=per_token,
         run_seconds=step * total_steps,
+        compute_seconds=compute,
+        collective_seconds=wire,
+        link_gbs=dev.link_gbs,
     )
     if tokens:
         est.budget_tokens = float(tokens)

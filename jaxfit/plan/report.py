@@ -94,6 +94,14 @@ def time_report(plan: Plan, est: TimeEstimate, total_steps: int) -> str:
     if est.tokens_per_second:
         rate = f"{est.tokens_per_second:,.0f} tokens/s, " + rate
     lines.append(f"  step {format_seconds(est.step_seconds)}: {rate}, MFU {est.mfu:.1%}")
+    if est.collective_seconds:
+        slow = est.collective_seconds > est.compute_seconds
+        bound = "the collectives bound it" if slow else "compute bounds it"
+        lines.append(
+            f"    compute {format_seconds(est.compute_seconds)}, collectives at least "
+            f"{format_seconds(est.collective_seconds)} at {est.link_gbs:g} GB/s per direction "
+            f"between devices (jaxfit.perf; assumed overlapped): {bound}"
+        )
     lines.append(f"  this config's {total_steps:,} steps: {format_seconds(est.run_seconds)}")
     if est.epoch_seconds is not None:
         lines.append(f"  one epoch: {format_seconds(est.epoch_seconds)}")

@@ -77,7 +77,8 @@ def search_batch(
     progress: Callable[[str], None] = log.info,
 ) -> list[Candidate]:
     """Every compiled candidate, fitting ones first, fastest (fewest executed FLOPs per
-    example), then largest micro-batch, first.
+    example, then fewest bytes of collectives per example), then largest micro-batch,
+    first.
 
     Args:
       config: the training config; its ``batch_size`` is the effective batch kept.
@@ -124,7 +125,9 @@ def _ranked(results: list[Candidate]) -> list[Candidate]:
         if c.plan is None:
             return (2, 0.0, 0)
         per_example = c.plan.flops["executed"] / c.plan.examples_per_step
-        return (0 if c.fits else 1, per_example, -c.overrides["micro_batch_size"])
+        # equal FLOPs (e.g. two splits of the same devices): fewer bytes of collectives
+        comm = (c.plan.communication or {}).get("total", 0) / c.plan.examples_per_step
+        return (0 if c.fits else 1, per_example, comm, -c.overrides["micro_batch_size"])
 
     return sorted(results, key=key)
 

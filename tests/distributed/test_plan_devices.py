@@ -12,7 +12,8 @@ import pytest
 from dist_env import REPO
 from xla_env import fast_subprocess_env
 
-from jaxfit.plan import devices
+from jaxfit import perf
+from jaxfit.plan import devices, estimate
 
 HLO = """HloModule m
 
@@ -130,11 +131,16 @@ def test_search_tries_every_mesh_split(tmp_path):
         "--search", "--micro_batch_sizes", "16", "--remat_policies", "none",
         "--loss_chunk_sizes", "0",
     )  # fmt: skip
-    splits = [(c["overrides"]["mesh.data"], c["overrides"]["mesh.fsdp"]) for c in got["search"]]
-    assert splits == [(4, 1), (2, 2), (1, 4)] and all(c["fits"] for c in got["search"])
-    trainable = [c["plan"]["memory"]["trainable"] for c in got["search"]]
-    assert trainable[0] == pytest.approx(2 * trainable[1], rel=0.01)
-    assert trainable[0] == pytest.approx(4 * trainable[2], rel=0.01)
+    rows = got["search"]
+    splits = [(c["overrides"]["mesh.data"], c["overrides"]["mesh.fsdp"]) for c in rows]
+    assert sorted(splits) == [(1, 4), (2, 2), (4, 1)] and all(c["fits"] for c in rows)
+    trainable = {s: c["plan"]["memory"]["trainable"] for s, c in zip(splits, rows, strict=True)}
+    assert trainable[4, 1] == pytest.approx(2 * trainable[2, 2], rel=0.01)
+    assert trainable[4, 1] == pytest.approx(4 * trainable[1, 4], rel=0.01)
+    # equal FLOPs: ranked by the collectives' time on the card's link (RTX 4070 Ti: PCIe)
+    link = perf.device("rtx4070ti").link_gbs
+    wire = [estimate.collective_seconds(c["plan"]["communication"], 4, link) for c in rows]
+    assert wire == sorted(wire), (splits, wire)
 
 
 # Passes over the weights one optimizer step may make per micro-batch under FSDP: the

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import pytest
 
+from jaxfit import perf
 from jaxfit.perf import decoder_flops_per_token
-from jaxfit.plan import estimate
+from jaxfit.plan import estimate, report
 from jaxfit.plan.core import Plan
 from jaxfit.plan.flops import traced_flops
 
@@ -95,3 +98,25 @@ def test_parse_and_format_bytes():
     for bad in ("12", "twelve GiB", "12 GiBs"):
         with pytest.raises(ValueError, match="memory size"):
             estimate.parse_bytes(bad)
+
+
+def test_collectives_on_the_devices_link():
+    # ring algorithms over n = 4 devices: (n-1)/n of an all-gather's result on the wire,
+    # twice that of an all-reduce's, n-1 times a reduce-scatter's piece
+    comm = {"all-gather": 8e9, "all-reduce": 2e9, "reduce-scatter": 1e9, "total": 11e9}
+    wire = 0.75 * 8e9 + 2 * 0.75 * 2e9 + 3 * 1e9
+    assert estimate.collective_seconds(comm, 4, 31.5) == pytest.approx(wire / 31.5e9)
+    assert estimate.collective_seconds(comm, 1, 31.5) == 0.0
+    # RTX 4070 Ti: PCIe 4.0 x16, 31.5 GB/s per direction; H100 SXM: NVLink, 450 GB/s
+    assert perf.device("rtx4070ti").link_gbs == 31.5 and perf.device("h100-sxm").link_gbs == 450
+    plan = dataclasses.replace(_plan(executed=4e15, model=3e15), devices=4, communication=comm)
+    plan.flops["xla_cost_analysis"] = float("nan")  # read by the report only
+    compute = 4e15 / (4 * 80.2e12 * 0.4)
+    over_pcie = estimate.estimate_time(plan, "rtx4070ti")
+    assert over_pcie.compute_seconds == pytest.approx(compute)
+    assert over_pcie.collective_seconds == pytest.approx(wire / 31.5e9)
+    assert over_pcie.step_seconds == pytest.approx(max(compute, wire / 31.5e9))  # overlapped
+    over_nvlink = estimate.estimate_time(plan, "h100-sxm")
+    assert over_nvlink.collective_seconds == pytest.approx(wire / 450e9)
+    text = report.time_report(plan, over_pcie, 10)
+    assert "collectives at least" in text and "31.5 GB/s" in text
