@@ -328,8 +328,8 @@ def chunked_cross_entropy(
 
     Args:
       hidden: ``[..., D]`` final hidden states, any float dtype (passed to ``head_fn``
-        unchanged, one ``[R, c, D]`` chunk at a time).
-      head_fn: ``[R, c, D] -> [R, c, V]`` logits (any float dtype; the loss upcasts to
+        unchanged, one ``[R * c, D]`` chunk at a time).
+      head_fn: ``[R * c, D] -> [R * c, V]`` logits (any float dtype; the loss upcasts to
         float32), e.g. ``lambda h: model.apply(variables, h, method="logits")``. Must be
         deterministic and act on each token independently: it is called once per chunk
         in the forward pass and again in the backward pass.
@@ -379,9 +379,13 @@ def chunked_cross_entropy(
 
     # Save nothing inside a chunk (its inputs are the scan's xs anyway): the [chunk, V]
     # logits are recomputed by the backward pass. prevent_cse=False is safe inside scan.
+    # The head sees the chunk flat, [R * c, D] (a bitcast of [R, c, D]): a 2-D matmul,
+    # whose layout XLA assigns as before rows were kept (a 3-D one made XLA:CPU keep a
+    # transposed float32 copy of a frozen bf16 head, [V, D]: 1.96 GiB for Llama 3).
     @functools.partial(jax.checkpoint, prevent_cse=False)
     def chunk_loss(h_c, t_c, m_c):
-        return cross_entropy(head_fn(h_c), t_c, m_c)
+        logits = head_fn(h_c.reshape(-1, h_c.shape[-1]))
+        return cross_entropy(logits, t_c.reshape(-1), None if m_c is None else m_c.reshape(-1))
 
     def body(carry, x):
         loss_c, count_c = chunk_loss(*x)
