@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import tempfile
 import time
@@ -37,6 +38,7 @@ from jaxfit.models.layers import OFFLOAD_NAMES
 from jaxfit.optim import make_optimizer
 from jaxfit.plan import devices as devices_lib
 from jaxfit.plan import flops as flops_lib
+from jaxfit.plan import liveness
 from jaxfit.quant.base import is_weight_leaf
 from jaxfit.step import abstract_train_state, jit_train_step
 from jaxfit.tasks import build_task
@@ -90,12 +92,18 @@ def frozen_bytes_by_kind(frozen: Any) -> dict[str, int]:
 
 
 _ENTRY_PARAM = re.compile(r"%(\S+) = (?:bf16|f16)\[([\d,]*)\]\{[^}]*\} parameter\(\d+\)")
-_ENTRY_UPCAST = re.compile(r"%\S+ = f32\[([\d,]*)\]\{[^}]*\} (?:convert|fusion)\(%([^,\s)]+)\)")
+_ENTRY_UPCAST = re.compile(r"%(\S+) = f32\[([\d,]*)\]\{[^}]*\} (?:convert|fusion)\(%([^,\s)]+)\)")
 
 
 def hoisted_upcast_bytes(hlo_text: str) -> int:
     """Bytes of whole float32 copies of 16-bit step arguments made at the top level of an
-    optimised XLA:CPU program.
+    optimised XLA:CPU program (the sum of :func:`hoisted_upcasts`)."""
+    return sum(hoisted_upcasts(hlo_text).values())
+
+
+def hoisted_upcasts(hlo_text: str) -> dict[str, int]:
+    """``{instruction: bytes}`` of the whole float32 copies of 16-bit step arguments made at
+    the top level of an optimised XLA:CPU program.
 
     XLA:CPU has no bf16 matmul: it converts bf16 operands to float32. When the operand is a
     loop-invariant argument (a frozen embedding table or LM head used inside the layer or
@@ -107,16 +115,19 @@ def hoisted_upcast_bytes(hlo_text: str) -> int:
     """
     start = hlo_text.find("\nENTRY")
     if start < 0:
-        return 0
+        return {}
     entry = hlo_text[start:]
     entry = entry[: entry.find("\n}\n") if "\n}\n" in entry else len(entry)]
     params = {m.group(1): m.group(2) for m in _ENTRY_PARAM.finditer(entry)}
-    total = 0
-    for m in _ENTRY_UPCAST.finditer(entry):
-        dims, src = m.group(1), m.group(2)
-        if params.get(src) == dims:
-            total += 4 * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-    return total
+    return {
+        m.group(1): _f32_bytes(m.group(2))
+        for m in _ENTRY_UPCAST.finditer(entry)
+        if params.get(m.group(3)) == m.group(2)
+    }
+
+
+def _f32_bytes(dims: str) -> int:
+    return 4 * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
 
 
 _LOOP_OUTPUT = re.compile(
@@ -126,7 +137,13 @@ _LOOP_OUTPUT = re.compile(
 
 def loop_upcast_bytes(hlo_text: str) -> int:
     """Bytes of whole float32 copies of 16-bit loop outputs in an optimised XLA:CPU
-    program (any computation).
+    program (the sum of :func:`loop_upcasts`)."""
+    return sum(loop_upcasts(hlo_text).values())
+
+
+def loop_upcasts(hlo_text: str) -> dict[str, int]:
+    """``{instruction: bytes}`` of the whole float32 copies of 16-bit loop outputs in an
+    optimised XLA:CPU program (any computation).
 
     The forward scan over the layers stacks each layer's saved activation into a
     ``[layers, batch, seq, hidden]`` loop output; the backward loop reads it one layer at a
@@ -137,12 +154,11 @@ def loop_upcast_bytes(hlo_text: str) -> int:
     bf16/f16 output of a ``while`` loop.
     """
     outputs = {m.group(1): m.group(2) for m in _LOOP_OUTPUT.finditer(hlo_text)}
-    total = 0
-    for m in _ENTRY_UPCAST.finditer(hlo_text):
-        dims, src = m.group(1), m.group(2)
-        if outputs.get(src) == dims:
-            total += 4 * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
-    return total
+    return {
+        m.group(1): _f32_bytes(m.group(2))
+        for m in _ENTRY_UPCAST.finditer(hlo_text)
+        if outputs.get(m.group(3)) == m.group(2)
+    }
 
 
 @dataclasses.dataclass
@@ -275,6 +291,50 @@ def offloaded_bytes(jaxpr) -> int:
     return total
 
 
+def offloaded_stacks(jaxpr) -> set[str]:
+    """HLO shapes (``bf16[32,1,2048,4096]``) of the stacks the ``offload`` remat policy
+    keeps in host memory in one traced step: each :func:`offloaded_bytes` tensor with
+    the length of its layer scan in front (how the forward scan stacks it)."""
+    shapes: set[str] = set()
+
+    def walk(jx, scan_length: int, in_remat: bool):
+        for eqn in getattr(jx, "jaxpr", jx).eqns:
+            name = eqn.primitive.name
+            if name == "name" and eqn.params.get("name") in OFFLOAD_NAMES and not in_remat:
+                aval = eqn.outvars[0].aval
+                dims = ",".join(str(d) for d in (scan_length, *aval.shape))
+                shapes.add(f"{_HLO_DTYPES.get(np.dtype(aval.dtype).name, '?')}[{dims}]")
+            length = eqn.params["length"] if name == "scan" else scan_length
+            remat = in_remat or name in ("checkpoint", "remat", "remat2")
+            for value in eqn.params.values():
+                for sub in value if isinstance(value, tuple | list) else (value,):
+                    if isinstance(sub, jex_core.ClosedJaxpr | jex_core.Jaxpr):
+                        walk(sub, length, remat)
+
+    walk(jaxpr, 1, False)
+    return shapes
+
+
+_HLO_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
+
+
+@contextlib.contextmanager
+def _uncached(on: bool):
+    """Inside (when ``on``), nothing compiled goes into jax's persistent compilation cache
+    (the time threshold for an entry out of reach): a plan's compile read back from it
+    would not be compiled, so XLA would write no buffer assignment to read
+    (:func:`jaxfit.plan.liveness.read_dump`). jax decides once per process whether the
+    cache is used at all, so the threshold is the switch that acts at every compile."""
+    name = "jax_persistent_cache_min_compile_time_secs"
+    before = getattr(jax.config, name)
+    if on:
+        jax.config.update(name, float("inf"))
+    try:
+        yield
+    finally:
+        jax.config.update(name, before)
+
+
 @contextlib.contextmanager
 def _offload_accounted():
     """Silence ``layers.remat_policy``'s warning that ``offload`` saves in place on a CPU:
@@ -326,6 +386,41 @@ def _host_bytes(config, ma, jaxpr, on_cpu: bool) -> dict[str, int]:
     return {"host_bytes": host, "host_on_device": host}
 
 
+def _cpu_only_bytes(config, hlo_text: str, jaxpr, live, host_on_device: int) -> dict[str, int]:
+    """What of a CPU compile's peak a GPU does not hold on the device, measured where the
+    temporaries peak (:mod:`jaxfit.plan.liveness`), so that a buffer dead at the peak
+    takes nothing off the plan.
+
+    Returns, each the drop of the live peak of the temporaries when it is left out (in
+    this order):
+
+    * ``cpu_fragmentation``: XLA:CPU's heap of temporaries less their live peak (holes
+      of the CPU's packing; a GPU's allocator overhead is in the plan's reserve);
+    * ``cpu_upcasts``: XLA:CPU's float32 copies of bf16 arguments and loop outputs
+      (:func:`hoisted_upcasts`, :func:`loop_upcasts`);
+    * ``host_on_device``: under the ``offload`` policy, the layer-input stacks a GPU keeps
+      in pinned host memory (:func:`offloaded_stacks`).
+
+    Without the dump (XLA wrote none) the whole sizes are taken off, and no
+    fragmentation."""
+    upcasts = {**hoisted_upcasts(hlo_text), **loop_upcasts(hlo_text)}
+    if live is None:
+        return {
+            "cpu_fragmentation": 0,
+            "cpu_upcasts": sum(upcasts.values()),
+            "host_on_device": host_on_device,
+        }
+    stacks = offloaded_stacks(jaxpr) if host_on_device else set()
+    whole, _ = live.peak()
+    no_upcasts, _ = live.peak(lambda v: v.name in upcasts)
+    neither, _ = live.peak(lambda v: v.name in upcasts or v.shape.split("{")[0] in stacks)
+    return {
+        "cpu_fragmentation": max(live.heap_bytes - whole, 0),
+        "cpu_upcasts": whole - no_upcasts,
+        "host_on_device": no_upcasts - neither,
+    }
+
+
 def plan_config(config) -> Plan:
     """Compile ``config``'s train step for abstract shapes and account for its cost.
 
@@ -340,9 +435,20 @@ def plan_config(config) -> Plan:
     """
     t0 = time.perf_counter()
     step, executed, (task, state, batch, frozen, abstract_params, jaxpr) = _trace(config)
-    options = CPU_COMPILE_OPTIONS if jax.default_backend() == "cpu" else None
-    with _offload_accounted():
-        compiled = step.lower(state, batch, frozen).compile(options)
+    on_cpu = jax.default_backend() == "cpu"
+    with _offload_accounted(), tempfile.TemporaryDirectory() as dump, _uncached(on_cpu):
+        # on a CPU, XLA writes its buffer assignment and live ranges (liveness.read_dump);
+        # a compile read back from the persistent cache would write none: the emitter
+        # filter (a debug option that matches no emitter) is in jax's cache key and
+        # unique, so the lookup misses, and _uncached writes no entry
+        options = {
+            **CPU_COMPILE_OPTIONS,
+            **liveness.DUMP_OPTIONS,
+            "xla_dump_to": dump,
+            "xla_dump_emitter_re": f"jaxfit-plan-{os.path.basename(dump)}",
+        }
+        compiled = step.lower(state, batch, frozen).compile(options if on_cpu else None)
+        live = liveness.read_dump(dump) if on_cpu else None
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}
@@ -366,12 +472,14 @@ def plan_config(config) -> Plan:
     memory["activations"] = max(memory["temporaries"] - trainable, 0)
     memory["peak"] = memory["arguments"] + memory["outputs"] - memory["aliased"]
     memory["peak"] += memory["temporaries"]
-    on_cpu = jax.default_backend() == "cpu"
     hlo_text = compiled.as_text()
-    upcasts = hoisted_upcast_bytes(hlo_text) + loop_upcast_bytes(hlo_text) if on_cpu else 0
-    memory["cpu_upcasts"] = upcasts
     memory.update(_host_bytes(config, ma, jaxpr, on_cpu))
-    memory["peak_target"] = memory["peak"] - upcasts - memory["host_on_device"]
+    memory.update({"cpu_fragmentation": 0, "cpu_upcasts": 0})
+    if on_cpu:
+        memory.update(_cpu_only_bytes(config, hlo_text, jaxpr, live, memory["host_on_device"]))
+    memory["peak_target"] = memory["peak"] - sum(
+        memory[k] for k in ("cpu_fragmentation", "cpu_upcasts", "host_on_device")
+    )
     batch_size = config.batch_size
     seq_len = get_field(config, "seq_len")
     return Plan(

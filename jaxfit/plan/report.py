@@ -55,10 +55,21 @@ def memory_report(plan: Plan, budget: int, usable: int, device: str) -> str:
         f"{format_bytes(m['outputs'])} - aliased {format_bytes(m['aliased'])} + "
         f"temporaries {format_bytes(m['temporaries'])} = peak {format_bytes(m['peak'])}",
     ]
+    if m.get("cpu_fragmentation"):
+        lines.append(
+            f"  less {format_bytes(m['cpu_fragmentation'])} of holes in XLA:CPU's heap of "
+            "temporaries (the plan counts the bytes live at once)"
+        )
     if m.get("cpu_upcasts"):
         lines.append(
             f"  less {format_bytes(m['cpu_upcasts'])} of float32 copies of bf16 arguments "
-            "that only XLA:CPU makes (it has no bf16 matmul)"
+            "that only XLA:CPU makes (it has no bf16 matmul), live at the peak"
+        )
+    if m.get("host_on_device"):
+        lines.append(
+            f"  less {format_bytes(m['host_on_device'])} of layer inputs a GPU keeps in "
+            f"pinned host memory (remat_policy=offload: {format_bytes(m['host_bytes'])} "
+            "on the host in all), live at the peak"
         )
     if plan.communication:
         c = plan.communication
