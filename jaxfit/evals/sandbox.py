@@ -36,11 +36,13 @@ candidate runs in ``bwrap`` with:
 * resource limits set in the candidate before the program runs (soft = hard):
   ``RLIMIT_AS`` (``memory_bytes``, 2 GiB), ``RLIMIT_CPU`` (``ceil(timeout) + 1`` s),
   ``RLIMIT_FSIZE`` (``max_output_bytes``, 64 KiB, stdout and stderr included),
-  ``RLIMIT_NOFILE`` (64), ``RLIMIT_NPROC`` (0), ``RLIMIT_CORE`` (0). Run as root, the
-  sandbox's uid maps to root outside, where Linux does not apply ``RLIMIT_NPROC``: a
-  fork bomb then grows inside its PID namespace until the timeout kills the namespace
-  (``isolation["nproc_enforced"]`` says which). Run by another user, the user namespace
-  maps to that user and every limit holds.
+  ``RLIMIT_NOFILE`` (64), ``RLIMIT_NPROC`` (0), ``RLIMIT_CORE`` (0);
+* no new process or thread: a seccomp filter (``--seccomp``,
+  :func:`seccomp_no_new_processes`, x86_64 and aarch64) makes ``clone``, ``clone3``,
+  ``fork`` and ``vfork`` fail with ``EAGAIN``. It matters for root: the sandbox's uid then
+  maps to root outside, where Linux does not apply ``RLIMIT_NPROC`` (where the Python
+  installation is readable by ``nobody``, a root evaluator runs bwrap as ``nobody``, and
+  the limit holds too). ``isolation["new_processes"]`` says what refused them.
 
 Non-root users get the same isolation through an unprivileged user namespace where the
 kernel allows one; where it does not, ``bwrap`` fails its check and the fallback is used.
@@ -207,7 +209,50 @@ def _bwrap_user() -> int | None:
     return NOBODY if os.geteuid() == 0 and not _python_private() else None
 
 
-def _bwrap_argv(limits: Limits, bwrap: str) -> list[str]:
+# seccomp(2) filter that bubblewrap loads (``--seccomp FD``) so that no new process or
+# thread can start even where RLIMIT_NPROC does not apply (the evaluator is root):
+# classic BPF over ``struct seccomp_data`` (nr at offset 0, arch at 4), constants from
+# <linux/filter.h>, <linux/seccomp.h>, <linux/audit.h> and each architecture's syscall
+# table. clone/clone3/fork/vfork fail with EAGAIN, as under RLIMIT_NPROC.
+_SECCOMP_SYSCALLS = {
+    "x86_64": (0xC000003E, (56, 57, 58, 435)),  # AUDIT_ARCH_X86_64: clone fork vfork clone3
+    "aarch64": (0xC00000B7, (220, 435)),  # AUDIT_ARCH_AARCH64: clone clone3
+}
+
+
+def seccomp_no_new_processes(machine: str | None = None) -> bytes | None:
+    """The BPF program (``struct sock_filter[]``, native byte order) refusing new
+    processes and threads with ``EAGAIN`` on ``machine`` (default this one); None for an
+    architecture not in the table (then only ``RLIMIT_NPROC`` limits processes)."""
+    import platform
+    import struct
+
+    arch, numbers = _SECCOMP_SYSCALLS.get(machine or platform.machine(), (None, ()))
+    if arch is None:
+        return None
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | 11  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO|EAGAIN
+    n = 4 + len(numbers)  # index of "allow"; "deny" follows it
+    prog = [(ld, 0, 0, 4), (jeq, 0, n - 2, arch), (ld, 0, 0, 0)]
+    prog.append((jset, n - 3, 0, 0x40000000))  # the x32 ABI on x86_64: refused whole
+    for i, nr in enumerate(numbers):
+        prog.append((jeq, n - (4 + i), 0, nr))
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def _seccomp_pipe() -> int | None:
+    """A pipe's read end holding :func:`seccomp_no_new_processes` (caller closes it)."""
+    program = seccomp_no_new_processes()
+    if program is None:
+        return None
+    r, w = os.pipe()
+    os.write(w, program)
+    os.close(w)
+    return r
+
+
+def _bwrap_argv(limits: Limits, bwrap: str, seccomp_fd: int | None) -> list[str]:
     argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--cap-drop", "ALL", "--uid", str(NOBODY), "--gid", str(NOBODY),
             "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]  # fmt: skip
@@ -216,6 +261,8 @@ def _bwrap_argv(limits: Limits, bwrap: str) -> list[str]:
             argv += ["--symlink", os.readlink(top), top]
         elif os.path.isdir(top):
             argv += ["--ro-bind", top, top]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
     argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(int(limits.disk_bytes)),
              "--tmpfs", "/tmp", "--chdir", "/tmp", "--setenv", "HOME", "/tmp",
              "--setenv", "TMPDIR", "/tmp"]  # fmt: skip
@@ -235,12 +282,18 @@ def _bubblewrap() -> tuple[str | None, str]:
         version = subprocess.run(
             [bwrap, "--version"], capture_output=True, text=True, timeout=10
         ).stdout.split()[-1]
-        argv = _bwrap_argv(Limits(), bwrap)[:-2] + ["-c", "import json, os"]
+        seccomp = _seccomp_pipe()
+        argv = _bwrap_argv(Limits(), bwrap, seccomp)[:-2] + ["-c", "import json, os"]
         user = _bwrap_user()
-        proc = subprocess.run(
-            argv, capture_output=True, text=True, timeout=30, env=_ENV, cwd="/",
-            user=user, group=user, extra_groups=[] if user is not None else None,
-        )  # fmt: skip
+        try:
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=30, env=_ENV, cwd="/",
+                user=user, group=user, extra_groups=[] if user is not None else None,
+                pass_fds=() if seccomp is None else (seccomp,),
+            )  # fmt: skip
+        finally:
+            if seccomp is not None:
+                os.close(seccomp)
     except (OSError, subprocess.SubprocessError, IndexError) as e:
         return None, f"bwrap does not run ({e})"
     if proc.returncode != 0:
@@ -353,7 +406,7 @@ def run_tests(
     cap = int(limits.max_output_bytes)
     root = os.geteuid() == 0
     private = tempfile.mkdtemp(prefix="jaxfit-sandbox-io-")
-    work = None
+    work = seccomp = None
     try:
         if name == "none":
             work = os.path.realpath(tempfile.mkdtemp(prefix="jaxfit-sandbox-"))
@@ -362,7 +415,9 @@ def run_tests(
             argv = [sys.executable, "-I", "-c", sandbox_processes.CANDIDATE_SOURCE]
             env = {**_ENV, "HOME": work, "TMPDIR": work}
         else:
-            argv, env = _bwrap_argv(limits, shutil.which("bwrap") or "bwrap"), dict(_ENV)
+            seccomp = _seccomp_pipe()
+            argv = _bwrap_argv(limits, shutil.which("bwrap") or "bwrap", seccomp)
+            env = dict(_ENV)
         paths = {n: os.path.join(private, n) for n in ("cfg", "out", "err", "jerr", "verdict")}
         with open(paths["verdict"], "wb") as verdict, open(paths["jerr"], "wb") as jerr:
             cfg = {
@@ -374,6 +429,7 @@ def run_tests(
                 "env": env,
                 "cwd": work or "/",
                 "run_as": None if name == "none" else _bwrap_user(),
+                "pass_fds": [] if seccomp is None else [seccomp],
                 "max_reply_bytes": int(limits.max_reply_bytes),
                 "setup": setup,
                 "test": test,
@@ -403,7 +459,7 @@ def run_tests(
                     stdin=stdin,
                     stdout=subprocess.DEVNULL,
                     stderr=jerr,
-                    pass_fds=(verdict.fileno(),),
+                    pass_fds=(verdict.fileno(), *cfg["pass_fds"]),
                     cwd=private,
                     env=_ENV,
                     start_new_session=True,
@@ -419,6 +475,9 @@ def run_tests(
                 pass
             judge.wait()
             duration = time.monotonic() - start
+            if seccomp is not None:
+                os.close(seccomp)
+                seccomp = None
         stdout, out_size = (
             _read_capped(paths["out"], cap) if os.path.exists(paths["out"]) else ("", 0)
         )
@@ -436,6 +495,10 @@ def run_tests(
         if name != "none" and "uid" in isolation:  # the uid outside decides RLIMIT_NPROC
             host_uid = cfg["run_as"] if cfg["run_as"] is not None else os.geteuid()
             isolation.update(host_uid=host_uid, nproc_enforced=host_uid != 0)
+            isolation["new_processes"] = (
+                "refused (seccomp)" if cfg["pass_fds"] else
+                "refused (RLIMIT_NPROC)" if host_uid != 0 else "allowed until the timeout"
+            )  # fmt: skip
         if timed_out or record.get("status") == "timed out":
             passed, result = False, "timed out"
         elif out_size >= cap or err_size >= cap:
@@ -449,6 +512,8 @@ def run_tests(
             test_output,
         )  # fmt: skip
     finally:
+        if seccomp is not None:
+            os.close(seccomp)
         shutil.rmtree(private, ignore_errors=True)
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)

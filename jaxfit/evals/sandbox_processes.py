@@ -429,7 +429,7 @@ def judge_main() -> None:  # pragma: no cover (runs in the judge process)
                 stdin=req_r,
                 stdout=out,
                 stderr=err,
-                pass_fds=(rep_w,),
+                pass_fds=(rep_w, *cfg["pass_fds"]),
                 env=cfg["env"],
                 cwd=cfg["cwd"],
                 user=cfg["run_as"],

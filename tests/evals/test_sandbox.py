@@ -285,12 +285,39 @@ def test_disk_fill_is_capped():
     assert r.result == "failed: OSError: [Errno 27] File too large"  # RLIMIT_FSIZE
 
 
-def test_fork_bomb_under_bubblewrap():
-    limits = _limits("bubblewrap", timeout_s=1.0)
+def test_no_new_processes_under_bubblewrap():
+    """Even as root (where RLIMIT_NPROC does not apply) the seccomp filter refuses fork,
+    threads and a raw clone through ctypes."""
+    limits = _limits("bubblewrap", timeout_s=2.0)
     iso = sandbox.probe(limits)
-    _needs(iso, "nproc_enforced")
+    if sandbox.seccomp_no_new_processes() is None:
+        _needs(iso, "nproc_enforced")
+    assert iso["new_processes"].startswith("refused"), iso
     r = sandbox.run_program("import os\nwhile True:\n    os.fork()\n", limits)
-    assert r.result.startswith("failed: BlockingIOError"), r.result
+    assert r.result == "failed: BlockingIOError: [Errno 11] Resource temporarily unavailable"
+    r = sandbox.run_program("import threading\nthreading.Thread(target=id).start()\n", limits)
+    assert r.result == "failed: RuntimeError: can't start new thread"
+    raw = "import ctypes, os\nlibc = ctypes.CDLL(None)\n"
+    raw += "assert libc.fork() == -1 and ctypes.get_errno() in (0, 11)\n"
+    assert sandbox.run_program(raw, limits).passed
+
+
+def test_seccomp_program_layout():
+    """Classic BPF, 8 bytes an instruction: arch check, x32 guard, one compare per
+    syscall, allow, deny (EAGAIN)."""
+    import struct
+
+    prog = sandbox.seccomp_no_new_processes("x86_64")
+    ins = [struct.unpack("=HBBI", prog[i : i + 8]) for i in range(0, len(prog), 8)]
+    assert len(ins) == 10 and ins[0] == (0x20, 0, 0, 4) and ins[1][3] == 0xC000003E
+    assert [i[3] for i in ins[4:8]] == [56, 57, 58, 435]
+    assert ins[-2] == (0x06, 0, 0, 0x7FFF0000) and ins[-1] == (0x06, 0, 0, 0x0005000B)
+    for i, (code, jt, jf, _) in enumerate(ins[:-2]):  # every jump lands on allow or deny
+        if code in (0x15, 0x45):
+            assert {i + 1 + jt, i + 1 + jf} <= {i + 1, len(ins) - 2, len(ins) - 1}
+    assert ins[1][2] + 2 == len(ins) - 2  # another architecture: allow
+    assert len(sandbox.seccomp_no_new_processes("aarch64")) == 8 * 8
+    assert sandbox.seccomp_no_new_processes("riscv64") is None
 
 
 def test_required_bubblewrap_is_checked(monkeypatch):
