@@ -33,8 +33,9 @@ candidate runs in ``bwrap`` with:
   of ``Limits.disk_bytes`` (16 MiB) as ``/tmp`` and working directory: no home directory,
   no ``/etc``, no host ``/tmp``;
 * ``--die-with-parent`` and ``--new-session``: the sandbox dies with its judge;
-* resource limits set in the candidate before the program runs (soft = hard):
-  ``RLIMIT_AS`` (``memory_bytes``, 2 GiB), ``RLIMIT_CPU`` (``ceil(timeout) + 1`` s),
+* resource limits set in the candidate before the program runs (soft = hard but CPU):
+  ``RLIMIT_AS`` (``memory_bytes``, 2 GiB), ``RLIMIT_CPU`` (``ceil(timeout) + 1`` s:
+  ``SIGXCPU``, then ``SIGKILL`` a second later),
   ``RLIMIT_FSIZE`` (``max_output_bytes``, 64 KiB, stdout and stderr included),
   ``RLIMIT_NOFILE`` (64), ``RLIMIT_NPROC`` (0), ``RLIMIT_CORE`` (0);
 * no new process or thread: a seccomp filter (``--seccomp``,
@@ -429,6 +430,7 @@ def run_tests(
                 "env": env,
                 "cwd": work or "/",
                 "run_as": None if name == "none" else _bwrap_user(),
+                "signal_exit": name != "none",
                 "pass_fds": [] if seccomp is None else [seccomp],
                 "max_reply_bytes": int(limits.max_reply_bytes),
                 "setup": setup,

@@ -123,8 +123,8 @@ def candidate_main() -> None:  # pragma: no cover (runs in the sandboxed process
             "network": "namespace",
             "filesystem": "the Python installation (read-only) and a private tmpfs",
         }
+    resource.setrlimit(resource.RLIMIT_CPU, (cfg["cpu_s"], cfg["cpu_s"] + 1))  # SIGXCPU
     for limit, value in ((resource.RLIMIT_AS, cfg["memory_bytes"]),
-                         (resource.RLIMIT_CPU, cfg["cpu_s"]),
                          (resource.RLIMIT_FSIZE, cfg["max_output_bytes"]),
                          (resource.RLIMIT_NOFILE, cfg["max_open_files"]),
                          (resource.RLIMIT_NPROC, 0),
@@ -416,7 +416,7 @@ def judge_main() -> None:  # pragma: no cover (runs in the judge process)
         except subprocess.TimeoutExpired:
             pass
         record = {"status": status, "result": result, "isolation": state["isolation"],
-                  "returncode": proc.returncode, "calls": state["calls"]}  # fmt: skip
+                  "returncode": returncode(), "calls": state["calls"]}  # fmt: skip
         os.write(verdict_fd, (json.dumps(record) + "\n").encode())
         os._exit(0)
 
@@ -445,11 +445,18 @@ def judge_main() -> None:  # pragma: no cover (runs in the judge process)
     requests = os.fdopen(req_w, "wb", buffering=0)
     buffer = bytearray()
 
+    def returncode():
+        code = proc.returncode
+        if code is not None and cfg["signal_exit"] and code > 128:
+            return -(code - 128)  # bwrap exits 128 + N when its child died of signal N
+        return code
+
     def exited():
         try:
-            code = proc.wait(timeout=0.5)
+            proc.wait(timeout=0.5)
         except subprocess.TimeoutExpired:
             return "failed: the candidate stopped answering"
+        code = returncode()
         if code == -signal.SIGXCPU:
             return "timed out (CPU limit)"
         if code < 0:
@@ -515,10 +522,11 @@ def judge_main() -> None:  # pragma: no cover (runs in the judge process)
         if cfg["test"] is None:  # a whole program: it ran to its end
             requests.close()
             try:
-                code = proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
+                proc.wait(timeout=max(deadline - time.monotonic(), 0.01))
             except subprocess.TimeoutExpired:
                 finish("timed out", "timed out")
-            finish("passed" if code == 0 else "failed", "passed" if code == 0 else exited())
+            ok = returncode() == 0
+            finish("passed" if ok else "failed", "passed" if ok else exited())
 
         exceptions = {
             name: obj

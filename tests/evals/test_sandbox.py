@@ -71,6 +71,11 @@ def test_verdicts_and_plain_values(tool):
     assert r.result == "failed: NameError: name 'undefined' is not defined"
     r = _judge("    return (\n", limits)
     assert r.result.startswith("failed: SyntaxError")
+    r = sandbox.run_program("import os\nos._exit(3)\n", limits)
+    assert r.result == "failed: exit status 3" and r.returncode == 3
+    crash = "import ctypes\nctypes.string_at(0)\n"  # a segfault, past the guard if any
+    r = sandbox.run_program(crash, sandbox.Limits(tool=tool, python_guard=False))
+    assert r.result == "failed: killed by SIGSEGV" and r.returncode == -11
     # every plain type crosses both ways intact (tuple stays tuple, sets, bytes, big ints)
     value = ([1, (2, 3)], {"k": {4, 5}, 6: frozenset({7})}, b"\x00\xff", 2**100, 1.5, None,
              True, "é", complex(1, -2), float("inf"))  # fmt: skip
@@ -153,6 +158,8 @@ def test_hangs_time_out(tool):
         assert r.result == "timed out" and time.monotonic() - start < limits.timeout_s + 2
     r = sandbox.run_program("while True:\n    pass\n", limits)
     assert r.result == "timed out"
+    r = sandbox.run_program("while True:\n    pass\n", _limits(tool, timeout_s=8.0, cpu_s=1))
+    assert r.result == "timed out (CPU limit)" and r.returncode == -24 and r.duration_s < 6
 
 
 def test_temporary_directory_is_private_and_removed():
