@@ -9,11 +9,15 @@ and under the fallback layer (``tool="none"``). Hostile *samples* go through
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import socket
+import subprocess
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -23,6 +27,7 @@ FAST = sandbox.Limits()
 FALLBACK = sandbox.Limits(tool="none")
 FALLBACK_OS_ONLY = sandbox.Limits(tool="none", python_guard=False)
 BWRAP = sandbox.Limits(tool="bubblewrap")
+REPO = Path(__file__).resolve().parents[2]
 TOOLS = [pytest.param("bubblewrap", id="bwrap"), pytest.param("none", id="fallback")]
 
 
@@ -217,6 +222,60 @@ def test_kill_all_beside_a_concurrent_run():
     t.join()
     assert [r.result for r in good] == ["passed"] * 8
     assert out["r"].passed  # it only killed its own namespace (nothing but itself)
+
+
+NON_ROOT_SCRIPT = """
+import json, os, sys
+sys.path.insert(0, sys.argv[1])
+from jaxfit.evals import sandbox
+me = os.getpid()
+hostile = (
+    "import ctypes, os, signal\\nlibc = ctypes.CDLL(None, use_errno=True)\\n"
+    "def add(a, b):\\n"
+    f"    fd = libc.syscall(434, {me}, 0)\\n"  # pidfd_open(evaluator)
+    "    if fd >= 0:\\n"
+    "        libc.syscall(424, fd, 9, None, 0)\\n"  # pidfd_send_signal(SIGKILL)
+    f"    libc.kill({me}, 9)\\n    libc.kill(-1, 9)\\n"
+    "    return a + b\\n"
+)
+test = "def check(candidate):\\n    assert candidate(1, 2) == 3\\n"
+r = sandbox.run_tests(hostile, entry_point="add", test=test, limits=sandbox.Limits())
+w = sandbox.run_program(f"open({sys.argv[2]!r}, 'w').write('x')\\n", sandbox.Limits())
+print(json.dumps({"result": r.result, "isolation": r.isolation, "write": w.result}))
+"""
+
+
+def test_non_root_evaluator_gets_the_same_isolation(tmp_path):
+    """An evaluator run by ``nobody`` (a Python that ``nobody`` can read: the system's, in a
+    fresh venv) gets bubblewrap through an unprivileged user namespace: a sample that
+    signals the evaluator (``kill``, ``pidfd_send_signal``) or writes outside fails and the
+    evaluator lives."""
+    system_python = "/usr/bin/python3"
+    if os.geteuid() != 0 or not os.path.exists(system_python):
+        pytest.skip("needs root (to become nobody) and /usr/bin/python3")
+    _limits("bubblewrap")
+    base = tempfile.mkdtemp(prefix="jaxfit-nonroot-")
+    try:
+        os.chmod(base, 0o777)
+        venv = os.path.join(base, "venv")
+        subprocess.run([system_python, "-m", "venv", "--without-pip", venv], check=True)
+        target = os.path.join(base, "escaped.txt")
+        proc = subprocess.run(
+            [f"{venv}/bin/python", "-c", NON_ROOT_SCRIPT, str(REPO), target],
+            capture_output=True, text=True, timeout=120, cwd=base,
+            user=65534, group=65534, extra_groups=[],
+        )  # fmt: skip
+        if "bwrap" in proc.stdout and '"tool": "none"' in proc.stdout:
+            pytest.skip(f"unprivileged user namespaces refused here: {proc.stdout}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        report = json.loads(proc.stdout)
+        assert report["isolation"]["tool"].startswith("bubblewrap"), report
+        assert report["isolation"]["host_uid"] == 65534 and report["isolation"]["nproc_enforced"]
+        assert report["result"] == "passed", report  # its signals reached nothing outside
+        # the write lands in the sample's own tmpfs (its /tmp holds the venv's mount point)
+        assert report["write"] == "passed" and not os.path.exists(target), report
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
