@@ -6,6 +6,7 @@ Two processes per sample (:mod:`jaxfit.evals.sandbox_processes`):
   prompt and tests (``check(candidate)``), with ``candidate`` a stand-in that forwards each
   call to the candidate process and returns its reply. The verdict (:attr:`Result.result`)
   is decided here: ``passed`` only when ``check`` returned and every call was answered.
+  The problem (prompt and tests) is trusted: it runs with the evaluator's rights.
 * the **candidate** (untrusted): executes the prompt + completion and serves calls to the
   entry point. Arguments and return values cross a pipe as JSON of plain values (exact
   ``None``/``bool``/``int``/``float``/``str``/``bytes``/``complex`` and lists, tuples, dicts,
@@ -489,7 +490,12 @@ def run_tests(
         test_output, _ = _read_capped(paths["jerr"], cap)
         with open(paths["verdict"], "rb") as f:
             lines = f.read(1 << 20).decode("utf-8", "replace").splitlines()
-        record = json.loads(lines[0]) if lines else {}
+        try:
+            record = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            record = {"status": "failed", "result": "failed: the verdict is unreadable"}
+        if not isinstance(record, dict) or not isinstance(record.get("result", ""), str):
+            record = {"status": "failed", "result": "failed: the verdict is unreadable"}
         if record.get("status") == "error":
             raise OSError(record["result"])
         isolation = {"tool": name, **({"fallback_reason": reason} if reason else {})}
