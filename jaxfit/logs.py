@@ -25,6 +25,8 @@ from pathlib import Path
 import tqdm
 from absl import logging as absl_logging
 
+from jaxfit import errors
+
 LOGGER = "jaxfit"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 DATEFMT = "%Y-%m-%d %H:%M:%S"
@@ -43,6 +45,23 @@ class _ConsoleHandler(logging.Handler):
 class _NotJaxfit(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name == LOGGER or record.name.startswith(LOGGER + "."))
+
+
+class _FileHandler(logging.FileHandler):
+    """A ``FileHandler`` that drops records it cannot write because the disk is full
+    (instead of printing a traceback per record): the run itself stops on the full disk
+    with one error line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if errors.disk_full_cause(sys.exc_info()[1]) is None:
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the last flush, on a full disk
+            if errors.disk_full_cause(e) is None:
+                raise
 
 
 def quiet_native_logs() -> None:
@@ -75,10 +94,10 @@ def log_to_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter(FORMAT, DATEFMT)
-    ours = logging.FileHandler(path, encoding="utf-8")
+    ours = _FileHandler(path, encoding="utf-8")
     ours.setFormatter(formatter)
     ours.setLevel(logging.INFO)
-    others = logging.FileHandler(path, encoding="utf-8")
+    others = _FileHandler(path, encoding="utf-8")
     others.setFormatter(formatter)
     others.setLevel(logging.WARNING)
     others.addFilter(_NotJaxfit())
