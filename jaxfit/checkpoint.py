@@ -44,6 +44,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -130,12 +131,19 @@ def remove_partial_saves(directory: str | os.PathLike) -> list[str]:
         return []
     partial = sorted(n for n in names if ".orbax-checkpoint-tmp" in n)
     for name in partial:
-        shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        path = os.path.join(directory, name)
+        # writes of the failed save still in flight may add files meanwhile: a few tries
+        for _ in range(20):
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):
+                break
+            time.sleep(0.1)
     return partial
 
 
 class _DiskFullNotices(logging.Filter):
-    """Drops orbax's (absl's) ERROR records with tracebacks of a failed write on a full
+    """Drops the ERROR records, with tracebacks, that orbax (through absl) and asyncio
+    (futures of a failed save collected later) log about a write that failed on a full
     disk: the same error reaches the caller, which reports it in one line."""
 
     def filter(self, record: logging.LogRecord) -> bool:
@@ -145,6 +153,40 @@ class _DiskFullNotices(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             text += str(record.exc_info[1])
         return errors.disk_full_cause(RuntimeError(text)) is None
+
+
+class _QuietClosedLoops:
+    """``sys.unraisablehook`` once a writable :class:`Checkpointer` opened: drops the
+    ``RuntimeError: Event loop is closed`` that tensorstore's write futures raise when
+    they complete after orbax closed the event loop of a save that failed (one per
+    array, each printed as a traceback); every other unraisable goes to the previous
+    hook."""
+
+    def __init__(self):
+        self.previous = sys.unraisablehook
+
+    def __call__(self, unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and (
+            str(unraisable.exc_value) == "Event loop is closed"
+        ):
+            return
+        self.previous(unraisable)
+
+
+_quieted = False
+
+
+def _quiet_failed_writes() -> None:
+    """Install :class:`_DiskFullNotices` and :class:`_QuietClosedLoops` (once per
+    process, when the first writable Checkpointer opens: the notices they drop come
+    from background threads and garbage collection, also after it is closed)."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DiskFullNotices())
+    sys.unraisablehook = _QuietClosedLoops()
 
 
 class NoUsableCheckpointError(RuntimeError):
@@ -269,11 +311,9 @@ class Checkpointer:
             self._manager = ocp.CheckpointManager(
                 self.directory, options=options, item_names=("state", "meta")
             )
-        self._notices = None
         if not read_only:
             self._empty_trash()
-            self._notices = _DiskFullNotices()
-            logging.getLogger("absl").addFilter(self._notices)
+            _quiet_failed_writes()
 
     def _writable(self, what: str) -> None:
         if self.read_only:
@@ -287,6 +327,8 @@ class Checkpointer:
         if jax.process_index() == 0 and os.path.isdir(trash):
             for name in os.listdir(trash):
                 shutil.rmtree(os.path.join(trash, name), ignore_errors=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(trash)  # only when empty
 
     def save(
         self, step: int, state: PyTree, meta: dict | None = None, *, force: bool = False
@@ -712,9 +754,6 @@ class Checkpointer:
             self.wait()
         finally:
             self._manager.close()
-            if self._notices is not None:
-                logging.getLogger("absl").removeFilter(self._notices)
-                self._notices = None
 
     def __enter__(self) -> Checkpointer:
         return self

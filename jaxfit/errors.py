@@ -87,7 +87,12 @@ class ShowHelp(Exception):  # noqa: N818 (a request, not an error)
 # The texts a full disk is reported with: Python's OSError, and tensorstore's (orbax's
 # array writes: ``RESOURCE_EXHAUSTED ... No space left on device [os_error_code='28']``).
 _DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
-_DISK_FULL_TEXTS = ("No space left on device", "Disk quota exceeded")
+_DISK_FULL_TEXTS = (
+    "No space left on device",
+    "Disk quota exceeded",
+    f"os_error_code='{errno.ENOSPC}'",
+    f"os_error_code='{errno.EDQUOT}'",
+)
 
 
 def disk_full_cause(error: BaseException | None) -> BaseException | None:
