@@ -290,6 +290,7 @@ class Checkpointer:
                 save_interval_steps=0,
                 max_to_keep=None,
                 enable_async_checkpointing=False,
+                lightweight_initialize=True,  # no metadata read (steps come and go)
             )
         else:
             options = ocp.CheckpointManagerOptions(
@@ -307,10 +308,17 @@ class Checkpointer:
                     else None
                 ),
             )
-        with _quiet_read_only_notices():
-            self._manager = ocp.CheckpointManager(
-                self.directory, options=options, item_names=("state", "meta")
-            )
+        for attempt in range(READ_ATTEMPTS):
+            try:
+                with _quiet_read_only_notices():
+                    self._manager = ocp.CheckpointManager(
+                        self.directory, options=options, item_names=("state", "meta")
+                    )
+                break
+            except (OSError, ValueError):  # read-only: a step removed while orbax listed it
+                if not read_only or attempt == READ_ATTEMPTS - 1:
+                    raise
+                time.sleep(0.05)
         if not read_only:
             self._empty_trash()
             _quiet_failed_writes()
@@ -509,21 +517,19 @@ class Checkpointer:
         return steps[-1] if steps else None
 
     def all_steps(self) -> list[int]:
-        """Steps of all complete checkpoints, ascending (read-only: as on disk now)."""
-        if self.read_only:
-            self._reload()
-        return sorted(self._manager.all_steps())
+        """Steps of all complete checkpoints, ascending.
 
-    def _reload(self) -> None:
-        """Re-read the list of checkpoints (a run may be adding and removing them)."""
-        for attempt in range(READ_ATTEMPTS):
+        Read-only: the step directories on disk now (orbax renames ``<step>.orbax-
+        checkpoint-tmp*`` to ``<step>`` only once everything is written), listed without
+        reading any file of them, so that a step the run removes meanwhile is no error.
+        """
+        if self.read_only:
             try:
-                self._manager.reload()
-                return
-            except (OSError, ValueError):  # a step removed while orbax listed it
-                if attempt == READ_ATTEMPTS - 1:
-                    raise
-                time.sleep(0.05)
+                names = os.listdir(self.directory)
+            except FileNotFoundError:
+                return []
+            return sorted(int(n) for n in names if n.isdigit() and os.path.isdir(self._step_dir(n)))
+        return sorted(self._manager.all_steps())
 
     def restore(self, abstract_state: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
         """Restore ``(state, meta)`` from ``step`` (default: the latest complete checkpoint),

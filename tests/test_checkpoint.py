@@ -304,12 +304,21 @@ def test_a_step_removed_while_read_is_not_damage(tmp_path):
             ckpt.restore_checked(to_abstract(b), 6, check=remove_6_once)
 
 
-def test_retention_keeps_the_last_sealed_and_deletes_by_rename(tmp_path):
+def test_retention_keeps_the_last_sealed_and_deletes_by_rename(tmp_path, monkeypatch):
     """A newer checkpoint whose seal could not be written (a full disk) does not count
     among the kept ones: the sealed one before it stays. Deleted steps pass through
     ``jaxfit_deleting/`` (one rename, so a reader sees them whole or not at all), which
     is emptied."""
     state = _state()
+    in_trash = []
+    empty = Checkpointer._empty_trash
+
+    def look_then_empty(self):
+        trash = tmp_path / "jaxfit_deleting"
+        in_trash.extend(sorted(os.listdir(trash)) if trash.is_dir() else [])
+        empty(self)
+
+    monkeypatch.setattr(Checkpointer, "_empty_trash", look_then_empty)
     with Checkpointer(tmp_path, max_to_keep=1, confirm_saves=True) as ckpt:
         ckpt.save(1, state, {})
         ckpt.wait()
@@ -322,4 +331,5 @@ def test_retention_keeps_the_last_sealed_and_deletes_by_rename(tmp_path):
         ckpt.wait()
         assert ckpt.confirm(3) == [1, 2]
         assert ckpt.all_steps() == [3]
-    assert os.listdir(tmp_path / "jaxfit_deleting") == []
+    assert in_trash == ["1", "2"]  # moved whole, then deleted
+    assert not (tmp_path / "jaxfit_deleting").exists()  # emptied, then removed

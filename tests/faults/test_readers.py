@@ -58,6 +58,16 @@ def _reader(module: str, *args) -> subprocess.Popen:
     )
 
 
+def _clis(*calls) -> list[subprocess.CompletedProcess]:
+    """Run each ``(module, *args)`` CLI at once (two cores: most of each is start-up)."""
+    procs = [_reader(module, *args) for module, *args in calls]
+    done = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=TIMEOUT)
+        done.append(subprocess.CompletedProcess(proc.args, proc.returncode, out, err))
+    return done
+
+
 def _exported(out: Path) -> dict[str, str]:
     """SHA-256 of each weights file an HF export wrote."""
     return {
@@ -149,45 +159,48 @@ def test_readers_skip_a_damaged_latest_and_write_nothing_non_finite(tmp_path, re
     npz = (workdir / "eval" / "step_12.npz").read_bytes()
     rows_before = (workdir / "metrics.jsonl").read_text()
 
-    ev = _cli("evaluate", "--workdir", workdir)
-    assert ev.returncode == 0, ev.stderr[-3000:]
+    ev, want, ex, good, newest = _clis(
+        ("evaluate", "--workdir", workdir),
+        ("evaluate", "--workdir", intact, "--step", 9),
+        ("export", "--workdir", workdir, "--out", tmp_path / "hf"),
+        ("export", "--workdir", intact, "--out", tmp_path / "hf9", "--step", 9),
+        ("export", "--workdir", intact, "--out", tmp_path / "hf12"),
+    )
+    for done in (ev, want, ex, good, newest):
+        assert done.returncode == 0, done.stderr[-3000:]
     warning = next(x for x in ev.stderr.splitlines() if "checkpoint at step 12" in x)
     assert "unusable" in warning and name in warning
     printed = json.loads(ev.stdout)
-    assert printed["step"] == 9
-    want = json.loads(_cli("evaluate", "--workdir", intact, "--step", 9).stdout)
-    assert printed == want
+    assert printed["step"] == 9 and printed == json.loads(want.stdout)
     assert (workdir / "eval" / "step_12.npz").read_bytes() == npz
     rows = (workdir / "metrics.jsonl").read_text()
     assert rows.startswith(rows_before)
     (added,) = rows[len(rows_before) :].splitlines()
     assert json.loads(added)["step"] == 9 and math.isfinite(json.loads(added)["eval/loss"])
-
-    ex = _cli("export", "--workdir", workdir, "--out", tmp_path / "hf")
-    assert ex.returncode == 0, ex.stderr[-3000:]
     assert any("checkpoint at step 12" in x and name in x for x in ex.stderr.splitlines())
-    good = _cli("export", "--workdir", intact, "--out", tmp_path / "hf9", "--step", 9)
-    assert good.returncode == 0, good.stderr[-3000:]
     assert _exported(tmp_path / "hf") == _exported(tmp_path / "hf9")
-    newest = _cli("export", "--workdir", intact, "--out", tmp_path / "hf12")
-    assert newest.returncode == 0, newest.stderr[-3000:]
     assert _exported(tmp_path / "hf12") != _exported(tmp_path / "hf9")  # the fallback shows
-
     assert _tree(workdir / "checkpoints") == ckpt_before
     assert not (workdir / "checkpoints_damaged").exists()
 
-    for module, extra in (("evaluate", ()), ("export", ("--out", tmp_path / "x"))):
-        asked = _cli(module, "--workdir", workdir, "--step", 12, *extra)
-        assert asked.returncode == 6, asked.stderr[-3000:]
-        (line,) = _error_lines(asked.stderr)
+    asked = _clis(
+        ("evaluate", "--workdir", workdir, "--step", 12),
+        ("export", "--workdir", workdir, "--step", 12, "--out", tmp_path / "x"),
+    )
+    for done in asked:
+        assert done.returncode == 6, done.stderr[-3000:]
+        (line,) = _error_lines(done.stderr)
         assert "step 12" in line and name in line
     for step in checkpoint_steps(workdir):
         damage(workdir / "checkpoints" / str(step), "truncate")
-    for module, extra in (("evaluate", ()), ("export", ("--out", tmp_path / "y"))):
-        none = _cli(module, "--workdir", workdir, *extra)
-        assert none.returncode == 6, none.stderr[-3000:]
-        assert "Traceback" not in none.stderr
-        (line,) = _error_lines(none.stderr)
+    none = _clis(
+        ("evaluate", "--workdir", workdir),
+        ("export", "--workdir", workdir, "--out", tmp_path / "y"),
+    )
+    for done in none:
+        assert done.returncode == 6, done.stderr[-3000:]
+        assert "Traceback" not in done.stderr
+        (line,) = _error_lines(done.stderr)
         assert "no usable checkpoint" in line and "step 3:" in line and "step 12:" in line
     assert (workdir / "metrics.jsonl").read_text() == rows
     assert not (tmp_path / "y").exists()
