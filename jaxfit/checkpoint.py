@@ -603,7 +603,9 @@ class Checkpointer:
 
     def _seal_verified(self, step: int) -> None:
         """Seal checkpoint ``step``, found without a seal, once it verified (orbax's
-        metadata, a restore and the caller's check)."""
+        metadata, a restore and the caller's check); process 0 writes it."""
+        if jax.process_index() != 0:
+            return
         self._write_seal(step)
         log.warning(
             "the checkpoint of step %d in %s had no seal (its run stopped before writing "

@@ -31,7 +31,13 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from jaxfit import checkpoint, config_docs  # noqa: E402 (after the environment above)
 from jaxfit.config import ConfigError  # noqa: E402
-from jaxfit.errors import DataError, DiskFullError, ShowHelp, UsageError  # noqa: E402
+from jaxfit.errors import (  # noqa: E402
+    DataError,
+    DiskFullError,
+    ShowHelp,
+    UsageError,
+    disk_full_cause,
+)
 from jaxfit.metrics import NonFiniteError  # noqa: E402
 from jaxfit.oom import OutOfMemoryError  # noqa: E402
 
@@ -77,6 +83,9 @@ def run(
         print(render_help(prog, doc, request))
         return 0
     except Exception as e:
+        cause = disk_full_cause(e)
+        if cause is not None and not isinstance(e, DiskFullError):
+            e = DiskFullError(_directory_of(cause), cause)  # one line, status 7
         code = exit_code(e)
         if code is None:
             raise
@@ -84,6 +93,14 @@ def run(
             traceback.print_exc()
         print(f"error: {describe(e)}", file=sys.stderr)
         return code
+
+
+def _directory_of(error: BaseException) -> str:
+    """The directory of the file ``error`` names (the working directory if none)."""
+    filename = getattr(error, "filename", None)
+    if isinstance(filename, str | os.PathLike):
+        return os.path.dirname(os.path.abspath(filename))
+    return os.getcwd()
 
 
 def exit_code(error: BaseException) -> int | None:

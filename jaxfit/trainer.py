@@ -292,7 +292,8 @@ def _disk_full(workdir: Path, error: BaseException) -> errors.DiskFullError:
     back), and the newest sealed checkpoint named (orbax wrote it whole, the seal was
     written after it: a failed later save touches neither)."""
     directory = workdir / "checkpoints"
-    checkpoint.remove_partial_saves(directory)
+    if jax.process_index() == 0:
+        checkpoint.remove_partial_saves(directory)
     last = checkpoint.latest_sealed_step_in(directory)
     if last is None:
         note = "no checkpoint was written yet: free some space and rerun the same command"

@@ -179,3 +179,17 @@ def test_exit_codes_of_checkpoints_results_and_disk(tmp_path):
     line = cli.describe(e)
     assert line.startswith(f"the disk holding '{tmp_path}' is full (") and " free of " in line
     assert f"while writing {tmp_path / 'metrics.jsonl'}" in line and line.endswith("intact")
+
+
+def test_a_full_disk_anywhere_is_one_line_with_status_7(tmp_path, capsys):
+    """An ``ENOSPC`` raised by any command (a reader writing metrics, an export) is
+    reported as a full disk naming the file's directory and its free space, not as a
+    traceback."""
+
+    def writes(argv):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "model.bin"))
+
+    assert cli.run(writes, [], prog="p", doc=None) == 7
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: the disk holding '{tmp_path / 'out'}' is full (")
+    assert f"while writing {tmp_path / 'out' / 'model.bin'}" in line
