@@ -252,9 +252,9 @@ class Checkpointer:
         older one; ``confirm(step)`` (called once the step after it proved finite) keeps
         the newest ``max_to_keep`` complete checkpoints up to ``step`` and deletes older
         ones. So the last checkpoint known to be good is never deleted in favour of one
-        that might not be (the trainer's mode). False: orbax deletes after each save.
-        Either way only SEALED checkpoints count among the ``max_to_keep`` kept, so a
-        checkpoint whose seal could not be written (disk full) never costs the previous one.
+        that might not be (the trainer's mode); only SEALED checkpoints count among the
+        ``max_to_keep`` kept, so one whose seal could not be written (disk full) never
+        costs the sealed one before it. False: orbax deletes after each save.
       read_only: for readers of a workdir that a run may be writing (evaluate, export,
         generate): the directory is not created, orbax's temporary directories are not
         cleaned up, and nothing is saved, sealed, moved or deleted (:meth:`save`,

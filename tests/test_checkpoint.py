@@ -230,10 +230,11 @@ def test_read_only_sees_steps_added_and_removed(tmp_path):
         writer.save(1, state, {})
         writer.wait()
         assert reader.all_steps() == [1] and reader.latest_step() == 1
-        writer.save(2, state, {})
+        writer.save(2, state, {"step": 2})
         writer.wait()
         writer._manager.delete(1)
         assert reader.all_steps() == [2]
+        assert reader.restore(to_abstract(state))[1] == {"step": 2}  # saved after it opened
 
 
 def test_reader_takes_the_newest_sealed_and_skips_unsealed(tmp_path, caplog):
