@@ -44,7 +44,6 @@ import json
 import logging
 import os
 import shutil
-import sys
 import threading
 import time
 from collections.abc import Callable
@@ -54,7 +53,7 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from jaxfit import errors, oom
+from jaxfit import logs, oom
 
 log = logging.getLogger(__name__)
 
@@ -141,54 +140,6 @@ def remove_partial_saves(directory: str | os.PathLike) -> list[str]:
     return partial
 
 
-class _DiskFullNotices(logging.Filter):
-    """Drops the ERROR records, with tracebacks, that orbax (through absl) and asyncio
-    (futures of a failed save collected later) log about a write that failed on a full
-    disk: the same error reaches the caller, which reports it in one line."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno < logging.ERROR:
-            return True
-        text = str(record.msg)
-        if record.exc_info and record.exc_info[1] is not None:
-            text += str(record.exc_info[1])
-        return errors.disk_full_cause(RuntimeError(text)) is None
-
-
-class _QuietClosedLoops:
-    """``sys.unraisablehook`` once a writable :class:`Checkpointer` opened: drops the
-    ``RuntimeError: Event loop is closed`` that tensorstore's write futures raise when
-    they complete after orbax closed the event loop of a save that failed (one per
-    array, each printed as a traceback); every other unraisable goes to the previous
-    hook."""
-
-    def __init__(self):
-        self.previous = sys.unraisablehook
-
-    def __call__(self, unraisable) -> None:
-        if isinstance(unraisable.exc_value, RuntimeError) and (
-            str(unraisable.exc_value) == "Event loop is closed"
-        ):
-            return
-        self.previous(unraisable)
-
-
-_quieted = False
-
-
-def _quiet_failed_writes() -> None:
-    """Install :class:`_DiskFullNotices` and :class:`_QuietClosedLoops` (once per
-    process, when the first writable Checkpointer opens: the notices they drop come
-    from background threads and garbage collection, also after it is closed)."""
-    global _quieted
-    if _quieted:
-        return
-    _quieted = True
-    for name in ("absl", "asyncio"):
-        logging.getLogger(name).addFilter(_DiskFullNotices())
-    sys.unraisablehook = _QuietClosedLoops()
-
-
 class NoUsableCheckpointError(RuntimeError):
     """Checkpoints exist but none verifies and restores; ``.problems`` maps each step to
     what is wrong with it."""
@@ -204,21 +155,6 @@ class _Removed(Exception):  # noqa: N818 (a signal between methods, never raised
     def __init__(self, step: int):
         super().__init__(step)
         self.step = step
-
-
-@contextlib.contextmanager
-def _quiet_read_only_notices():
-    """Hide orbax's notices that a read-only manager is read-only (what it was asked)."""
-
-    def not_read_only_notice(record: logging.LogRecord) -> bool:
-        return "read only" not in str(record.msg) and "read_only=True" not in str(record.msg)
-
-    absl = logging.getLogger("absl")
-    absl.addFilter(not_read_only_notice)
-    try:
-        yield
-    finally:
-        absl.removeFilter(not_read_only_notice)
 
 
 def _sha256(path: str) -> str:
@@ -281,7 +217,6 @@ class Checkpointer:
         self._confirmed: int | None = None  # newest step confirmed good (confirm_saves)
         self._unsealed: set[int] = set()  # saved by this object, not yet sealed
         self._seal_lock = threading.Lock()
-        self.seal_error: OSError | None = None  # why the last seal failed (disk full)
         if read_only:
             options = ocp.CheckpointManagerOptions(
                 read_only=True,
@@ -310,7 +245,7 @@ class Checkpointer:
             )
         for attempt in range(READ_ATTEMPTS):
             try:
-                with _quiet_read_only_notices():
+                with logs.quiet_read_only_notices():
                     self._manager = ocp.CheckpointManager(
                         self.directory, options=options, item_names=("state", "meta")
                     )
@@ -321,7 +256,7 @@ class Checkpointer:
                 time.sleep(0.05)
         if not read_only:
             self._empty_trash()
-            _quiet_failed_writes()
+            logs.quiet_failed_writes()
 
     def _writable(self, what: str) -> None:
         if self.read_only:
@@ -430,7 +365,6 @@ class Checkpointer:
                 except FileNotFoundError:  # deleted meanwhile (retention)
                     pass
                 except OSError as e:  # disk full: left unsealed (checked at the next start)
-                    self.seal_error = e
                     log.warning("could not seal the checkpoint of step %d: %s", step, e)
                     continue
                 self._unsealed.discard(step)
