@@ -19,6 +19,8 @@ exit status:
        kept: lower --config.optim.lr and rerun to resume from it
   5    the workdir is in use by another run (named in the message)
   6    checkpoints exist but none is usable (each one's problem is named)
+  7    the disk is full (named with its free space); the last sealed checkpoint is intact:
+       free some space and rerun to resume from it
   130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM, after checkpointing the last
        completed step: rerun the same command to resume
 Logs: the console and WORKDIR/train.log; metrics: WORKDIR/metrics.jsonl and TensorBoard.

@@ -200,3 +200,31 @@ def test_demo_learns(tmp_path):
     assert results["eval/t2i_R@10"] > 5 * chance["t2i"]
     assert results["eval/i2t_R@10"] > 2.5 * chance["i2t"]
     assert results["train/loss"] < 2.0
+
+
+class _ExamplesTask:
+    """A task whose evaluation gives ``metrics`` and per-example results (the shape of
+    ``run_evaluation``'s contract, without a model)."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def evaluate_examples(self, params):
+        return dict(self.metrics), {"loss": np.array([1.0, 2.0])}
+
+
+def test_evaluation_with_nan_writes_nothing(tmp_path):
+    """With ``require_finite`` (what ``jaxfit.evaluate`` uses) a NaN metric raises before
+    anything is written: a good ``eval/step_N.npz`` keeps its content; finite metrics
+    are written through a temporary named after the process (none left over)."""
+    good = trainer.run_evaluation(_ExamplesTask({"loss": 1.5}), None, tmp_path, 12)
+    assert good == {"loss": 1.5}
+    path = tmp_path / "eval" / "step_12.npz"
+    before = path.read_bytes()
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_12.npz"]
+    with pytest.raises(trainer.NonFiniteError, match=r"step 12 .*loss=nan.*nothing was written"):
+        trainer.run_evaluation(
+            _ExamplesTask({"loss": float("nan")}), None, tmp_path, 12, require_finite=True
+        )
+    assert path.read_bytes() == before
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_12.npz"]

@@ -13,7 +13,9 @@ import pytest
 
 from jaxfit import cli
 from jaxfit import config as config_lib
-from jaxfit.errors import DataError
+from jaxfit.checkpoint import NoUsableCheckpointError
+from jaxfit.errors import DataError, DiskFullError, disk_full_cause
+from jaxfit.metrics import NonFiniteError
 
 REPO = Path(__file__).resolve().parents[2]
 CLIP = str(REPO / "configs" / "clip_coco.py")
@@ -151,3 +153,43 @@ def test_a_bug_is_not_a_user_error():
         math.sqrt(-1)  # a ValueError raised outside jaxfit
     except ValueError as e:
         assert cli.exit_code(e) is None
+
+
+def test_exit_codes_of_checkpoints_results_and_disk(tmp_path):
+    """No usable checkpoint: 6; non-finite results: 4; a full disk (Python's ENOSPC or
+    tensorstore's text of it, anywhere in the chain): 7, described in one line naming
+    the directory and its free space."""
+    assert cli.exit_code(NoUsableCheckpointError("none", {3: "x"})) == 6
+    assert cli.exit_code(NonFiniteError("nan", step=1, names=["loss"])) == 4
+    orbax = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "a/0": Failed to write 512382 bytes to file 4: '
+        "No space left on device [os_error_code='28']"
+    )
+    try:
+        try:
+            raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+        except OSError as inner:
+            raise RuntimeError("while logging") from inner
+    except RuntimeError as outer:
+        chained = outer
+    assert disk_full_cause(orbax) is orbax and disk_full_cause(chained) is chained.__cause__
+    assert disk_full_cause(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+    e = DiskFullError(tmp_path, chained.__cause__, "the last checkpoint, step 3, is intact")
+    assert cli.exit_code(e) == 7
+    line = cli.describe(e)
+    assert line.startswith(f"the disk holding '{tmp_path}' is full (") and " free of " in line
+    assert f"while writing {tmp_path / 'metrics.jsonl'}" in line and line.endswith("intact")
+
+
+def test_a_full_disk_anywhere_is_one_line_with_status_7(tmp_path, capsys):
+    """An ``ENOSPC`` raised by any command (a reader writing metrics, an export) is
+    reported as a full disk naming the file's directory and its free space, not as a
+    traceback."""
+
+    def writes(argv):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "model.bin"))
+
+    assert cli.run(writes, [], prog="p", doc=None) == 7
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: the disk holding '{tmp_path / 'out'}' is full (")
+    assert f"while writing {tmp_path / 'out' / 'model.bin'}" in line
