@@ -39,7 +39,7 @@ from jaxfit.oom import OutOfMemoryError
 from jaxfit.plan import apply as plan_apply
 
 
-def run(config, workdir: str | Path) -> dict[str, float]:
+def run(config, workdir: str | Path, *, accept_data_change: bool = False) -> dict[str, float]:
     """What the CLI runs: the planner's choice for ``workdir`` applied to ``config``
     (``WORKDIR/plan.json``, or a fresh search when ``config.fit_budget`` is set; see
     :func:`jaxfit.plan.apply.apply_plan`), then :func:`jaxfit.trainer.train`.
@@ -47,9 +47,10 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     Returns:
       :func:`jaxfit.trainer.train`'s results.
     """
-    Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lib.lock(workdir):  # before planning, which may write plan.json
-        return trainer.train(plan_apply.apply_plan(config, workdir), workdir)
+        return trainer.train(
+            plan_apply.apply_plan(config, workdir), workdir, accept_data_change=accept_data_change
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,7 +66,11 @@ def _main(argv: list[str]) -> int:
             "workdir": "Run directory (checkpoints, logs); created if missing.",
             **distributed.FLAGS,
         },
-        bool_flags={"dry_run": "Check the config and flags, print the config, and stop."},
+        bool_flags={
+            "dry_run": "Check the config and flags, print the config, and stop.",
+            "accept_data_change": "Resume although the training or validation data changed "
+            "since the checkpoint (recorded in WORKDIR/config_history/changes.jsonl).",
+        },
     )
     validation.validate_values(config)  # every value, before any work or write
     distributed.initialize_from_flags(flags)  # before anything touches a device
@@ -81,7 +86,7 @@ def _main(argv: list[str]) -> int:
         print(config)
         return 0
     try:
-        results = run(config, flags["workdir"])
+        results = run(config, flags["workdir"], accept_data_change=flags["accept_data_change"])
     except OutOfMemoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -11,6 +11,7 @@ each query's rank of the first hit (saved by the trainer to ``WORKDIR/eval/step_
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -21,9 +22,9 @@ import numpy as np
 from jaxfit import config as config_lib
 from jaxfit import objectives, sharding
 from jaxfit import step as step_lib
-from jaxfit.data import image_text
+from jaxfit.data import fingerprint, image_text
 from jaxfit.data.image_text import caption_tokenizer as tokenizers
-from jaxfit.data.image_text import pipeline
+from jaxfit.data.image_text import pipeline, sources
 from jaxfit.data.image_text import synthetic_coco as synthetic
 from jaxfit.evals import retrieval
 from jaxfit.models import attention
@@ -77,8 +78,34 @@ def attention_choice(config) -> tuple[str, str]:
     return impl, reason
 
 
+def synthetic_root(config, workdir) -> Path | None:
+    """Where the synthetic demo set lives: ``data.root`` when ``data.synthetic.enabled``
+    and that root is inside ``workdir`` (``WORKDIR/synthetic_coco`` when the user named
+    none, :func:`resolve_config`), else ``None``: a root the user named elsewhere is the
+    user's data, read as ``data.format`` says and never written to."""
+    if not config.data.synthetic.enabled or not config.data.root:
+        return None
+    root = Path(config.data.root).expanduser().resolve()
+    return root if root.is_relative_to(Path(workdir).resolve()) else None
+
+
+def data_files(config) -> dict[str, list[Path]]:
+    """``{"train": [table], "val": [table]}``: the annotation files of a resolved config
+    (coco / csv / jsonl; none for hf, nor while the synthetic set is still to be written).
+    Images are not listed: their captions and paths are in the records' hash
+    (``CLIPTask.data_fingerprint``), their pixels are not hashed."""
+    out = {}
+    for split in ("train", "val"):
+        table = sources.captions_table(config.data, split)
+        if table is None or not table.is_file():
+            return {}
+        out[split] = [table]
+    return out
+
+
 def ensure_synthetic_data(config) -> None:
-    """Write the synthetic demo dataset to ``data.root`` unless it is there (once per root)."""
+    """Write the synthetic demo dataset to ``data.root`` unless it is there (once per
+    root). Only for a root :func:`synthetic_root` accepts (inside the workdir)."""
     syn = config.data.synthetic
     root = Path(config.data.root)
     if not (root / "annotations").is_dir():
@@ -136,8 +163,16 @@ class CLIPTask(Task):
             self.train_records = self.val_records = []
             self.train_skips = self.val_skips = image_text.SkipCounter()
         else:
-            if config.data.synthetic.enabled:
+            if synthetic_root(config, workdir) is not None:
                 ensure_synthetic_data(config)
+            elif config.data.synthetic.enabled:
+                log.info(
+                    "data.root=%s is set outside the workdir: training on it as "
+                    "data.format=%s says (the synthetic demo set is written only under "
+                    "the workdir)",
+                    data.root,
+                    data.format,
+                )
             self.train_records, self.train_skips = image_text.load_source(data, "train")
             self.val_records, self.val_skips = image_text.load_source(data, "val")
             if config.eval.max_images:
@@ -211,6 +246,22 @@ class CLIPTask(Task):
             counter=self.train_skips,
             process_rows=sharding.process_batch_rows(self.mesh, self.config.batch_size),
         )
+
+    def data_fingerprint(self) -> dict:
+        """What a resume compares (``jaxfit.workdir.check_data``): per split, the
+        annotation files' sizes and SHA-256 (``files``) and the SHA-256 of the records
+        read from them (``records``: image ids and captions, in order; an image embedded
+        in an HF dataset has its content hash for id)."""
+        out = {
+            split: {"files": fingerprint.files_fingerprint(paths)}
+            for split, paths in data_files(self.config).items()
+        }
+        for split, records in (("train", self.train_records), ("val", self.val_records)):
+            h = hashlib.sha256()
+            for r in records:
+                h.update(json.dumps([r.image_id, list(r.captions)]).encode() + b"\n")
+            out.setdefault(split, {})["records"] = {"sha256": h.hexdigest(), "size": len(records)}
+        return out
 
     def skip_counts(self) -> dict[str, int]:
         counts = dict(self.train_skips.as_dict())

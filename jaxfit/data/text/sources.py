@@ -159,6 +159,27 @@ def _spec_fingerprint(cfg: Any, spec: str, hf_split: str) -> dict:
     return {"format": "hf", "name": spec, "config": cfg.hf_config, "split": hf_split}
 
 
+def _spec_files(cfg: Any, spec: str) -> list[Path]:
+    fmt = resolve_format(cfg, spec)
+    if fmt != "hf":
+        return resolve_files(spec, fmt)
+    local = os.path.expanduser(spec)
+    return sorted(p for p in Path(local).rglob("*") if p.is_file()) if os.path.isdir(local) else []
+
+
+def source_files(cfg: Any, split: str) -> list[Path]:
+    """The local files ``split`` is read from (none for a Hub dataset), without reading
+    them: what ``jaxfit.data.fingerprint`` hashes for a resume.
+
+    Raises:
+      FileNotFoundError / ValueError: as :func:`resolve_files` and :func:`resolve_format`.
+    """
+    check_split(split)
+    if split == "validation" and validation_source(cfg) == "val_path":
+        return _spec_files(cfg, cfg.val_path)
+    return _spec_files(cfg, train_spec(cfg))
+
+
 def source_fingerprint(cfg: Any, split: str) -> dict:
     """A JSON-able description of the inputs of ``split``, cheap to compute (no reading).
 
