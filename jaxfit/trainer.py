@@ -302,6 +302,7 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> di
     accepted = workdir_lib.check_data(data_fingerprint, workdir, resumed, accept=accept_data)
     abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
+    workdir_lib.check_shapes(abstract_params, workdir, resumed)  # another model: refused
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.keep_checkpoints, confirm_saves=True
     )

@@ -42,6 +42,8 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import orbax.checkpoint as ocp
+from etils import epath
 
 from jaxfit import config as config_lib
 from jaxfit.data import fingerprint as fingerprint_lib
@@ -392,6 +394,62 @@ def record_config(config, workdir: str | os.PathLike, step: int | None = None) -
     return config_lib.save_config(config, workdir)
 
 
+def _shapes(tree) -> dict[str, tuple]:
+    """``{path: shape}`` of a tree's array leaves (dict keys, attributes, indices)."""
+    out = {}
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        shape = getattr(leaf, "shape", None)
+        if shape is not None:
+            out[jax.tree_util.keystr(path, simple=True, separator="/")] = tuple(shape)
+    return out
+
+
+def check_shapes(abstract_params, workdir: str | os.PathLike, step: int | None) -> None:
+    """Refuse a resume whose parameters have other shapes than checkpoint ``step``'s,
+    BEFORE restoring it: such a checkpoint is not damaged, the config is another one
+    (the case :func:`check_resume` cannot see when ``config.json`` is missing), and
+    setting it aside would lose it. Reads orbax's metadata only; a checkpoint whose
+    metadata does not read is left to the restore (damage is found there).
+
+    Args:
+      abstract_params: the trainable parameters' shapes (``task.abstract_params()``).
+      workdir: the run directory; ``step``: the checkpoint to resume (None: no check).
+
+    Raises:
+      ResumeConfigError: the shapes differ; the message names up to five parameters.
+    """
+    if step is None:
+        return
+    state_dir = Path(workdir) / "checkpoints" / str(step) / "state"
+    try:
+        metadata = ocp.PyTreeCheckpointHandler().metadata(epath.Path(state_dir))
+        saved = _shapes(metadata.tree["params"])
+    except Exception as e:  # unreadable: the restore decides whether it is damaged
+        log.debug("no shape check of %s: %s", state_dir, e)
+        return
+    new = _shapes(abstract_params)
+    if sorted(saved.values()) == sorted(new.values()):
+        return
+    differ = [
+        f"{k}: {list(saved[k]) if k in saved else 'absent'} saved, "
+        f"{list(new[k]) if k in new else 'absent'} now"
+        for k in sorted(set(saved) | set(new))
+        if saved.get(k) != new.get(k)
+    ]
+    why = (
+        "config.json is missing, so the config it was trained with is unknown"
+        if not (Path(workdir) / "config.json").is_file()
+        else "the config changed the model"
+    )
+    raise ResumeConfigError(
+        f"refusing to resume {str(workdir)!r}: its checkpoint at step {step} holds "
+        f"parameters of other shapes than this config's ({len(differ)} differ: "
+        f"{'; '.join(differ[:5])}); {why}. The checkpoints are intact: rerun with the "
+        "config they were trained with, or use a new --workdir",
+        ["model"],
+    )
+
+
 # --- data fingerprints ------------------------------------------------------------------
 
 
@@ -533,6 +591,7 @@ __all__ = [
     "WorkdirBusyError",
     "check_data",
     "check_resume",
+    "check_shapes",
     "commit",
     "config_changes",
     "lock",
