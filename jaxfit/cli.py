@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import textwrap
 import traceback
 from collections.abc import Callable, Sequence
@@ -143,6 +144,88 @@ def _file_in_traceback(error: BaseException, suffixes: tuple[str, ...]) -> str |
                 if isinstance(text, str) and text.endswith(suffixes) and os.path.isfile(text):
                     return text
     return None
+
+
+# --- paths named by flags ------------------------------------------------------------
+
+
+def _cannot_write(directory: Path) -> str | None:
+    """Why no file can be created in the existing ``directory`` (``None``: it can): a
+    real probe (a temporary file, removed), since ``os.access`` answers yes to root on
+    file systems that refuse writes (read-only mounts, /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".jaxfit-write-probe-")
+    except OSError as e:
+        return (e.strerror or type(e).__name__).lower()
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a directory jaxfit writes into (``None``: it can): it is a
+    file, it is not writable, or it is missing and cannot be created (the nearest
+    existing parent is a file or not writable). Creates nothing."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a directory"
+        why = _cannot_write(path)
+        return f"is not writable ({why})" if why else None
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"does not exist and cannot be created: {str(parent)!r} is a file"
+    why = _cannot_write(parent)
+    if why:
+        return f"does not exist and cannot be created in {str(parent)!r} ({why})"
+    return None
+
+
+def input_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as an input file (``None``: it can): missing, a
+    directory, or not readable."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a directory, not a file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"is not readable ({(e.strerror or type(e).__name__).lower()})"
+    return None
+
+
+def check_output_dir(flag: str, path: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` naming ``flag`` when ``path`` cannot be written into."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise UsageError(
+            f"{str(path)!r} {problem}, in {flag}, pass a directory you can write to "
+            "(it is created when missing)"
+        )
+
+
+def input_file(value: str) -> str:
+    """``argparse`` ``type=`` of a flag naming an input file: the error (a
+    :class:`UsageError` naming the flag, from :class:`ArgumentParser`) says whether it is
+    missing, a directory or unreadable."""
+    problem = input_file_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value!r} {problem}")
+    return value
+
+
+def output_dir(value: str) -> str:
+    """``argparse`` ``type=`` of a flag naming an output directory (created when missing):
+    the error says whether it is a file, not writable, or cannot be created."""
+    problem = output_dir_problem(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{value!r} {problem}")
+    return value
 
 
 def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:

@@ -77,11 +77,7 @@ def _main(argv: list[str]) -> int:
     workdir = flags["workdir"]
     if not workdir:
         raise UsageError("--workdir DIR is required, in the command line, e.g. --workdir runs/x")
-    if Path(workdir).exists() and not Path(workdir).is_dir():
-        raise UsageError(
-            f"--workdir {workdir!r} is a file, not a directory, in the command line, "
-            "pass a directory (it is created when missing)"
-        )
+    cli.check_output_dir("--workdir", workdir)  # a file, not writable, cannot be created
     if flags["dry_run"]:
         print(config)
         return 0
