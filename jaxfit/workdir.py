@@ -19,8 +19,8 @@
 * A refused start writes nothing: until the trainer calls :func:`commit` (the state is
   restored or created, the config recorded), an exception leaving the outermost
   :func:`lock` removes what the start created in the workdir (``run.lock``, the workdir
-  itself, ``train.log``'s new lines, a tokenizer, token files, ``plan.json``);
-  ``checkpoints*/`` are never touched.
+  itself, ``train.log``'s new lines, a tokenizer, token files, ``plan.json``: the names of
+  :data:`ARTEFACTS` in a workdir that existed); ``checkpoints*/`` are never touched.
 """
 
 from __future__ import annotations
@@ -56,6 +56,27 @@ DATA_FILE = "data_fingerprint.json"
 ACCEPT_FLAG = "--accept_data_change"
 # Files a start appends to (rolled back to their size when the start fails).
 _APPENDED = ("train.log",)
+# What a start may create in a workdir that already existed (top-level names, fnmatch):
+# only these are removed when it fails, so that files other programs put into a shared
+# directory meanwhile (--workdir /tmp) are never touched. A new workdir goes as a whole.
+ARTEFACTS = (
+    LOCK_FILE,
+    "train.log",
+    "plan.json",
+    "config.json",
+    DATA_FILE,
+    HISTORY_DIR,
+    "metrics.jsonl",
+    "events.out.tfevents.*",
+    "eval",
+    "tokenizer",
+    "token_cache",
+    "synthetic_text.txt",
+    "synthetic_coco",
+    "checkpoints*",  # only an empty directory: never a checkpoint
+    "*.tmp",
+    "*.tmp-*",
+)
 
 # Fields a resumed run may change: they leave the state's shapes and the data order alone.
 # Patterns over dotted keys (fnmatch). Everything else (model, data, seed, batch_size,
@@ -138,6 +159,9 @@ class _Start:
     def undo(self) -> None:
         """Remove what appeared since, restore the appended files' sizes; errors ignored."""
         for rel in sorted(_listing(self.workdir) - self.before, key=len, reverse=True):
+            top = rel.split(os.sep)[0]
+            if self.existed and not any(fnmatch.fnmatchcase(top, p) for p in ARTEFACTS):
+                continue  # not jaxfit's: another program's file in a shared directory
             path = self.workdir / rel
             with contextlib.suppress(OSError):
                 if path.is_dir() and not path.is_symlink():

@@ -146,10 +146,12 @@ def test_a_start_that_fails_is_undone_checkpoints_aside(tmp_path):
                 (workdir / "tokenizer" / "vocab.json").write_text("{}")
                 (workdir / "checkpoints" / "6").mkdir()
                 (workdir / "checkpoints" / "6" / "state").write_text("s")
+                (workdir / "notes.txt").write_text("another program's")  # kept
                 raise RuntimeError("refused")
     assert (workdir / "train.log").read_text() == "old line\n"
     assert not (workdir / "tokenizer").exists() and not (workdir / "run.lock").exists()
     assert (workdir / "checkpoints" / "6" / "state").is_file()  # never touched
+    assert (workdir / "notes.txt").is_file()  # not a name jaxfit writes
     # a new workdir goes altogether; a committed start keeps what it wrote
     fresh = tmp_path / "a" / "b"
     with pytest.raises(RuntimeError):
