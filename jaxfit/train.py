@@ -12,8 +12,9 @@ examples:
 exit status:
   0    finished (or nothing left to train)
   1    an unexpected error (a bug: the traceback is printed)
-  2    invalid config, flags or input; or a resume that would change the run's shapes or
-       data order (nothing was written)
+  2    invalid config, flags, paths or input; or a resume that would change the run's
+       shapes or data order, or on changed data (--accept_data_change goes on); a start
+       refused or failed before training leaves the workdir as it was
   3    out of device memory (the message says what to change)
   4    training diverged (NaN/inf loss, gradient or state); the last good checkpoint is
        kept: lower --config.optim.lr and rerun to resume from it
