@@ -2,9 +2,9 @@
 
 A fingerprint is a JSON-able dict of dicts whose leaves identify content: a source file
 by its size and SHA-256 (:func:`file_digest`), a token file by the SHA-256 of its tokens,
-loss mask and document boundaries. Unlike the token cache's key (paths, sizes and
-modification times), it changes when two documents of equal length trade places, and it
-does not change when a file is only touched or copied with its content.
+loss mask and document boundaries. It changes when two documents of equal length trade
+places (which the data position's token count cannot see), and not when a file is only
+touched or copied with its content. The token cache's key uses the same file digests.
 
 Hashing reads each file once per process (a file re-hashed with the same path, size and
 modification time is taken from a cache, unless it was modified in the last 2 s);

@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxfit.data import fingerprint
+
 SPLITS = ("train", "validation")
 FORMATS = ("auto", "txt", "jsonl", "csv", "parquet", "hf", "chat", "alpaca")
 # Formats that name what the records hold (conversations, text.chat); their files are
@@ -141,10 +143,12 @@ def has_validation(cfg: Any) -> bool:
 
 
 def _file_stats(paths: Sequence[Path]) -> list[list]:
+    """``[path, size, sha256]`` per file: content, not modification time, so that a file
+    edited with its timestamp kept (``touch -r``, ``cp -p``) is tokenized again."""
     out = []
     for p in paths:
-        st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        digest = fingerprint.file_digest(p)
+        out.append([str(p.resolve()), digest["size"], digest["sha256"]])
     return out
 
 
@@ -181,10 +185,11 @@ def source_files(cfg: Any, split: str) -> list[Path]:
 
 
 def source_fingerprint(cfg: Any, split: str) -> dict:
-    """A JSON-able description of the inputs of ``split``, cheap to compute (no reading).
+    """A JSON-able description of the inputs of ``split``.
 
-    Files are identified by absolute path, size and modification time (ns); a Hub dataset
-    by name, config and split. Used in the token-file cache key.
+    Files are identified by absolute path, size and SHA-256 (``jaxfit.data.fingerprint``:
+    read once per process); a Hub dataset by name, config and split. Used in the
+    token-file cache key.
     """
     check_split(split)
     train = _spec_fingerprint(cfg, train_spec(cfg), cfg.hf_split)

@@ -28,8 +28,8 @@ document) tokenizes the whole source and keeps the first ``N - M`` tokens for ``
 and the last ``M = ceil(val_fraction * N)`` for ``validation`` (nanoGPT's
 ``data[:n]`` / ``data[n:]``), the loss mask cut alike.
 
-The key is the sha256 of the source fingerprint (file paths, sizes, mtimes; see
-``text.sources.source_fingerprint``), the tokenizer fingerprint, the config fields that
+The key is the sha256 of the source fingerprint (file paths, sizes and contents' SHA-256;
+see ``text.sources.source_fingerprint``), the tokenizer fingerprint, the config fields that
 change the tokens (:data:`KEY_FIELDS`) and :data:`FORMAT_VERSION`; an unchanged run reuses
 the file without reading the text.
 
