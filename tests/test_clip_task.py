@@ -232,3 +232,6 @@ def test_data_fingerprint_sees_a_changed_caption(tmp_path):
     changed = fingerprint.differences(before, after)
     assert set(changed) == {f"train.files.{ann.resolve()}", "train.records"}
     assert before["train"]["records"]["size"] == 64 and before["val"]["records"]["size"] == 16
+    # eval.max_images (a resume may change it) evaluates fewer images of the same data
+    fewer = build_task(tiny_clip_config(data, "eval.max_images=4"), tmp_path / "run", mesh)
+    assert len(fewer.val_records) == 4 and fewer.data_fingerprint() == after

@@ -162,6 +162,7 @@ class CLIPTask(Task):
         if abstract:  # planning: no images are read, no tokenizer trained
             self.train_records = self.val_records = []
             self.train_skips = self.val_skips = image_text.SkipCounter()
+            self._records_digest = {}
         else:
             if synthetic_root(config, workdir) is not None:
                 ensure_synthetic_data(config)
@@ -175,6 +176,11 @@ class CLIPTask(Task):
                 )
             self.train_records, self.train_skips = image_text.load_source(data, "train")
             self.val_records, self.val_skips = image_text.load_source(data, "val")
+            # the data, before eval.max_images (which a resume may change) trims it
+            self._records_digest = {
+                "train": _records_digest(self.train_records),
+                "val": _records_digest(self.val_records),
+            }
             if config.eval.max_images:
                 self.val_records = self.val_records[: config.eval.max_images]
         if config.init_from:
@@ -250,17 +256,15 @@ class CLIPTask(Task):
     def data_fingerprint(self) -> dict:
         """What a resume compares (``jaxfit.workdir.check_data``): per split, the
         annotation files' sizes and SHA-256 (``files``) and the SHA-256 of the records
-        read from them (``records``: image ids and captions, in order; an image embedded
-        in an HF dataset has its content hash for id)."""
+        read from them (``records``: image ids and captions, in order, before
+        ``eval.max_images``; an image embedded in an HF dataset has its content hash for
+        id). Pixels are not hashed."""
         out = {
             split: {"files": fingerprint.files_fingerprint(paths)}
             for split, paths in data_files(self.config).items()
         }
-        for split, records in (("train", self.train_records), ("val", self.val_records)):
-            h = hashlib.sha256()
-            for r in records:
-                h.update(json.dumps([r.image_id, list(r.captions)]).encode() + b"\n")
-            out.setdefault(split, {})["records"] = {"sha256": h.hexdigest(), "size": len(records)}
+        for split, digest in self._records_digest.items():
+            out.setdefault(split, {})["records"] = digest
         return out
 
     def skip_counts(self) -> dict[str, int]:
@@ -322,6 +326,14 @@ class CLIPTask(Task):
         examples = {"i2t_rank": i2t_rank, "t2i_rank": t2i_rank, "ks": np.asarray(ks, np.int32)}
         examples.update(_query_keys(self.val_records, len(images)))
         return out, examples
+
+
+def _records_digest(records) -> dict:
+    """``{"sha256", "size"}`` of image-caption records (ids and captions, in order)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.image_id, list(r.captions)]).encode() + b"\n")
+    return {"sha256": h.hexdigest(), "size": len(records)}
 
 
 def _first_hit_ranks(images, texts, text_to_image, kmax: int, chunk: int = 1024):
