@@ -226,8 +226,9 @@ def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:
     """
     workdir = Path(workdir)
     if not workdir.is_dir():
+        what = "is a file, not a directory" if workdir.exists() else "does not exist"
         raise UsageError(
-            f"run directory {str(workdir)!r} does not exist, in --workdir, "
+            f"run directory {str(workdir)!r} {what}, in --workdir, "
             "pass the --workdir of a `python -m jaxfit.train` run"
         )
     if not (workdir / "config.json").is_file():

@@ -121,6 +121,12 @@ def test_evaluate_without_a_checkpoint_says_so(tmp_path):
     assert "data" not in line.split(",")[0]  # not blamed on the data root
 
 
+def test_evaluate_workdir_that_is_a_file(tmp_path):
+    run = tmp_path / "run"
+    run.write_text("a file")
+    _one_error(_run("evaluate", "--workdir", run), "--workdir", f"'{run}' is a file")
+
+
 def test_argparse_usage_error_is_one_line(tmp_path):
     _one_error(_run("export", "--workdir", tmp_path), "--out", "--help")
 
