@@ -47,6 +47,7 @@ def parser() -> cli.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     step = cli.checkpoint_step(args.workdir, args.step)
+    cli.check_output_dir("--out", args.out)  # a file, not writable, cannot be created
     print(f"exporting step {step} of {args.workdir} as {args.format}", file=sys.stderr)
     out = export(args.workdir, args.out, fmt=args.format, step=step)
     print(f"wrote {out}")
