@@ -6,10 +6,12 @@ Real ``python -m jaxfit.train`` runs on the tiny GPT of ``faultlib`` (a copy of 
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from faultlib import checkpoint_steps, copy_run, train
+from faultlib import REPO, TIMEOUT, checkpoint_steps, copy_run, env, train
 
 pytestmark = pytest.mark.usefixtures("reference")
 
@@ -67,3 +69,17 @@ def test_failed_fresh_start_creates_no_workdir(tmp_path):
     line = _error_line(proc)
     assert str(missing) in line, line
     assert not workdir.exists()
+
+
+def test_export_to_an_unwritable_out_names_the_flag(reference, tmp_path):
+    workdir = copy_run(reference, tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxfit.export", "--workdir", str(workdir), "--out", "/proc"],
+        cwd=REPO,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+    )
+    line = _error_line(proc)
+    assert "'/proc' is not writable" in line and "--out" in line, line
