@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import textwrap
 import traceback
 from collections.abc import Callable, Sequence
@@ -171,6 +172,76 @@ def _file_in_traceback(error: BaseException, suffixes: tuple[str, ...]) -> str |
     return None
 
 
+# --- paths named by flags ------------------------------------------------------------
+
+
+def _cannot_write(directory: Path) -> str | None:
+    """Why no file can be created in the existing ``directory`` (``None``: it can): a
+    real probe (a temporary file, removed), since ``os.access`` answers yes to root on
+    file systems that refuse writes (read-only mounts, /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".jaxfit-write-probe-")
+    except OSError as e:
+        return (e.strerror or type(e).__name__).lower()
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a directory jaxfit writes into (``None``: it can): it is a
+    file, it is not writable, or it is missing and cannot be created (the nearest
+    existing parent is a file or not writable). Creates nothing."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a directory"
+        why = _cannot_write(path)
+        return f"is not writable ({why})" if why else None
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"does not exist and cannot be created: {str(parent)!r} is a file"
+    why = _cannot_write(parent)
+    if why:
+        return f"does not exist and cannot be created in {str(parent)!r} ({why})"
+    return None
+
+
+def input_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as an input file (``None``: it can): missing, a
+    directory, or not readable."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a directory, not a file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"is not readable ({(e.strerror or type(e).__name__).lower()})"
+    return None
+
+
+def check_output_dir(flag: str, path: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` naming ``flag`` when ``path`` cannot be written into."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise UsageError(
+            f"{str(path)!r} {problem}, in {flag}, pass a directory you can write to "
+            "(it is created when missing)"
+        )
+
+
+def check_input_file(flag: str, path: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` naming ``flag`` when ``path`` cannot be read as a file."""
+    problem = input_file_problem(path)
+    if problem:
+        raise UsageError(f"{str(path)!r} {problem}, in {flag}, pass an existing file")
+
+
 def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:
     """The step to evaluate in ``workdir``: ``step`` if that checkpoint exists, else the
     latest, checked before any data is read.
@@ -181,8 +252,9 @@ def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:
     """
     workdir = Path(workdir)
     if not workdir.is_dir():
+        what = "is a file, not a directory" if workdir.exists() else "does not exist"
         raise UsageError(
-            f"run directory {str(workdir)!r} does not exist, in --workdir, "
+            f"run directory {str(workdir)!r} {what}, in --workdir, "
             "pass the --workdir of a `python -m jaxfit.train` run"
         )
     if not (workdir / "config.json").is_file():

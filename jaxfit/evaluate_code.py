@@ -227,6 +227,10 @@ def parser() -> cli.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parser().parse_args(argv)
+    for flag, path in (("--samples", args.samples), ("--problems", args.problems)):
+        if path:
+            cli.check_input_file(flag, path)  # missing, a directory, unreadable
+    cli.check_output_dir("--out", args.out)  # a file, not writable, cannot be created
     try:
         ks = code.parse_ks(args.k)
         limits = sandbox.Limits(

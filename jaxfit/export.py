@@ -54,6 +54,7 @@ def parser() -> cli.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     latest = cli.checkpoint_step(args.workdir, args.step)  # before any data is read
+    cli.check_output_dir("--out", args.out)  # a file, not writable, cannot be created
     which = f"step {args.step}" if args.step is not None else (
         f"the newest usable checkpoint (step {latest} is the newest now)"
     )  # fmt: skip

@@ -43,7 +43,7 @@ from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
 from jaxfit.optim import make_optimizer
 from jaxfit.step import TrainState, abstract_train_state, jit_train_step
-from jaxfit.tasks import build_task, resolve_config
+from jaxfit.tasks import build_task, resolve_config, source_fingerprint
 from jaxfit.tasks.base import param_rng
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,11 @@ def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
 
 
 def train(
-    config, workdir: str | Path, *, on_step: Callable[[int, TrainState], None] | None = None
+    config,
+    workdir: str | Path,
+    *,
+    on_step: Callable[[int, TrainState], None] | None = None,
+    accept_data_change: bool = False,
 ) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
@@ -258,6 +262,8 @@ def train(
         ``metrics.jsonl`` and the task's artefacts (tokenizer) go there.
       on_step: optional hook ``(step, state)`` called after every step (tests use it to
         simulate an interruption by raising).
+      accept_data_change: resume even though the data changed since the checkpoint
+        (``--accept_data_change``; recorded in ``config_history/changes.jsonl``).
 
     Returns:
       The last evaluation's metrics (namespaced ``eval/...``) merged with the last logged
@@ -266,7 +272,8 @@ def train(
     Raises:
       jaxfit.config.ConfigError: an invalid value (:func:`jaxfit.validation.validate_values`).
       jaxfit.workdir.WorkdirBusyError: another run holds the workdir.
-      jaxfit.workdir.ResumeConfigError: resuming would change shapes or the data order.
+      jaxfit.workdir.ResumeConfigError: resuming would change shapes or the data order,
+        or the data changed (:func:`jaxfit.workdir.check_data`).
       jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
       NonFiniteError: (a ``FloatingPointError``) a step's loss, gradient norm or state is
         NaN or infinite; the run stopped without checkpointing it.
@@ -275,12 +282,12 @@ def train(
         left intact; a partly written one is removed).
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     # one train.log, written by process 0 (the others log to their console)
     log_file = logs.log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else nullcontext()
+    # the lock creates the workdir, and undoes a start that fails before workdir.commit
     with workdir_lib.lock(workdir), log_file, _StopSignal() as stop:
         try:
-            return _train(config, workdir, on_step, stop)
+            return _train(config, workdir, on_step, stop, accept_data_change)
         except Exception as e:
             if errors.disk_full_cause(e) is None:
                 raise
@@ -305,16 +312,22 @@ def _disk_full(workdir: Path, error: BaseException) -> errors.DiskFullError:
     return errors.DiskFullError(workdir, errors.disk_full_cause(error), note)
 
 
-def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float]:
+def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> dict[str, float]:
     validation.validate_values(config)
     config = resolve_config(config, workdir)  # every derived field, before it is saved
-    # refused before any work or write when it would change shapes or the data order
-    workdir_lib.check_resume(config, workdir, checkpoint.latest_step_in(workdir / "checkpoints"))
+    # refused before any work or write when it would change shapes, data order or data
+    resumed = checkpoint.latest_step_in(workdir / "checkpoints")
+    workdir_lib.check_resume(config, workdir, resumed)
+    if resumed is not None:  # the data files, before any is tokenized
+        workdir_lib.check_data(source_fingerprint(config), workdir, resumed, accept=accept_data)
     mesh = sharding.mesh_from_config(config)
     sharding.check_batch_sizes(config, mesh)
     task = distributed.primary_first(build_task, config, workdir, mesh)  # shared data files
+    data_fingerprint = task.data_fingerprint()  # files and what the task made of them
+    accepted = workdir_lib.check_data(data_fingerprint, workdir, resumed, accept=accept_data)
     abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
+    workdir_lib.check_shapes(abstract_params, workdir, resumed)  # another model: refused
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.keep_checkpoints, confirm_saves=True
     )
@@ -334,6 +347,8 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float
     start = int(jax.device_get(state.step))
     if jax.process_index() == 0:
         workdir_lib.record_config(config, workdir, start)  # only now: the state restored
+        workdir_lib.record_data(data_fingerprint, workdir, start, accepted)
+    workdir_lib.commit(workdir)  # the start is done: a failure from here keeps the files
     if dropped := metrics_lib.drop_rows_after(workdir, start):
         log.info("dropped %d metrics.jsonl rows logged after step %d", dropped, start)
     writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps, initial_step=start)

@@ -13,6 +13,7 @@ from jaxfit import config as config_lib
 from jaxfit import trainer, validation
 from jaxfit.evals.retrieval import chance_recall
 from jaxfit.evaluate import main as evaluate_main
+from jaxfit.tasks import clip as clip_task
 from jaxfit.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,8 +21,9 @@ CLIP_CONFIG = str(REPO / "configs" / "clip_coco.py")
 
 
 def tiny_clip_config(data_root: Path, *overrides: str):
-    """The demo config shrunk further for fast tests (synthetic data in ``data_root``)."""
-    return config_lib.load_config(
+    """The demo config shrunk further for fast tests (synthetic data written into
+    ``data_root`` here, once, for runs to share: a run writes it only into its workdir)."""
+    config = config_lib.load_config(
         f"{CLIP_CONFIG}:demo",
         [
             f"data.root={data_root}",
@@ -43,6 +45,9 @@ def tiny_clip_config(data_root: Path, *overrides: str):
             *overrides,
         ],
     )
+    if config.data.synthetic.enabled:
+        clip_task.ensure_synthetic_data(config)
+    return config
 
 
 def _params(workdir):
@@ -193,7 +198,7 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
     """The embedded default, at its real size, ends far above chance."""
-    cfg = config_lib.load_config(f"{CLIP_CONFIG}:demo", [f"data.root={tmp_path / 'data'}"])
+    cfg = config_lib.load_config(f"{CLIP_CONFIG}:demo")  # synthetic set in the workdir
     results = trainer.train(cfg, tmp_path / "run")
     n = int(results["eval/num_images"])
     chance = chance_recall(n, 5, 10)
