@@ -124,20 +124,23 @@ def remove_partial_saves(directory: str | os.PathLike) -> list[str]:
     """Delete the temporary directories of saves that failed (``<step>.orbax-checkpoint-
     tmp*``) under ``directory``; for a run that holds the workdir's lock, after its
     saves stopped (a disk filled up: their space is given back). Returns their names."""
-    try:
-        names = os.listdir(directory)
-    except FileNotFoundError:
-        return []
-    partial = sorted(n for n in names if ".orbax-checkpoint-tmp" in n)
-    for name in partial:
-        path = os.path.join(directory, name)
-        # writes of the failed save still in flight may add files meanwhile: a few tries
-        for _ in range(20):
-            shutil.rmtree(path, ignore_errors=True)
-            if not os.path.exists(path):
-                break
-            time.sleep(0.1)
-    return partial
+    removed: set[str] = set()
+    # writes of the failed save still in flight (orbax's and tensorstore's threads) may add
+    # files, or the directory again, meanwhile: until none is seen twice in a row, 10 s at most
+    quiet = 0
+    for _ in range(100):
+        try:
+            partial = [n for n in os.listdir(directory) if ".orbax-checkpoint-tmp" in n]
+        except FileNotFoundError:
+            break
+        for name in partial:
+            shutil.rmtree(os.path.join(directory, name), ignore_errors=True)
+        removed.update(partial)
+        quiet = 0 if partial else quiet + 1
+        if quiet >= 2:
+            break
+        time.sleep(0.1)
+    return sorted(removed)
 
 
 class NoUsableCheckpointError(RuntimeError):

@@ -115,7 +115,9 @@ def test_cli_errors_name_file_and_line(tmp_path, tiny_problems, capsys):
     missing = tmp_path / "nope.jsonl"
     rc = evaluate_code.main(["--samples", str(missing), "--out", str(tmp_path / "o")])
     err = capsys.readouterr().err
-    assert rc == 2 and err.strip() == f"error: {missing}: no such file"
+    assert rc == 2 and err.strip() == (
+        f"error: '{missing}' does not exist, in --samples, pass an existing file"
+    )
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "Tiny/0", "completion": ""}\n{"task_id": \n')

@@ -125,19 +125,18 @@ def test_seq_len_search_pulls_one_more_lever_where_the_config_does_not_fit(monke
 
 @pytest.mark.slow
 @pytest.mark.skipif(not ON_CPU, reason="the CPU estimate")
-def test_llama3_8b_qlora_longest_context_on_cpu(capsys):
+def test_llama3_8b_qlora_longest_context_on_cpu():
     """``python -m jaxfit.plan --config configs/llama3_8b_qlora.py --search_seq_len`` (12
-    GiB): the CPU estimate of the longest batch-1 context (measured on a 2-core CPU:
-    see the printed table; the bound checks only that the search reaches past the
-    config's 2,048 tokens with offload)."""
+    GiB): the CPU estimate of the longest batch-1 context, as docs/BENCHMARKS.md publishes
+    it: 5,120 tokens with the layer inputs offloaded and the MLP in blocks of 2,048
+    (6,144 plans 11.28 GiB with every lever: XLA:CPU's float32 activations). The
+    deviceless XLA:GPU compile of the same steps finds 36,864 (BENCHMARKS)."""
     from jaxfit.plan.apply import usable_bytes
 
     config = config_lib.load_config(str(REPO / "configs" / "llama3_8b_qlora.py"))
-    rows = search.search_seq_len(config, usable_bytes(12 * 2**30), max_seq_len=65536,
+    rows = search.search_seq_len(config, usable_bytes(12 * 2**30), max_seq_len=8192,
                                  progress=print)  # fmt: skip
-    fitting = [r for r in rows if r.fits]
-    assert fitting, [(r.overrides, r.plan and r.plan.peak_bytes) for r in rows]
-    best = max(fitting, key=lambda r: r.overrides["seq_len"])
-    print("longest:", best.overrides, best.plan.memory["peak_target"] / 2**30, "GiB",
-          best.plan.memory["host_bytes"] / 2**30, "GiB on the host")  # fmt: skip
-    assert best.overrides["seq_len"] >= 2048
+    best = max((r for r in rows if r.fits), key=lambda r: r.overrides["seq_len"])
+    assert best.overrides == {
+        "seq_len": 5120, "model.remat_policy": "offload", "model.mlp_chunk_size": 2048
+    }  # fmt: skip
