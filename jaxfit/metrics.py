@@ -162,7 +162,6 @@ class MetricWriter:
         self._bar = None
         self._console = console and self.active
         self._bar_args = dict(total=total_steps, unit="step")
-        self._started = time.perf_counter()
         self._first_step = initial_step
         self._postfix: dict[str, str] = {}
         if not self.active:
@@ -179,8 +178,7 @@ class MetricWriter:
                 )
             else:
                 print(
-                    f"step {initial_step}: compiling the train step, then running it "
-                    "(the first step includes the compilation)",
+                    f"step {initial_step}: compiling the train step, then running the first step",
                     file=sys.stderr,
                 )
 
@@ -250,20 +248,28 @@ class MetricWriter:
         # Indented by four spaces: a markdown code block in TensorBoard's text plugin.
         self.write_text(0, "hparams", "\n".join("    " + line for line in text.splitlines()))
 
+    def first_step(self, compile_s: float, run_s: float) -> None:
+        """Report the first step of the process on a line of its own: the seconds spent
+        compiling it and running it (each measured to ``block_until_ready`` by the
+        caller, :mod:`jaxfit.trainer`)."""
+        if self._console:
+            print(
+                f"compiled the train step in {compile_s:.1f} s; "
+                f"ran the first step in {run_s:.2f} s",
+                file=sys.stderr,
+            )
+
     def update_progress(self, step: int) -> None:
         """Move the progress bar to ``step`` (absolute); cheap, call every step.
 
-        The bar starts after the first step of the process, which includes compiling
-        it, so its rate and ETA are those of the steps after; the first step's time is
-        reported on a line of its own.
+        The bar starts after the first step of the process (compiled and run, reported
+        by :meth:`first_step`), so its rate and ETA are those of the steady steps after.
         """
         if not self._console:
             return
         if self._bar is None:
             if step <= self._first_step:
                 return
-            seconds = time.perf_counter() - self._started
-            print(f"compiled and ran the first step in {seconds:.1f} s", file=sys.stderr)
             # In a log file (no terminal) redraw at most every 30 s instead of 10 times/s.
             interactive = sys.stderr.isatty()
             self._bar = tqdm.tqdm(

@@ -18,9 +18,14 @@ What protects a run (see README "When things go wrong"):
   checkpoint is written only of a state whose every floating-point leaf is finite;
 * a damaged or non-finite latest checkpoint is reported and set aside, and the previous
   one is used (:meth:`jaxfit.checkpoint.Checkpointer.restore_latest_usable`);
-* SIGTERM/SIGINT: checkpoint after the current step, then :class:`StoppedBySignal`; a
-  second signal ends the process at once; before the loop starts, the first one stops
-  the run at once (nothing to save);
+* SIGTERM/SIGINT: answered at once, even while a step runs in XLA (what will happen, and
+  about when); checkpoint after the current step, then :class:`StoppedBySignal`; a second
+  signal ends the process at once with ``128 + signum`` (130 for Ctrl-C), the lock
+  released and the last complete checkpoint kept; before the loop starts, the first one
+  stops the run at once (nothing to save);
+* the first step's compilation and run are timed apart (each until
+  ``block_until_ready``: ``perf/compile_time_s``, ``perf/first_step_time_s``); the pace
+  (``perf/step_time_s``, the progress bar's ETA) counts the steps after it only;
 * log records go to ``WORKDIR/train.log`` too, and ``metrics.jsonl`` holds each step once.
 """
 
@@ -467,16 +472,26 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
     results: dict[str, float] = {}
     total = config.total_steps
     batch_size = config.batch_size
+    # the pace (perf/step_time_s, the bar's ETA) counts steady steps only: not the first,
+    # which compiles (its compilation and run are reported apart), nor evaluations
     t_last, steps_since = time.perf_counter(), 0
+    first: dict[str, float] = {}
     start = step
     guard = _FiniteGuard(ckpt, unconfirmed=start if start > 0 else None)
     stop.defer()
     while step < total:
         stop.step_started()
         batch = sharding.shard_batch(next(iterator), mesh)
-        state, metrics = _run_step(step_fn, state, batch, task, config, first=step == start)
+        if step == start:  # compiles: timed apart, and not part of the steady pace
+            state, metrics, compile_s, run_s = _first_step(step_fn, state, batch, task, config)
+            first = {"perf/compile_time_s": compile_s, "perf/first_step_time_s": run_s}
+            stop.step_time = run_s
+            writer.first_step(compile_s, run_s)
+            t_last, steps_since = time.perf_counter(), 0
+        else:
+            state, metrics = _run_step(step_fn, state, batch, task, config)
+            steps_since += 1
         step += 1
-        steps_since += 1
         guard.push(step, metrics)  # checks the previous step
         if on_step is not None:
             on_step(step, state)
@@ -490,7 +505,11 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
             elapsed = time.perf_counter() - t_last
             t_last, n = time.perf_counter(), steps_since
             steps_since = 0
+            if n == 0:  # only the first step since the last log: its run, without compiling
+                elapsed, n = first["perf/first_step_time_s"], 1
             scalars = {f"train/{k}": v for k, v in host.items()}
+            scalars.update(first)  # once, at the first log
+            first = {}
             scalars["perf/step_time_s"] = stop.step_time = elapsed / n
             scalars["perf/examples_per_sec"] = batch_size * n / elapsed
             scalars.update(task.throughput(scalars["perf/examples_per_sec"]))
@@ -519,17 +538,32 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
     return results
 
 
-def _run_step(step_fn, state, batch, task, config, *, first: bool):
-    """One step; an out-of-memory error in the first step of this process (which also
-    compiles it) becomes an :class:`OutOfMemoryError` that says what to change."""
-    if not first:
-        return step_fn(state, batch, task.frozen)
+def _run_step(step_fn, state, batch, task, config):
+    """One step, dispatched (not waited for)."""
+    return step_fn(state, batch, task.frozen)
+
+
+def _first_step(step_fn, state, batch, task, config):
+    """The first step of this process, timed honestly: the compilation (tracing,
+    lowering and ``compile()``, which the jitted ``step_fn`` reuses for the steps after)
+    and the run of the compiled step (until ``block_until_ready``) apart. An
+    out-of-memory error in either becomes an :class:`OutOfMemoryError` that says what
+    to change.
+
+    Returns:
+      ``(state, metrics, compile_s, run_s)``.
+    """
     try:
-        return step_fn(state, batch, task.frozen)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch, task.frozen).compile()
+        t1 = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, batch, task.frozen))
+        t2 = time.perf_counter()
     except Exception as e:
         if oom.is_out_of_memory(e):
             raise oom.OutOfMemoryError.from_config(config, e, "the first step") from e
         raise
+    return state, metrics, t1 - t0, t2 - t1
 
 
 def run_evaluation(

@@ -12,9 +12,10 @@ def test_bar_starts_after_the_first_step(tmp_path, capsys):
     with MetricWriter(tmp_path, total_steps=5) as w:
         err = capsys.readouterr().err
         assert "compiling" in err and "%|" not in err  # no bar (and no ETA) yet
+        w.first_step(2.0, 0.5)
         w.update_progress(1)
         err = capsys.readouterr().err
-        assert "compiled and ran the first step in" in err
+        assert "compiled the train step in 2.0 s; ran the first step in 0.50 s" in err
         for step in range(2, 6):
             w.write_scalars(step, {"train/loss": 1.0 / step, "train/loss_weight": 2048.0})
             w.update_progress(step)
