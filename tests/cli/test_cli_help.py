@@ -75,10 +75,12 @@ def test_help_as_a_user_runs_it(module):
     """The real entry point (``python -m``), as the README shows it."""
     proc = subprocess.run(
         [sys.executable, "-m", f"jaxfit.{module}", "--help"],
-        capture_output=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # nothing, not even a log line, before the help
         text=True,
         cwd=REPO,
         timeout=120,
     )
-    assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.startswith("usage:"), proc.stdout[:500]
+    assert "Traceback" not in proc.stdout and "INFO jaxfit" not in proc.stdout
