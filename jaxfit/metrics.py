@@ -385,6 +385,10 @@ def _natural(values: Mapping[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _short(x: float) -> str:
+    """A number for the console: integral values of 1 and up as integers (a count of
+    tokens is ``15420``, not ``1.542e+04``), others to 4 significant digits."""
     if not math.isfinite(x) or x == 0:
         return str(x)
+    if x == int(x) and abs(x) >= 1:
+        return str(int(x))
     return f"{x:.3e}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.4g}"

@@ -1,11 +1,11 @@
 """Will it fit, and how long will it take? ``python -m jaxfit.plan --config CONFIG[:ARG]``.
 
   python -m jaxfit.plan --config configs/llama3_8b_qlora.py --device rtx4070ti
-  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --budget 12GiB --search \
+  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --budget 12GiB --search \\
       --apply runs/llama3_8b          # then: python -m jaxfit.train ... --workdir runs/llama3_8b
   python -m jaxfit.plan --config configs/llama3_8b_qlora.py --search_seq_len
   python -m jaxfit.plan --config configs/nanochat_d32.py --device rtx4070 --tokens 38e9
-  python -m jaxfit.plan --config configs/llama_finetune.py --device h100-sxm --devices 8 \
+  python -m jaxfit.plan --config configs/llama_finetune.py --device h100-sxm --devices 8 \\
       --mesh fsdp=8    # per-device memory and communication of an FSDP run on 8 cards
 
 Builds the config's model and train step for abstract shapes (no data read, no weights

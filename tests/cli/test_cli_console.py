@@ -92,3 +92,14 @@ def test_summary_table(monkeypatch):
 def test_mfu_only_on_an_accelerator(monkeypatch, backend, shown):
     monkeypatch.setattr(jax, "default_backend", lambda: backend)
     assert ("perf/mfu" in summary_table({"perf/mfu": 0.4})) == shown
+
+
+def test_integral_values_print_as_integers(tmp_path, capsys):
+    """An evaluation's token count is 15420, not 1.542e+04; fractions keep 4 digits."""
+    table = summary_table({"eval/tokens": 15420.0, "eval/loss": 3.25, "train/lr": 0.0})
+    assert "15420" in table and "e+04" not in table and "3.25" in table
+    with MetricWriter(tmp_path, total_steps=4) as w:
+        w.update_progress(1)
+        w.write_scalars(2, {"eval/tokens": 15420.0, "eval/perplexity": 123456.7})
+    err = capsys.readouterr().err
+    assert "step 2 eval: perplexity=1.235e+05, tokens=15420" in err
