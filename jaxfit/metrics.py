@@ -29,6 +29,8 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
+from jaxfit.evals.retrieval import chance_recall
+
 
 def _to_float(value: Any) -> float:
     return float(np.asarray(jax.device_get(value), dtype=np.float64))
@@ -344,16 +346,43 @@ def console_postfix(values: Mapping[str, float]) -> dict[str, str]:
     return out
 
 
+_RECALL = re.compile(r"^eval/(i2t|t2i)_R@(\d+)$")
+
+
+def chance_column(results: Mapping[str, float]) -> dict[str, float]:
+    """``{recall row name: its chance level in percent}`` for the retrieval rows of
+    ``results`` (``eval/t2i_R@K``, ``eval/i2t_R@K``), when the gallery sizes are known
+    (``eval/num_images``, ``eval/num_captions``); empty otherwise.
+
+    t2i (the gallery: N images, one right): ``K / N``. i2t (the gallery: the captions,
+    ``c = num_captions / num_images`` of them right): the chance that the top K of a
+    random ranking holds one of them, ``1 - C(M - c, K) / C(M, K)`` with M captions
+    (:func:`jaxfit.evals.retrieval.chance_recall`); ``c K / M`` for small K."""
+    images, captions = results.get("eval/num_images"), results.get("eval/num_captions")
+    if not images or not captions:
+        return {}
+    out = {}
+    for name in results:
+        found = _RECALL.match(name)
+        if found:
+            chance = chance_recall(int(images), float(captions) / float(images), int(found[2]))
+            out[name] = chance[found[1]]
+    return out
+
+
 def summary_table(results: Mapping[str, float], *, title: str = "") -> str:
     """The end-of-run table: one ``metric  value`` row per result worth reading
     (evaluation first, then training, speed and skipped data; internals and a CPU's MFU
-    left out, as on the progress bar). Empty when there is nothing to show."""
+    left out, as on the progress bar). Retrieval recall rows get a ``chance`` column
+    (:func:`chance_column`) when the gallery sizes are known. Empty when there is
+    nothing to show."""
     order = ("eval/", "train/", "perf/", "data/")
     hidden = {"train/loss_weight"}
     if not mfu_shown():
         hidden.add("perf/mfu")
     if "perf/tokens_per_sec" in results or "perf/images_per_sec" in results:
         hidden.add("perf/examples_per_sec")  # the same rate in the task's own unit
+    chance = chance_column(results)
     rows = []
     for prefix in order:
         for name, value in _natural(results):
@@ -369,10 +398,24 @@ def summary_table(results: Mapping[str, float], *, title: str = "") -> str:
     width = max(len("metric"), *(len(n) for n, _ in rows))
     vwidth = max(len("value"), *(len(v) for _, v in rows))
     lines = [title] if title else []
+    if chance:
+        lines.append(f"{'metric':<{width}}  {'value':>{vwidth}}  {'chance':>8}")
+        lines.append(f"{'-' * width}  {'-' * vwidth}  {'-' * 8}")
+        for n, v in rows:
+            extra = f"  {_short(chance[n]):>8}" if n in chance else ""
+            lines.append(f"{n:<{width}}  {v:>{vwidth}}{extra}")
+        lines.append("(chance: the recall of a random ranking of the same gallery, in percent)")
+        return "\n".join(lines)
     lines.append(f"{'metric':<{width}}  {'value':>{vwidth}}")
     lines.append(f"{'-' * width}  {'-' * vwidth}")
     lines += [f"{n:<{width}}  {v:>{vwidth}}" for n, v in rows]
     return "\n".join(lines)
+
+
+def natural_order(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` as a dict in natural name order (``R@1, R@5, R@10``, not ``R@1, R@10,
+    R@5`` as ``sorted`` gives); for printing."""
+    return dict(_natural(values))
 
 
 def _natural(values: Mapping[str, Any]) -> list[tuple[str, Any]]:

@@ -277,3 +277,19 @@ def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypat
     steady = [r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r and r["step"] > 1]
     # the compilation (seconds) is in none of them; the second step retraces the jit once
     assert len(steady) == 2 and all(slow <= t < 1.5 * slow for t in steady), steady
+
+
+def test_evaluate_prints_recalls_in_order_with_chance(tmp_path, capsys):
+    """``jaxfit.evaluate``: the JSON lists R@1, R@5, R@10 in that order (not as sorted
+    strings), and stderr's table gives each recall row its chance level."""
+    workdir = tmp_path / "run"
+    trainer.train(tiny_clip_config(tmp_path / "data", "total_steps=2", "eval_every=2"), workdir)
+    capsys.readouterr()
+    assert evaluate_main(["--workdir", str(workdir)]) == 0
+    captured = capsys.readouterr()
+    keys = list(json.loads(captured.out))
+    recalls = [k for k in keys if k.startswith("eval/i2t_R@")]
+    assert recalls == ["eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10"]
+    assert captured.out.index('"eval/t2i_R@5"') < captured.out.index('"eval/t2i_R@10"')
+    line = next(x for x in captured.err.splitlines() if x.startswith("eval/t2i_R@10 "))
+    assert line.split()[-1] == "62.5"  # 10 of the 16 validation images

@@ -103,3 +103,21 @@ def test_integral_values_print_as_integers(tmp_path, capsys):
         w.write_scalars(2, {"eval/tokens": 15420.0, "eval/perplexity": 123456.7})
     err = capsys.readouterr().err
     assert "step 2 eval: perplexity=1.235e+05, tokens=15420" in err
+
+
+def test_recall_rows_have_their_chance_level(monkeypatch):
+    """t2i: K/N with N the images of the gallery; i2t: a random ranking of the 5N
+    captions holding one of the image's 5 in its top K (chance_recall)."""
+    from jaxfit.evals.retrieval import chance_recall
+
+    results = {f"eval/{d}_R@{k}": 50.0 for d in ("i2t", "t2i") for k in (1, 5, 10)}
+    results.update({"eval/num_images": 16.0, "eval/num_captions": 80.0, "train/loss": 2.5})
+    table = summary_table(results).splitlines()
+    assert table[0].split() == ["metric", "value", "chance"]
+    rows = {line.split()[0]: line.split()[1:] for line in table[2:-1]}
+    assert rows["eval/t2i_R@1"] == ["50", "6.25"]  # 1/16
+    assert rows["eval/t2i_R@10"] == ["50", "62.5"]  # 10/16
+    assert float(rows["eval/i2t_R@5"][1]) == pytest.approx(chance_recall(16, 5, 5)["i2t"], 1e-3)
+    assert rows["train/loss"] == ["2.5"]  # no chance for what is not a recall
+    assert [n for n in rows if "R@" in n][:3] == ["eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10"]
+    assert "chance" not in summary_table({"eval/t2i_R@1": 5.0})  # gallery size unknown
