@@ -11,6 +11,7 @@ Only process 0 writes (``jax.process_index() == 0``); the others get a no-op wri
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -149,6 +150,8 @@ class MetricWriter:
     per :meth:`write_scalars` call: ``{"step": int, "time": unix seconds, name: float...}``.
     """
 
+    PLAIN_INTERVAL_S = 30.0  # seconds between two progress lines when stderr is no terminal
+
     def __init__(
         self,
         workdir: str | os.PathLike,
@@ -162,6 +165,7 @@ class MetricWriter:
         self._events = None
         self._jsonl = None
         self._bar = None
+        self._plain: list[float] | None = None  # the progress as plain lines (no terminal)
         self._console = console and self.active
         self._bar_args = dict(total=total_steps, unit="step")
         self._first_step = initial_step
@@ -266,24 +270,44 @@ class MetricWriter:
 
         The bar starts after the first step of the process (compiled and run, reported
         by :meth:`first_step`), so its rate and ETA are those of the steady steps after.
+        On a terminal it is a tqdm bar; when stderr is a file or a pipe (``2> log``,
+        ``| tee``), where every redraw of a bar would be one more copy of it, it is a plain
+        line ``step N/T (P%): S s/step, ETA H:MM:SS; loss=...`` at most every
+        :attr:`PLAIN_INTERVAL_S` seconds and at the last step, each printed once.
         """
         if not self._console:
             return
-        if self._bar is None:
+        if self._bar is None and self._plain is None:
             if step <= self._first_step:
                 return
-            # In a log file (no terminal) redraw at most every 30 s instead of 10 times/s.
-            interactive = sys.stderr.isatty()
-            self._bar = tqdm.tqdm(
-                initial=step,
-                dynamic_ncols=True,
-                mininterval=0.1 if interactive else 30.0,
-                postfix=self._postfix or None,
-                **self._bar_args,
-            )
+            if sys.stderr.isatty():
+                self._bar = tqdm.tqdm(
+                    initial=step,
+                    dynamic_ncols=True,
+                    mininterval=0.1,
+                    postfix=self._postfix or None,
+                    **self._bar_args,
+                )
+            else:  # [steady start step, its time, the last step printed, its time]
+                now = time.perf_counter()
+                self._plain = [step, now, step, now]
             return
-        if step > self._bar.n:
-            self._bar.update(step - self._bar.n)
+        if self._bar is not None:
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
+            return
+        start, t_start, printed, t_printed = self._plain
+        now = time.perf_counter()
+        total = self._bar_args["total"]
+        if step > printed and (now - t_printed >= self.PLAIN_INTERVAL_S or step >= total):
+            self._plain[2:] = [step, now]
+            per_step = (now - t_start) / max(step - start, 1)
+            eta = datetime.timedelta(seconds=round(per_step * max(total - step, 0)))
+            line = f"step {step}/{total} ({100 * step / total:.0f}%): {per_step:.3g} s/step, "
+            line += f"ETA {eta}"
+            if self._postfix:
+                line += "; " + ", ".join(f"{k}={v}" for k, v in self._postfix.items())
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flush and close every output (idempotent)."""
@@ -291,12 +315,13 @@ class MetricWriter:
             bar, self._bar = self._bar, None
             if bar.last_print_n == bar.n and not bar.disable:
                 # Already shown at its final count: end its line instead of drawing it
-                # again (a second copy in logs and after other output).
+                # again (a second copy after other output).
                 bar.disable = True
                 bar.fp.write("\n")
                 bar.fp.flush()
             else:
                 bar.close()
+        self._plain = None
         if self._events is not None:
             self._events.close()
             self._events = None

@@ -121,3 +121,24 @@ def test_recall_rows_have_their_chance_level(monkeypatch):
     assert rows["train/loss"] == ["2.5"]  # no chance for what is not a recall
     assert [n for n in rows if "R@" in n][:3] == ["eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10"]
     assert "chance" not in summary_table({"eval/t2i_R@1": 5.0})  # gallery size unknown
+
+
+def test_progress_in_a_log_file_is_plain_lines_printed_once(tmp_path, capsys, monkeypatch):
+    """stderr not a terminal (capsys; ``2> log``): no bar redraws (no ``\\r``, no copy of
+    a line after each eval line), a plain progress line per interval and at the end."""
+    monkeypatch.setattr(MetricWriter, "PLAIN_INTERVAL_S", 0.0)
+    with MetricWriter(tmp_path, total_steps=6) as w:
+        w.first_step(1.0, 0.5)
+        w.update_progress(1)
+        for step in range(2, 7):
+            w.write_scalars(step, {"train/loss": 1.0 / step})
+            if step % 2 == 0:
+                w.write_scalars(step, {"eval/loss": 2.0 / step})
+            w.update_progress(step)
+    err = capsys.readouterr().err
+    assert "\r" not in err and "%|" not in err
+    lines = [line for line in err.splitlines() if line.startswith("step ") and "/6" in line]
+    assert [line.split()[1] for line in lines] == ["2/6", "3/6", "4/6", "5/6", "6/6"]
+    assert len(set(lines)) == len(lines)
+    assert lines[-1].startswith("step 6/6 (100%): ") and lines[-1].endswith("loss=0.1667")
+    assert "ETA 0:00:00" in lines[-1]

@@ -13,7 +13,11 @@ def test_library_info_lines_only_with_verbose(tmp_path):
     assert "INFO jaxfit.runtime" not in quiet.stderr
     assert "INFO jaxfit.data" not in quiet.stderr and "INFO jaxfit.tasks" not in quiet.stderr
     assert "compiled the train step in" in quiet.stderr  # the run's own lines stay
+    # stderr is a pipe: the progress is plain lines, no bar redrawn after every message
+    assert "\r" not in quiet.stderr and "%|" not in quiet.stderr
+    assert "step 2/2 (100%): " in quiet.stderr
     log = (tmp_path / "quiet" / "train.log").read_text()
+    assert "\r" not in log and "%|" not in log and "step 2/2" not in log
     assert "INFO jaxfit.data.text.tokenizer: trained byte-level BPE" in log
 
     verbose = train(tmp_path / "verbose", "--verbose", total_steps=2, eval_every=2)
