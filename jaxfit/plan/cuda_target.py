@@ -160,9 +160,16 @@ def cuda_target(device: str, num_devices: int = 1) -> target.Target:
                 "plan on that backend (--compile_for local) instead"
             ) from None
     spec = CARDS[device]
-    topo = topologies.get_topology_desc(
-        platform="cuda", target_config=target_config(spec), topology=f"1x1x{int(num_devices)}"
-    )
+    try:
+        topo = topologies.get_topology_desc(
+            platform="cuda", target_config=target_config(spec), topology=f"1x1x{int(num_devices)}"
+        )
+    except (NotImplementedError, RuntimeError) as e:  # the plugin did not initialise
+        raise ValueError(
+            f"--compile_for gpu: jax's CUDA plugin built no topology ({' '.join(str(e).split())}); "
+            "jax's backends were started before the CPU platform was selected, or the "
+            f"plugin is broken: {INSTALL}"
+        ) from None
     major, minor = spec.compute_capability
     return target.Target(
         backend="gpu",
