@@ -22,10 +22,11 @@ whitepaper (Appendix A: RTX 4090, 4070 Ti, 4070), the "Ampere GA102" whitepaper 
 3090), the A100 / H100 / H200 datasheets and the A100 / H100 architecture whitepapers;
 shared memory per SM / per block (opt-in), threads and registers per SM from the CUDA C
 Programming Guide, "Compute Capabilities" table (8.0, 8.6, 8.9, 9.0). ``device_memory_size``
-is what CUDA reports where known (RTX 4070 Ti: 12,568,887,296 B; H100 80GB: 84,929,347,584
-B; H200: 150,754,820,096 B, its 143,771 MiB), else the nominal size (``memory_gib`` of
-``jaxfit.perf.DEVICES``); XLA:GPU uses it for its scheduler's memory limit, not for the
-buffer sizes.
+is what CUDA reports where known (RTX 4070 Ti: 12,568,887,296 B, also taken for the RTX
+4070's same 12 GB; H100 80GB: 84,929,347,584 B; H200: 150,754,820,096 B, its 143,771 MiB),
+else the nominal size (``memory_gib`` of ``jaxfit.perf.DEVICES``). It matters: XLA:GPU
+sets the memory limit of its HLO rematerialization pass and its scheduler from it (a step
+over the limit is recomputed more, as on the card), so a wrong size moves the plan.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ CARDS: dict[str, CardSpec] = {
                           504_000_000_000, 48 * _MB, 2.61, 12_568_887_296),
     # AD104, 46 SMs, 36 MB L2, 21 Gbps x 192-bit = 504 GB/s, 2.475 GHz boost
     "rtx4070": CardSpec("NVIDIA GeForce RTX 4070", (8, 9), 46, 128, 102400, 101376, 1536,
-                        504_000_000_000, 36 * _MB, 2.475, 12 * 2**30),
+                        504_000_000_000, 36 * _MB, 2.475, 12_568_887_296),
     # AD102, 128 SMs, 72 MB L2, 21 Gbps x 384-bit = 1008 GB/s, 2.52 GHz boost
     "rtx4090": CardSpec("NVIDIA GeForce RTX 4090", (8, 9), 128, 128, 102400, 101376, 1536,
                         1_008_000_000_000, 72 * _MB, 2.52, 24 * 2**30),
