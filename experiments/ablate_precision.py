@@ -175,12 +175,12 @@ def worker(args, overrides: list[str]) -> int:
         if stage == "base":
             from jaxfit.export import export
 
-            _train(trainer, config, workdir)
+            _train(trainer, config, workdir, out)
             export(str(workdir), str(workdir / "hf"))
             results.write_json(workdir / "done.json", {"overrides": overrides})
             return 0
         t0 = time.perf_counter()
-        _train(trainer, config, workdir)
+        _train(trainer, config, workdir, out)
         res = {"status": "ok", "arm": stage, "init_from": init_from, "overrides": overrides}
         res["train_wall_s"] = time.perf_counter() - t0
         res["load_average_1m"] = common.load_average()[0]  # contention during the timing
@@ -206,8 +206,28 @@ def worker(args, overrides: list[str]) -> int:
         return 1
 
 
-def _train(trainer, config, workdir: Path) -> None:
+def _write_shared_data(config, out: Path) -> None:
+    """The synthetic demo data :func:`_shared_data` points every stage at, written by the
+    first stage that needs it (a run writes its synthetic set only into its own workdir,
+    and these are outside it)."""
+    from jaxfit.data.text import write_synthetic_text
+    from jaxfit.tasks import clip as clip_task
+
+    data = config.get("data")
+    if data is None or not data.get("synthetic") or not data.synthetic.enabled:
+        return
+    shared = (out / "data").resolve()
+    if data.get("root") and Path(data.root).resolve().is_relative_to(shared):
+        clip_task.ensure_synthetic_data(config)
+    elif data.get("path") and Path(data.path).resolve().is_relative_to(shared):
+        if not Path(data.path).is_file():
+            syn = data.synthetic
+            write_synthetic_text(data.path, num_documents=syn.num_documents, seed=syn.seed)
+
+
+def _train(trainer, config, workdir: Path, out: Path) -> None:
     """``trainer.train``; raises when the run stopped early (SIGINT / SIGTERM)."""
+    _write_shared_data(config, out)
     trainer.train(config, workdir)
     done = max((r["step"] for r in results.read_metrics(workdir)), default=0)
     if done < config.total_steps:

@@ -7,7 +7,8 @@
   that config's fields with their defaults and comments; exit status 0.
 * a mistake in the input found before work starts: ONE line on stderr,
   ``error: <what>, <where>, <what to do>``, exit status 2 (:data:`USER_ERRORS`, and a
-  ``ValueError`` raised by jaxfit's own code); an out-of-memory error, status 3. With
+  ``ValueError`` raised by jaxfit's own code); an out-of-memory error, status 3;
+  non-finite results, 4; no usable checkpoint, 6; a full disk, 7 (one line too). With
   ``--verbose`` or ``JAXFIT_DEBUG=1`` the traceback comes first.
 * anything else: the traceback, as Python prints it (a bug to report).
 
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import textwrap
 import traceback
 from collections.abc import Callable, Sequence
@@ -30,7 +32,14 @@ os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from jaxfit import checkpoint, config_docs  # noqa: E402 (after the environment above)
 from jaxfit.config import ConfigError  # noqa: E402
-from jaxfit.errors import DataError, ShowHelp, UsageError  # noqa: E402
+from jaxfit.errors import (  # noqa: E402
+    DataError,
+    DiskFullError,
+    ShowHelp,
+    UsageError,
+    disk_full_cause,
+)
+from jaxfit.metrics import NonFiniteError  # noqa: E402
 from jaxfit.oom import OutOfMemoryError  # noqa: E402
 
 # Mistakes in a command's input: reported in one line, exit status 2.
@@ -75,6 +84,9 @@ def run(
         print(render_help(prog, doc, request))
         return 0
     except Exception as e:
+        cause = disk_full_cause(e)
+        if cause is not None and not isinstance(e, DiskFullError):
+            e = DiskFullError(_directory_of(cause), cause)  # one line, status 7
         code = exit_code(e)
         if code is None:
             raise
@@ -84,10 +96,25 @@ def run(
         return code
 
 
+def _directory_of(error: BaseException) -> str:
+    """The directory of the file ``error`` names (the working directory if none)."""
+    filename = getattr(error, "filename", None)
+    if isinstance(filename, str | os.PathLike):
+        return os.path.dirname(os.path.abspath(filename))
+    return os.getcwd()
+
+
 def exit_code(error: BaseException) -> int | None:
-    """2 for a user error, 3 for out of memory, ``None`` for anything else (a bug)."""
+    """2 for a user error, 3 for out of memory, 4 for non-finite results, 6 when no
+    checkpoint is usable, 7 for a full disk, ``None`` for anything else (a bug)."""
     if isinstance(error, OutOfMemoryError):
         return 3
+    if isinstance(error, NonFiniteError):
+        return 4
+    if isinstance(error, checkpoint.NoUsableCheckpointError):
+        return 6
+    if isinstance(error, DiskFullError):
+        return 7
     if isinstance(error, USER_ERRORS) or _raised_by_jaxfit(error):
         return 2
     return None
@@ -124,7 +151,7 @@ def describe(error: BaseException) -> str:
         }.get(type(error), "check the path")
         return f"{error.strerror.lower()}, {error.filename!r}, {hint}"
     text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, OutOfMemoryError):
+    if isinstance(error, OutOfMemoryError | DiskFullError):
         return text
     if not isinstance(error, USER_ERRORS) and not isinstance(error, ValueError):
         text = f"{type(error).__name__}: {text}"
@@ -145,6 +172,76 @@ def _file_in_traceback(error: BaseException, suffixes: tuple[str, ...]) -> str |
     return None
 
 
+# --- paths named by flags ------------------------------------------------------------
+
+
+def _cannot_write(directory: Path) -> str | None:
+    """Why no file can be created in the existing ``directory`` (``None``: it can): a
+    real probe (a temporary file, removed), since ``os.access`` answers yes to root on
+    file systems that refuse writes (read-only mounts, /proc)."""
+    try:
+        fd, name = tempfile.mkstemp(dir=directory, prefix=".jaxfit-write-probe-")
+    except OSError as e:
+        return (e.strerror or type(e).__name__).lower()
+    os.close(fd)
+    os.unlink(name)
+    return None
+
+
+def output_dir_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be a directory jaxfit writes into (``None``: it can): it is a
+    file, it is not writable, or it is missing and cannot be created (the nearest
+    existing parent is a file or not writable). Creates nothing."""
+    path = Path(path)
+    if path.exists():
+        if not path.is_dir():
+            return "is a file, not a directory"
+        why = _cannot_write(path)
+        return f"is not writable ({why})" if why else None
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"does not exist and cannot be created: {str(parent)!r} is a file"
+    why = _cannot_write(parent)
+    if why:
+        return f"does not exist and cannot be created in {str(parent)!r} ({why})"
+    return None
+
+
+def input_file_problem(path: str | os.PathLike) -> str | None:
+    """Why ``path`` cannot be read as an input file (``None``: it can): missing, a
+    directory, or not readable."""
+    path = Path(path)
+    if not path.exists():
+        return "does not exist"
+    if path.is_dir():
+        return "is a directory, not a file"
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as e:
+        return f"is not readable ({(e.strerror or type(e).__name__).lower()})"
+    return None
+
+
+def check_output_dir(flag: str, path: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` naming ``flag`` when ``path`` cannot be written into."""
+    problem = output_dir_problem(path)
+    if problem:
+        raise UsageError(
+            f"{str(path)!r} {problem}, in {flag}, pass a directory you can write to "
+            "(it is created when missing)"
+        )
+
+
+def check_input_file(flag: str, path: str | os.PathLike) -> None:
+    """Raise :class:`UsageError` naming ``flag`` when ``path`` cannot be read as a file."""
+    problem = input_file_problem(path)
+    if problem:
+        raise UsageError(f"{str(path)!r} {problem}, in {flag}, pass an existing file")
+
+
 def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:
     """The step to evaluate in ``workdir``: ``step`` if that checkpoint exists, else the
     latest, checked before any data is read.
@@ -155,8 +252,9 @@ def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:
     """
     workdir = Path(workdir)
     if not workdir.is_dir():
+        what = "is a file, not a directory" if workdir.exists() else "does not exist"
         raise UsageError(
-            f"run directory {str(workdir)!r} does not exist, in --workdir, "
+            f"run directory {str(workdir)!r} {what}, in --workdir, "
             "pass the --workdir of a `python -m jaxfit.train` run"
         )
     if not (workdir / "config.json").is_file():
@@ -165,8 +263,8 @@ def checkpoint_step(workdir: str | Path, step: int | None = None) -> int:
             "pass the --workdir of a `python -m jaxfit.train` run"
         )
     steps = []
-    if (workdir / "checkpoints").is_dir():
-        with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+    if (workdir / "checkpoints").is_dir():  # read-only: a run may be writing them
+        with checkpoint.Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
             steps = ckpt.all_steps()
     if not steps:
         raise UsageError(

@@ -154,6 +154,12 @@ def _load_config_file(spec: str) -> ml_collections.ConfigDict:
     """
     path, _, arg = spec.partition(":")
     file = Path(path)
+    if file.is_dir():
+        near = sorted(p.name for p in file.glob("*.py"))
+        hint = f"it has {', '.join(near)}" if near else "pass a .py file"
+        raise ConfigError(
+            f"config file {path!r} is a directory, not a file, in --config {spec}, {hint}"
+        )
     if not file.is_file():
         parent = file.parent if file.parent.is_dir() else None
         near = sorted(p.name for p in parent.glob("*.py")) if parent else []
@@ -173,7 +179,13 @@ def _load_config_file(spec: str) -> ml_collections.ConfigDict:
         config = module.get_config(arg) if arg else module.get_config()
     except (ValueError, TypeError, KeyError) as e:
         raise ConfigError(
-            f"{e}, in --config {spec}, see {path}'s docstring for its arguments"
+            f"{e}, in --config {spec} ({_line_in(e, file)}), see {path}'s docstring for "
+            "its arguments"
+        ) from None
+    except Exception as e:  # a bug in the config file: where, not a traceback
+        raise ConfigError(
+            f"get_config raised {type(e).__name__}: {e}, in {_line_in(e, file)} "
+            f"(--config {spec}), fix the config file"
         ) from None
     config.lock()
     return config

@@ -9,7 +9,9 @@ any layer (data, tasks, models) can raise them.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 
 
 class UsageError(ValueError):
@@ -80,3 +82,64 @@ class ShowHelp(Exception):  # noqa: N818 (a request, not an error)
         self.config = config
         self.spec = spec
         self.config_error = config_error
+
+
+# The texts a full disk is reported with: Python's OSError, and tensorstore's (orbax's
+# array writes: ``RESOURCE_EXHAUSTED ... No space left on device [os_error_code='28']``).
+_DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+_DISK_FULL_TEXTS = (
+    "No space left on device",
+    "Disk quota exceeded",
+    f"os_error_code='{errno.ENOSPC}'",
+    f"os_error_code='{errno.EDQUOT}'",
+)
+
+
+def disk_full_cause(error: BaseException | None) -> BaseException | None:
+    """The exception in ``error``'s chain (itself, ``__cause__``, ``__context__``) that
+    says the disk is full (``ENOSPC`` / ``EDQUOT``, or tensorstore's message of them), or
+    None."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, OSError) and error.errno in _DISK_FULL_ERRNOS:
+            return error
+        if any(text in str(error) for text in _DISK_FULL_TEXTS):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _size(n: float) -> str:
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "bytes" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+class DiskFullError(RuntimeError):
+    """The disk filled up while a run (or a reader) wrote into ``directory``.
+
+    ``str(e)`` names the directory, the free and total space of its file system now, the
+    file being written when known, and ``note`` (what is intact: the trainer names its
+    last sealed checkpoint). The command lines exit with status 7.
+
+    Args:
+      directory: the workdir (or output directory) on the full disk.
+      cause: the error that reported it (see :func:`disk_full_cause`).
+      note: what survived and what to do.
+    """
+
+    def __init__(self, directory: str | os.PathLike, cause: BaseException, note: str = ""):
+        self.directory = os.fspath(directory)
+        try:
+            usage = shutil.disk_usage(self.directory)
+            space = f"{_size(usage.free)} free of {_size(usage.total)}"
+        except OSError:
+            space = "free space unknown"
+        filename = getattr(cause, "filename", None)
+        writing = f" while writing {filename}" if filename else ""
+        self.note = note
+        text = f"the disk holding {self.directory!r} is full ({space}){writing}"
+        super().__init__(f"{text}; {note}" if note else text)

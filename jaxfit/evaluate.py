@@ -5,6 +5,17 @@ task's evaluation (retrieval recall@K for CLIP, validation loss and perplexity f
 writes the metrics at that step to the run's TensorBoard events and ``metrics.jsonl``, and
 prints them as JSON on stdout (progress goes to stderr).
 
+The checkpoints are only read (safe beside a run still training in WORKDIR): the newest
+sealed one that verifies is used (a damaged newer one is named in a warning and
+skipped). Non-finite metrics are written nowhere.
+
+exit status:
+  0    evaluated
+  2    no such workdir, no checkpoint (or not --step), invalid input
+  4    the evaluation gave NaN or infinite metrics (nothing written)
+  6    checkpoints exist but none is usable (each one's problem is named)
+  7    the disk is full (the message names the directory and its free space)
+
 examples:
   python -m jaxfit.evaluate --workdir runs/clip_demo
   python -m jaxfit.evaluate --workdir runs/gpt2 --step 500
@@ -35,13 +46,17 @@ def _main(argv: list[str] | None) -> int:
         level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     args = parser().parse_args(argv)
-    step = cli.checkpoint_step(args.workdir, args.step)
+    latest = cli.checkpoint_step(args.workdir, args.step)  # before any data is read
+    which = f"step {args.step}" if args.step is not None else (
+        f"the newest usable checkpoint (step {latest} is the newest now)"
+    )  # fmt: skip
     print(
-        f"evaluating step {step} of {args.workdir} (rebuilding the task and its data first)",
+        f"evaluating {which} of {args.workdir} (rebuilding the task and its data first)",
         file=sys.stderr,
     )
     t0 = time.perf_counter()
-    results = trainer.evaluate(args.workdir, step)
+    # without --step the step is chosen when read: a run may add and remove checkpoints
+    step, results = trainer.evaluate_checkpoint(args.workdir, args.step)
     print(f"evaluated step {step} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
     print(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
     return 0

@@ -22,8 +22,11 @@ problem n, c and pass@k) so that
 
 gives paired bootstrap intervals of the pass@k difference over problems. pass@k is Chen et
 al. 2021's unbiased estimator (eq. 1); only k <= n are reported. Each sample runs in its
-own sandboxed process (see jaxfit/evals/sandbox.py for what the OS and the Python guard
-enforce) with a wall-clock --timeout, a --memory limit and capped output.
+own bubblewrap sandbox (PID, network, IPC and mount namespaces, no capabilities, only the
+Python installation read-only and a --disk tmpfs; see jaxfit/evals/sandbox.py) with a
+wall-clock --timeout, a --memory limit and capped output, and the tests judge it from a
+separate trusted process. Without bubblewrap (--sandbox none, or not installed) a weaker
+fallback runs and a warning says so; --sandbox bubblewrap refuses to run without it.
 """
 
 from __future__ import annotations
@@ -209,6 +212,13 @@ def parser() -> cli.ArgumentParser:
     box.add_argument("--timeout", type=float, default=3.0, help="seconds per sample (wall)")
     box.add_argument("--memory", default="2GiB", help="address-space limit per sample")
     box.add_argument("--max_output", default="64KiB", help="stdout / stderr cap per sample")
+    box.add_argument("--disk", default="16MiB", help="private tmpfs per sample (bubblewrap)")
+    box.add_argument(
+        "--sandbox",
+        choices=sandbox.TOOLS,
+        default="auto",
+        help="bubblewrap where it works (auto), required (bubblewrap), or the fallback (none)",
+    )
     box.add_argument("--workers", type=int, default=2, help="samples run in parallel")
     box.add_argument("--quiet", action="store_true", help="no progress bar")
     return ap
@@ -217,12 +227,18 @@ def parser() -> cli.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parser().parse_args(argv)
+    for flag, path in (("--samples", args.samples), ("--problems", args.problems)):
+        if path:
+            cli.check_input_file(flag, path)  # missing, a directory, unreadable
+    cli.check_output_dir("--out", args.out)  # a file, not writable, cannot be created
     try:
         ks = code.parse_ks(args.k)
         limits = sandbox.Limits(
             timeout_s=args.timeout,
             memory_bytes=sandbox.parse_size(args.memory),
             max_output_bytes=sandbox.parse_size(args.max_output),
+            disk_bytes=sandbox.parse_size(args.disk),
+            tool=args.sandbox,
         )
         if args.workers < 1 or args.timeout <= 0:
             raise ValueError("--workers must be >= 1 and --timeout > 0")
@@ -253,6 +269,9 @@ def _main(argv: list[str] | None) -> int:
             )
     except (OSError, ValueError) as e:  # missing / malformed files, unloadable model
         raise UsageError(str(e)) from e
+    note = sandbox.warning(summary.get("sandbox") or {})
+    if note:
+        print(note, file=sys.stderr)
     print(code.format_summary(summary))
     print(f"wrote {args.out}/samples.jsonl, summary.json, eval/step_0.npz")
     return 0

@@ -6,6 +6,9 @@ loads; LoRA adapters are merged into the base. ``--format peft`` writes a LoRA r
 adapters as ``adapter_config.json`` + ``adapter_model.safetensors`` for
 ``peft.PeftModel.from_pretrained`` (``base_model_name_or_path`` = the run's ``init_from``).
 
+The checkpoints are only read (safe beside a run still training in WORKDIR); a damaged
+one is named in a warning and never exported (exit 6 when none is usable).
+
 examples:
   python -m jaxfit.export --workdir runs/ft --out runs/ft/hf
   python -m jaxfit.export --workdir runs/qlora --out runs/qlora/adapter --format peft
@@ -25,8 +28,12 @@ FORMATS = ("hf", "peft")
 def export(workdir: str, out_dir: str, *, fmt: str = "hf", step: int | None = None):
     """Write the run's model in ``fmt`` to ``out_dir`` and return the path.
 
+    The checkpoint (``step``, or the newest usable one) is read-only and verified
+    (:func:`jaxfit.trainer.restore_params`): a damaged one is never exported.
+
     Raises:
       ValueError: unknown format. FileNotFoundError: no checkpoint in ``workdir``.
+      jaxfit.checkpoint.NoUsableCheckpointError: none (or not ``step``) is usable.
     """
     if fmt not in FORMATS:
         raise ValueError(f"unknown export format {fmt!r}; expected one of {FORMATS}")
@@ -46,9 +53,14 @@ def parser() -> cli.ArgumentParser:
 
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
-    step = cli.checkpoint_step(args.workdir, args.step)
-    print(f"exporting step {step} of {args.workdir} as {args.format}", file=sys.stderr)
-    out = export(args.workdir, args.out, fmt=args.format, step=step)
+    latest = cli.checkpoint_step(args.workdir, args.step)  # before any data is read
+    cli.check_output_dir("--out", args.out)  # a file, not writable, cannot be created
+    which = f"step {args.step}" if args.step is not None else (
+        f"the newest usable checkpoint (step {latest} is the newest now)"
+    )  # fmt: skip
+    print(f"exporting {which} of {args.workdir} as {args.format}", file=sys.stderr)
+    # without --step the step is chosen when read: a run may add and remove checkpoints
+    out = export(args.workdir, args.out, fmt=args.format, step=args.step)
     print(f"wrote {out}")
     return 0
 

@@ -11,6 +11,9 @@ at WARNING and up.
 
 Native noise is filtered to what a user needs: ``TF_CPP_MIN_LOG_LEVEL=1`` (XLA/TSL C++
 INFO lines off, warnings kept) unless already set, and absl's Python verbosity at WARNING.
+A write that fails on a full disk is reported once, by the code that sees it
+(:func:`quiet_failed_writes` drops orbax's, asyncio's and tensorstore's tracebacks of it;
+``train.log`` drops what it cannot write).
 """
 
 from __future__ import annotations
@@ -24,6 +27,8 @@ from pathlib import Path
 
 import tqdm
 from absl import logging as absl_logging
+
+from jaxfit import errors
 
 LOGGER = "jaxfit"
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -43,6 +48,23 @@ class _ConsoleHandler(logging.Handler):
 class _NotJaxfit(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         return not (record.name == LOGGER or record.name.startswith(LOGGER + "."))
+
+
+class _FileHandler(logging.FileHandler):
+    """A ``FileHandler`` that drops records it cannot write because the disk is full
+    (instead of printing a traceback per record): the run itself stops on the full disk
+    with one error line."""
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        if errors.disk_full_cause(sys.exc_info()[1]) is None:
+            super().handleError(record)
+
+    def close(self) -> None:
+        try:
+            super().close()
+        except OSError as e:  # the last flush, on a full disk
+            if errors.disk_full_cause(e) is None:
+                raise
 
 
 def quiet_native_logs() -> None:
@@ -75,10 +97,10 @@ def log_to_file(path: str | os.PathLike) -> Iterator[Path]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     formatter = logging.Formatter(FORMAT, DATEFMT)
-    ours = logging.FileHandler(path, encoding="utf-8")
+    ours = _FileHandler(path, encoding="utf-8")
     ours.setFormatter(formatter)
     ours.setLevel(logging.INFO)
-    others = logging.FileHandler(path, encoding="utf-8")
+    others = _FileHandler(path, encoding="utf-8")
     others.setFormatter(formatter)
     others.setLevel(logging.WARNING)
     others.addFilter(_NotJaxfit())
@@ -98,4 +120,77 @@ def log_to_file(path: str | os.PathLike) -> Iterator[Path]:
         others.close()
 
 
-__all__ = ["log_to_file", "quiet_native_logs", "setup"]
+# --- what failed writes print (orbax, tensorstore, asyncio) --------------------------
+
+
+class _DiskFullNotices(logging.Filter):
+    """Drops the ERROR records, with tracebacks, that orbax (through absl) and asyncio
+    (futures of a failed save collected later) log about a write that failed on a full
+    disk: the same error reaches the caller, which reports it in one line."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.ERROR:
+            return True
+        text = str(record.msg)
+        if record.exc_info and record.exc_info[1] is not None:
+            text += str(record.exc_info[1])
+        return errors.disk_full_cause(RuntimeError(text)) is None
+
+
+class _QuietClosedLoops:
+    """``sys.unraisablehook`` (installed by :func:`quiet_failed_writes`): drops the
+    ``RuntimeError: Event loop is closed`` that tensorstore's write futures raise when
+    they complete after orbax closed the event loop of a save that failed (one per
+    array, each printed as a traceback); every other unraisable goes to the previous
+    hook."""
+
+    def __init__(self):
+        self.previous = sys.unraisablehook
+
+    def __call__(self, unraisable) -> None:
+        if isinstance(unraisable.exc_value, RuntimeError) and (
+            str(unraisable.exc_value) == "Event loop is closed"
+        ):
+            return
+        self.previous(unraisable)
+
+
+_quieted = False
+
+
+def quiet_failed_writes() -> None:
+    """Install :class:`_DiskFullNotices` and :class:`_QuietClosedLoops`, once per process
+    (``jaxfit.checkpoint.Checkpointer`` calls it when a writable one opens; what they drop
+    comes from background threads and garbage collection, also after it is closed)."""
+    global _quieted
+    if _quieted:
+        return
+    _quieted = True
+    for name in ("absl", "asyncio"):
+        logging.getLogger(name).addFilter(_DiskFullNotices())
+    sys.unraisablehook = _QuietClosedLoops()
+
+
+@contextlib.contextmanager
+def quiet_read_only_notices() -> Iterator[None]:
+    """Hide orbax's notices that a read-only ``CheckpointManager`` is read-only (what
+    it was asked to be) inside the ``with`` block."""
+
+    def not_read_only_notice(record: logging.LogRecord) -> bool:
+        return "read only" not in str(record.msg) and "read_only=True" not in str(record.msg)
+
+    absl = logging.getLogger("absl")
+    absl.addFilter(not_read_only_notice)
+    try:
+        yield
+    finally:
+        absl.removeFilter(not_read_only_notice)
+
+
+__all__ = [
+    "log_to_file",
+    "quiet_failed_writes",
+    "quiet_native_logs",
+    "quiet_read_only_notices",
+    "setup",
+]

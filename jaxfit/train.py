@@ -12,13 +12,16 @@ examples:
 exit status:
   0    finished (or nothing left to train)
   1    an unexpected error (a bug: the traceback is printed)
-  2    invalid config, flags or input; or a resume that would change the run's shapes or
-       data order (nothing was written)
+  2    invalid config, flags, paths or input; or a resume that would change the run's
+       shapes or data order, or on changed data (--accept_data_change goes on); a start
+       refused or failed before training leaves the workdir as it was
   3    out of device memory (the message says what to change)
   4    training diverged (NaN/inf loss, gradient or state); the last good checkpoint is
        kept: lower --config.optim.lr and rerun to resume from it
   5    the workdir is in use by another run (named in the message)
   6    checkpoints exist but none is usable (each one's problem is named)
+  7    the disk is full (named with its free space); the last sealed checkpoint is intact:
+       free some space and rerun to resume from it
   130  stopped by SIGINT (Ctrl-C), 143 stopped by SIGTERM, after checkpointing the last
        completed step: rerun the same command to resume
 Logs: the console and WORKDIR/train.log; metrics: WORKDIR/metrics.jsonl and TensorBoard.
@@ -39,7 +42,7 @@ from jaxfit.oom import OutOfMemoryError
 from jaxfit.plan import apply as plan_apply
 
 
-def run(config, workdir: str | Path) -> dict[str, float]:
+def run(config, workdir: str | Path, *, accept_data_change: bool = False) -> dict[str, float]:
     """What the CLI runs: the planner's choice for ``workdir`` applied to ``config``
     (``WORKDIR/plan.json``, or a fresh search when ``config.fit_budget`` is set; see
     :func:`jaxfit.plan.apply.apply_plan`), then :func:`jaxfit.trainer.train`.
@@ -47,9 +50,10 @@ def run(config, workdir: str | Path) -> dict[str, float]:
     Returns:
       :func:`jaxfit.trainer.train`'s results.
     """
-    Path(workdir).mkdir(parents=True, exist_ok=True)
     with workdir_lib.lock(workdir):  # before planning, which may write plan.json
-        return trainer.train(plan_apply.apply_plan(config, workdir), workdir)
+        return trainer.train(
+            plan_apply.apply_plan(config, workdir), workdir, accept_data_change=accept_data_change
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,23 +69,23 @@ def _main(argv: list[str]) -> int:
             "workdir": "Run directory (checkpoints, logs); created if missing.",
             **distributed.FLAGS,
         },
-        bool_flags={"dry_run": "Check the config and flags, print the config, and stop."},
+        bool_flags={
+            "dry_run": "Check the config and flags, print the config, and stop.",
+            "accept_data_change": "Resume although the training or validation data changed "
+            "since the checkpoint (recorded in WORKDIR/config_history/changes.jsonl).",
+        },
     )
     validation.validate_values(config)  # every value, before any work or write
     distributed.initialize_from_flags(flags)  # before anything touches a device
     workdir = flags["workdir"]
     if not workdir:
         raise UsageError("--workdir DIR is required, in the command line, e.g. --workdir runs/x")
-    if Path(workdir).exists() and not Path(workdir).is_dir():
-        raise UsageError(
-            f"--workdir {workdir!r} is a file, not a directory, in the command line, "
-            "pass a directory (it is created when missing)"
-        )
+    cli.check_output_dir("--workdir", workdir)  # a file, not writable, cannot be created
     if flags["dry_run"]:
         print(config)
         return 0
     try:
-        results = run(config, flags["workdir"])
+        results = run(config, flags["workdir"], accept_data_change=flags["accept_data_change"])
     except OutOfMemoryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 3

@@ -37,13 +37,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import checkpoint, distributed, logs, oom, sharding, validation
+from jaxfit import checkpoint, distributed, errors, logs, oom, sharding, validation
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
 from jaxfit.optim import make_optimizer
 from jaxfit.step import TrainState, abstract_train_state, jit_train_step
-from jaxfit.tasks import build_task, resolve_config
+from jaxfit.tasks import build_task, resolve_config, source_fingerprint
 from jaxfit.tasks.base import param_rng
 
 log = logging.getLogger(__name__)
@@ -246,7 +246,11 @@ def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
 
 
 def train(
-    config, workdir: str | Path, *, on_step: Callable[[int, TrainState], None] | None = None
+    config,
+    workdir: str | Path,
+    *,
+    on_step: Callable[[int, TrainState], None] | None = None,
+    accept_data_change: bool = False,
 ) -> dict[str, float]:
     """Train ``config`` in ``workdir`` (resuming if it holds a checkpoint).
 
@@ -258,6 +262,8 @@ def train(
         ``metrics.jsonl`` and the task's artefacts (tokenizer) go there.
       on_step: optional hook ``(step, state)`` called after every step (tests use it to
         simulate an interruption by raising).
+      accept_data_change: resume even though the data changed since the checkpoint
+        (``--accept_data_change``; recorded in ``config_history/changes.jsonl``).
 
     Returns:
       The last evaluation's metrics (namespaced ``eval/...``) merged with the last logged
@@ -266,30 +272,62 @@ def train(
     Raises:
       jaxfit.config.ConfigError: an invalid value (:func:`jaxfit.validation.validate_values`).
       jaxfit.workdir.WorkdirBusyError: another run holds the workdir.
-      jaxfit.workdir.ResumeConfigError: resuming would change shapes or the data order.
+      jaxfit.workdir.ResumeConfigError: resuming would change shapes or the data order,
+        or the data changed (:func:`jaxfit.workdir.check_data`).
       jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
       NonFiniteError: (a ``FloatingPointError``) a step's loss, gradient norm or state is
         NaN or infinite; the run stopped without checkpointing it.
       StoppedBySignal: SIGTERM / SIGINT (a ``BaseException``).
+      jaxfit.errors.DiskFullError: the disk filled up (the newest sealed checkpoint is
+        left intact; a partly written one is removed).
     """
     workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
     # one train.log, written by process 0 (the others log to their console)
     log_file = logs.log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else nullcontext()
+    # the lock creates the workdir, and undoes a start that fails before workdir.commit
     with workdir_lib.lock(workdir), log_file, _StopSignal() as stop:
-        return _train(config, workdir, on_step, stop)
+        try:
+            return _train(config, workdir, on_step, stop, accept_data_change)
+        except Exception as e:
+            if errors.disk_full_cause(e) is None:
+                raise
+            raise _disk_full(workdir, e) from e
 
 
-def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float]:
+def _disk_full(workdir: Path, error: BaseException) -> errors.DiskFullError:
+    """The one-line report of a full disk: the partial save removed (its space given
+    back), and the newest sealed checkpoint named (orbax wrote it whole, the seal was
+    written after it: a failed later save touches neither)."""
+    directory = workdir / "checkpoints"
+    if jax.process_index() == 0:
+        checkpoint.remove_partial_saves(directory)
+    last = checkpoint.latest_sealed_step_in(directory)
+    if last is None:
+        note = "no checkpoint was written yet: free some space and rerun the same command"
+    else:
+        note = (
+            f"the last checkpoint, step {last} in {str(directory)!r}, is intact and sealed: "
+            "free some space and rerun the same command to resume from it"
+        )
+    return errors.DiskFullError(workdir, errors.disk_full_cause(error), note)
+
+
+def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> dict[str, float]:
     validation.validate_values(config)
     config = resolve_config(config, workdir)  # every derived field, before it is saved
-    # refused before any work or write when it would change shapes or the data order
-    workdir_lib.check_resume(config, workdir, checkpoint.latest_step_in(workdir / "checkpoints"))
+    # refused before any work or write when it would change shapes, data order or data
+    resumed = checkpoint.latest_step_in(workdir / "checkpoints")
+    workdir_lib.check_resume(config, workdir, resumed)
+    if resumed is not None:  # the data files, before any is tokenized
+        workdir_lib.check_data(source_fingerprint(config), workdir, resumed, accept=accept_data)
     mesh = sharding.mesh_from_config(config)
     sharding.check_batch_sizes(config, mesh)
     task = distributed.primary_first(build_task, config, workdir, mesh)  # shared data files
+    data_fingerprint = task.data_fingerprint()  # files and what the task made of them
+    accepted = workdir_lib.check_data(data_fingerprint, workdir, resumed, accept=accept_data)
     abstract_params = task.abstract_params()
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
+    workdir_lib.check_shapes(abstract_params, workdir, resumed)  # another model: refused
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.keep_checkpoints, confirm_saves=True
     )
@@ -309,6 +347,8 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal) -> dict[str, float
     start = int(jax.device_get(state.step))
     if jax.process_index() == 0:
         workdir_lib.record_config(config, workdir, start)  # only now: the state restored
+        workdir_lib.record_data(data_fingerprint, workdir, start, accepted)
+    workdir_lib.commit(workdir)  # the start is done: a failure from here keeps the files
     if dropped := metrics_lib.drop_rows_after(workdir, start):
         log.info("dropped %d metrics.jsonl rows logged after step %d", dropped, start)
     writer = metrics_lib.MetricWriter(workdir, total_steps=config.total_steps, initial_step=start)
@@ -395,21 +435,46 @@ def _run_step(step_fn, state, batch, task, config, *, first: bool):
         raise
 
 
-def run_evaluation(task, params, workdir: str | Path, step: int) -> dict[str, float]:
+def run_evaluation(
+    task, params, workdir: str | Path, step: int, *, require_finite: bool = False
+) -> dict[str, float]:
     """The task's evaluation metrics at ``step``; a task with ``evaluate_examples`` also
     has its per-example results saved to ``WORKDIR/eval/step_<step>.npz`` (atomically,
-    process 0 only; read by ``experiments/compare_runs.py``)."""
+    through a temporary named after this process, so that a reader evaluating beside a
+    run never collides with it; process 0 only; read by ``experiments/compare_runs.py``).
+
+    Raises:
+      NonFiniteError: with ``require_finite``, a metric is NaN or infinite; nothing was
+        written.
+    """
     if not hasattr(task, "evaluate_examples"):
-        return dict(task.evaluate(params))
+        metrics = dict(task.evaluate(params))
+        if require_finite:
+            _check_eval_finite(metrics, step)
+        return metrics
     metrics, examples = task.evaluate_examples(params)
+    if require_finite:
+        _check_eval_finite(metrics, step)
     if examples and jax.process_index() == 0:
         path = Path(workdir) / "eval" / f"step_{int(step)}.npz"
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         with open(tmp, "wb") as f:
             np.savez(f, **examples)
         os.replace(tmp, path)
     return metrics
+
+
+def _check_eval_finite(metrics, step: int) -> None:
+    try:
+        metrics_lib.check_finite(metrics, step)
+    except NonFiniteError as e:
+        raise NonFiniteError(
+            f"evaluation of the checkpoint of step {step} gave a {e}; nothing was written "
+            "(metrics.jsonl, TensorBoard and eval/ keep what they held)",
+            step=step,
+            names=e.names,
+        ) from None
 
 
 def restore_params(workdir: str | Path, step: int | None = None):
@@ -418,15 +483,20 @@ def restore_params(workdir: str | Path, step: int | None = None):
     The parameters are placed as the run placed them (``config.mesh``: split over
     ``fsdp``) when its mesh fits this process's devices, else split over all of them.
 
-    Without ``step``, the newest usable checkpoint: newer damaged ones are reported
-    (warnings naming step and file) and skipped, not moved.
+    The checkpoints are opened read-only (``Checkpointer(read_only=True)``): a run
+    training in ``workdir`` meanwhile is not disturbed. Without ``step``, the newest
+    sealed checkpoint that verifies and holds finite values (newer unsealed, damaged or
+    non-finite ones are reported with warnings naming step and file, and skipped, not
+    moved); with ``step``, that checkpoint, checked the same way.
 
     Returns:
       ``(config, task, params, step)``.
 
     Raises:
-      FileNotFoundError: the workdir has no config.json or no checkpoint.
-      jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
+      FileNotFoundError: the workdir has no config.json or no checkpoint (or not
+        ``step``, or it was removed by the run's retention while being read).
+      jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable (or
+        ``step`` is damaged).
     """
     workdir = Path(workdir)
     config = config_lib.load_saved_config(workdir)
@@ -437,7 +507,10 @@ def restore_params(workdir: str | Path, step: int | None = None):
     task = build_task(config, workdir, mesh)
     abstract_params = task.abstract_params()
     optimizer, _ = make_optimizer(config.optim, config.total_steps, abstract_params)
-    with checkpoint.Checkpointer(workdir / "checkpoints") as ckpt:
+    if not (workdir / "checkpoints").is_dir():
+        raise FileNotFoundError(f"no checkpoint in {str(workdir / 'checkpoints')!r}")
+    # read-only: a run may be writing this workdir (nothing cleaned up, sealed or moved)
+    with checkpoint.Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {str(workdir / 'checkpoints')!r}")
         abstract_state, shardings, _ = abstract_train_state(task, optimizer, config, mesh)
@@ -445,20 +518,35 @@ def restore_params(workdir: str | Path, step: int | None = None):
         if step is None:
             state, _, found, _ = ckpt.restore_latest_usable(abstract, check=_state_problem)
         else:
-            state, _ = ckpt.restore(abstract, step=step)
+            state, _ = ckpt.restore_checked(abstract, step, check=_state_problem)
             found = step
     return config, task, state.params, found
 
 
 def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
-    """Re-run the task's evaluation from a workdir's latest (or given) checkpoint.
+    """:func:`evaluate_checkpoint`'s metrics (without the step)."""
+    return evaluate_checkpoint(workdir, step)[1]
+
+
+def evaluate_checkpoint(
+    workdir: str | Path, step: int | None = None
+) -> tuple[int, dict[str, float]]:
+    """Re-run the task's evaluation from a workdir's latest usable (or given) checkpoint
+    (:func:`restore_params`: read-only, verified).
 
     Writes the metrics to TensorBoard / ``metrics.jsonl`` under ``eval/`` at that step and
-    returns them.
+    returns ``(step, metrics)``: the step of the checkpoint evaluated. Only finite results are
+    written: a NaN or infinite metric writes nothing (neither the metrics nor
+    ``eval/step_<step>.npz``).
+
+    Raises:
+      NonFiniteError: a metric is NaN or infinite (nothing was written).
+      (and :func:`restore_params`' errors)
     """
     config, task, params, found = restore_params(workdir, step)
     results = {
-        f"eval/{k}": float(v) for k, v in run_evaluation(task, params, workdir, found).items()
+        f"eval/{k}": float(v)
+        for k, v in run_evaluation(task, params, workdir, found, require_finite=True).items()
     }
     writer = metrics_lib.MetricWriter(Path(workdir), total_steps=config.total_steps, console=False)
     try:
@@ -466,12 +554,13 @@ def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:
     finally:
         writer.close()
     log.info("evaluation at step %d: %s", found, results)
-    return results
+    return found, results
 
 
 __all__ = [
     "build_state",
     "evaluate",
+    "evaluate_checkpoint",
     "restore_params",
     "run_evaluation",
     "train",

@@ -244,6 +244,30 @@ def test_chunked_backward_does_not_hold_all_logits():
     assert chunked_bytes < logits_bytes / 2
 
 
+def test_a_frozen_bf16_head_is_not_copied_transposed():
+    """Rows of a ``[R, S, D]`` batch reach the head as one flat ``[R * c, D]`` chunk: a 3-D
+    head matmul made XLA:CPU keep a transposed float32 copy of a frozen bf16 head (the
+    8B QLoRA plan's 2 GiB regression at 8e9146e), beside the float32 copy of the head as
+    stored that every bf16 matmul on a CPU makes. Only the latter may be a temporary."""
+    rows, seq, d, vocab = 2, 512, 64, 8192
+    hidden = jax.ShapeDtypeStruct((rows, seq, d), jnp.bfloat16)
+    head = jax.ShapeDtypeStruct((d, vocab), jnp.bfloat16)
+    seen = []
+
+    def loss(h, w):
+        def head_fn(x):
+            seen.append(x.shape)
+            return x @ w
+
+        targets = jnp.zeros((rows, seq), jnp.int32)
+        return losses.chunked_cross_entropy(h, head_fn, targets, chunk_size=256)[0]
+
+    compiled = jax.jit(jax.grad(loss)).lower(hidden, head).compile()
+    text = compiled.as_text()
+    assert f"f32[{vocab},{d}]" not in text  # no transposed float32 copy of the head
+    assert set(seen) == {(256, d)}  # 128 positions of each of the 2 rows, flat
+
+
 # -- configs -------------------------------------------------------------------------------
 
 

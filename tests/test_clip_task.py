@@ -15,6 +15,7 @@ from test_trainer import CLIP_CONFIG, REPO, tiny_clip_config
 
 from jaxfit import config as config_lib
 from jaxfit import sharding, trainer
+from jaxfit.data import fingerprint
 from jaxfit.evals.retrieval import chance_recall
 from jaxfit.tasks import build_task
 
@@ -213,3 +214,24 @@ def test_clip_with_lora_trains_adapters_only(tmp_path):
     out = task.export_peft(params, tmp_path / "peft")
     adapter = json.loads((out / "adapter_config.json").read_text())
     assert adapter["r"] == 4 and adapter["task_type"] is None
+
+
+def test_data_fingerprint_sees_a_changed_caption(tmp_path):
+    """The annotation file's hash and the records' hash change with one caption's words,
+    its length kept; the images themselves are not hashed (documented)."""
+    data = tmp_path / "data"
+    config = tiny_clip_config(data)
+    mesh = sharding.make_mesh()
+    before = build_task(config, tmp_path / "run", mesh).data_fingerprint()
+    ann = data / "annotations" / "captions_train2017.json"
+    coco = json.loads(ann.read_text())
+    first = coco["annotations"][0]["caption"]
+    coco["annotations"][0]["caption"] = first[::-1]  # same length, other words
+    ann.write_text(json.dumps(coco))
+    after = build_task(config, tmp_path / "run", mesh).data_fingerprint()
+    changed = fingerprint.differences(before, after)
+    assert set(changed) == {f"train.files.{ann.resolve()}", "train.records"}
+    assert before["train"]["records"]["size"] == 64 and before["val"]["records"]["size"] == 16
+    # eval.max_images (a resume may change it) evaluates fewer images of the same data
+    fewer = build_task(tiny_clip_config(data, "eval.max_images=4"), tmp_path / "run", mesh)
+    assert len(fewer.val_records) == 4 and fewer.data_fingerprint() == after

@@ -18,6 +18,7 @@ import pytest
 
 from jaxfit import config as config_lib
 from jaxfit import trainer
+from jaxfit.data.text import write_synthetic_text
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytest``)
@@ -137,7 +138,8 @@ def _logged_eval(workdir):
 @pytest.fixture(scope="module")
 def lm_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_runs")
-    data = root / "corpus.txt"
+    data = root / "corpus.txt"  # shared: a run writes the synthetic corpus only in its workdir
+    write_synthetic_text(data, num_documents=300, seed=0)
     runs = []
     for name, lr in (("control", "3e-3"), ("higher_lr", "1e-2")):
         overrides = TINY_LM + [f"optim.lr={lr}", f"data.path={data}"]

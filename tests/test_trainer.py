@@ -13,6 +13,7 @@ from jaxfit import config as config_lib
 from jaxfit import trainer, validation
 from jaxfit.evals.retrieval import chance_recall
 from jaxfit.evaluate import main as evaluate_main
+from jaxfit.tasks import clip as clip_task
 from jaxfit.train import main as train_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -20,8 +21,9 @@ CLIP_CONFIG = str(REPO / "configs" / "clip_coco.py")
 
 
 def tiny_clip_config(data_root: Path, *overrides: str):
-    """The demo config shrunk further for fast tests (synthetic data in ``data_root``)."""
-    return config_lib.load_config(
+    """The demo config shrunk further for fast tests (synthetic data written into
+    ``data_root`` here, once, for runs to share: a run writes it only into its workdir)."""
+    config = config_lib.load_config(
         f"{CLIP_CONFIG}:demo",
         [
             f"data.root={data_root}",
@@ -43,6 +45,9 @@ def tiny_clip_config(data_root: Path, *overrides: str):
             *overrides,
         ],
     )
+    if config.data.synthetic.enabled:
+        clip_task.ensure_synthetic_data(config)
+    return config
 
 
 def _params(workdir):
@@ -193,10 +198,38 @@ def test_cli_train_then_evaluate(tmp_path, capsys):
 @pytest.mark.slow
 def test_demo_learns(tmp_path):
     """The embedded default, at its real size, ends far above chance."""
-    cfg = config_lib.load_config(f"{CLIP_CONFIG}:demo", [f"data.root={tmp_path / 'data'}"])
+    cfg = config_lib.load_config(f"{CLIP_CONFIG}:demo")  # synthetic set in the workdir
     results = trainer.train(cfg, tmp_path / "run")
     n = int(results["eval/num_images"])
     chance = chance_recall(n, 5, 10)
     assert results["eval/t2i_R@10"] > 5 * chance["t2i"]
     assert results["eval/i2t_R@10"] > 2.5 * chance["i2t"]
     assert results["train/loss"] < 2.0
+
+
+class _ExamplesTask:
+    """A task whose evaluation gives ``metrics`` and per-example results (the shape of
+    ``run_evaluation``'s contract, without a model)."""
+
+    def __init__(self, metrics):
+        self.metrics = metrics
+
+    def evaluate_examples(self, params):
+        return dict(self.metrics), {"loss": np.array([1.0, 2.0])}
+
+
+def test_evaluation_with_nan_writes_nothing(tmp_path):
+    """With ``require_finite`` (what ``jaxfit.evaluate`` uses) a NaN metric raises before
+    anything is written: a good ``eval/step_N.npz`` keeps its content; finite metrics
+    are written through a temporary named after the process (none left over)."""
+    good = trainer.run_evaluation(_ExamplesTask({"loss": 1.5}), None, tmp_path, 12)
+    assert good == {"loss": 1.5}
+    path = tmp_path / "eval" / "step_12.npz"
+    before = path.read_bytes()
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_12.npz"]
+    with pytest.raises(trainer.NonFiniteError, match=r"step 12 .*loss=nan.*nothing was written"):
+        trainer.run_evaluation(
+            _ExamplesTask({"loss": float("nan")}), None, tmp_path, 12, require_finite=True
+        )
+    assert path.read_bytes() == before
+    assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_12.npz"]

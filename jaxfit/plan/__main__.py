@@ -189,7 +189,12 @@ def _plan(config, fl, device, budget, usable, timing) -> int:
         print(table(rows))
         found += rows
         fitting = [c for c in rows if c.fits]
-        best = best or max(fitting, key=lambda c: c.overrides["seq_len"], default=None)
+        longest = max(fitting, key=lambda c: c.overrides["seq_len"], default=None)
+        if longest is not None:
+            levers = {k: v for k, v in longest.overrides.items() if k != "seq_len"}
+            pulled = ", ".join(f"{k}={v}" for k, v in levers.items()) or "the config as it is"
+            print(f"longest: seq_len={longest.overrides['seq_len']:,} with {pulled}")
+        best = best or longest
     if found:
         out["search"] = [
             {"overrides": c.overrides, "fits": c.fits, "error": c.error,

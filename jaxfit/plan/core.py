@@ -403,29 +403,46 @@ def _cpu_only_bytes(config, hlo_text: str, jaxpr, live, host_on_device: int) -> 
 
     * ``cpu_fragmentation``: XLA:CPU's heap of temporaries less their live peak (holes
       of the CPU's packing; a GPU's allocator overhead is in the plan's reserve);
-    * ``cpu_upcasts``: XLA:CPU's float32 copies of bf16 arguments and loop outputs
-      (:func:`hoisted_upcasts`, :func:`loop_upcasts`);
+    * ``cpu_upcasts``: XLA:CPU's float32 copies of bf16 arguments (:func:`hoisted_upcasts`:
+      the argument itself is counted among the arguments) and of loop outputs
+      (:func:`loop_upcasts`: where XLA:CPU converts a stacked bf16 activation before the
+      backward loop, the bf16 original may be dead at the peak, so the copy counts as the
+      bf16 stack a GPU holds, half its bytes);
     * ``host_on_device``: under the ``offload`` policy, the layer-input stacks a GPU keeps
       in pinned host memory (:func:`offloaded_stacks`).
 
     Without the dump (XLA wrote none) the whole sizes are taken off, and no
     fragmentation."""
-    upcasts = {**hoisted_upcasts(hlo_text), **loop_upcasts(hlo_text)}
+    hoisted, looped = hoisted_upcasts(hlo_text), loop_upcasts(hlo_text)
     if live is None:
         return {
             "cpu_fragmentation": 0,
-            "cpu_upcasts": sum(upcasts.values()),
+            "cpu_upcasts": sum(hoisted.values()) + sum(looped.values()),
             "host_on_device": host_on_device,
         }
-    stacks = offloaded_stacks(jaxpr) if host_on_device else set()
+    stacks = {_dims(s) for s in offloaded_stacks(jaxpr)} if host_on_device else set()
+
+    def gpu_bytes(v, offload: bool) -> int:
+        if v.name in hoisted:  # the bf16 argument itself is among the arguments
+            return 0
+        offloaded = offload and _dims(v.shape) in stacks
+        if v.name in looped:  # a GPU holds the bf16 stack (half), or nothing if offloaded
+            return 0 if offloaded else v.size // 2
+        return 0 if offloaded else v.size
+
     whole, _ = live.peak()
-    no_upcasts, _ = live.peak(lambda v: v.name in upcasts)
-    neither, _ = live.peak(lambda v: v.name in upcasts or v.shape.split("{")[0] in stacks)
+    no_upcasts, _ = live.peak(lambda v: gpu_bytes(v, offload=False))
+    on_device, _ = live.peak(lambda v: gpu_bytes(v, offload=True))
     return {
         "cpu_fragmentation": max(live.heap_bytes - whole, 0),
         "cpu_upcasts": whole - no_upcasts,
-        "host_on_device": no_upcasts - neither,
+        "host_on_device": no_upcasts - on_device,
     }
+
+
+def _dims(shape: str) -> str:
+    """``"[32,1,2048,4096]"`` of an HLO shape (``bf16[32,1,2048,4096]{3,2,1,0}``)."""
+    return shape[shape.find("[") : shape.find("]") + 1]
 
 
 def plan_config(config) -> Plan:

@@ -67,16 +67,17 @@ class Liveness:
     values: list[Value]
     heap_bytes: int
 
-    def peak(self, leave_out: Callable[[Value], bool] | None = None) -> tuple[int, int]:
+    def peak(self, weigh: Callable[[Value], int] | None = None) -> tuple[int, int]:
         """``(bytes, position)``: the most bytes of temporaries live at once, and the
-        first schedule position where that happens, leaving out the values for which
-        ``leave_out(value)`` is true."""
+        first schedule position where that happens, each value counted as ``weigh(value)``
+        bytes (default its size; 0 leaves it out)."""
         events: dict[int, int] = {}
         for v in self.values:
-            if leave_out is not None and leave_out(v):
+            size = v.size if weigh is None else int(weigh(v))
+            if not size:
                 continue
-            events[v.start] = events.get(v.start, 0) + v.size
-            events[v.end + 1] = events.get(v.end + 1, 0) - v.size
+            events[v.start] = events.get(v.start, 0) + size
+            events[v.end + 1] = events.get(v.end + 1, 0) - size
         live, best, at = 0, 0, 0
         for t in sorted(events):
             live += events[t]

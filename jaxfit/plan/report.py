@@ -127,7 +127,8 @@ def time_report(plan: Plan, est: TimeEstimate, total_steps: int) -> str:
 
 def search_table(rows: Sequence, estimates: Sequence[TimeEstimate | None]) -> str:
     """One line per candidate: its overrides, planned peak, fit and estimated speed."""
-    keys = [k for k in ("micro_batch_size", "model.remat_policy", "loss_chunk_size", "seq_len")
+    keys = [k for k in ("micro_batch_size", "model.remat_policy", "model.mlp_chunk_size",
+                        "loss_chunk_size", "seq_len")
             if any(k in r.overrides for r in rows)]  # fmt: skip
     header = [*keys, "planned peak", "fits", "est. tokens/s", "est. examples/s", "MFU"]
     table = [header]

@@ -13,9 +13,10 @@ doubling from the config's ``seq_len``, then bisecting between the longest that 
 shortest that did not, over lengths where the plan is exact: when planning on a CPU the
 attention is compiled as blocks of 512 x 512 (``cpu_stand_in``), which pads a length that
 is not a multiple of 512 up to one, so only those multiples (and lengths up to one block,
-in steps of 128) are tried. A length the config's remat policy does not fit is tried again
-with ``model.remat_policy="offload"`` (each layer's input in pinned host memory; the plan's
-``host_bytes``), so the answer is the longest length that fits either way.
+in steps of 128) are tried. A length the config does not fit is tried again with one more
+memory lever pulled at a time (``seq_len_levers``: the layer inputs offloaded to pinned host
+memory, the MLP in blocks of positions, a smaller loss chunk), so the answer is the longest
+length that fits with some of them, and its overrides say which.
 """
 
 from __future__ import annotations
@@ -156,6 +157,33 @@ def _valid_at_most(n: int, chunk: int | None) -> int:
     return n // SEQ_LEN_QUANTUM * SEQ_LEN_QUANTUM if n >= SEQ_LEN_QUANTUM else max(n, 0)
 
 
+def seq_len_levers(config) -> list[dict[str, Any]]:
+    """The settings ``search_seq_len`` tries at a length, from the cheapest in time to the
+    most frugal in memory, each a superset of the one before: the config as it is; its
+    layer inputs offloaded (``model.remat_policy="offload"``; no recompute beyond full
+    remat's, host memory instead); the MLP over blocks of :data:`MLP_CHUNK` positions
+    (``model.mlp_chunk_size``: no extra FLOPs, the ``[seq, intermediate]`` temporaries
+    cut by ``seq / MLP_CHUNK``); the LM head and loss over chunks of
+    :data:`SMALL_LOSS_CHUNK` tokens (``loss_chunk_size``: the float32 ``[chunk, vocab]``
+    logits and their gradient smaller). A lever the config lacks (no such field) or
+    already pulls is skipped."""
+    ladder: list[dict[str, Any]] = [{}]
+    remat = core.get_field(config, "model.remat_policy")
+    if remat is not None and remat != "offload":
+        ladder.append({**ladder[-1], "model.remat_policy": "offload"})
+    mlp = core.get_field(config, "model.mlp_chunk_size")
+    if mlp is not None and (not mlp or mlp > MLP_CHUNK):
+        ladder.append({**ladder[-1], "model.mlp_chunk_size": MLP_CHUNK})
+    loss = core.get_field(config, "loss_chunk_size")
+    if loss is not None and (not loss or loss > SMALL_LOSS_CHUNK):
+        ladder.append({**ladder[-1], "loss_chunk_size": SMALL_LOSS_CHUNK})
+    return ladder
+
+
+MLP_CHUNK = 2048
+SMALL_LOSS_CHUNK = 256
+
+
 def search_seq_len(
     config,
     usable_bytes: int,
@@ -164,11 +192,13 @@ def search_seq_len(
     progress: Callable[[str], None] = log.info,
 ) -> list[Candidate]:
     """Candidates tried for ``seq_len`` (others as in ``config``), shortest first (at a
-    length, the config's remat policy before ``offload``).
+    length, in the order of :func:`seq_len_levers`).
 
-    Only lengths where the plan is valid are compiled (:func:`valid_seq_len`: multiples
-    of the attention chunk, 512, above one chunk when planning on a CPU); the answer is
-    the longest of those that fits.
+    At each length the levers are pulled one more at a time (:func:`seq_len_levers`)
+    until one fits, so the answer is the longest length that fits with some of them, and
+    its candidate's overrides say which were needed. Only lengths where the plan is valid
+    are compiled (:func:`valid_seq_len`: multiples of the attention chunk, 512, above one
+    chunk when planning on a CPU).
 
     Args:
       max_seq_len: upper bound (default: 64 x the config's ``seq_len``).
@@ -186,19 +216,16 @@ def search_seq_len(
     limit = int(max_seq_len or 64 * int(config.seq_len))
     tried: dict[int, Candidate] = {}
     rows: list[Candidate] = []
-    remat = core.get_field(config, "model.remat_policy")
-    offload = remat is not None and remat != "offload"
+    levers = seq_len_levers(config)
 
     def fits(n: int) -> bool:
         if n not in tried:
-            tried[n] = _try(config, {"seq_len": n}, usable_bytes, progress)
-            rows.append(tried[n])
-            if offload and not tried[n].fits and tried[n].plan is not None:
-                over = {"seq_len": n, "model.remat_policy": "offload"}
-                cand = _try(config, over, usable_bytes, progress)
+            for lever in levers:
+                cand = _try(config, {"seq_len": n, **lever}, usable_bytes, progress)
                 rows.append(cand)
-                if cand.fits:
-                    tried[n] = cand
+                tried[n] = cand
+                if cand.fits or cand.plan is None:
+                    break
         return tried[n].fits
 
     lo, hi = 0, limit + 1  # longest known to fit; shortest known not to (or past the limit)

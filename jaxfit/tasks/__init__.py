@@ -27,7 +27,12 @@ losses are the free functions of ``jaxfit.objectives``.
 
 A task module also has ``resolve_config(config, workdir) -> config``: the fields the run
 derives (a synthetic data path, the tokenizer of ``init_from``), filled in a copy before
-``config.json`` is written; tasks never change the config they are given.
+``config.json`` is written; tasks never change the config they are given; and
+``data_files(config) -> {split: [files]}``, the local files the data is read from. A task
+object's ``data_fingerprint()`` is the content hash a resume compares
+(``jaxfit.workdir.check_data``): those files' sizes and SHA-256, and what the task made of
+them (token files, caption records); :func:`source_fingerprint` is its part that needs no
+task (the files alone), compared before any data is prepared.
 """
 
 from __future__ import annotations
@@ -35,9 +40,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from jaxfit import config as config_lib
+from jaxfit.data import fingerprint
 from jaxfit.tasks import clip, lm
 
-TASKS = {"clip": (clip.CLIPTask, clip.resolve_config), "lm": (lm.LMTask, lm.resolve_config)}
+TASKS = {
+    "clip": (clip.CLIPTask, clip.resolve_config, clip.data_files),
+    "lm": (lm.LMTask, lm.resolve_config, lm.data_files),
+}
 
 
 def _entry(config):
@@ -68,5 +77,19 @@ def build_task(config, workdir, mesh, *, abstract: bool = False):
     Raises:
       ConfigError: an unknown ``config.task``.
     """
-    cls, _ = _entry(config)
+    cls = _entry(config)[0]
     return cls(resolve_config(config, workdir), workdir, mesh, abstract=abstract)
+
+
+def source_fingerprint(config) -> dict:
+    """``{split: {"files": {path: {"size", "sha256"}}}}`` of a RESOLVED config's local data
+    files (:func:`jaxfit.data.fingerprint.files_fingerprint`): the part of a task's
+    ``data_fingerprint()`` known before the task is built.
+
+    Raises:
+      FileNotFoundError / ValueError: a data file named by the config is missing.
+    """
+    return {
+        split: {"files": fingerprint.files_fingerprint(paths)}
+        for split, paths in _entry(config)[2](config).items()
+    }

@@ -11,6 +11,7 @@ each query's rank of the first hit (saved by the trainer to ``WORKDIR/eval/step_
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from pathlib import Path
 
@@ -21,9 +22,9 @@ import numpy as np
 from jaxfit import config as config_lib
 from jaxfit import objectives, sharding, target
 from jaxfit import step as step_lib
-from jaxfit.data import image_text
+from jaxfit.data import fingerprint, image_text
 from jaxfit.data.image_text import caption_tokenizer as tokenizers
-from jaxfit.data.image_text import pipeline
+from jaxfit.data.image_text import pipeline, sources
 from jaxfit.data.image_text import synthetic_coco as synthetic
 from jaxfit.evals import retrieval
 from jaxfit.models import attention
@@ -77,8 +78,34 @@ def attention_choice(config) -> tuple[str, str]:
     return impl, reason
 
 
+def synthetic_root(config, workdir) -> Path | None:
+    """Where the synthetic demo set lives: ``data.root`` when ``data.synthetic.enabled``
+    and that root is inside ``workdir`` (``WORKDIR/synthetic_coco`` when the user named
+    none, :func:`resolve_config`), else ``None``: a root the user named elsewhere is the
+    user's data, read as ``data.format`` says and never written to."""
+    if not config.data.synthetic.enabled or not config.data.root:
+        return None
+    root = Path(config.data.root).expanduser().resolve()
+    return root if root.is_relative_to(Path(workdir).resolve()) else None
+
+
+def data_files(config) -> dict[str, list[Path]]:
+    """``{"train": [table], "val": [table]}``: the annotation files of a resolved config
+    (coco / csv / jsonl; none for hf, nor while the synthetic set is still to be written).
+    Images are not listed: their captions and paths are in the records' hash
+    (``CLIPTask.data_fingerprint``), their pixels are not hashed."""
+    out = {}
+    for split in ("train", "val"):
+        table = sources.captions_table(config.data, split)
+        if table is None or not table.is_file():
+            return {}
+        out[split] = [table]
+    return out
+
+
 def ensure_synthetic_data(config) -> None:
-    """Write the synthetic demo dataset to ``data.root`` unless it is there (once per root)."""
+    """Write the synthetic demo dataset to ``data.root`` unless it is there (once per
+    root). Only for a root :func:`synthetic_root` accepts (inside the workdir)."""
     syn = config.data.synthetic
     root = Path(config.data.root)
     if not (root / "annotations").is_dir():
@@ -135,11 +162,25 @@ class CLIPTask(Task):
         if abstract:  # planning: no images are read, no tokenizer trained
             self.train_records = self.val_records = []
             self.train_skips = self.val_skips = image_text.SkipCounter()
+            self._records_digest = {}
         else:
-            if config.data.synthetic.enabled:
+            if synthetic_root(config, workdir) is not None:
                 ensure_synthetic_data(config)
+            elif config.data.synthetic.enabled:
+                log.info(
+                    "data.root=%s is set outside the workdir: training on it as "
+                    "data.format=%s says (the synthetic demo set is written only under "
+                    "the workdir)",
+                    data.root,
+                    data.format,
+                )
             self.train_records, self.train_skips = image_text.load_source(data, "train")
             self.val_records, self.val_skips = image_text.load_source(data, "val")
+            # the data, before eval.max_images (which a resume may change) trims it
+            self._records_digest = {
+                "train": _records_digest(self.train_records),
+                "val": _records_digest(self.val_records),
+            }
             if config.eval.max_images:
                 self.val_records = self.val_records[: config.eval.max_images]
         if config.init_from:
@@ -212,6 +253,20 @@ class CLIPTask(Task):
             process_rows=sharding.process_batch_rows(self.mesh, self.config.batch_size),
         )
 
+    def data_fingerprint(self) -> dict:
+        """What a resume compares (``jaxfit.workdir.check_data``): per split, the
+        annotation files' sizes and SHA-256 (``files``) and the SHA-256 of the records
+        read from them (``records``: image ids and captions, in order, before
+        ``eval.max_images``; an image embedded in an HF dataset has its content hash for
+        id). Pixels are not hashed."""
+        out = {
+            split: {"files": fingerprint.files_fingerprint(paths)}
+            for split, paths in data_files(self.config).items()
+        }
+        for split, digest in self._records_digest.items():
+            out.setdefault(split, {})["records"] = digest
+        return out
+
     def skip_counts(self) -> dict[str, int]:
         counts = dict(self.train_skips.as_dict())
         for k, v in self._eval_counter.as_dict().items():
@@ -271,6 +326,14 @@ class CLIPTask(Task):
         examples = {"i2t_rank": i2t_rank, "t2i_rank": t2i_rank, "ks": np.asarray(ks, np.int32)}
         examples.update(_query_keys(self.val_records, len(images)))
         return out, examples
+
+
+def _records_digest(records) -> dict:
+    """``{"sha256", "size"}`` of image-caption records (ids and captions, in order)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(json.dumps([r.image_id, list(r.captions)]).encode() + b"\n")
+    return {"sha256": h.hexdigest(), "size": len(records)}
 
 
 def _first_hit_ranks(images, texts, text_to_image, kmax: int, chunk: int = 1024):

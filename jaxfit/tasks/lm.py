@@ -22,6 +22,7 @@ import numpy as np
 from jaxfit import config as config_lib
 from jaxfit import objectives, perf, sharding, target
 from jaxfit import step as step_lib
+from jaxfit.data import fingerprint
 from jaxfit.data import text as text_data
 from jaxfit.data.text import write_synthetic_text
 from jaxfit.hf import families
@@ -60,6 +61,32 @@ def resolve_config(config, workdir):
     if config.model.get("attention_impl", "auto") in ("", "auto", None):
         values["model.attention_impl"] = attention_choice(config)[0]
     return config_lib.set_fields(config, values, create=True) if values else config
+
+
+def synthetic_path(config, workdir) -> Path | None:
+    """Where the synthetic demo corpus is written: ``data.path`` when
+    ``data.synthetic.enabled`` and that path is inside ``workdir``
+    (``WORKDIR/synthetic_text.txt`` when the user named none, :func:`resolve_config`),
+    else ``None``: a path the user named elsewhere is the user's data, read (a missing
+    file stops the run) and never written."""
+    data_cfg = config.data
+    if not (data_cfg.get("synthetic") and data_cfg.synthetic.enabled and data_cfg.path):
+        return None
+    path = Path(data_cfg.path).expanduser().resolve()
+    return path if path.is_relative_to(Path(workdir).resolve()) else None
+
+
+def data_files(config) -> dict[str, list[Path]]:
+    """``{split: [local source files]}`` of a resolved LM config, read from nothing but the
+    directory listings (``{}`` while the synthetic corpus is still to be written)."""
+    data_cfg = config.data
+    if data_cfg.get("synthetic") and data_cfg.synthetic.enabled:
+        if not Path(data_cfg.path).is_file():
+            return {}
+    out = {"train": text_data.source_files(data_cfg, "train")}
+    if text_data.has_validation(data_cfg):
+        out["validation"] = text_data.source_files(data_cfg, "validation")
+    return out
 
 
 def _head_dim(config) -> int:
@@ -102,7 +129,7 @@ class LMTask(Task):
         if abstract:  # planning: no corpus is read, no tokenizer trained
             self.data = self.tokenizer = None
         else:
-            if data_cfg.get("synthetic") and data_cfg.synthetic.enabled:
+            if synthetic_path(config, workdir) is not None:
                 if not Path(data_cfg.path).is_file():
                     write_synthetic_text(
                         data_cfg.path,
@@ -198,6 +225,20 @@ class LMTask(Task):
         # this process's rows of each global batch (all of them for one process)
         batches.process_rows = sharding.process_batch_rows(self.mesh, self.config.batch_size)
         return batches
+
+    def data_fingerprint(self) -> dict:
+        """What a resume compares (``jaxfit.workdir.check_data``): per split, the source
+        files' sizes and SHA-256 (``files``) and the token file's content hash and length
+        (``tokens``)."""
+        out = {
+            split: {"files": fingerprint.files_fingerprint(paths)}
+            for split, paths in data_files(self.config).items()
+        }
+        for split, tf in (("train", self.data.train), ("validation", self.data.validation)):
+            if tf is not None:
+                tokens = {"sha256": tf.content_sha256, "num_tokens": tf.num_tokens}
+                out.setdefault(split, {})["tokens"] = tokens
+        return out
 
     def skip_counts(self) -> dict[str, int]:
         stats = self.data.train.meta.get("stats", {})

@@ -13,7 +13,9 @@ import pytest
 
 from jaxfit import cli
 from jaxfit import config as config_lib
-from jaxfit.errors import DataError
+from jaxfit.checkpoint import NoUsableCheckpointError
+from jaxfit.errors import DataError, DiskFullError, disk_full_cause
+from jaxfit.metrics import NonFiniteError
 
 REPO = Path(__file__).resolve().parents[2]
 CLIP = str(REPO / "configs" / "clip_coco.py")
@@ -121,6 +123,12 @@ def test_evaluate_without_a_checkpoint_says_so(tmp_path):
     assert "data" not in line.split(",")[0]  # not blamed on the data root
 
 
+def test_evaluate_workdir_that_is_a_file(tmp_path):
+    run = tmp_path / "run"
+    run.write_text("a file")
+    _one_error(_run("evaluate", "--workdir", run), "--workdir", f"'{run}' is a file")
+
+
 def test_argparse_usage_error_is_one_line(tmp_path):
     _one_error(_run("export", "--workdir", tmp_path), "--out", "--help")
 
@@ -151,3 +159,162 @@ def test_a_bug_is_not_a_user_error():
         math.sqrt(-1)  # a ValueError raised outside jaxfit
     except ValueError as e:
         assert cli.exit_code(e) is None
+
+
+def test_exit_codes_of_checkpoints_results_and_disk(tmp_path):
+    """No usable checkpoint: 6; non-finite results: 4; a full disk (Python's ENOSPC or
+    tensorstore's text of it, anywhere in the chain): 7, described in one line naming
+    the directory and its free space."""
+    assert cli.exit_code(NoUsableCheckpointError("none", {3: "x"})) == 6
+    assert cli.exit_code(NonFiniteError("nan", step=1, names=["loss"])) == 4
+    orbax = ValueError(
+        'RESOURCE_EXHAUSTED: Error writing "a/0": Failed to write 512382 bytes to file 4: '
+        "No space left on device [os_error_code='28']"
+    )
+    try:
+        try:
+            raise OSError(28, "No space left on device", str(tmp_path / "metrics.jsonl"))
+        except OSError as inner:
+            raise RuntimeError("while logging") from inner
+    except RuntimeError as outer:
+        chained = outer
+    assert disk_full_cause(orbax) is orbax and disk_full_cause(chained) is chained.__cause__
+    assert disk_full_cause(ValueError("RESOURCE_EXHAUSTED: out of memory")) is None
+    e = DiskFullError(tmp_path, chained.__cause__, "the last checkpoint, step 3, is intact")
+    assert cli.exit_code(e) == 7
+    line = cli.describe(e)
+    assert line.startswith(f"the disk holding '{tmp_path}' is full (") and " free of " in line
+    assert f"while writing {tmp_path / 'metrics.jsonl'}" in line and line.endswith("intact")
+
+
+def test_a_full_disk_anywhere_is_one_line_with_status_7(tmp_path, capsys):
+    """An ``ENOSPC`` raised by any command (a reader writing metrics, an export) is
+    reported as a full disk naming the file's directory and its free space, not as a
+    traceback."""
+
+    def writes(argv):
+        raise OSError(28, "No space left on device", str(tmp_path / "out" / "model.bin"))
+
+    assert cli.run(writes, [], prog="p", doc=None) == 7
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith(f"error: the disk holding '{tmp_path / 'out'}' is full (")
+    assert f"while writing {tmp_path / 'out' / 'model.bin'}" in line
+
+
+# --- paths named by flags: missing, a directory, a file, or not writable -------------
+
+
+def test_workdir_that_is_not_writable():
+    """/proc refuses new files even to root (as a read-only mount does)."""
+    line = _one_error(_run("train", f"--config={CLIP}:demo", "--workdir=/proc"), "--workdir")
+    assert "'/proc' is not writable" in line, line
+
+
+def test_workdir_that_cannot_be_created():
+    proc = _run("train", f"--config={CLIP}:demo", "--workdir=/proc/jaxfit_run")
+    line = _one_error(proc, "--workdir", "'/proc/jaxfit_run'")
+    assert "does not exist and cannot be created in '/proc'" in line, line
+
+
+def test_config_that_is_a_directory(tmp_path):
+    proc = _run("train", f"--config={REPO / 'configs'}", f"--workdir={tmp_path / 'w'}")
+    line = _one_error(proc, "--config", "is a directory", "clip_coco.py")
+    assert not (tmp_path / "w").exists(), line
+
+
+def test_get_config_that_raises_names_the_file_and_line(tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("def _steps():\n    return 100 // 0\n\n\ndef get_config(arg=None):\n"
+                      "    return _steps()\n")  # fmt: skip
+    proc = _run("train", f"--config={config}", f"--workdir={tmp_path / 'w'}")
+    _one_error(proc, f"{config}:2", "ZeroDivisionError", "--config")
+    assert not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory"])
+def test_evaluate_code_samples_path(tmp_path, kind):
+    samples = tmp_path / ("no_such.jsonl" if kind == "missing" else "samples_dir")
+    if kind == "directory":
+        samples.mkdir()
+    proc = _run("evaluate_code", "--samples", samples, "--out", tmp_path / "out")
+    line = _one_error(proc, "--samples", str(samples))
+    assert ("does not exist" if kind == "missing" else "is a directory") in line, line
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluate_code_out_not_writable(tmp_path):
+    samples = tmp_path / "samples.jsonl"
+    samples.write_text('{"task_id": "HumanEval/0", "completion": "    return 1\\n"}\n')
+    line = _one_error(_run("evaluate_code", "--samples", samples, "--out", "/proc"), "--out")
+    assert "'/proc' is not writable" in line, line
+
+
+# --- image-text data: the demo writes only into the workdir; tables name their file ---
+
+
+def _flickr_folder(root: Path) -> None:
+    """A Flickr8k-style folder (captions.txt + Images/): not the COCO layout."""
+    (root / "Images").mkdir(parents=True)
+    (root / "captions.txt").write_text("image,caption\n1.jpg,a dog runs\n")
+
+
+def test_demo_on_a_foreign_root_names_the_layout_and_writes_nothing(tmp_path):
+    root, workdir = tmp_path / "flickr", tmp_path / "w"
+    _flickr_folder(root)
+    before = sorted(p.name for p in root.rglob("*"))
+    proc = _run(
+        "train", f"--config={CLIP}:demo", f"--config.data.root={root}", f"--workdir={workdir}"
+    )
+    line = _one_error(proc, str(root), "COCO captions layout", "data.format")
+    assert "annotations/captions_{split}.json" in line, line
+    assert sorted(p.name for p in root.rglob("*")) == before  # no synthetic images in it
+    assert not workdir.exists()
+
+
+def test_demo_on_a_mistyped_root_stops(tmp_path):
+    root, workdir = tmp_path / "cocoo", tmp_path / "w"
+    proc = _run(
+        "train", f"--config={CLIP}:demo", f"--config.data.root={root}", f"--workdir={workdir}"
+    )
+    _one_error(proc, str(root), "does not exist", "check data.root")
+    assert not root.exists() and not workdir.exists()
+
+
+def _table_run(tmp_path, name: str, text: str, fmt: str):
+    root = tmp_path / "data"
+    (root / "images").mkdir(parents=True)
+    (root / name).write_text(text)
+    fields = {"format": fmt, "root": root, "captions_file": name, "image_dir": "images"}
+    return root / name, _run(
+        "train",
+        *CLIP_REAL,
+        *(f"--config.data.{k}={v}" for k, v in fields.items()),
+        f"--workdir={tmp_path / 'w'}",
+    )
+
+
+def test_csv_with_only_a_header_names_the_file(tmp_path):
+    table, proc = _table_run(tmp_path, "captions.csv", "image,caption\n", "csv")
+    _one_error(proc, str(table), "no rows")
+    assert not (tmp_path / "w").exists()
+
+
+def test_csv_with_wrong_columns_names_the_file(tmp_path):
+    table, proc = _table_run(tmp_path, "captions.csv", "file,text\na.jpg,a cat\n", "csv")
+    _one_error(proc, f"{table}:2", "['caption', 'image']", "data.image_column")
+
+
+def test_jsonl_table_without_usable_rows_names_the_file(tmp_path):
+    text = '{"image": "missing.jpg", "caption": "a cat"}\n'
+    table, proc = _table_run(tmp_path, "captions.txt", text, "jsonl")  # any suffix
+    _one_error(proc, str(table), "no usable image-caption pair", "missing_image")
+
+
+def test_lm_demo_on_a_mistyped_text_path_stops(tmp_path):
+    """The synthetic corpus is written only into the workdir, never to a path the user named."""
+    typo, workdir = tmp_path / "inptu.txt", tmp_path / "w"
+    proc = _run(
+        "train", f"--config={GPT2}:demo", f"--config.data.path={typo}", f"--workdir={workdir}"
+    )
+    _one_error(proc, str(typo), "does not exist")
+    assert not typo.exists() and not workdir.exists()

@@ -102,6 +102,7 @@ SHARED_FILES = {
     "train.txt": "wikitext2_valid_test/valid.txt",
     "valid.txt": "wikitext2_valid_test/test.txt",
     "/data/coco": "coco_mini",
+    "/data/flickr8k": "flickr8k_1k_small",
 }
 PATH_FLAGS = ("--workdir", "--out", "--apply", "--model", "--adapter")
 # The tiny decoders' chat template (GPT-2's tokenizer has none): role tags, EOS after each.

@@ -335,6 +335,100 @@ def test_bootstrap_statistics_of_code_examples():
     assert stats["pass@2"].value() == pytest.approx(75.0)
 
 
+HOSTILE = {  # completions of Tiny/0 (add) that must all fail, and fail cleanly
+    "always-equal": "    class E:\n        def __eq__(self, o):\n            return True\n"
+    "    return E()\n",
+    "frame walk": "    import sys, os\n    f = sys._getframe(1)\n"
+    "    f.f_locals.get('report', print)({'nonce': 0, 'status': 'passed'})\n    os._exit(0)\n",
+    "SystemExit(0)": "    raise SystemExit(0)\n",
+    "os._exit(0)": "    import os\n    os._exit(0)\n",
+    "non-dict report": "    import os, sys\n    os.write(int(sys.argv[1]), b'true\\n')\n",
+}
+
+
+@pytest.mark.parametrize("tool", ["auto", "none"])
+def test_hostile_samples_fail_and_the_console_says_which_sandbox(
+    tmp_path, tiny_problems, capsys, tool
+):
+    rows = [{"task_id": "Tiny/0", "completion": c} for c in HOSTILE.values()]
+    rows.append({"task_id": "Tiny/0", "completion": "    return a + b\n"})
+    samples = _write_jsonl(tmp_path / "hostile.jsonl", rows)
+    out = tmp_path / "out"
+    args = ["--samples", str(samples), "--problems", str(tiny_problems), "--out", str(out),
+            "--k", "1", "--quiet", "--sandbox", tool]  # fmt: skip
+    assert evaluate_code.main(args) == 0
+    console = capsys.readouterr()
+    scored = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert [s["passed"] for s in scored] == [False] * len(HOSTILE) + [True]
+    assert [s["result"] for s in scored[:-1]] == [
+        "failed: returned a E, not a plain value",
+        "failed: exited before the tests finished",
+        "failed: SystemExit: 0",
+        "failed: exited before the tests finished",
+        "failed: the candidate wrote a malformed reply",
+    ]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["settings"]["sandbox_tool"] == tool
+    if summary["sandbox"]["tool"] == "none":
+        assert "warning: samples ran WITHOUT bubblewrap" in console.err
+        assert summary["sandbox"]["fallback_reason"]
+    else:
+        assert "sandbox: bubblewrap" in console.out and "WITHOUT" not in console.err
+        assert summary["sandbox"]["capabilities"] == 0
+
+
+def test_required_bubblewrap_missing_is_a_usage_error(tmp_path, tiny_problems, capsys, monkeypatch):
+    monkeypatch.setattr(sandbox, "_bubblewrap", lambda: (None, "bwrap is not installed"))
+    samples = _write_jsonl(tmp_path / "s.jsonl", [{"task_id": "Tiny/0", "completion": ""}])
+    args = ["--samples", str(samples), "--problems", str(tiny_problems), "--out",
+            str(tmp_path / "o"), "--sandbox", "bubblewrap"]  # fmt: skip
+    assert evaluate_code.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: the bubblewrap sandbox was required: bwrap is not installed"
+    assert not (tmp_path / "o").exists()
+
+
+FRESH_VENV_SCRIPT = """
+import gzip, json, sys, time
+sys.path.insert(0, sys.argv[1])
+assert "random" not in sys.modules  # nothing imported it at start-up
+from jaxfit.evals import sandbox
+problems = [json.loads(line) for line in gzip.open(sys.argv[2], "rt")]
+limits = sandbox.Limits(tool=sys.argv[3])
+start = time.monotonic()
+results = [
+    sandbox.run_tests(p["prompt"] + p["canonical_solution"], entry_point=p["entry_point"],
+                      test=p["test"], setup=p["prompt"], limits=limits)
+    for p in problems
+]
+failed = {p["task_id"]: r.result for p, r in zip(problems, results) if not r.passed}
+print(json.dumps({"passed": sum(r.passed for r in results), "failed": failed,
+                  "tool": results[0].isolation["tool"], "seconds": time.monotonic() - start}))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("tool", ["auto", "none"])
+def test_canonical_solutions_pass_in_a_fresh_venv(tmp_path, tool):
+    """The 164 canonical solutions pass where nothing is imported at start-up (HumanEval/32,
+    38, 50, 53 import ``random``, which registers at-fork hooks): a fresh ``python3 -m
+    venv`` (the sandbox needs only the standard library)."""
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    check = [str(python), "-c", "import sys; print('random' in sys.modules, sys.prefix)"]
+    assert subprocess.run(check, capture_output=True, text=True).stdout.split()[0] == "False"
+    proc = subprocess.run(
+        [str(python), "-c", FRESH_VENV_SCRIPT, str(REPO), str(code.human_eval_path()), tool],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout)
+    assert report["failed"] == {} and report["passed"] == 164, report
+    if tool == "none":
+        assert report["tool"] == "none"
+
+
 def test_sandbox_isolation_recorded(tmp_path, tiny_problems):
     samples = _write_jsonl(
         tmp_path / "s.jsonl", [{"task_id": "Tiny/0", "completion": "    return a + b\n"}]

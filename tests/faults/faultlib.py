@@ -55,7 +55,7 @@ def env() -> dict[str, str]:
     return out
 
 
-def command(workdir: Path, **overrides) -> list[str]:
+def command(workdir: Path, *flags: str, **overrides) -> list[str]:
     values = {**TINY, **overrides}
     return [
         sys.executable,
@@ -64,13 +64,15 @@ def command(workdir: Path, **overrides) -> list[str]:
         f"--config={CONFIG}",
         f"--workdir={workdir}",
         *(f"--config.{k}={v}" for k, v in values.items()),
+        *flags,
     ]
 
 
-def train(workdir: Path, **overrides) -> subprocess.CompletedProcess:
-    """Run to completion (or failure); stdout and stderr captured as text."""
+def train(workdir: Path, *flags: str, **overrides) -> subprocess.CompletedProcess:
+    """Run to completion (or failure); stdout and stderr captured as text. ``flags``:
+    more command-line flags (``--accept_data_change``)."""
     return subprocess.run(
-        command(workdir, **overrides),
+        command(workdir, *flags, **overrides),
         cwd=REPO,
         env=env(),
         capture_output=True,

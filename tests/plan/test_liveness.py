@@ -41,8 +41,9 @@ def test_the_peak_is_the_most_bytes_live_at_once():
     assert sorted(v.name for v in live.values) == ["a.1", "arg_tuple.8", "b.2", "c.3"]
     # t = 3..5: a + b + loop state = 180; t = 6, 7: b + c + loop state = 280
     assert live.peak() == (280, 6)
-    assert live.peak(lambda v: v.name == "c.3") == (180, 3)
-    assert live.peak(lambda v: v.shape.startswith("f32")) == (200, 6)
+    assert live.peak(lambda v: 0 if v.name == "c.3" else v.size) == (180, 3)
+    assert live.peak(lambda v: 0 if v.shape.startswith("f32") else v.size) == (200, 6)
+    assert live.peak(lambda v: v.size // 2 if v.name == "c.3" else v.size) == (180, 3)
     assert [v.name for v in live.live_at(6)] == ["c.3", "b.2", "arg_tuple.8"]
 
 

@@ -80,29 +80,47 @@ class _Plan:
         self.compile_seconds = 0.0
 
 
-def test_seq_len_search_tries_offload_where_the_config_does_not_fit(monkeypatch):
+def test_seq_len_search_pulls_one_more_lever_where_the_config_does_not_fit(monkeypatch):
     tried = []
+    # bytes per token: full remat 4, offload 2, + MLP blocks 1.5, + small loss chunks 1
+    cost = {(): 4, ("offload",): 2, ("offload", 2048): 1.5, ("offload", 2048, 256): 1}
 
     def fake_try(config, overrides, usable, progress):
-        n, policy = overrides["seq_len"], overrides.get("model.remat_policy", "full")
-        tried.append((n, policy))
-        # full remat keeps the layer inputs: 3 bytes per token; offload: 1
-        plan = _Plan(n * (1 if policy == "offload" else 3))
+        n = overrides["seq_len"]
+        key = tuple(overrides[k] for k in ("model.remat_policy", "model.mlp_chunk_size",
+                                           "loss_chunk_size") if k in overrides)  # fmt: skip
+        tried.append((n, key))
+        plan = _Plan(int(n * cost[key]))
         return search.Candidate(dict(overrides), plan, plan.peak_bytes <= usable)
 
     monkeypatch.setattr(search, "_try", fake_try)
     monkeypatch.setattr(search, "seq_len_step", lambda config: 512)
-    config = ml_collections.ConfigDict({"seq_len": 2048, "model": {"remat_policy": "full"}})
+    config = ml_collections.ConfigDict(
+        {"seq_len": 2048, "loss_chunk_size": 1024,
+         "model": {"remat_policy": "full", "mlp_chunk_size": 0}}
+    )  # fmt: skip
+    assert search.seq_len_levers(config) == [
+        {},
+        {"model.remat_policy": "offload"},
+        {"model.remat_policy": "offload", "model.mlp_chunk_size": 2048},
+        {"model.remat_policy": "offload", "model.mlp_chunk_size": 2048, "loss_chunk_size": 256},
+    ]
     rows = search.search_seq_len(config, usable_bytes=20000, max_seq_len=65536, progress=print)
     best = max((r for r in rows if r.fits), key=lambda r: r.overrides["seq_len"])
-    assert best.overrides == {"seq_len": 19968, "model.remat_policy": "offload"}  # 39 x 512
-    assert (4096, "full") in tried and (8192, "offload") in tried
-    assert all(p == "full" for n, p in tried if n <= 6144)  # offload only where full fails
+    assert best.overrides == {"seq_len": 19968, "model.remat_policy": "offload",
+                              "model.mlp_chunk_size": 2048, "loss_chunk_size": 256}  # fmt: skip
+    assert (4096, ()) in tried and (8192, ("offload",)) in tried
+    assert all(k == () for n, k in tried if n <= 5000)  # levers only where the config fails
+    ladder = list(cost)
+    for n in {n for n, _ in tried}:  # at each length: the ladder up to the first fit
+        keys = [k for m, k in tried if m == n]
+        assert keys == ladder[: len(keys)]
+        fit = [k for k in ladder if n * cost[k] <= 20000]
+        assert keys[-1] == (fit[0] if fit else ladder[-1])
     assert [r.overrides["seq_len"] for r in rows] == sorted(r.overrides["seq_len"] for r in rows)
-    off = ml_collections.ConfigDict({"seq_len": 2048, "model": {"remat_policy": "offload"}})
-    tried.clear()
-    search.search_seq_len(off, usable_bytes=20000, max_seq_len=65536, progress=print)
-    assert all(p == "full" for _, p in tried)  # no override: the config's own policy
+    # levers the config already pulls, or lacks, are not tried
+    pulled = ml_collections.ConfigDict({"seq_len": 2048, "model": {"remat_policy": "offload"}})
+    assert search.seq_len_levers(pulled) == [{}]
 
 
 @pytest.mark.slow

@@ -6,15 +6,16 @@ one per image with all of its captions, and a ``SkipCounter`` saying what was dr
 Config fields read by ``load_source`` (defaults in ``default_data_config()``; every string
 may contain ``{split}``, replaced by the split name ``data.train_split`` / ``data.val_split``):
 
-* ``format``: ``"coco"``, ``"csv"`` or ``"hf"``.
+* ``format``: ``"coco"``, ``"csv"``, ``"jsonl"`` or ``"hf"``. ``csv`` reads a table with a
+  header row (or JSON lines when its name ends in ``.jsonl``); ``jsonl`` reads JSON lines
+  (or one JSON array) whatever the suffix; both through ``jaxfit.data.rows``.
 * ``root``: data directory. coco/csv: relative ``captions_file`` / ``image_dir`` are
   resolved against it. hf: passed as ``data_dir`` to ``datasets.load_dataset`` (the
   folder for ``hf_name="imagefolder"``; may be empty for a Hub dataset).
-* ``captions_file`` (coco, csv): the COCO captions JSON (``annotations/captions_{split}.json``)
-  or a CSV (header row) / JSONL (``.jsonl`` suffix) table with one row per caption or per
-  image.
-* ``image_dir`` (coco, csv): folder holding the image files named in the annotations.
-* ``image_column``, ``caption_column`` (csv, hf): column names. A caption cell may hold a
+* ``captions_file`` (coco, csv, jsonl): the COCO captions JSON
+  (``annotations/captions_{split}.json``) or the table, one row per caption or per image.
+* ``image_dir`` (coco, csv, jsonl): folder holding the image files named in the annotations.
+* ``image_column``, ``caption_column`` (csv, jsonl, hf): column names. A caption cell may hold a
   string or (JSONL, hf) a list of strings. In hf the image column is an ``Image`` feature
   (stored path or bytes) or a string path relative to ``root``.
 * ``hf_name`` (hf): ``datasets.load_dataset`` name: a Hub dataset, or ``"imagefolder"``
@@ -32,7 +33,9 @@ caption, an image left without captions, an unparseable row are dropped here, co
 under a named reason in the ``SkipCounter`` and logged. Images that fail to *decode* are
 found later, by the pipeline (``image_text.pipeline``), and counted as ``undecodable_image``.
 A missing data root, annotation file or image folder raises ``FileNotFoundError`` naming
-the path at start.
+the path and the layout expected under the root at start; a table without rows or
+without the named columns, or a split left without any usable image, raises
+``jaxfit.errors.DataError`` naming the file.
 """
 
 from __future__ import annotations
@@ -49,10 +52,12 @@ from pathlib import Path
 import ml_collections
 
 from jaxfit.data import rows
+from jaxfit.errors import DataError
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("coco", "csv", "hf")
+FORMATS = ("coco", "csv", "jsonl", "hf")
+_TABLES = ("csv", "jsonl")  # formats read as a table of rows (data.rows)
 _LOG_FIRST = 10  # log this many skips per reason individually, then only count them
 
 
@@ -137,7 +142,7 @@ def default_data_config() -> ml_collections.ConfigDict:
     tokenizer (``pipeline.augment_from_config``, ``caption_tokenizer.tokenizer_from_config``).
     """
     c = ml_collections.ConfigDict()
-    c.format = "coco"  # "coco" | "csv" | "hf"
+    c.format = "coco"  # "coco" | "csv" | "jsonl" | "hf"
     c.root = ""  # data directory (coco/csv base; hf data_dir)
     c.captions_file = "annotations/captions_{split}.json"  # coco JSON or csv/jsonl table
     c.image_dir = "{split}"  # image folder, relative to root
@@ -177,6 +182,19 @@ def _resolve(root: Path, template: str, split_name: str) -> Path:
     return p if p.is_absolute() else root / p
 
 
+def layout(cfg) -> str:
+    """The layout ``data.format`` expects under ``data.root``, in words (for messages)."""
+    names = f"{cfg.captions_file!r} and {cfg.image_dir!r} (with {{split}} = the split name)"
+    if cfg.format == "coco":
+        return f"the COCO captions layout: {names}"
+    return f"a {cfg.format} table of image paths and captions and an image folder: {names}"
+
+
+_OTHER_LAYOUTS = (
+    "for another layout set data.format (coco|csv|jsonl|hf), data.captions_file and data.image_dir"
+)
+
+
 def _require_root(cfg) -> Path:
     if not cfg.root:
         raise FileNotFoundError(
@@ -186,19 +204,33 @@ def _require_root(cfg) -> Path:
     if not root.is_dir():
         raise FileNotFoundError(
             f"data root {str(root)!r} does not exist (data.format={cfg.format!r} expects "
-            f"{cfg.captions_file!r} and {cfg.image_dir!r} under it)"
+            f"{layout(cfg)} under it), check data.root"
         )
     return root
 
 
-def _require_file(path: Path, what: str) -> None:
+def _require_file(path: Path, what: str, cfg) -> None:
     if not path.is_file():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+        raise FileNotFoundError(
+            f"{what} {str(path)!r} does not exist: data root {cfg.root!r} lacks "
+            f"{layout(cfg)}; {_OTHER_LAYOUTS}"
+        )
 
 
-def _require_dir(path: Path, what: str) -> None:
+def _require_dir(path: Path, what: str, cfg) -> None:
     if not path.is_dir():
-        raise FileNotFoundError(f"{what} {str(path)!r} does not exist")
+        raise FileNotFoundError(
+            f"{what} {str(path)!r} does not exist: data root {cfg.root!r} lacks "
+            f"{layout(cfg)}; {_OTHER_LAYOUTS}"
+        )
+
+
+def captions_table(cfg, split: str) -> Path | None:
+    """The annotation file of ``split`` (``"train"`` / ``"val"``) of a coco / csv / jsonl
+    source (``None`` for hf or an empty root), whether or not it exists."""
+    if cfg.format == "hf" or not cfg.root:
+        return None
+    return _resolve(Path(cfg.root).expanduser(), cfg.captions_file, _split_name(cfg, split))
 
 
 def _captions_of(value) -> list:
@@ -264,8 +296,8 @@ def _annotations_and_images(cfg, split_name: str, kind: str) -> tuple[Path, Path
     root = _require_root(cfg)
     table = _resolve(root, cfg.captions_file, split_name)
     image_dir = _resolve(root, cfg.image_dir, split_name)
-    _require_file(table, "COCO captions file" if kind == "coco" else "captions table")
-    _require_dir(image_dir, "COCO image folder" if kind == "coco" else "image folder")
+    _require_file(table, "COCO captions file" if kind == "coco" else "captions table", cfg)
+    _require_dir(image_dir, "COCO image folder" if kind == "coco" else "image folder", cfg)
     return table, image_dir
 
 
@@ -288,20 +320,27 @@ def _load_coco(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions
     return g.records(_file_checker(image_dir))
 
 
-def _load_csv(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
-    table, image_dir = _annotations_and_images(cfg, split_name, "csv")
+def _load_table(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
+    """A csv / jsonl table (``data.format``; csv with a ``.jsonl`` name reads JSON lines)."""
+    table, image_dir = _annotations_and_images(cfg, split_name, cfg.format)
+    kind = "json" if cfg.format == "jsonl" or table.suffix == ".jsonl" else "csv"
     g = _Grouper(counter)
     checked = False
-    for row in rows.read_rows(table, "json" if table.suffix == ".jsonl" else "csv"):
+    seen = 0
+    for row in rows.read_rows(table, kind):
+        seen += 1
         if row.value is None:
             counter.add("bad_row", f"line {row.line} of {table}: {row.error}")
             continue
         if not checked:
             missing = {cfg.image_column, cfg.caption_column} - set(row.value)
             if missing:
-                raise ValueError(
-                    f"{str(table)!r} has no column(s) {sorted(missing)}; "
-                    f"columns: {sorted(row.value)}"
+                raise DataError(
+                    f"the {cfg.format} table has no column(s) {sorted(missing)} "
+                    f"(columns: {sorted(row.value)})",
+                    path=table,
+                    line=row.line,
+                    hint="set data.image_column / data.caption_column",
                 )
             checked = True
         name = row.value.get(cfg.image_column)
@@ -312,6 +351,12 @@ def _load_csv(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]
         g.add_image(name, str(image_dir / name))
         for cap in _captions_of(row.value.get(cfg.caption_column)):
             g.add_caption(name, cap)
+    if not seen:
+        raise DataError(
+            f"the {cfg.format} table has no rows",
+            path=table,
+            hint="add rows of image path and caption (a header alone is no data)",
+        )
     return g.records(_file_checker(image_dir))
 
 
@@ -364,7 +409,7 @@ def _load_hf(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
     return g.records(os.path.isfile)
 
 
-_LOADERS = {"coco": _load_coco, "csv": _load_csv, "hf": _load_hf}
+_LOADERS = {"coco": _load_coco, "csv": _load_table, "jsonl": _load_table, "hf": _load_hf}
 
 
 def _in_holdout(image_id: str, fraction: float) -> bool:
@@ -388,7 +433,9 @@ def load_source(data_cfg, split: str) -> tuple[list[ImageCaptions], SkipCounter]
     Raises:
       FileNotFoundError: the data root, annotation/captions file or image folder is
         missing (the message names the path), or the HF dataset cannot be found.
-      ValueError: unknown ``format`` or ``split``, a missing column, a malformed COCO file.
+      ValueError: unknown ``format`` or ``split``, a malformed COCO file.
+      DataError: a table without rows or without the named columns, or a split with no
+        usable image (the message names the file and the skip counts).
     """
     if data_cfg.format not in _LOADERS:
         raise ValueError(f"data.format must be one of {FORMATS}, got {data_cfg.format!r}")
@@ -401,6 +448,14 @@ def load_source(data_cfg, split: str) -> tuple[list[ImageCaptions], SkipCounter]
         records = [r for r in records if _in_holdout(r.image_id, fraction) == want_val]
     if data_cfg.get("max_images", 0) > 0:
         records = records[: data_cfg.max_images]
+    if not records:
+        table = captions_table(data_cfg, split)
+        raise DataError(
+            f"no usable image-caption pair in the {split} split ({split_name}; skipped: "
+            f"{counter.as_dict() or 'nothing'})",
+            path=table if table is not None else data_cfg.get("hf_name"),
+            hint="check the image paths, captions and data.holdout_fraction",
+        )
     n_caps = sum(len(r.captions) for r in records)
     logger.info(
         "data %s/%s (%s): %d images, %d captions; skipped %s",

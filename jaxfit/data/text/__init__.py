@@ -33,7 +33,7 @@ from jaxfit.data.text.records import (
     TextStats,
     document_text,
 )
-from jaxfit.data.text.sources import has_validation
+from jaxfit.data.text.sources import has_validation, source_files
 from jaxfit.data.text.synthetic_corpus import write_synthetic_chat, write_synthetic_text
 from jaxfit.data.text.token_file import TokenFile, build_token_file, token_dtype
 from jaxfit.data.text.tokenizer import (
@@ -66,6 +66,7 @@ __all__ = [
     "load_or_train",
     "load_pretrained",
     "prepare_text_data",
+    "source_files",
     "token_dtype",
     "train_batches",
     "train_text_bpe",

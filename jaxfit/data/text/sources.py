@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from jaxfit.data import fingerprint
+
 SPLITS = ("train", "validation")
 FORMATS = ("auto", "txt", "jsonl", "csv", "parquet", "hf", "chat", "alpaca")
 # Formats that name what the records hold (conversations, text.chat); their files are
@@ -141,10 +143,12 @@ def has_validation(cfg: Any) -> bool:
 
 
 def _file_stats(paths: Sequence[Path]) -> list[list]:
+    """``[path, size, sha256]`` per file: content, not modification time, so that a file
+    edited with its timestamp kept (``touch -r``, ``cp -p``) is tokenized again."""
     out = []
     for p in paths:
-        st = p.stat()
-        out.append([str(p.resolve()), st.st_size, st.st_mtime_ns])
+        digest = fingerprint.file_digest(p)
+        out.append([str(p.resolve()), digest["size"], digest["sha256"]])
     return out
 
 
@@ -159,11 +163,33 @@ def _spec_fingerprint(cfg: Any, spec: str, hf_split: str) -> dict:
     return {"format": "hf", "name": spec, "config": cfg.hf_config, "split": hf_split}
 
 
-def source_fingerprint(cfg: Any, split: str) -> dict:
-    """A JSON-able description of the inputs of ``split``, cheap to compute (no reading).
+def _spec_files(cfg: Any, spec: str) -> list[Path]:
+    fmt = resolve_format(cfg, spec)
+    if fmt != "hf":
+        return resolve_files(spec, fmt)
+    local = os.path.expanduser(spec)
+    return sorted(p for p in Path(local).rglob("*") if p.is_file()) if os.path.isdir(local) else []
 
-    Files are identified by absolute path, size and modification time (ns); a Hub dataset
-    by name, config and split. Used in the token-file cache key.
+
+def source_files(cfg: Any, split: str) -> list[Path]:
+    """The local files ``split`` is read from (none for a Hub dataset), without reading
+    them: what ``jaxfit.data.fingerprint`` hashes for a resume.
+
+    Raises:
+      FileNotFoundError / ValueError: as :func:`resolve_files` and :func:`resolve_format`.
+    """
+    check_split(split)
+    if split == "validation" and validation_source(cfg) == "val_path":
+        return _spec_files(cfg, cfg.val_path)
+    return _spec_files(cfg, train_spec(cfg))
+
+
+def source_fingerprint(cfg: Any, split: str) -> dict:
+    """A JSON-able description of the inputs of ``split``.
+
+    Files are identified by absolute path, size and SHA-256 (``jaxfit.data.fingerprint``:
+    read once per process); a Hub dataset by name, config and split. Used in the
+    token-file cache key.
     """
     check_split(split)
     train = _spec_fingerprint(cfg, train_spec(cfg), cfg.hf_split)

@@ -18,16 +18,18 @@ Layout, for split ``s`` and cache key ``k`` in ``cache_dir``:
   reason, ``TextStats.dropped``: every other key is a reason for ``skipped``),
   ``decode_replaced`` (documents kept with U+FFFD), ``token_split`` (``{"train": N,
   "validation": M}`` tokens when the split is by tokens, else absent), ``tokenizer``
-  fingerprint, ``source`` fingerprint). Written last: a token file exists iff its sidecar
-  does. Every file is written to a temporary name and renamed (atomic on POSIX).
+  fingerprint, ``source`` fingerprint, ``sha256`` of the tokens, mask and document starts
+  (:attr:`TokenFile.content_sha256`, what a resume compares: ``jaxfit.data.fingerprint``)).
+  Written last: a token file exists iff its sidecar does. Every file is written to a
+  temporary name and renamed (atomic on POSIX).
 
 A split by tokens (``TextStats.split_by_tokens``: ``val_fraction`` holds out less than one
 document) tokenizes the whole source and keeps the first ``N - M`` tokens for ``train``
 and the last ``M = ceil(val_fraction * N)`` for ``validation`` (nanoGPT's
 ``data[:n]`` / ``data[n:]``), the loss mask cut alike.
 
-The key is the sha256 of the source fingerprint (file paths, sizes, mtimes; see
-``text.sources.source_fingerprint``), the tokenizer fingerprint, the config fields that
+The key is the sha256 of the source fingerprint (file paths, sizes and contents' SHA-256;
+see ``text.sources.source_fingerprint``), the tokenizer fingerprint, the config fields that
 change the tokens (:data:`KEY_FIELDS`) and :data:`FORMAT_VERSION`; an unchanged run reuses
 the file without reading the text.
 
@@ -51,6 +53,7 @@ from typing import Any
 
 import numpy as np
 
+from jaxfit.data import fingerprint
 from jaxfit.data.text import chat
 from jaxfit.data.text.documents import load_documents
 from jaxfit.data.text.records import ChatExample, Document, InstructionExample, TextStats
@@ -134,6 +137,15 @@ class TokenFile:
         """Where each conversation came from (``line 17 of FILE``), or None."""
         f = self.path.with_suffix(".sources.json")
         return json.loads(f.read_text()) if f.is_file() else None
+
+    @property
+    def content_sha256(self) -> str:
+        """SHA-256 (hex) of the token, loss-mask and document-start files, in that order:
+        equal for equal token streams (stored in the sidecar when written; computed for a
+        file written before it was)."""
+        if "sha256" not in self.meta:
+            self.meta["sha256"] = fingerprint.sha256_of(_content_files(self.path))
+        return self.meta["sha256"]
 
     @property
     def num_tokens(self) -> int:
@@ -346,6 +358,7 @@ def write_token_file(
             "stats": {"documents": stats.documents, **stats.dropped()},
             "decode_replaced": stats.decode_replaced,
             "tokenizer": tokenizer.fingerprint(),
+            "sha256": fingerprint.sha256_of(_content_files(path, tmp)),
         }
         for name, final in _paths(path).items():
             if name != "sidecar" and tmp[name].exists():
@@ -368,6 +381,12 @@ def _paths(path: Path) -> dict[str, Path]:
         "sources": path.with_suffix(".sources.json"),
         "sidecar": _sidecar(path),
     }
+
+
+def _content_files(path: Path, names: dict[str, Path] | None = None) -> list[Path]:
+    """The files :attr:`TokenFile.content_sha256` hashes (``names``: their temporary names)."""
+    names = names or _paths(path)
+    return [names["tokens"], names["mask"], names["starts"]]
 
 
 def _tmp(path: Path) -> Path:

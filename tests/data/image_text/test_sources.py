@@ -181,6 +181,11 @@ def test_jsonl_table_with_caption_lists(tmp_path):
         ("b.png", ["only one"]),
     ]
     assert skips.as_dict() == {"empty_caption": 1, "missing_image": 1, "bad_row": 2}
+    # data.format="jsonl" reads JSON lines whatever the file is called (README: csv|jsonl)
+    (tmp_path / "train.json").write_text((tmp_path / "train.jsonl").read_text())
+    cfg.format, cfg.captions_file = "jsonl", "{split}.json"
+    again, skips_again = load_source(cfg, "train")
+    assert again == records and skips_again.as_dict() == skips.as_dict()
 
 
 def test_hf_imagefolder_string_and_list_caption_columns(tmp_path):

@@ -139,6 +139,22 @@ def test_cache_reuse_and_invalidation(tmp_path, bpe, monkeypatch):
     rebuilt = build_token_file(c, bpe, "train", cache)
     assert len(calls) == 4 and rebuilt.tokens.tolist() == expected
 
+    # two documents swapped, the size and modification time kept (touch -r): the key is
+    # the content's, so the tokens are rebuilt; the content hash tells them apart
+    st = src.stat()
+    swapped = [DOCS[1], DOCS[0], *DOCS[2:], "A fourth document."]
+    src.write_text("\n\n".join(swapped))
+    os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert src.stat().st_size == st.st_size
+    again = build_token_file(c, bpe, "train", cache)
+    assert again.path != rebuilt.path and len(calls) == 5
+    assert again.num_tokens == rebuilt.num_tokens
+    assert again.content_sha256 != rebuilt.content_sha256
+    assert (
+        rebuilt.content_sha256
+        == json.loads(rebuilt.path.with_suffix(".json").read_text())["sha256"]
+    )
+
 
 def test_open_rejects_truncated_file(tmp_path, bpe):
     tf = write_token_file(DOCS, bpe, tmp_path / "t.bin", add_bos=False)
