@@ -7,7 +7,7 @@
   python -m jaxfit.plan --config configs/nanochat_d32.py --device rtx4070 --tokens 38e9
   python -m jaxfit.plan --config configs/llama_finetune.py --device h100-sxm --devices 8 \\
       --mesh fsdp=8    # per-device memory and communication of an FSDP run on 8 cards
-  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --device rtx4070ti \
+  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --device rtx4070ti \\
       --compile_for gpu   # XLA:GPU's own peak for the card, on a machine without a GPU
 
 Builds the config's model and train step for abstract shapes (no data read, no weights
