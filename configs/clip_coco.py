@@ -3,12 +3,12 @@
 Real COCO (``data.root`` holds ``annotations/captions_{train,val}2017.json``,
 ``train2017/``, ``val2017/``)::
 
-  python -m jaxfit.train --config configs/clip_coco.py --workdir runs/clip \
+  python -m jaxfit.train --config configs/clip_coco.py --workdir runs/clip \\
       --config.data.root=/data/coco
 
 Fine-tune OpenAI's ViT-B/32 CLIP (HF directory or Hub name; fine-tuning learning rate)::
 
-  python -m jaxfit.train --config configs/clip_coco.py:init_from=openai/clip-vit-base-patch32 \
+  python -m jaxfit.train --config configs/clip_coco.py:init_from=openai/clip-vit-base-patch32 \\
       --workdir runs/clip_ft --config.data.root=/data/coco
 
 The embedded default (``make demo``): a small model on synthetic captioned shapes written

@@ -1,6 +1,6 @@
 """Full fine-tuning of a pretrained GPT-2 on your text: the Hugging Face ``Trainer`` recipe.
 
-  python -m jaxfit.train --config configs/gpt2_finetune.py --workdir runs/gpt2_ft \
+  python -m jaxfit.train --config configs/gpt2_finetune.py --workdir runs/gpt2_ft \\
       --config.data.path=train.txt --config.data.val_path=valid.txt
 
 ``init_from`` is an HF directory or Hub name (default ``gpt2``, the 124M model); the

@@ -1,6 +1,6 @@
 """LoRA fine-tuning of GPT-2 (frozen base, adapters on the attention projection).
 
-  python -m jaxfit.train --config configs/gpt2_lora.py:init_from=gpt2 --workdir runs/gpt2_lora \
+  python -m jaxfit.train --config configs/gpt2_lora.py:init_from=gpt2 --workdir runs/gpt2_lora \\
       --config.data.path=train.txt
   python -m jaxfit.export --workdir runs/gpt2_lora --out runs/gpt2_lora/adapter --format peft
 

@@ -1,6 +1,6 @@
 """A GPT-2-style model trained from scratch on your text (nanoGPT's recipe, in JAX).
 
-  python -m jaxfit.train --config configs/gpt2_scratch.py --workdir runs/gpt2 \
+  python -m jaxfit.train --config configs/gpt2_scratch.py --workdir runs/gpt2 \\
       --config.data.path=data/input.txt --config.data.val_fraction=0.05
 
 The embedded default: a tiny GPT on a synthetic story corpus written into the workdir

@@ -1,7 +1,7 @@
 """QLoRA of a Llama-3-8B-architecture model on one 12 GB card (the planner's acceptance case).
 
   python -m jaxfit.plan --config configs/llama3_8b_qlora.py --budget 12GiB --search
-  python -m jaxfit.train --config configs/llama3_8b_qlora.py:init_from=meta-llama/Llama-3.1-8B \
+  python -m jaxfit.train --config configs/llama3_8b_qlora.py:init_from=meta-llama/Llama-3.1-8B \\
       --workdir runs/llama3_8b --config.data.path=train.jsonl --config.data.instruction=True
 
 The architecture of Llama 3.1 8B (Meta, ``config.json`` of ``meta-llama/Llama-3.1-8B``):

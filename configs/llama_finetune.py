@@ -1,6 +1,6 @@
 """Full fine-tuning of a small Llama-style model (Llama-2/3 architecture) on your text.
 
-  python -m jaxfit.train --config configs/llama_finetune.py:init_from=PATH_OR_HUB_NAME \
+  python -m jaxfit.train --config configs/llama_finetune.py:init_from=PATH_OR_HUB_NAME \\
       --workdir runs/llama_ft --config.data.path=train.jsonl
 
 For models that do not fit in full precision (7B/8B on 12 GB) use the QLoRA recipe

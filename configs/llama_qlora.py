@@ -1,16 +1,16 @@
 """QLoRA fine-tuning of a Llama-architecture model: NF4 base + bf16 LoRA adapters.
 
-  python -m jaxfit.train --config configs/llama_qlora.py:init_from=meta-llama/Meta-Llama-3-8B \
+  python -m jaxfit.train --config configs/llama_qlora.py:init_from=meta-llama/Meta-Llama-3-8B \\
       --workdir runs/qlora --config.data.path=train.jsonl --config.data.instruction=True
   python -m jaxfit.export --workdir runs/qlora --out runs/qlora/adapter --format peft
 
   # chat SFT: {"messages": [...]} JSONL (or ShareGPT), the model's chat template, loss on
   # the assistant's turns, conversations packed into seq_len rows
-  python -m jaxfit.train --config configs/llama_qlora.py:init_from=DIR,chat \
+  python -m jaxfit.train --config configs/llama_qlora.py:init_from=DIR,chat \\
       --workdir runs/chat --config.data.path=chat.jsonl
   # the same on a CPU: a tiny random Llama on synthetic chats
   python -c "from jaxfit.data.text import write_synthetic_chat as w; w('chat.jsonl')"
-  python -m jaxfit.train --config configs/llama_qlora.py:demo,chat --workdir runs/chat_demo \
+  python -m jaxfit.train --config configs/llama_qlora.py:demo,chat --workdir runs/chat_demo \\
       --config.data.path=chat.jsonl
 
 The recipe of QLoRA (Dettmers et al. 2023, arXiv 2305.14314): the frozen base quantised to

@@ -1,6 +1,6 @@
 """QLoRA fine-tuning of a Qwen2 / Qwen2.5 model: NF4 base + bf16 LoRA adapters.
 
-  python -m jaxfit.train --config configs/qwen2_qlora.py:init_from=Qwen/Qwen2.5-1.5B \
+  python -m jaxfit.train --config configs/qwen2_qlora.py:init_from=Qwen/Qwen2.5-1.5B \\
       --workdir runs/qwen2_qlora --config.data.path=train.jsonl --config.data.instruction=True
   python -m jaxfit.export --workdir runs/qwen2_qlora --out runs/qwen2_qlora/adapter --format peft
 

@@ -83,7 +83,11 @@ def parse_argv(
         message names the file, argument or key and what to do.
     """
     argv = list(argv)
-    bool_flags = {**(bool_flags or {}), "verbose": "Show the traceback of an error."}
+    verbose = (
+        "Show the traceback of an error, and the library's INFO lines (data, tokenizer, "
+        "runtime settings) on the console."
+    )
+    bool_flags = {**(bool_flags or {}), "verbose": verbose}
     spec, rest = _split_config_flag(argv)
     if any(a in HELP_FLAGS for a in argv[1:]):
         helps = {"config": "Config file: path.py[:arg].", **(extra_flags or {}), **bool_flags}

@@ -3,7 +3,8 @@
 Rebuilds the run's task from ``WORKDIR/config.json``, restores the checkpoint, runs the
 task's evaluation (retrieval recall@K for CLIP, validation loss and perplexity for LMs),
 writes the metrics at that step to the run's TensorBoard events and ``metrics.jsonl``, and
-prints them as JSON on stdout (progress goes to stderr).
+prints them as JSON on stdout, R@1, R@5, R@10 in that order (progress, and a table with
+each recall's chance level, go to stderr).
 
 The checkpoints are only read (safe beside a run still training in WORKDIR): the newest
 sealed one that verifies is used (a damaged newer one is named in a warning and
@@ -28,7 +29,7 @@ import logging
 import sys
 import time
 
-from jaxfit import cli, trainer
+from jaxfit import cli, metrics, trainer
 
 PROG = "python -m jaxfit.evaluate"
 
@@ -58,7 +59,11 @@ def _main(argv: list[str] | None) -> int:
     # without --step the step is chosen when read: a run may add and remove checkpoints
     step, results = trainer.evaluate_checkpoint(args.workdir, args.step)
     print(f"evaluated step {step} in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
-    print(json.dumps({"step": step, **results}, indent=2, sort_keys=True))
+    table = metrics.summary_table(results, title=f"step {step} of {args.workdir}:")
+    if table:  # with the chance level of each recall row
+        print(table, file=sys.stderr)
+    # R@1, R@5, R@10 (natural order), not sorted as strings
+    print(json.dumps({"step": step, **metrics.natural_order(results)}, indent=2))
     return 0
 
 

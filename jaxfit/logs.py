@@ -74,9 +74,30 @@ def quiet_native_logs() -> None:
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
-def setup(level: int = logging.INFO) -> logging.Logger:
+# Loggers whose INFO records tell the story of a run (resumed from step N, the config
+# changed on resume, the planner's choice applied): on the console by default. The
+# library's own INFO (runtime settings, data and tokenizer summaries, attention choice,
+# LoRA and loading summaries) reaches the console only with ``--verbose``; train.log
+# keeps all of it.
+RUN_LOGGERS = ("jaxfit.trainer", "jaxfit.workdir", "jaxfit.plan", "jaxfit.train")
+
+
+class _QuietLibrary(logging.Filter):
+    """Lets through warnings and up, and INFO records of :data:`RUN_LOGGERS`."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING:
+            return True
+        return any(record.name == n or record.name.startswith(n + ".") for n in RUN_LOGGERS)
+
+
+def setup(level: int = logging.INFO, *, verbose: bool = False) -> logging.Logger:
     """Send the ``jaxfit`` logger's records at ``level`` and up to the console (stderr),
-    whatever handlers other libraries installed; idempotent. Returns the logger."""
+    whatever handlers other libraries installed; idempotent. Returns the logger.
+
+    Without ``verbose`` (the CLIs' ``--verbose``) the console shows INFO records only of
+    :data:`RUN_LOGGERS`, warnings and errors of every logger; the level of the logger
+    (and so ``train.log``, :func:`log_to_file`) is unchanged."""
     quiet_native_logs()
     logger = logging.getLogger(LOGGER)
     logger.setLevel(level)
@@ -85,6 +106,8 @@ def setup(level: int = logging.INFO) -> logging.Logger:
         logger.removeHandler(handler)
     console = _ConsoleHandler()
     console.setFormatter(logging.Formatter(FORMAT, DATEFMT))
+    if not verbose:
+        console.addFilter(_QuietLibrary())
     logger.addHandler(console)
     return logger
 

@@ -11,6 +11,7 @@ Only process 0 writes (``jax.process_index() == 0``); the others get a no-op wri
 
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -28,6 +29,8 @@ from tensorboard.compat.proto import event_pb2
 from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
+
+from jaxfit.evals.retrieval import chance_recall
 
 
 def _to_float(value: Any) -> float:
@@ -147,6 +150,8 @@ class MetricWriter:
     per :meth:`write_scalars` call: ``{"step": int, "time": unix seconds, name: float...}``.
     """
 
+    PLAIN_INTERVAL_S = 30.0  # seconds between two progress lines when stderr is no terminal
+
     def __init__(
         self,
         workdir: str | os.PathLike,
@@ -160,9 +165,9 @@ class MetricWriter:
         self._events = None
         self._jsonl = None
         self._bar = None
+        self._plain: list[float] | None = None  # the progress as plain lines (no terminal)
         self._console = console and self.active
         self._bar_args = dict(total=total_steps, unit="step")
-        self._started = time.perf_counter()
         self._first_step = initial_step
         self._postfix: dict[str, str] = {}
         if not self.active:
@@ -179,8 +184,7 @@ class MetricWriter:
                 )
             else:
                 print(
-                    f"step {initial_step}: compiling the train step, then running it "
-                    "(the first step includes the compilation)",
+                    f"step {initial_step}: compiling the train step, then running the first step",
                     file=sys.stderr,
                 )
 
@@ -250,32 +254,60 @@ class MetricWriter:
         # Indented by four spaces: a markdown code block in TensorBoard's text plugin.
         self.write_text(0, "hparams", "\n".join("    " + line for line in text.splitlines()))
 
+    def first_step(self, compile_s: float, run_s: float) -> None:
+        """Report the first step of the process on a line of its own: the seconds spent
+        compiling it and running it (each measured to ``block_until_ready`` by the
+        caller, :mod:`jaxfit.trainer`)."""
+        if self._console:
+            print(
+                f"compiled the train step in {compile_s:.1f} s; "
+                f"ran the first step in {run_s:.2f} s",
+                file=sys.stderr,
+            )
+
     def update_progress(self, step: int) -> None:
         """Move the progress bar to ``step`` (absolute); cheap, call every step.
 
-        The bar starts after the first step of the process, which includes compiling
-        it, so its rate and ETA are those of the steps after; the first step's time is
-        reported on a line of its own.
+        The bar starts after the first step of the process (compiled and run, reported
+        by :meth:`first_step`), so its rate and ETA are those of the steady steps after.
+        On a terminal it is a tqdm bar; when stderr is a file or a pipe (``2> log``,
+        ``| tee``), where every redraw of a bar would be one more copy of it, it is a plain
+        line ``step N/T (P%): S s/step, ETA H:MM:SS; loss=...`` at most every
+        :attr:`PLAIN_INTERVAL_S` seconds and at the last step, each printed once.
         """
         if not self._console:
             return
-        if self._bar is None:
+        if self._bar is None and self._plain is None:
             if step <= self._first_step:
                 return
-            seconds = time.perf_counter() - self._started
-            print(f"compiled and ran the first step in {seconds:.1f} s", file=sys.stderr)
-            # In a log file (no terminal) redraw at most every 30 s instead of 10 times/s.
-            interactive = sys.stderr.isatty()
-            self._bar = tqdm.tqdm(
-                initial=step,
-                dynamic_ncols=True,
-                mininterval=0.1 if interactive else 30.0,
-                postfix=self._postfix or None,
-                **self._bar_args,
-            )
+            if sys.stderr.isatty():
+                self._bar = tqdm.tqdm(
+                    initial=step,
+                    dynamic_ncols=True,
+                    mininterval=0.1,
+                    postfix=self._postfix or None,
+                    **self._bar_args,
+                )
+            else:  # [steady start step, its time, the last step printed, its time]
+                now = time.perf_counter()
+                self._plain = [step, now, step, now]
             return
-        if step > self._bar.n:
-            self._bar.update(step - self._bar.n)
+        if self._bar is not None:
+            if step > self._bar.n:
+                self._bar.update(step - self._bar.n)
+            return
+        start, t_start, printed, t_printed = self._plain
+        now = time.perf_counter()
+        total = self._bar_args["total"]
+        if step > printed and (now - t_printed >= self.PLAIN_INTERVAL_S or step >= total):
+            self._plain[2:] = [step, now]
+            per_step = (now - t_start) / max(step - start, 1)
+            eta = datetime.timedelta(seconds=round(per_step * max(total - step, 0)))
+            line = f"step {step}/{total} ({100 * step / total:.0f}%): {per_step:.3g} s/step, "
+            line += f"ETA {eta}"
+            if self._postfix:
+                line += "; " + ", ".join(f"{k}={v}" for k, v in self._postfix.items())
+            print(line, file=sys.stderr, flush=True)
 
     def close(self) -> None:
         """Flush and close every output (idempotent)."""
@@ -283,12 +315,13 @@ class MetricWriter:
             bar, self._bar = self._bar, None
             if bar.last_print_n == bar.n and not bar.disable:
                 # Already shown at its final count: end its line instead of drawing it
-                # again (a second copy in logs and after other output).
+                # again (a second copy after other output).
                 bar.disable = True
                 bar.fp.write("\n")
                 bar.fp.flush()
             else:
                 bar.close()
+        self._plain = None
         if self._events is not None:
             self._events.close()
             self._events = None
@@ -338,16 +371,43 @@ def console_postfix(values: Mapping[str, float]) -> dict[str, str]:
     return out
 
 
+_RECALL = re.compile(r"^eval/(i2t|t2i)_R@(\d+)$")
+
+
+def chance_column(results: Mapping[str, float]) -> dict[str, float]:
+    """``{recall row name: its chance level in percent}`` for the retrieval rows of
+    ``results`` (``eval/t2i_R@K``, ``eval/i2t_R@K``), when the gallery sizes are known
+    (``eval/num_images``, ``eval/num_captions``); empty otherwise.
+
+    t2i (the gallery: N images, one right): ``K / N``. i2t (the gallery: the captions,
+    ``c = num_captions / num_images`` of them right): the chance that the top K of a
+    random ranking holds one of them, ``1 - C(M - c, K) / C(M, K)`` with M captions
+    (:func:`jaxfit.evals.retrieval.chance_recall`); ``c K / M`` for small K."""
+    images, captions = results.get("eval/num_images"), results.get("eval/num_captions")
+    if not images or not captions:
+        return {}
+    out = {}
+    for name in results:
+        found = _RECALL.match(name)
+        if found:
+            chance = chance_recall(int(images), float(captions) / float(images), int(found[2]))
+            out[name] = chance[found[1]]
+    return out
+
+
 def summary_table(results: Mapping[str, float], *, title: str = "") -> str:
     """The end-of-run table: one ``metric  value`` row per result worth reading
     (evaluation first, then training, speed and skipped data; internals and a CPU's MFU
-    left out, as on the progress bar). Empty when there is nothing to show."""
+    left out, as on the progress bar). Retrieval recall rows get a ``chance`` column
+    (:func:`chance_column`) when the gallery sizes are known. Empty when there is
+    nothing to show."""
     order = ("eval/", "train/", "perf/", "data/")
     hidden = {"train/loss_weight"}
     if not mfu_shown():
         hidden.add("perf/mfu")
     if "perf/tokens_per_sec" in results or "perf/images_per_sec" in results:
         hidden.add("perf/examples_per_sec")  # the same rate in the task's own unit
+    chance = chance_column(results)
     rows = []
     for prefix in order:
         for name, value in _natural(results):
@@ -363,10 +423,24 @@ def summary_table(results: Mapping[str, float], *, title: str = "") -> str:
     width = max(len("metric"), *(len(n) for n, _ in rows))
     vwidth = max(len("value"), *(len(v) for _, v in rows))
     lines = [title] if title else []
+    if chance:
+        lines.append(f"{'metric':<{width}}  {'value':>{vwidth}}  {'chance':>8}")
+        lines.append(f"{'-' * width}  {'-' * vwidth}  {'-' * 8}")
+        for n, v in rows:
+            extra = f"  {_short(chance[n]):>8}" if n in chance else ""
+            lines.append(f"{n:<{width}}  {v:>{vwidth}}{extra}")
+        lines.append("(chance: the recall of a random ranking of the same gallery, in percent)")
+        return "\n".join(lines)
     lines.append(f"{'metric':<{width}}  {'value':>{vwidth}}")
     lines.append(f"{'-' * width}  {'-' * vwidth}")
     lines += [f"{n:<{width}}  {v:>{vwidth}}" for n, v in rows]
     return "\n".join(lines)
+
+
+def natural_order(values: Mapping[str, Any]) -> dict[str, Any]:
+    """``values`` as a dict in natural name order (``R@1, R@5, R@10``, not ``R@1, R@10,
+    R@5`` as ``sorted`` gives); for printing."""
+    return dict(_natural(values))
 
 
 def _natural(values: Mapping[str, Any]) -> list[tuple[str, Any]]:
@@ -379,6 +453,10 @@ def _natural(values: Mapping[str, Any]) -> list[tuple[str, Any]]:
 
 
 def _short(x: float) -> str:
+    """A number for the console: integral values of 1 and up as integers (a count of
+    tokens is ``15420``, not ``1.542e+04``), others to 4 significant digits."""
     if not math.isfinite(x) or x == 0:
         return str(x)
+    if x == int(x) and abs(x) >= 1:
+        return str(int(x))
     return f"{x:.3e}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.4g}"

@@ -35,6 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jaxfit import params as params_lib
+from jaxfit import target
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,8 @@ def make_mesh(
       axis_name: name of the single axis when ``axes`` is None (all devices on it).
       axes: optional ``{name: size}`` for a multi-axis mesh, in major-to-minor order, e.g.
         ``{"data": 2, "fsdp": 4}``; one size may be ``-1`` (the rest of the devices).
-      devices: defaults to ``jax.devices()`` (every process's), ordered by process.
+      devices: defaults to ``jaxfit.target.devices()`` (``jax.devices()``, every
+        process's, unless a compile target names others), ordered by process.
 
     Returns:
       A ``jax.sharding.Mesh``.
@@ -94,7 +96,7 @@ def make_mesh(
       ValueError: the axis sizes do not multiply to the number of devices (the message
         names the sizes and the device count).
     """
-    devices = _ordered(jax.devices() if devices is None else devices)
+    devices = _ordered(target.devices() if devices is None else devices)
     n = len(devices)
     if axes is None:
         axes = {axis_name: n}
@@ -149,7 +151,7 @@ def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mes
         ``config.mesh``, the device count and the processes.
     """
     axes = mesh_axes(config)
-    n = len(devices) if devices is not None else jax.device_count()
+    n = len(devices) if devices is not None else target.device_count()
     try:
         return make_mesh(axes=axes, devices=devices)
     except ValueError as e:

@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _main(argv: list[str]) -> int:
-    logs.setup()
-    runtime.configure_runtime()  # compilation cache, XLA flag defaults: before any device
+    logs.setup(verbose=cli.debug_requested(argv))  # library INFO lines only with --verbose
     config, flags = config_lib.parse_argv(
         argv,
         extra_flags={
@@ -75,6 +74,7 @@ def _main(argv: list[str]) -> int:
             "since the checkpoint (recorded in WORKDIR/config_history/changes.jsonl).",
         },
     )
+    runtime.configure_runtime()  # compilation cache, XLA flag defaults: before any device
     validation.validate_values(config)  # every value, before any work or write
     distributed.initialize_from_flags(flags)  # before anything touches a device
     workdir = flags["workdir"]

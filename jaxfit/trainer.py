@@ -18,17 +18,25 @@ What protects a run (see README "When things go wrong"):
   checkpoint is written only of a state whose every floating-point leaf is finite;
 * a damaged or non-finite latest checkpoint is reported and set aside, and the previous
   one is used (:meth:`jaxfit.checkpoint.Checkpointer.restore_latest_usable`);
-* SIGTERM/SIGINT: checkpoint after the current step, then :class:`StoppedBySignal`; a
-  second signal ends the process at once; before the loop starts, the first one stops
-  the run at once (nothing to save);
+* SIGTERM/SIGINT: answered at once, even while a step runs in XLA (what will happen, and
+  about when); checkpoint after the current step, then :class:`StoppedBySignal`; a second
+  signal ends the process at once with ``128 + signum`` (130 for Ctrl-C), the lock
+  released and the last complete checkpoint kept; before the loop starts, the first one
+  stops the run at once (nothing to save);
+* the first step's compilation and run are timed apart (each until
+  ``block_until_ready``: ``perf/compile_time_s``, ``perf/first_step_time_s``); the pace
+  (``perf/step_time_s``, the progress bar's ETA) counts the steps after it only;
 * log records go to ``WORKDIR/train.log`` too, and ``metrics.jsonl`` holds each step once.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -75,21 +83,39 @@ class StoppedBySignal(BaseException):  # noqa: N818 (like KeyboardInterrupt, not
 
 
 class _StopSignal:
-    """SIGTERM/SIGINT handling for a run.
+    """SIGTERM/SIGINT handling for a run, answered within a second.
 
     Before :meth:`defer` (setting up: data, tokenizer, weights, restore) the first signal
     raises :class:`StoppedBySignal` at once: there is nothing to save yet. After it (the
     loop), the first signal sets :attr:`requested`, checked after each step: checkpoint,
-    then stop. Either way the default action is restored for both signals, so a second one
-    ends the process at once (a checkpoint being written then is left incomplete, which
-    is never restored: see :mod:`jaxfit.checkpoint`).
+    then stop. A second signal ends the process at once with ``128 + signum`` (130 for
+    Ctrl-C): the run lock is released first, the last complete checkpoint stays (one
+    being written then is left incomplete, which is never restored: see
+    :mod:`jaxfit.checkpoint`).
+
+    Python runs a signal handler only when the main thread is back in the interpreter,
+    which a step blocked in XLA (seconds to minutes) delays. So the answer comes from a
+    watcher thread woken by ``signal.set_wakeup_fd`` (the C-level handler writes the
+    signal's number to a pipe at once): it prints what will happen (checkpointing after
+    the current step, about how long that is, how to stop now) and handles the second
+    signal; the Python-level handler only raises during the set-up.
+
+    The loop tells it its pace: :meth:`step_started` before each step and
+    :attr:`step_time` (seconds of a steady step, ``None`` before one was measured).
     """
 
-    def __init__(self):
+    def __init__(self, workdir: Path | None = None):
         self.requested = False
         self.signum: int | None = None
+        self.step_time: float | None = None
+        self._workdir = workdir
+        self._count = 0
+        self._step_start: float | None = None
         self._deferred = False
         self._old = {}
+        self._pipe: tuple[int, int] | None = None
+        self._old_wakeup = -1
+        self._lock = threading.Lock()
 
     def __enter__(self):
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -97,27 +123,102 @@ class _StopSignal:
                 self._old[sig] = signal.signal(sig, self._handle)
             except ValueError:  # not the main thread
                 pass
+        if self._old:
+            read, write = os.pipe()
+            os.set_blocking(write, False)
+            self._pipe = (read, write)
+            self._old_wakeup = signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+            threading.Thread(target=self._watch, name="jaxfit-signals", daemon=True).start()
         return self
 
     def defer(self) -> None:
         """From now on a signal stops the run after the current step (and a checkpoint)."""
         self._deferred = True
 
-    def _handle(self, signum, frame):
-        self.requested, self.signum = True, signum
-        for sig in self._old:
-            signal.signal(sig, signal.SIG_DFL)
-        if not self._deferred:
-            raise StoppedBySignal(signum, None)
-        log.warning(
-            "received %s: checkpointing after this step, then stopping (send it again to "
-            "exit at once, without that checkpoint)",
-            signal.Signals(signum).name,
+    def step_started(self) -> None:
+        """The loop starts a step now (for the "about N s" of the answer to a signal)."""
+        self._step_start = time.perf_counter()
+
+    def _remaining(self) -> str:
+        if self.step_time is None or self._step_start is None:
+            return "the first step (which compiles) has no measured length yet"
+        left = max(self.step_time - (time.perf_counter() - self._step_start), 0.0)
+        return f"about {left:.0f} s"
+
+    def _watch(self) -> None:
+        read = self._pipe[0]
+        while True:
+            try:
+                data = os.read(read, 64)
+            except OSError:
+                return
+            if not data:  # the write end closed by __exit__
+                os.close(read)
+                return
+            for signum in data:
+                if signum in (signal.SIGTERM, signal.SIGINT):
+                    self._answer(signum)
+
+    def _answer(self, signum: int) -> None:
+        with self._lock:
+            self._count += 1
+            first = self._count == 1
+            if first:
+                self.requested, self.signum = True, signum
+        name = signal.Signals(signum).name
+        again = "Ctrl-C" if signum == signal.SIGINT else name
+        if first and self._deferred:
+            log.warning(
+                "received %s: checkpointing after the current step (%s), then stopping; "
+                "%s again to stop now (keeping the last complete checkpoint)",
+                name,
+                self._remaining(),
+                again,
+            )
+        elif first:
+            log.warning("received %s: stopping (nothing to checkpoint yet)", name)
+        else:
+            self._exit_now(signum)
+
+    def _exit_now(self, signum: int) -> None:
+        """The second signal: release the lock and end the process with 128 + signum."""
+        last = None
+        if self._workdir is not None:
+            with contextlib.suppress(Exception):
+                last = checkpoint.latest_sealed_step_in(self._workdir / "checkpoints")
+        kept = (
+            f"the last complete checkpoint, step {last}, is kept"
+            if last is not None
+            else "no checkpoint was written by this run"
         )
+        where = f" in {str(self._workdir)!r}" if self._workdir is not None else ""
+        message = (
+            f"received {signal.Signals(signum).name} again: stopped now, without a checkpoint "
+            f"of the current step; {kept}{where}: rerun the same command to resume"
+        )
+        with contextlib.suppress(Exception):
+            log.warning("%s", message)
+        workdir_lib.release_now()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(128 + signum)
+
+    def _handle(self, signum, frame):
+        if self._pipe is None:  # no watcher (not the main thread): answer here
+            self._answer(signum)
+        if not self._deferred and self._count <= 1:
+            self.requested, self.signum = True, signum
+            raise StoppedBySignal(signum, None)
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
             signal.signal(sig, old)
+        if self._pipe is not None:
+            signal.set_wakeup_fd(self._old_wakeup)
+            read, write = self._pipe
+            self._pipe = None
+            os.close(write)  # the watcher reads end-of-file, closes its end and returns
 
 
 class _FiniteGuard:
@@ -285,7 +386,7 @@ def train(
     # one train.log, written by process 0 (the others log to their console)
     log_file = logs.log_to_file(workdir / LOG_FILE) if jax.process_index() == 0 else nullcontext()
     # the lock creates the workdir, and undoes a start that fails before workdir.commit
-    with workdir_lib.lock(workdir), log_file, _StopSignal() as stop:
+    with workdir_lib.lock(workdir), log_file, _StopSignal(workdir) as stop:
         try:
             return _train(config, workdir, on_step, stop, accept_data_change)
         except Exception as e:
@@ -371,15 +472,26 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
     results: dict[str, float] = {}
     total = config.total_steps
     batch_size = config.batch_size
+    # the pace (perf/step_time_s, the bar's ETA) counts steady steps only: not the first,
+    # which compiles (its compilation and run are reported apart), nor evaluations
     t_last, steps_since = time.perf_counter(), 0
+    first: dict[str, float] = {}
     start = step
     guard = _FiniteGuard(ckpt, unconfirmed=start if start > 0 else None)
     stop.defer()
     while step < total:
+        stop.step_started()
         batch = sharding.shard_batch(next(iterator), mesh)
-        state, metrics = _run_step(step_fn, state, batch, task, config, first=step == start)
+        if step == start:  # compiles: timed apart, and not part of the steady pace
+            state, metrics, compile_s, run_s = _first_step(step_fn, state, batch, task, config)
+            first = {"perf/compile_time_s": compile_s, "perf/first_step_time_s": run_s}
+            stop.step_time = run_s
+            writer.first_step(compile_s, run_s)
+            t_last, steps_since = time.perf_counter(), 0
+        else:
+            state, metrics = _run_step(step_fn, state, batch, task, config)
+            steps_since += 1
         step += 1
-        steps_since += 1
         guard.push(step, metrics)  # checks the previous step
         if on_step is not None:
             on_step(step, state)
@@ -393,8 +505,12 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
             elapsed = time.perf_counter() - t_last
             t_last, n = time.perf_counter(), steps_since
             steps_since = 0
+            if n == 0:  # only the first step since the last log: its run, without compiling
+                elapsed, n = first["perf/first_step_time_s"], 1
             scalars = {f"train/{k}": v for k, v in host.items()}
-            scalars["perf/step_time_s"] = elapsed / n
+            scalars.update(first)  # once, at the first log
+            first = {}
+            scalars["perf/step_time_s"] = stop.step_time = elapsed / n
             scalars["perf/examples_per_sec"] = batch_size * n / elapsed
             scalars.update(task.throughput(scalars["perf/examples_per_sec"]))
             scalars.update({f"data/skipped_{k}": v for k, v in task.skip_counts().items()})
@@ -422,17 +538,32 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
     return results
 
 
-def _run_step(step_fn, state, batch, task, config, *, first: bool):
-    """One step; an out-of-memory error in the first step of this process (which also
-    compiles it) becomes an :class:`OutOfMemoryError` that says what to change."""
-    if not first:
-        return step_fn(state, batch, task.frozen)
+def _run_step(step_fn, state, batch, task, config):
+    """One step, dispatched (not waited for)."""
+    return step_fn(state, batch, task.frozen)
+
+
+def _first_step(step_fn, state, batch, task, config):
+    """The first step of this process, timed honestly: the compilation (tracing,
+    lowering and ``compile()``, which the jitted ``step_fn`` reuses for the steps after)
+    and the run of the compiled step (until ``block_until_ready``) apart. An
+    out-of-memory error in either becomes an :class:`OutOfMemoryError` that says what
+    to change.
+
+    Returns:
+      ``(state, metrics, compile_s, run_s)``.
+    """
     try:
-        return step_fn(state, batch, task.frozen)
+        t0 = time.perf_counter()
+        compiled = step_fn.lower(state, batch, task.frozen).compile()
+        t1 = time.perf_counter()
+        state, metrics = jax.block_until_ready(compiled(state, batch, task.frozen))
+        t2 = time.perf_counter()
     except Exception as e:
         if oom.is_out_of_memory(e):
             raise oom.OutOfMemoryError.from_config(config, e, "the first step") from e
         raise
+    return state, metrics, t1 - t0, t2 - t1
 
 
 def run_evaluation(

@@ -188,6 +188,18 @@ def commit(workdir: str | os.PathLike) -> None:
         held[2].committed = True
 
 
+def release_now() -> None:
+    """Release every ``run.lock`` this process holds, at once (emptied, then unlocked):
+    for a process about to end with ``os._exit`` (a second Ctrl-C), which skips the
+    ``with`` blocks of :func:`lock`. Safe to call from any thread; a start that was not
+    committed is not undone (its files are left for the next start to take over)."""
+    for key, held in list(_held.items()):
+        _held.pop(key, None)
+        with contextlib.suppress(OSError):
+            os.ftruncate(held[0], 0)
+            fcntl.flock(held[0], fcntl.LOCK_UN)
+
+
 def _holder_text(path: Path) -> str:
     try:
         info = json.loads(path.read_text() or "{}")
@@ -271,7 +283,7 @@ def lock(workdir: str | os.PathLike) -> Iterator[Path]:
             start.undo()  # unlinks a new run.lock while it is still held
         raise
     finally:
-        del _held[key]
+        _held.pop(key, None)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # releases the flock
@@ -621,4 +633,5 @@ __all__ = [
     "lock",
     "record_config",
     "record_data",
+    "release_now",
 ]

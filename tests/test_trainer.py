@@ -233,3 +233,63 @@ def test_evaluation_with_nan_writes_nothing(tmp_path):
         )
     assert path.read_bytes() == before
     assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_12.npz"]
+
+
+def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypatch):
+    """Each step spends SLOW seconds inside XLA (a ``pure_callback`` that sleeps, so the
+    host's dispatch returns long before the step ends): the reported first-step time is
+    that run (within 10%), the compilation is reported apart, and the pace of the steps
+    after (``perf/step_time_s``, what the ETA uses) is that of a steady step."""
+    import time
+
+    import jax.numpy as jnp
+
+    slow = 2.0
+    ran = []  # the measured run of each step's sleep, in seconds
+
+    def sleep(loss):
+        t0 = time.perf_counter()
+        time.sleep(slow)
+        ran.append(time.perf_counter() - t0)
+        return np.asarray(loss, np.float32)
+
+    real = trainer.jit_train_step
+
+    def slow_step(*args, **kwargs):
+        step_fn = real(*args, **kwargs)
+
+        def step(state, batch, frozen):
+            state, metrics = step_fn(state, batch, frozen)
+            out = jax.ShapeDtypeStruct((), jnp.float32)
+            return state, {**metrics, "loss": jax.pure_callback(sleep, out, metrics["loss"])}
+
+        return jax.jit(step, donate_argnums=0)
+
+    monkeypatch.setattr(trainer, "jit_train_step", slow_step)
+    workdir = tmp_path / "run"
+    config = tiny_clip_config(tmp_path / "data", "total_steps=3", "log_every=1", "eval_every=3")
+    trainer.train(config, workdir)
+    rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    first = next(r for r in rows if "perf/first_step_time_s" in r)
+    assert first["step"] == 1 and len(ran) == 3
+    assert first["perf/first_step_time_s"] == pytest.approx(ran[0], rel=0.1)
+    assert first["perf/compile_time_s"] > 0
+    steady = [r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r and r["step"] > 1]
+    # the compilation (seconds) is in none of them; the second step retraces the jit once
+    assert len(steady) == 2 and all(slow <= t < 1.5 * slow for t in steady), steady
+
+
+def test_evaluate_prints_recalls_in_order_with_chance(tmp_path, capsys):
+    """``jaxfit.evaluate``: the JSON lists R@1, R@5, R@10 in that order (not as sorted
+    strings), and stderr's table gives each recall row its chance level."""
+    workdir = tmp_path / "run"
+    trainer.train(tiny_clip_config(tmp_path / "data", "total_steps=2", "eval_every=2"), workdir)
+    capsys.readouterr()
+    assert evaluate_main(["--workdir", str(workdir)]) == 0
+    captured = capsys.readouterr()
+    keys = list(json.loads(captured.out))
+    recalls = [k for k in keys if k.startswith("eval/i2t_R@")]
+    assert recalls == ["eval/i2t_R@1", "eval/i2t_R@5", "eval/i2t_R@10"]
+    assert captured.out.index('"eval/t2i_R@5"') < captured.out.index('"eval/t2i_R@10"')
+    line = next(x for x in captured.err.splitlines() if x.startswith("eval/t2i_R@10 "))
+    assert line.split()[-1] == "62.5"  # 10 of the 16 validation images

@@ -134,6 +134,15 @@ class TensorReader:
             return np.asarray(self._file(self.weight_map[name]).get_tensor(name))
 
 
+def as_written_by_open(path: str | os.PathLike) -> None:
+    """Give ``path`` the permissions a file made by ``open(path, "w")`` gets: ``0o666``
+    less the process's umask (0644 under the usual 022). safetensors' writer creates its
+    files 0600, which other users (a serving process, a colleague) cannot read."""
+    mask = os.umask(0o022)  # no getter: read it by setting it, then put it back
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)
+
+
 def write_tensors(
     tensors: Mapping[str, np.ndarray] | Iterator[tuple[str, np.ndarray]],
     out_dir: str | os.PathLike,
@@ -173,6 +182,7 @@ def write_tensors(
         fname = SINGLE_FILE if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
         tmp = out / (fname + ".tmp")
         save_file(shard, str(tmp), metadata={"format": "pt"})
+        as_written_by_open(tmp)
         os.replace(tmp, out / fname)
         written.append(out / fname)
         weight_map.update({k: fname for k in shard})

@@ -35,6 +35,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from jaxfit.hf import families, mapping
+from jaxfit.hf.io import as_written_by_open
 from jaxfit.lora import adapters
 from jaxfit.lora import targets as targets_lib
 
@@ -102,6 +103,7 @@ def _tidy(x: float) -> float | int:
 def _write_atomic(path: Path, write) -> None:
     tmp = path.with_name(path.name + ".tmp")
     write(tmp)
+    as_written_by_open(tmp)  # safetensors writes 0600
     os.replace(tmp, path)
 
 

@@ -14,6 +14,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from jaxfit import target
 from jaxfit.models import flash
 
 ATTENTION_IMPLS = ("auto", "xla", "cudnn", "chunked")
@@ -43,13 +44,10 @@ def _log_once(level: int, message: str) -> None:
 
 
 def gpu_compute_capability() -> str | None:
-    """The compute capability of the first GPU (``"8.9"`` for an RTX 4070 Ti), or ``None``
-    without a GPU backend."""
-    try:
-        devices = jax.devices("gpu")
-    except RuntimeError:
-        return None
-    return getattr(devices[0], "compute_capability", None) if devices else None
+    """The compute capability of the GPU that will run the program (``"8.9"`` for an RTX
+    4070 Ti): :func:`jaxfit.target.compute_capability` (a compile target's, else this
+    machine's first GPU's), ``None`` without a GPU."""
+    return target.compute_capability()
 
 
 def _capability(cc: str | None) -> tuple[int, int] | None:
@@ -160,7 +158,7 @@ def choose_attention(
     * GPU otherwise: :func:`fallback_attention`, with the problems as the reason.
 
     Args:
-      backend: ``jax.default_backend()`` of the machine that will run it.
+      backend: ``jaxfit.target.backend()``: of the machine that will run it.
       dtype: compute dtype; head_dim: per-head size.
       seq_len: query length (training: the sequence length); kv_len: key length
         (default ``seq_len``).
@@ -266,7 +264,7 @@ def dot_product_attention(
         raise ValueError(f"unknown attention implementation {impl!r}; one of {ATTENTION_IMPLS}")
     b, t, _, d = q.shape
     s = k.shape[1]
-    backend = jax.default_backend()
+    backend = target.backend()  # of the machine that will run it (jaxfit.target)
     dense = segment_ids is not None or (mask is not None and t > 1)
     stepped = q_offset is not None and t > 1  # several queries at a traced position
     if impl == "auto":

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from jaxfit import placement
+from jaxfit import placement, target
 from jaxfit.models import attention
 
 Dtype = Any
@@ -71,7 +71,7 @@ def remat_policy(name: str) -> Callable | None:
     if name == "names":
         return policies.save_only_these_names(*SAVEABLE_NAMES)
     if name == "offload":
-        if jax.default_backend() == "cpu":  # no pinned host memory apart from the host
+        if target.backend() == "cpu":  # no pinned host memory apart from the host (jaxfit.target)
             warnings.warn(
                 "remat policy 'offload' needs a GPU/TPU (pinned host memory); on CPU the "
                 f"tensors it would offload ({', '.join(OFFLOAD_NAMES)}) stay in place",

@@ -1,12 +1,14 @@
 """Will it fit, and how long will it take? ``python -m jaxfit.plan --config CONFIG[:ARG]``.
 
   python -m jaxfit.plan --config configs/llama3_8b_qlora.py --device rtx4070ti
-  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --budget 12GiB --search \
+  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --budget 12GiB --search \\
       --apply runs/llama3_8b          # then: python -m jaxfit.train ... --workdir runs/llama3_8b
   python -m jaxfit.plan --config configs/llama3_8b_qlora.py --search_seq_len
   python -m jaxfit.plan --config configs/nanochat_d32.py --device rtx4070 --tokens 38e9
-  python -m jaxfit.plan --config configs/llama_finetune.py --device h100-sxm --devices 8 \
+  python -m jaxfit.plan --config configs/llama_finetune.py --device h100-sxm --devices 8 \\
       --mesh fsdp=8    # per-device memory and communication of an FSDP run on 8 cards
+  python -m jaxfit.plan --config configs/llama3_8b_qlora.py --device rtx4070ti \\
+      --compile_for gpu   # XLA:GPU's own peak for the card, on a machine without a GPU
 
 Builds the config's model and train step for abstract shapes (no data read, no weights
 loaded, no device memory used), compiles the step on the local backend and prints the
@@ -17,9 +19,16 @@ estimate. ``--config.x=y`` overrides work as in ``jaxfit.train``. Flags:
   ``device``): its memory is the default budget, its peak bf16 rate the time's basis.
 * ``--budget 12GiB`` / ``--reserve 1GiB``: memory budget and what to keep free of it
   (default 512 MiB + 5%: CUDA context, library workspaces, fragmentation).
+* ``--compile_for gpu``: compile for the CUDA card ``--device`` names as a deviceless
+  XLA:GPU target (``jaxfit.plan.cuda_target``; needs ``pip install -r
+  requirements-plan-gpu.txt``, no GPU): the planned peak is XLA:GPU's, with cuDNN
+  attention and pinned-host offload as on the card. Not a measurement: cuDNN's workspace
+  is not counted and GEMM backends are not autotuned. ``local`` (default): this machine's
+  backend; on a CPU the GPU peak is estimated from XLA:CPU's program.
 * ``--devices N`` / ``--mesh data=2,fsdp=4``: plan for a mesh of N devices (compiled as
-  an SPMD program on N host CPU devices, so every byte is per device) and report the
-  communication of one step; ``--mesh`` sets ``config.mesh``.
+  an SPMD program on N host CPU devices, or a ``1x1xN`` CUDA topology with
+  ``--compile_for gpu``, so every byte is per device) and report the communication of
+  one step; ``--mesh`` sets ``config.mesh``.
 * ``--search``: try micro-batch x remat policy x CE chunk size (``--micro_batch_sizes``,
   ``--remat_policies``, ``--loss_chunk_sizes`` narrow it; ``--max_compiles`` bounds it)
   and print what fits, fastest first. ``--search_seq_len``: the longest ``seq_len`` that
@@ -31,16 +40,17 @@ estimate. ``--config.x=y`` overrides work as in ``jaxfit.train``. Flags:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
 import sys
 import time
 
-from jaxfit import cli, validation
+from jaxfit import cli, target, validation
 from jaxfit import config as config_lib
 from jaxfit.errors import UsageError
-from jaxfit.plan import apply, core, devices, estimate, report, search
+from jaxfit.plan import apply, core, cuda_target, devices, estimate, report, search
 
 PROG = "python -m jaxfit.plan"
 
@@ -61,7 +71,10 @@ FLAGS = {
     "max_seq_len": "Upper bound of --search_seq_len.",
     "devices": "Plan for this many devices (compiled on as many host CPU devices).",
     "mesh": "Split of the devices, e.g. data=2,fsdp=4 (sets config.mesh).",
+    "compile_for": "local (this machine's backend, default) or gpu (a deviceless CUDA "
+    "target of --device; pip install -r requirements-plan-gpu.txt).",
 }
+COMPILE_FOR = ("local", "gpu")
 BOOL_FLAGS = {
     "search": "Search micro-batch x remat policy x CE chunk size for what fits.",
     "search_seq_len": "Search the longest seq_len that fits.",
@@ -81,10 +94,17 @@ def _main(argv: list[str]) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     config, fl = config_lib.parse_argv(argv, extra_flags=FLAGS, bool_flags=BOOL_FLAGS)
     validation.validate_values(config)
+    compile_for = fl["compile_for"] or "local"
+    device = fl["device"] or config.get("device") or "rtx4070ti"
+    gpu_target = None
     try:  # before anything touches a device
+        if compile_for not in COMPILE_FOR:
+            raise ValueError(f"--compile_for {compile_for!r}: one of {list(COMPILE_FOR)}")
         if fl["devices"] and int(fl["devices"]) < 1:
             raise ValueError(f"--devices {fl['devices']}: at least 1")
-        if fl["devices"] and not fl["dry_run"]:  # a dry run touches no device
+        if compile_for == "gpu" and not fl["dry_run"]:  # a dry run touches no device
+            gpu_target = cuda_target.cuda_target(device, int(fl["devices"] or 1))
+        elif fl["devices"] and not fl["dry_run"]:
             devices.use_devices(int(fl["devices"]))
         if fl["mesh"]:
             config = core.set_fields(config, devices.parse_mesh(fl["mesh"]))
@@ -93,7 +113,6 @@ def _main(argv: list[str]) -> int:
     if fl["apply"] and not (fl["search"] or fl["search_seq_len"]):
         raise UsageError("--apply needs --search or --search_seq_len, in the command line")
     try:
-        device = fl["device"] or config.get("device") or "rtx4070ti"
         budget = estimate.parse_bytes(fl["budget"]) if fl["budget"] else None
         if budget is None:
             budget = int(estimate.perf.device(device).memory_gib * 2**30)
@@ -112,10 +131,18 @@ def _main(argv: list[str]) -> int:
         dataset_tokens=float(fl["dataset_tokens"]) if fl["dataset_tokens"] else None,
         dataset_examples=float(fl["dataset_examples"]) if fl["dataset_examples"] else None,
     )
+    with target.compiling_for(gpu_target) if gpu_target else contextlib.nullcontext():
+        return _plan(config, fl, device, budget, usable, timing)
+
+
+def _plan(config, fl, device, budget, usable, timing) -> int:
+    """Plan, search and apply (``_main`` after the flags; inside the compile target)."""
     t0 = time.perf_counter()
     plan = core.plan_config(config)
     est = estimate.estimate_time(plan, device, **timing)
     print(f"jaxfit plan ({plan.backend}, compiled in {plan.compile_seconds:.0f} s)")
+    if plan.caveats:
+        print(f"caveats: {plan.caveats}")
     print(report.memory_report(plan, budget, usable, device))
     print(report.time_report(plan, est, int(config.total_steps)))
     out = {"plan": plan.to_dict(), "estimate": est.__dict__, "budget": budget, "usable": usable}

@@ -3,8 +3,10 @@
 ``plan_config(config)`` builds the task without data or weights (``build_task(...,
 abstract=True)``), the train state, batch and frozen base as ``jax.ShapeDtypeStruct``
 trees, and compiles the SAME jitted step ``jaxfit.train`` runs
-(``step.jit_train_step``) on the local backend. Nothing is allocated: an 8B QLoRA step
-compiles on a CPU-only machine.
+(``step.jit_train_step``) on the local backend, or, inside
+``jaxfit.target.compiling_for`` (``--compile_for gpu``: :mod:`jaxfit.plan.cuda_target`),
+for a deviceless XLA:GPU target. Nothing is allocated: an 8B QLoRA step compiles on a
+CPU-only machine.
 
 Memory comes from XLA's buffer assignment (``compiled.memory_analysis()``): the step's
 peak is ``arguments + outputs - aliased + temporaries`` (the donated state's outputs reuse
@@ -30,7 +32,7 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxfit import checkpoint, sharding
+from jaxfit import checkpoint, sharding, target
 from jaxfit.config import get_field, set_fields
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import training as lora_training
@@ -173,8 +175,9 @@ class Plan:
         ``batch``, ``gradients`` (estimated: the trainable bytes), ``activations`` (the
         temporaries less the gradients), and XLA's ``arguments``, ``outputs``,
         ``aliased``, ``temporaries``, ``peak`` (XLA's, on this backend), and
-        ``peak_target``: the peak on the card planned for. Compiled on a GPU it is
-        ``peak``; compiled on a CPU it is ``peak`` less ``cpu_upcasts``
+        ``peak_target``: the peak on the card planned for. Compiled on a GPU (or for a
+        deviceless XLA:GPU target) it is ``peak``; compiled on a CPU it is ``peak`` less
+        ``cpu_upcasts``
         (:func:`hoisted_upcast_bytes`, :func:`loop_upcast_bytes`), copies a GPU does not
         make. The CPU compile still differs from a GPU's in other ways (fusion; float32
         copies of each layer's weights inside the loop; the blocked attention standing
@@ -187,11 +190,14 @@ class Plan:
         decoders), ``xla_cost_analysis`` (XLA's count, which takes each loop body once).
       examples_per_step, tokens_per_step: what one optimizer step consumes (tokens: LM).
       compile_seconds: lowering + compilation wall time.
-      backend: the jax backend compiled for (``cpu``, ``gpu``, ``tpu``).
+      backend: the backend compiled for: jax's (``cpu``, ``gpu``, ``tpu``), or a
+        deviceless target's description (``cuda (deviceless, rtx4070ti)``).
       devices: devices of the mesh the step was compiled for (``settings`` has its
         ``mesh.data`` x ``mesh.fsdp``); ``memory`` is per device, ``flops`` for all.
       communication: bytes of the collectives' results in one step, per device, by kind
         (``jaxfit.plan.devices.collective_bytes``; empty on one device).
+      caveats: what the compile does not see (a deviceless target's
+        ``jaxfit.plan.cuda_target.CAVEATS``), else empty.
     """
 
     settings: dict[str, Any]
@@ -204,6 +210,7 @@ class Plan:
     backend: str
     devices: int = 1
     communication: dict[str, Any] = dataclasses.field(default_factory=dict)
+    caveats: str = ""
 
     @property
     def peak_bytes(self) -> int:
@@ -253,7 +260,7 @@ def cpu_stand_in(config):
     ``attention.CUDNN_MASK_MAX_BYTES``, 256 MiB, by that rule). A configured implementation
     other than ``"auto"`` is compiled as it is."""
     impl = get_field(config, "model.attention_impl")
-    if jax.default_backend() != "cpu" or impl not in ("", "auto", None):
+    if target.backend() != "cpu" or impl not in ("", "auto", None):
         return config
     return set_fields(config, {"model.attention_impl": "chunked"}, create=True)
 
@@ -452,7 +459,7 @@ def plan_config(config) -> Plan:
     """
     t0 = time.perf_counter()
     step, executed, (task, state, batch, frozen, abstract_params, jaxpr) = _trace(config)
-    on_cpu = jax.default_backend() == "cpu"
+    on_cpu = target.backend() == "cpu"  # a GPU target compiles as XLA:GPU: no CPU terms
     with _offload_accounted(), tempfile.TemporaryDirectory() as dump, _uncached(on_cpu):
         # on a CPU, XLA writes its buffer assignment and live ranges (liveness.read_dump);
         # a compile read back from the persistent cache would write none: the emitter
@@ -515,7 +522,8 @@ def plan_config(config) -> Plan:
         examples_per_step=batch_size,
         tokens_per_step=batch_size * seq_len if config.task == "lm" else None,
         compile_seconds=seconds,
-        backend=jax.default_backend(),
-        devices=jax.device_count(),
-        communication=devices_lib.collective_bytes(hlo_text) if jax.device_count() > 1 else {},
+        backend=target.description(),
+        devices=target.device_count(),
+        communication=devices_lib.collective_bytes(hlo_text) if target.device_count() > 1 else {},
+        caveats=(target.current().caveats if target.current() else ""),
     )

@@ -85,7 +85,8 @@ def memory_report(plan: Plan, budget: int, usable: int, device: str) -> str:
     )
     lines += [
         f"  planned peak          {format_bytes(plan.peak_bytes):>11}"
-        + ("  (a CPU estimate of the GPU peak; errs high)" if plan.backend == "cpu" else ""),
+        + ("  (a CPU estimate of the GPU peak; errs high)" if plan.backend == "cpu" else "")
+        + (f"  (XLA:GPU's peak; {plan.caveats})" if plan.caveats else ""),
         f"budget {format_bytes(budget)} ({device}) less reserve {format_bytes(budget - usable)}"
         f" = {format_bytes(usable)} usable: {verdict}",
     ]

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import config as config_lib
-from jaxfit import objectives, sharding
+from jaxfit import objectives, sharding, target
 from jaxfit import step as step_lib
 from jaxfit.data import fingerprint, image_text
 from jaxfit.data.image_text import caption_tokenizer as tokenizers
@@ -60,7 +60,7 @@ def attention_choice(config) -> tuple[str, str]:
         vision = clip_model.CLIPVisionConfig(**config.model.vision.to_dict())
         text_len = config.data.context_length
     towers = (("text", text, text_len), ("vision", vision, vision.num_patches + 1))
-    backend, cc = jax.default_backend(), attention.gpu_compute_capability()
+    backend, cc = target.backend(), target.compute_capability()
     choices = []
     for name, tower, length in towers:
         impl, reason = attention.choose_attention(

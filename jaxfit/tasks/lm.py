@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import config as config_lib
-from jaxfit import objectives, perf, sharding
+from jaxfit import objectives, perf, sharding, target
 from jaxfit import step as step_lib
 from jaxfit.data import fingerprint
 from jaxfit.data import text as text_data
@@ -106,7 +106,7 @@ def attention_choice(config) -> tuple[str, str]:
     ``micro_batch_size`` sequences per call, packed documents (LM batches always carry
     segment ids). Logged at INFO."""
     impl, reason = attention.choose_attention(
-        jax.default_backend(),
+        target.backend(),
         compute_dtype(config),
         _head_dim(config),
         seq_len=int(config.seq_len),

@@ -75,10 +75,44 @@ def test_help_as_a_user_runs_it(module):
     """The real entry point (``python -m``), as the README shows it."""
     proc = subprocess.run(
         [sys.executable, "-m", f"jaxfit.{module}", "--help"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,  # nothing, not even a log line, before the help
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stdout
+    assert proc.stdout.startswith("usage:"), proc.stdout[:500]
+    assert "Traceback" not in proc.stdout and "INFO jaxfit" not in proc.stdout
+
+
+def test_plan_help_keeps_the_examples_line_continuations():
+    proc = subprocess.run(
+        [sys.executable, "-m", "jaxfit.plan", "--help"],
         capture_output=True,
         text=True,
         cwd=REPO,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr
+    assert "--budget 12GiB --search \\\n      --apply runs/llama3_8b" in proc.stdout
+
+
+def test_no_docstring_swallows_a_line_continuation():
+    """A lone ``\\`` at the end of a docstring line joins the lines (Python's string
+    continuation): an example shown by --help would lose its ``\\``; write ``\\\\``."""
+    import ast
+    import re
+
+    for path in sorted([*(REPO / "jaxfit").rglob("*.py"), *(REPO / "configs").glob("*.py")]):
+        source = path.read_text(encoding="utf-8")
+        for node in ast.walk(ast.parse(source)):
+            body = getattr(node, "body", None)
+            if not isinstance(body, list) or not body:
+                continue
+            first = body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                segment = ast.get_source_segment(source, first.value) or ""
+                bad = re.search(r"(?<!\\)(?:\\\\)*\\\n", segment)
+                if bad and not segment.startswith(("r", "R")):
+                    raise AssertionError(f"{path.relative_to(REPO)}: a docstring line ends in \\")

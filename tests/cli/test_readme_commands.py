@@ -37,6 +37,7 @@ from jaxfit import train as train_cli
 from jaxfit.config import get_field
 from jaxfit.errors import UsageError
 from jaxfit.plan import __main__ as plan_cli
+from jaxfit.plan import cuda_target
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
@@ -372,6 +373,8 @@ class Runner:
         family = "llama"
         if config is not None:
             family = "clip" if config.task == "clip" else get_field(config, "model.family", "llama")
+        if ["--compile_for", "gpu"] in items and not cuda_target.plugin_available():
+            raise _Skip("--compile_for gpu needs jax's CUDA plugin (requirements-plan-gpu.txt)")
         out = ["-m", command.tokens[2]]
         for flag, *value in items:
             if not value:
