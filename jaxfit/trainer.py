@@ -555,7 +555,9 @@ def _first_step(step_fn, state, batch, task, config):
     """
     try:
         t0 = time.perf_counter()
-        compiled = step_fn.lower(state, batch, task.frozen).compile()
+        # a step without jax's AOT interface (a plain function) compiles as it runs
+        lower = getattr(step_fn, "lower", None)
+        compiled = step_fn if lower is None else lower(state, batch, task.frozen).compile()
         t1 = time.perf_counter()
         state, metrics = jax.block_until_ready(compiled(state, batch, task.frozen))
         t2 = time.perf_counter()

@@ -277,40 +277,33 @@ def offloaded_bytes(jaxpr) -> int:
     innermost scan counts: an outer loop (micro-batches) runs its backward pass before the
     next iteration, so its layers' residuals are not live together.
     """
-    total = 0
-
-    def walk(jx, scan_length: int, in_remat: bool):
-        nonlocal total
-        for eqn in getattr(jx, "jaxpr", jx).eqns:
-            name = eqn.primitive.name
-            if name == "name" and eqn.params.get("name") in OFFLOAD_NAMES and not in_remat:
-                aval = eqn.outvars[0].aval
-                size = np.prod(aval.shape, dtype=np.int64) * np.dtype(aval.dtype).itemsize
-                total += int(size) * scan_length
-            length = eqn.params["length"] if name == "scan" else scan_length
-            remat = in_remat or name in ("checkpoint", "remat", "remat2")
-            for value in eqn.params.values():
-                for sub in value if isinstance(value, tuple | list) else (value,):
-                    if isinstance(sub, jex_core.ClosedJaxpr | jex_core.Jaxpr):
-                        walk(sub, length, remat)
-
-    walk(jaxpr, 1, False)
-    return total
+    return sum(
+        int(np.prod(aval.shape, dtype=np.int64)) * np.dtype(aval.dtype).itemsize * length
+        for aval, length in _offloaded_tensors(jaxpr)
+    )
 
 
 def offloaded_stacks(jaxpr) -> set[str]:
     """HLO shapes (``bf16[32,1,2048,4096]``) of the stacks the ``offload`` remat policy
     keeps in host memory in one traced step: each :func:`offloaded_bytes` tensor with
     the length of its layer scan in front (how the forward scan stacks it)."""
-    shapes: set[str] = set()
+    return {
+        f"{_HLO_DTYPES.get(np.dtype(aval.dtype).name, '?')}"
+        f"[{','.join(str(d) for d in (length, *aval.shape))}]"
+        for aval, length in _offloaded_tensors(jaxpr)
+    }
+
+
+def _offloaded_tensors(jaxpr) -> list[tuple[Any, int]]:
+    """``(aval, length of the innermost scan around it)`` of every tagged tensor the
+    ``offload`` policy moves (:func:`offloaded_bytes`)."""
+    found: list[tuple[Any, int]] = []
 
     def walk(jx, scan_length: int, in_remat: bool):
         for eqn in getattr(jx, "jaxpr", jx).eqns:
             name = eqn.primitive.name
             if name == "name" and eqn.params.get("name") in OFFLOAD_NAMES and not in_remat:
-                aval = eqn.outvars[0].aval
-                dims = ",".join(str(d) for d in (scan_length, *aval.shape))
-                shapes.add(f"{_HLO_DTYPES.get(np.dtype(aval.dtype).name, '?')}[{dims}]")
+                found.append((eqn.outvars[0].aval, scan_length))
             length = eqn.params["length"] if name == "scan" else scan_length
             remat = in_remat or name in ("checkpoint", "remat", "remat2")
             for value in eqn.params.values():
@@ -319,7 +312,7 @@ def offloaded_stacks(jaxpr) -> set[str]:
                         walk(sub, length, remat)
 
     walk(jaxpr, 1, False)
-    return shapes
+    return found
 
 
 _HLO_DTYPES = {"bfloat16": "bf16", "float16": "f16", "float32": "f32"}
