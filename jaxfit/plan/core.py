@@ -177,14 +177,13 @@ class Plan:
         ``aliased``, ``temporaries``, ``peak`` (XLA's, on this backend), and
         ``peak_target``: the peak on the card planned for. Compiled on a GPU (or for a
         deviceless XLA:GPU target) it is ``peak``; compiled on a CPU it is ``peak`` less
-        ``cpu_upcasts``
-        (:func:`hoisted_upcast_bytes`, :func:`loop_upcast_bytes`), copies a GPU does not
-        make. The CPU compile still differs from a GPU's in other ways (fusion; float32
-        copies of each layer's weights inside the loop; the blocked attention standing
-        in for cuDNN's, :func:`cpu_stand_in`): on a CPU the target peak is an estimate
-        that errs high. ``host_bytes``: activations in pinned host memory under the
-        ``offload`` remat policy (:func:`_host_bytes`); compiled on a CPU they are among
-        the temporaries (``host_on_device``) and leave ``peak_target``.
+        ``cpu_fragmentation``, ``cpu_upcasts`` and ``host_on_device``, each measured where
+        the temporaries peak (:func:`_cpu_only_bytes`, :mod:`jaxfit.plan.liveness`). The
+        CPU compile still differs from a GPU's in other ways (fusion; float32
+        activations and copies of each layer's weights inside the loop; the blocked
+        attention standing in for cuDNN's, :func:`cpu_stand_in`): on a CPU the target
+        peak is an estimate that errs high. ``host_bytes``: activations in pinned host
+        memory under the ``offload`` remat policy (:func:`_host_bytes`).
       flops: ``executed`` (the step's jaxpr, loops times trip counts, recompute
         included), ``model`` (without rematerialisation: ``6N``/``4N`` + attention for
         decoders), ``xla_cost_analysis`` (XLA's count, which takes each loop body once).
