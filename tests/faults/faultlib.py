@@ -167,3 +167,8 @@ def assert_same_state(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Non
 def copy_run(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst, ignore=shutil.ignore_patterns("run.lock"))
     return dst
+
+
+def error_lines(stderr: str) -> list[str]:
+    """The ``error:`` lines of a CLI's stderr (the one-line errors of ``jaxfit.cli``)."""
+    return [line for line in stderr.splitlines() if line.startswith("error:")]

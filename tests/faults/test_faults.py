@@ -16,6 +16,7 @@ from faultlib import (
     assert_same_state,
     checkpoint_steps,
     copy_run,
+    error_lines,
     kill9,
     losses,
     metric_rows,
@@ -24,11 +25,6 @@ from faultlib import (
     train,
     wait_for,
 )
-
-
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
-
 
 # --- divergence -----------------------------------------------------------------------
 
@@ -40,7 +36,7 @@ def test_nan_keeps_only_finite_checkpoints_and_resumes_with_lower_lr(tmp_path):
     workdir = tmp_path / "nan"
     run = train(workdir, **{"optim.lr": 1e4, "total_steps": 40, "ckpt_every": 2})
     assert run.returncode == 4, run.stderr[-3000:]
-    (line,) = _error_lines(run.stderr)
+    (line,) = error_lines(run.stderr)
     assert "training diverged at step" in line and ("loss" in line or "grad_norm" in line)
     bad_step = int(line.split("training diverged at step ")[1].split(":")[0])
     assert bad_step < 40
@@ -130,7 +126,7 @@ def test_second_run_is_refused_and_sigterm_checkpoints_with_143(tmp_path):
         wait_for(lambda: metric_rows(workdir), first)
         second = train(workdir)
         assert second.returncode == 5, second.stderr[-3000:]
-        (line,) = _error_lines(second.stderr)
+        (line,) = error_lines(second.stderr)
         assert "in use by another run" in line and f"pid {first.pid}" in line
         first.send_signal(signal.SIGTERM)
         assert first.wait(timeout=120) == 143
@@ -194,7 +190,7 @@ def test_no_usable_checkpoint_is_a_clear_error(tmp_path, reference):
         damage(workdir / "checkpoints" / str(step), "truncate")
     done = train(workdir)
     assert done.returncode == 6, done.stderr[-3000:]
-    (line,) = _error_lines(done.stderr)
+    (line,) = error_lines(done.stderr)
     assert "no usable checkpoint" in line and "step 3:" in line and "step 12:" in line
 
 
@@ -206,7 +202,7 @@ def test_changed_config_is_refused_without_touching_config_json(tmp_path, refere
     before = (workdir / "config.json").read_bytes()
     done = train(workdir, **{"model.config.n_embd": 64, "seed": 1})
     assert done.returncode == 2, done.stderr[-3000:]
-    (line,) = _error_lines(done.stderr)
+    (line,) = error_lines(done.stderr)
     assert "refusing to resume" in line
     assert "model.config.n_embd: 32 -> 64" in line and "seed: 0 -> 1" in line
     assert (workdir / "config.json").read_bytes() == before
@@ -238,6 +234,6 @@ def test_malformed_config_values_exit_2_with_one_line(tmp_path):
         assert proc.wait(timeout=120) == 2, expected
         err = (tmp_path / f"w{i}.err").read_text()
         assert "Traceback" not in err, err
-        (line,) = _error_lines(err)
+        (line,) = error_lines(err)
         assert expected in line, line
         assert not (tmp_path / f"w{i}").exists() or not any((tmp_path / f"w{i}").iterdir())

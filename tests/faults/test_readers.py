@@ -22,6 +22,7 @@ from faultlib import (
     checkpoint_steps,
     copy_run,
     env,
+    error_lines,
     losses,
     metric_rows,
     start,
@@ -30,10 +31,6 @@ from faultlib import (
 )
 
 from jaxfit.checkpoint import CHECKSUMS, Checkpointer
-
-
-def _error_lines(stderr: str) -> list[str]:
-    return [line for line in stderr.splitlines() if line.startswith("error:")]
 
 
 def _cli(module: str, *args) -> subprocess.CompletedProcess:
@@ -189,7 +186,7 @@ def test_readers_skip_a_damaged_latest_and_write_nothing_non_finite(tmp_path, re
     )
     for done in asked:
         assert done.returncode == 6, done.stderr[-3000:]
-        (line,) = _error_lines(done.stderr)
+        (line,) = error_lines(done.stderr)
         assert "step 12" in line and name in line
     for step in checkpoint_steps(workdir):
         damage(workdir / "checkpoints" / str(step), "truncate")
@@ -200,7 +197,7 @@ def test_readers_skip_a_damaged_latest_and_write_nothing_non_finite(tmp_path, re
     for done in none:
         assert done.returncode == 6, done.stderr[-3000:]
         assert "Traceback" not in done.stderr
-        (line,) = _error_lines(done.stderr)
+        (line,) = error_lines(done.stderr)
         assert "no usable checkpoint" in line and "step 3:" in line and "step 12:" in line
     assert (workdir / "metrics.jsonl").read_text() == rows
     assert not (tmp_path / "y").exists()
@@ -233,7 +230,7 @@ def test_unsealed_latest_is_skipped_by_readers_and_sealed_by_the_next_start(tmp_
     meta.write_text(meta.read_text().replace('"commit_timestamp_nsecs"', '"uncommitted"'))
     ex = _cli("export", "--workdir", workdir, "--out", tmp_path / "hf", "--step", 12)
     assert ex.returncode == 6, ex.stderr[-3000:]
-    (line,) = _error_lines(ex.stderr)
+    (line,) = error_lines(ex.stderr)
     assert "records no commit" in line
     retrained = train(workdir)
     assert retrained.returncode == 0, retrained.stderr[-3000:]
@@ -300,7 +297,7 @@ def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint
     err = Path(f"{workdir}.err").read_text()
     assert code == 7, err[-3000:]
     assert "Traceback" not in err and "RESOURCE_EXHAUSTED" not in err, err[-3000:]
-    (line,) = _error_lines(err)
+    (line,) = error_lines(err)
     assert f"the disk holding '{workdir}' is full" in line and " free of " in line
     last = int(line.split("the last checkpoint, step ")[1].split()[0])
     assert last % 3 == 0 and _verified(workdir, last)
