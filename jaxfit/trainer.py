@@ -25,7 +25,9 @@ What protects a run (see README "When things go wrong"):
   stops the run at once (nothing to save);
 * the first step's compilation and run are timed apart (each until
   ``block_until_ready``: ``perf/compile_time_s``, ``perf/first_step_time_s``); the pace
-  (``perf/step_time_s``, the progress bar's ETA) counts the steps after it only;
+  (``perf/step_time_s``, the progress bar's ETA) counts the steps after it only; a run on
+  a CPU that the first step says will take an hour or more says so then, with how to
+  shorten it (:func:`long_run_notice`);
 * log records go to ``WORKDIR/train.log`` too, and ``metrics.jsonl`` holds each step once.
 """
 
@@ -45,7 +47,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import checkpoint, distributed, errors, logs, oom, sharding, validation
+from jaxfit import checkpoint, distributed, errors, logs, oom, sharding, target, validation
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
@@ -57,6 +59,10 @@ from jaxfit.tasks.base import param_rng
 log = logging.getLogger(__name__)
 
 LOG_FILE = "train.log"
+# A CPU run estimated to last this long or more is told so at its first step, with how to
+# shorten it (long_run_notice); a run of a few minutes is what the :small presets are for.
+LONG_CPU_RUN_S = 3600.0
+SHORT_RUN_S = 600.0  # the length of run the notice's --config.total_steps suggestion aims at
 NonFiniteError = metrics_lib.NonFiniteError
 
 
@@ -487,6 +493,9 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
             first = {"perf/compile_time_s": compile_s, "perf/first_step_time_s": run_s}
             stop.step_time = run_s
             writer.first_step(compile_s, run_s)
+            notice = long_run_notice(run_s, total - step - 1, target.backend())
+            if notice:
+                log.warning("%s", notice)
             t_last, steps_since = time.perf_counter(), 0
         else:
             state, metrics = _run_step(step_fn, state, batch, task, config)
@@ -536,6 +545,32 @@ def _loop(config, task, state, step_fn, iterator, mesh, ckpt, writer, step, on_s
             raise StoppedBySignal(stop.signum, step)
     guard.flush()
     return results
+
+
+def long_run_notice(step_s: float, steps_left: int, backend: str) -> str | None:
+    """What to tell a user whose run on a CPU will take :data:`LONG_CPU_RUN_S` or more, or
+    ``None``: the estimate (``steps_left`` steps of ``step_s`` seconds, the first step's
+    run time without its compilation) and how to shorten it. Other backends: ``None``
+    (hours on a GPU are what a full recipe is sized for).
+
+    Args:
+      step_s: seconds one step takes (the first step's run, measured to
+        ``block_until_ready``).
+      steps_left: steps after the first one.
+      backend: ``"cpu"``, ``"gpu"`` or ``"tpu"`` (:func:`jaxfit.target.backend`).
+    """
+    estimate_s = step_s * steps_left
+    if backend != "cpu" or estimate_s < LONG_CPU_RUN_S:
+        return None
+    short = max(1, int(SHORT_RUN_S // max(step_s, 1e-9)))
+    length = f"{estimate_s / 3600:.1f} h" if estimate_s >= 3600 else f"{estimate_s / 60:.1f} min"
+    return (
+        f"this run will take about {length} on this CPU ({steps_left} more "
+        f"steps of {step_s:.3g} s); for minutes, use the recipe's :small preset "
+        f"(configs/gpt2_scratch.py:small, configs/clip_coco.py:small) or "
+        f"--config.total_steps={short} (about {SHORT_RUN_S / 60:.0f} min at this pace); "
+        "for a GPU, python -m jaxfit.plan --search sizes the full recipe for the card"
+    )
 
 
 def _run_step(step_fn, state, batch, task, config):

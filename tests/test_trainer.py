@@ -235,11 +235,24 @@ def test_evaluation_with_nan_writes_nothing(tmp_path):
     assert [p.name for p in (tmp_path / "eval").iterdir()] == ["step_12.npz"]
 
 
-def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypatch):
+def test_long_run_notice_says_how_long_and_how_to_shorten():
+    # GPT-2 124M's full recipe on a 2-core CPU (issue 22): 5,000 steps of minutes
+    text = trainer.long_run_notice(390.0, 4999, "cpu")
+    assert "about 541.6 h on this CPU (4999 more steps of 390 s)" in text, text
+    assert "--config.total_steps=1 " in text and ":small" in text and "plan --search" in text
+    text = trainer.long_run_notice(7.2, 4999, "cpu")
+    assert "10.0 h" in text and "--config.total_steps=83 (about 10 min" in text, text
+    assert trainer.long_run_notice(0.5, 4999, "cpu") is None  # 42 min: no notice
+    assert trainer.long_run_notice(390.0, 4999, "gpu") is None
+
+
+def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypatch, caplog):
     """Each step spends SLOW seconds inside XLA (a ``pure_callback`` that sleeps, so the
     host's dispatch returns long before the step ends): the reported first-step time is
     that run (within 10%), the compilation is reported apart, and the pace of the steps
-    after (``perf/step_time_s``, what the ETA uses) is that of a steady step."""
+    after (``perf/step_time_s``, what the ETA uses) is that of a steady step. With the
+    long-run threshold lowered below the run's 2 steps x SLOW, the notice comes after the
+    first step, from its measured time."""
     import time
 
     import jax.numpy as jnp
@@ -266,9 +279,14 @@ def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypat
         return jax.jit(step, donate_argnums=0)
 
     monkeypatch.setattr(trainer, "jit_train_step", slow_step)
+    monkeypatch.setattr(trainer, "LONG_CPU_RUN_S", 1.5 * slow)
     workdir = tmp_path / "run"
     config = tiny_clip_config(tmp_path / "data", "total_steps=3", "log_every=1", "eval_every=3")
-    trainer.train(config, workdir)
+    with caplog.at_level("WARNING", logger="jaxfit.trainer"):
+        trainer.train(config, workdir)
+    notices = [r.getMessage() for r in caplog.records if "this run will take" in r.getMessage()]
+    if jax.default_backend() == "cpu":
+        assert len(notices) == 1 and "(2 more steps of 2." in notices[0], notices
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if "perf/first_step_time_s" in r)
     assert first["step"] == 1 and len(ran) == 3

@@ -170,6 +170,15 @@ def read_csv(path: str | os.PathLike) -> Iterator[Row]:
             yield Row(first, dict(zip(header, cells)), "", replaced)
 
 
+def csv_header(path: str | os.PathLike) -> list[str]:
+    """The header row of a CSV file (``[]`` for an empty or unreadable one), for messages."""
+    csv.field_size_limit(max(csv.field_size_limit(), _CSV_FIELD_LIMIT))
+    try:
+        return next(csv.reader(text for text, _ in _lines(Path(path))))
+    except (StopIteration, csv.Error):
+        return []
+
+
 def read_rows(path: str | os.PathLike, fmt: str) -> Iterator[Row]:
     """Rows of ``path`` read as ``fmt``: ``"csv"``, or ``"json"`` (JSON lines, or one JSON
     array when the file starts with ``[``).

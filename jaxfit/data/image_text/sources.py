@@ -9,12 +9,17 @@ may contain ``{split}``, replaced by the split name ``data.train_split`` / ``dat
 * ``format``: ``"coco"``, ``"csv"``, ``"jsonl"`` or ``"hf"``. ``csv`` reads a table with a
   header row (or JSON lines when its name ends in ``.jsonl``); ``jsonl`` reads JSON lines
   (or one JSON array) whatever the suffix; both through ``jaxfit.data.rows``.
-* ``root``: data directory. coco/csv: relative ``captions_file`` / ``image_dir`` are
+* ``root``: data directory. coco/csv/jsonl: relative ``captions_file`` / ``image_dir`` are
   resolved against it. hf: passed as ``data_dir`` to ``datasets.load_dataset`` (the
   folder for ``hf_name="imagefolder"``; may be empty for a Hub dataset).
-* ``captions_file`` (coco, csv, jsonl): the COCO captions JSON
-  (``annotations/captions_{split}.json``) or the table, one row per caption or per image.
-* ``image_dir`` (coco, csv, jsonl): folder holding the image files named in the annotations.
+* ``captions_file`` (coco, csv, jsonl): the COCO captions JSON or the table, one row per
+  caption or per image. ``""`` (the default) is the format's own (:data:`DEFAULT_LAYOUT`):
+  ``annotations/captions_{split}.json`` (coco), the first of ``captions.csv`` /
+  ``captions.txt`` under the root (csv; Flickr8k's file), of ``captions.jsonl`` /
+  ``captions.json`` (jsonl).
+* ``image_dir`` (coco, csv, jsonl): folder holding the image files named in the
+  annotations. ``""`` (the default): ``{split}`` (coco), else the first of ``images`` /
+  ``Images`` under the root.
 * ``image_column``, ``caption_column`` (csv, jsonl, hf): column names. A caption cell may hold a
   string or (JSONL, hf) a list of strings. In hf the image column is an ``Image`` feature
   (stored path or bytes) or a string path relative to ``root``.
@@ -23,9 +28,11 @@ may contain ``{split}``, replaced by the split name ``data.train_split`` / ``dat
   directory (empty = the datasets default).
 * ``train_split``, ``val_split``: split names substituted for ``{split}`` (coco, csv) or
   passed to ``load_dataset(split=...)`` (hf).
-* ``holdout_fraction``: if > 0, both splits read ``train_split`` and an image goes to
-  "val" iff a stable hash of its id falls below this fraction (for sources with one split,
-  such as Flickr8k's ``captions.txt``); ``val_split`` is then unused.
+* ``holdout_fraction`` (default 0.05): used when both splits read one source (a table whose
+  name has no ``{split}``, such as Flickr8k's ``captions.txt``, or ``train_split ==
+  val_split``): an image goes to "val" iff a stable hash of its id falls below this
+  fraction, to "train" otherwise. A source with a split of its own for each (COCO's
+  ``captions_{split}.json``) ignores it. 0 with one source: "val" is the training data.
 * ``max_images``: keep only the first N images of the split (0 = all).
 
 Bad input never crashes a run and never passes silently: a missing image file, an empty
@@ -40,6 +47,7 @@ without the named columns, or a split left without any usable image, raises
 
 from __future__ import annotations
 
+import codecs
 import collections
 import dataclasses
 import hashlib
@@ -57,6 +65,13 @@ from jaxfit.errors import DataError
 logger = logging.getLogger(__name__)
 
 FORMATS = ("coco", "csv", "jsonl", "hf")
+# A format's (captions_file, image_dir) candidates when those fields are "" (the default):
+# the first that exists under data.root, else the first (which the missing-file error names).
+DEFAULT_LAYOUT = {
+    "coco": (("annotations/captions_{split}.json",), ("{split}",)),
+    "csv": (("captions.csv", "captions.txt"), ("images", "Images")),
+    "jsonl": (("captions.jsonl", "captions.json"), ("images", "Images")),
+}
 _TABLES = ("csv", "jsonl")  # formats read as a table of rows (data.rows)
 _LOG_FIRST = 10  # log this many skips per reason individually, then only count them
 
@@ -144,15 +159,19 @@ def default_data_config() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.format = "coco"  # "coco" | "csv" | "jsonl" | "hf"
     c.root = ""  # data directory (coco/csv base; hf data_dir)
-    c.captions_file = "annotations/captions_{split}.json"  # coco JSON or csv/jsonl table
-    c.image_dir = "{split}"  # image folder, relative to root
+    # coco JSON or csv/jsonl table, relative to root; "" = the format's (DEFAULT_LAYOUT):
+    # annotations/captions_{split}.json, captions.csv|captions.txt, captions.jsonl|.json
+    c.captions_file = ""
+    c.image_dir = ""  # image folder, relative to root; "" = {split} (coco), images|Images
     c.image_column = "image"  # csv/hf image column
     c.caption_column = "caption"  # csv/hf caption column (string or list of strings)
     c.hf_name = "imagefolder"  # datasets.load_dataset name (Hub name or "imagefolder")
     c.hf_cache_dir = ""  # datasets cache dir ("" = default)
     c.train_split = "train2017"
     c.val_split = "val2017"
-    c.holdout_fraction = 0.0  # >0: carve "val" out of train_split by hashed image id
+    # when both splits read one source (captions.txt): this fraction of its images, by
+    # hashed id, is "val"; a source with its own val split (COCO) ignores it
+    c.holdout_fraction = 0.05
     c.max_images = 0  # keep only the first N images per split (0 = all)
     # Pipeline (image_text.pipeline): grain worker threads, CLIP augmentation.
     c.num_threads = 8  # image decode/preprocess threads
@@ -169,10 +188,51 @@ def default_data_config() -> ml_collections.ConfigDict:
 # ----------------------------------------------------------------------------- helpers
 
 
+def layout_fields(cfg) -> dict[str, str]:
+    """``{"captions_file": ..., "image_dir": ...}`` of a coco / csv / jsonl source, an empty
+    field replaced by the first of the format's defaults (:data:`DEFAULT_LAYOUT`) that
+    exists under ``data.root`` (left empty when none does). ``{}`` for hf."""
+    if cfg.format not in DEFAULT_LAYOUT:
+        return {}
+    root = Path(cfg.root).expanduser() if cfg.root else None
+    out = {}
+    for field, candidates in zip(("captions_file", "image_dir"), DEFAULT_LAYOUT[cfg.format]):
+        value = cfg.get(field, "")
+        if not value and root is not None:
+            split = cfg.train_split
+            value = next((c for c in candidates if (root / c.format(split=split)).exists()), "")
+        out[field] = value
+    return out
+
+
+def _template(cfg, field: str) -> str:
+    """The ``captions_file`` / ``image_dir`` template read: :func:`layout_fields`, else the
+    format's first default (which the missing-file error then names)."""
+    index = ("captions_file", "image_dir").index(field)
+    return layout_fields(cfg)[field] or DEFAULT_LAYOUT[cfg.format][index][0]
+
+
+def one_source(cfg) -> bool:
+    """Whether the train and val splits read the same source: the same table (its name has
+    no ``{split}``) or split name (hf), so that ``holdout_fraction`` divides it."""
+    if cfg.train_split == cfg.val_split:
+        return True
+    if cfg.format == "hf":
+        return False
+    template = _template(cfg, "captions_file")
+    return template.format(split=cfg.train_split) == template.format(split=cfg.val_split)
+
+
+def holdout(cfg) -> float:
+    """The fraction of the images that goes to "val": ``holdout_fraction`` when both splits
+    read one source (:func:`one_source`), else 0 (each split has its own)."""
+    return float(cfg.get("holdout_fraction", 0.0)) if one_source(cfg) else 0.0
+
+
 def _split_name(cfg, split: str) -> str:
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
-    if cfg.get("holdout_fraction", 0.0) > 0:
+    if holdout(cfg) > 0:
         return cfg.train_split
     return cfg.train_split if split == "train" else cfg.val_split
 
@@ -184,7 +244,14 @@ def _resolve(root: Path, template: str, split_name: str) -> Path:
 
 def layout(cfg) -> str:
     """The layout ``data.format`` expects under ``data.root``, in words (for messages)."""
-    names = f"{cfg.captions_file!r} and {cfg.image_dir!r} (with {{split}} = the split name)"
+    defaults = DEFAULT_LAYOUT.get(cfg.format, ((), ()))
+    given = [cfg.get("captions_file", ""), cfg.get("image_dir", "")]
+    names = " and ".join(
+        repr(value) if value else " or ".join(map(repr, candidates))
+        for value, candidates in zip(given, defaults)
+    )
+    if "{split}" in names:
+        names += " (with {split} = the split name)"
     if cfg.format == "coco":
         return f"the COCO captions layout: {names}"
     return f"a {cfg.format} table of image paths and captions and an image folder: {names}"
@@ -230,7 +297,8 @@ def captions_table(cfg, split: str) -> Path | None:
     source (``None`` for hf or an empty root), whether or not it exists."""
     if cfg.format == "hf" or not cfg.root:
         return None
-    return _resolve(Path(cfg.root).expanduser(), cfg.captions_file, _split_name(cfg, split))
+    template = _template(cfg, "captions_file")
+    return _resolve(Path(cfg.root).expanduser(), template, _split_name(cfg, split))
 
 
 def _captions_of(value) -> list:
@@ -294,8 +362,8 @@ def _file_checker(image_dir: Path):
 def _annotations_and_images(cfg, split_name: str, kind: str) -> tuple[Path, Path]:
     """``(captions_file, image_dir)`` of a split, both checked to exist."""
     root = _require_root(cfg)
-    table = _resolve(root, cfg.captions_file, split_name)
-    image_dir = _resolve(root, cfg.image_dir, split_name)
+    table = _resolve(root, _template(cfg, "captions_file"), split_name)
+    image_dir = _resolve(root, _template(cfg, "image_dir"), split_name)
     _require_file(table, "COCO captions file" if kind == "coco" else "captions table", cfg)
     _require_dir(image_dir, "COCO image folder" if kind == "coco" else "image folder", cfg)
     return table, image_dir
@@ -353,11 +421,30 @@ def _load_table(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaption
             g.add_caption(name, cap)
     if not seen:
         raise DataError(
-            f"the {cfg.format} table has no rows",
+            f"the {cfg.format} table has no rows{_columns_found(table, kind)}",
             path=table,
-            hint="add rows of image path and caption (a header alone is no data)",
+            hint=_empty_table_hint(table),
         )
     return g.records(_file_checker(image_dir))
+
+
+def _columns_found(table: Path, kind: str) -> str:
+    """`` (columns found: [...])`` for a CSV's header row, else ``""``."""
+    if kind != "csv":
+        return ""
+    shown = [c if len(c) <= 40 else c[:37] + "..." for c in rows.csv_header(table)[:6]]
+    return f" (columns found: {shown})" if shown else " (the file is empty)"
+
+
+def _empty_table_hint(table: Path) -> str:
+    with open(table, "rb") as f:
+        head = f.read(64).lstrip(codecs.BOM_UTF8).lstrip()
+    if head[:1] in (b"{", b"["):
+        return (
+            "it holds JSON: a COCO captions file is data.format=coco, JSON lines of "
+            "image and caption are data.format=jsonl"
+        )
+    return "add rows of image path and caption (a header alone is no data)"
 
 
 def _load_hf(cfg, split_name: str, counter: SkipCounter) -> list[ImageCaptions]:
@@ -442,7 +529,7 @@ def load_source(data_cfg, split: str) -> tuple[list[ImageCaptions], SkipCounter]
     split_name = _split_name(data_cfg, split)
     counter = SkipCounter()
     records = _LOADERS[data_cfg.format](data_cfg, split_name, counter)
-    fraction = data_cfg.get("holdout_fraction", 0.0)
+    fraction = holdout(data_cfg)
     if fraction > 0:
         want_val = split == "val"
         records = [r for r in records if _in_holdout(r.image_id, fraction) == want_val]

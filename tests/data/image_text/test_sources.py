@@ -14,8 +14,11 @@ from jaxfit.data.image_text.sources import (
     ImageCaptions,
     SkipCounter,
     default_data_config,
+    holdout,
+    layout_fields,
     load_source,
 )
+from jaxfit.errors import DataError
 
 
 def _cfg(**kw):
@@ -51,7 +54,13 @@ def test_coco_mini_counts_and_unlisted_images_ignored(shared):
 @pytest.mark.shared_data
 def test_flickr8k_csv_groups_five_captions_per_image(shared):
     root = shared("flickr8k_1k_small")
-    cfg = _cfg(format="csv", root=str(root), captions_file="captions.txt", image_dir="images")
+    cfg = _cfg(
+        format="csv",
+        root=str(root),
+        captions_file="captions.txt",
+        image_dir="images",
+        holdout_fraction=0.0,  # one table and no holdout: both splits are all of it
+    )
     records, skips = load_source(cfg, "train")
     assert skips.total == 0
     assert len(records) == 1000
@@ -295,3 +304,87 @@ def test_skip_counter_dedupes_keys_and_is_thread_safe():
     for t in threads:
         t.join()
     assert c.as_dict() == {"undecodable_image": 1, "x": 2000}
+
+
+# --- a folder with a captions table: the defaults of data.format=csv / jsonl ---------------
+
+
+def _flickr_as(tmp_path: Path, shared, table: str, images: str = "images") -> Path:
+    """The Flickr8k sample's images (linked) with its captions written as ``table``:
+    ``captions.txt`` / ``captions.csv`` as they are, ``captions.jsonl`` one object per
+    image with its captions as a list."""
+    src = shared("flickr8k_1k_small")
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / images).symlink_to(src / "images")
+    text = (src / "captions.txt").read_text(encoding="utf-8")
+    if table.endswith(".jsonl"):
+        grouped: dict[str, list[str]] = {}
+        for r in load_source(_cfg(format="csv", root=str(src), holdout_fraction=0.0), "train")[0]:
+            grouped[r.image_id] = r.captions
+        text = "".join(json.dumps({"image": k, "caption": v}) + "\n" for k, v in grouped.items())
+    (root / table).write_text(text, encoding="utf-8")
+    return root
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize(
+    "fmt, table, images",
+    [
+        ("csv", "captions.txt", "images"),
+        ("csv", "captions.csv", "Images"),
+        ("jsonl", "captions.jsonl", "images"),
+    ],
+)
+def test_a_captions_folder_needs_only_its_format(tmp_path, shared, fmt, table, images):
+    """format + root alone: the table and image folder found by name, 5% held out by a
+    stable hash of the image name, the same records as the fields spelled out."""
+    root = _flickr_as(tmp_path, shared, table, images)
+    cfg = _cfg(format=fmt, root=str(root))
+    assert layout_fields(cfg) == {"captions_file": table, "image_dir": images}
+    train, skips = load_source(cfg, "train")
+    val, _ = load_source(cfg, "val")
+    assert skips.total == 0
+    ids_t, ids_v = {r.image_id for r in train}, {r.image_id for r in val}
+    assert not ids_t & ids_v and len(ids_t | ids_v) == 1000
+    assert len(val) == 44  # md5 of the file names below 0.05 * 2**64: 4.4% here
+    assert all(len(r.captions) == 5 for r in train + val)
+    spelled = _cfg(
+        format=fmt, root=str(root), captions_file=table, image_dir=images, holdout_fraction=0.05
+    )
+    assert load_source(spelled, "val")[0] == val
+
+
+def test_holdout_applies_only_when_both_splits_read_one_source():
+    assert holdout(_cfg(format="coco")) == 0.0  # captions_{split}.json: a val file of its own
+    assert holdout(_cfg(format="coco", val_split="train2017")) == 0.05
+    assert holdout(_cfg(format="csv", captions_file="c_{split}.csv")) == 0.0
+    assert holdout(_cfg(format="csv", captions_file="c.csv", holdout_fraction=0.2)) == 0.2
+    assert holdout(_cfg(format="hf", train_split="train", val_split="test")) == 0.0
+    assert holdout(_cfg(format="hf", train_split="train", val_split="train")) == 0.05
+
+
+def test_a_folder_without_the_default_table_names_both_candidates(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(FileNotFoundError) as e:
+        load_source(_cfg(format="csv", root=str(tmp_path)), "train")
+    msg = str(e.value)
+    assert str(tmp_path / "captions.csv") in msg
+    assert "'captions.csv' or 'captions.txt' and 'images' or 'Images'" in msg
+
+
+@pytest.mark.shared_data
+def test_a_coco_json_read_as_csv_names_the_file_and_the_columns_found(shared):
+    root = shared("coco_mini")
+    cfg = _cfg(
+        format="csv",
+        root=str(root),
+        captions_file="annotations/captions_train2017.json",
+        image_dir="train2017",
+    )
+    with pytest.raises(DataError) as e:
+        load_source(cfg, "train")
+    msg = str(e.value)
+    assert str(root / "annotations" / "captions_train2017.json") in msg
+    assert 'columns found: [\'{"info": {"description": "COCO 2017 D...\'' in msg
+    assert "data.format=coco" in msg

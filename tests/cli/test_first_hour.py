@@ -1,0 +1,110 @@
+"""The README's "The first hour" training commands run AS WRITTEN and learn, each in minutes.
+
+Unlike ``test_readme_commands.test_commands_run`` (every README command, shrunk to two
+steps), nothing is shrunk here: each training command of the block (``make demo``'s
+included) runs with its own sizes, steps and rhythm; only ``runs/...`` go to a temporary
+directory and the data paths the README names (``input.txt``, ``/data/flickr8k``) to
+``../shared/data`` (skipped when that is absent). Each must finish within
+:data:`LIMIT_S` and show learning on its held-out data:
+
+* a language model: the last evaluation's loss is below the first one's, and below the
+  uniform guess ``ln(vocab)`` by :data:`LM_BELOW_UNIFORM` nats;
+* CLIP: the last evaluation's rsum (R@1 + R@5 + R@10, image-to-text and text-to-image)
+  at least :data:`CLIP_TIMES_CHANCE` times that of random embeddings
+  (:func:`jaxfit.evals.retrieval.chance_recall`; about ``2 * 16 * 100 / N`` for N
+  held-out images): six recalls summed, steadier than one on a few dozen images.
+
+The margins sit well inside what the runs measured (docs/BENCHMARKS.md, "The first hour").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_readme_commands import REPO, Command, Runner, _commands_in, _Skip
+
+from jaxfit.evals.retrieval import chance_recall
+
+LIMIT_S = 600  # the issue's bound for a first-hour command on this 2-core machine
+LM_BELOW_UNIFORM = 1.5
+CLIP_TIMES_CHANCE = 1.5
+
+
+def first_hour_block() -> str:
+    """The text of README.md's "## The first hour" section."""
+    readme = (REPO / "README.md").read_text(encoding="utf-8")
+    match = re.search(r"^## The first hour\n(.*?)(?=^## )", readme, re.S | re.M)
+    assert match, "README.md has no '## The first hour' section"
+    return match.group(1)
+
+
+def first_hour_trainings() -> list[Command]:
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", first_hour_block(), re.S | re.M)
+    found = [c for block in blocks for c in _commands_in(block, "README.md (the first hour)")]
+    return [c for c in found if c.module == "train"]
+
+
+class AsWritten(Runner):
+    """The README's command with only its paths substituted (no smaller sizes or rhythm)."""
+
+    def small(self, command, config, spec):
+        return []
+
+
+def _evals(workdir: Path) -> list[dict]:
+    with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if any(k.startswith("eval/") for k in r)]
+
+
+def _option(argv: list[str], flag: str) -> str:
+    return next(a.split("=", 1)[1] for a in argv if a.startswith(flag + "="))
+
+
+def test_the_block_trains_a_demo_and_own_data_of_both_kinds():
+    texts = [c.text for c in first_hour_trainings()]
+    assert any("clip_coco.py:demo" in t for t in texts), texts  # make demo
+    assert any("gpt2_scratch.py:small" in t and "data.path" in t for t in texts), texts
+    assert any("clip_coco.py:small" in t and "data.root" in t for t in texts), texts
+
+
+@pytest.mark.slow
+@pytest.mark.shared_data
+@pytest.mark.parametrize("command", first_hour_trainings(), ids=lambda c: c.text[:80])
+def test_first_hour_command_learns_in_minutes(command, tmp_path):
+    try:
+        argv = AsWritten(tmp_path).adapt(command)
+    except _Skip as e:
+        pytest.skip(str(e))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+    )
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, f"{command}\nexit {proc.returncode}:\n{proc.stderr[-3000:]}"
+    assert wall < LIMIT_S, f"{command}: {wall:.0f} s"
+    workdir = Path(_option(argv, "--workdir"))
+    config = json.loads((workdir / "config.json").read_text())
+    evals = _evals(workdir)
+    assert len(evals) >= 2, evals
+    first, last = evals[0], evals[-1]
+    assert last["step"] == config["total_steps"]
+    if config["task"] == "lm":
+        vocab = config["model"]["config"]["vocab_size"] or config["data"]["tokenizer"]["vocab_size"]
+        assert last["eval/loss"] < first["eval/loss"], (first, last)
+        assert last["eval/loss"] < math.log(vocab) - LM_BELOW_UNIFORM, (vocab, last)
+    else:
+        n = int(last["eval/num_images"])
+        per_image = last["eval/num_captions"] / n
+        chance = sum(sum(chance_recall(n, per_image, k).values()) for k in (1, 5, 10))
+        assert last["eval/rsum"] >= CLIP_TIMES_CHANCE * chance, (chance, last)
+    print(f"{command.text}: {wall:.0f} s; first eval {first}; last eval {last}")
