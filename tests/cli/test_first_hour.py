@@ -108,3 +108,48 @@ def test_first_hour_command_learns_in_minutes(command, tmp_path):
         chance = sum(sum(chance_recall(n, per_image, k).values()) for k in (1, 5, 10))
         assert last["eval/rsum"] >= CLIP_TIMES_CHANCE * chance, (chance, last)
     print(f"{command.text}: {wall:.0f} s; first eval {first}; last eval {last}")
+
+
+def _data_fields(command: Command) -> dict[str, str]:
+    """The ``--config.data.X=V`` overrides of a command, as ``{X: V}``."""
+    out = {}
+    for token in command.tokens:
+        key, _, value = token.partition("=")
+        if key.startswith("--config.data."):
+            out[key.removeprefix("--config.data.")] = value
+    return out
+
+
+@pytest.mark.shared_data
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_the_own_images_example_reads_a_flickr8k_folder(tmp_path, fmt):
+    """The README's own-images command, its data fields as written, on the Flickr8k sample
+    (``captions.txt`` + ``images/``) and on the same folder as ``captions.jsonl`` with
+    ``data.format=jsonl`` (what the README says jsonl reads): the same 956 + 44 images."""
+    from jaxfit.data.image_text.sources import default_data_config, load_source
+
+    command = next(c for c in first_hour_trainings() if "clip_coco.py:small" in c.text)
+    fields = _data_fields(command)
+    assert fields["format"] == "csv" and set(fields) == {"format", "root"}, fields
+    try:
+        root = Path(AsWritten(tmp_path).data_file(fields["root"]))
+    except _Skip as e:
+        pytest.skip(str(e))
+    cfg = default_data_config()
+    cfg.update(fields, root=str(root))
+    if fmt == "jsonl":
+        csv_records = load_source(cfg, "train")[0] + load_source(cfg, "val")[0]
+        folder = tmp_path / "jsonl_photos"
+        folder.mkdir()
+        (folder / "images").symlink_to(root / "images")
+        (folder / "captions.jsonl").write_text(
+            "".join(
+                json.dumps({"image": r.image_id, "caption": r.captions}) + "\n" for r in csv_records
+            )
+        )
+        cfg.update(format="jsonl", root=str(folder))
+    train, skips = load_source(cfg, "train")
+    val, _ = load_source(cfg, "val")
+    assert skips.total == 0 and (len(train), len(val)) == (956, 44)
+    assert {r.image_id for r in train}.isdisjoint(r.image_id for r in val)
+    assert sum(len(r.captions) for r in train + val) == 5000
