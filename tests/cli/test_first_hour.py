@@ -4,8 +4,10 @@ Unlike ``test_readme_commands.test_commands_run`` (every README command, shrunk 
 steps), nothing is shrunk here: each training command of the block (``make demo``'s
 included) runs with its own sizes, steps and rhythm; only ``runs/...`` go to a temporary
 directory and the data paths the README names (``input.txt``, ``/data/flickr8k``) to
-``../shared/data`` (skipped when that is absent). Each must finish within
-:data:`LIMIT_S` and show learning on its held-out data:
+``../shared/data`` (skipped when that is absent). Each must take under :data:`LIMIT_S`
+seconds of CPU (user + sys of the run: what it costs this machine whatever else runs on
+it; the wall time, printed, is at most that on a quiet machine, since the runs use both
+cores) and show learning on its held-out data:
 
 * a language model: the last evaluation's loss is below the first one's, and below the
   uniform guess ``ln(vocab)`` by :data:`LM_BELOW_UNIFORM` nats;
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import re
+import resource
 import subprocess
 import sys
 import time
@@ -59,6 +62,12 @@ class AsWritten(Runner):
         return []
 
 
+def _children_cpu_s() -> float:
+    """User + system CPU seconds of the waited-for child processes so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _evals(workdir: Path) -> list[dict]:
     with open(workdir / "metrics.jsonl", encoding="utf-8") as f:
         records = [json.loads(line) for line in f]
@@ -85,13 +94,13 @@ def test_first_hour_command_learns_in_minutes(command, tmp_path):
     except _Skip as e:
         pytest.skip(str(e))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), _children_cpu_s()
     proc = subprocess.run(
-        [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+        [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=2400
     )
-    wall = time.perf_counter() - t0
+    wall, cpu = time.perf_counter() - t0, _children_cpu_s() - cpu0
     assert proc.returncode == 0, f"{command}\nexit {proc.returncode}:\n{proc.stderr[-3000:]}"
-    assert wall < LIMIT_S, f"{command}: {wall:.0f} s"
+    assert cpu < LIMIT_S, f"{command}: {cpu:.0f} s of CPU ({wall:.0f} s wall)"
     workdir = Path(_option(argv, "--workdir"))
     config = json.loads((workdir / "config.json").read_text())
     evals = _evals(workdir)
@@ -107,7 +116,7 @@ def test_first_hour_command_learns_in_minutes(command, tmp_path):
         per_image = last["eval/num_captions"] / n
         chance = sum(sum(chance_recall(n, per_image, k).values()) for k in (1, 5, 10))
         assert last["eval/rsum"] >= CLIP_TIMES_CHANCE * chance, (chance, last)
-    print(f"{command.text}: {wall:.0f} s; first eval {first}; last eval {last}")
+    print(f"{command.text}: {cpu:.0f} s CPU, {wall:.0f} s wall; first {first}; last {last}")
 
 
 def _data_fields(command: Command) -> dict[str, str]:
