@@ -75,7 +75,20 @@ def parser() -> cli.ArgumentParser:
     ap.add_argument("--num_samples", type=int, default=1, help="continuations to print (1)")
     ap.add_argument("--quant", choices=("nf4", "int8"), default=None, help="quantise an HF model")
     ap.add_argument("--adapter", default="", help="PEFT LoRA adapter directory (HF model)")
-    return ap
+    ap.add_argument(
+        "--kv_cache",
+        choices=("bf16", "int8"),
+        default="bf16",
+        help="KV cache storage: the compute dtype (bf16) or int8 + scales",
+    )
+    ap.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=sampling.DEFAULT_PREFILL_CHUNK,
+        help=f"prompt tokens per prefill step ({sampling.DEFAULT_PREFILL_CHUNK}; "
+        "0: the whole prompt at once)",
+    )
+    return ap  # fmt: skip
 
 
 def _main(argv: list[str] | None) -> int:
@@ -99,6 +112,8 @@ def _main(argv: list[str] | None) -> int:
         top_p=args.top_p,
         eos_token_id=eos,
         rng=jax.random.key(args.seed),
+        prefill_chunk=args.prefill_chunk,
+        kv_cache=None if args.kv_cache == "bf16" else args.kv_cache,
     )
     for row in out:
         row = list(row)
