@@ -202,6 +202,7 @@ class CausalLMMixin:
         b, s = input_ids.shape
         pos = kv_cache.positions(cache, b, s)
         hidden, (k, v) = self._backbone(input_ids, pos, None, (cache.k, cache.v), cache.index)
+        k, v = kv_cache.write(cache.k, k, cache.index), kv_cache.write(cache.v, v, cache.index)
         if logits_index is not None:
             hidden = jax.lax.dynamic_index_in_dim(hidden, logits_index, axis=1, keepdims=False)
         return self.logits(hidden), kv_cache.KVCache(k=k, v=v, index=cache.index + s)
