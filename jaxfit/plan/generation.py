@@ -23,10 +23,13 @@ multiple of ``--prefill_chunk``, then ``--new_tokens`` generated. Printed:
   token (``2 N + 4 L d T``, :func:`jaxfit.perf.decoder_flops_per_token`).
 
 On a CPU the peak is XLA:CPU's program, read from its buffer assignment and live ranges
-(:mod:`jaxfit.plan.liveness`) with its float32 copies of bf16 values counted as bf16 (it
-still errs high); ``--compile_for gpu`` compiles for the card as a deviceless XLA:GPU target
-(``requirements-plan-gpu.txt``). Attention is the ``chunked`` flash algorithm in plain XLA
-on a CPU (a GPU's ``auto`` picks cuDNN or it): no ``[queries, keys]`` scores array.
+(:mod:`jaxfit.plan.liveness`) without the float32 copies of bf16 weights and KV cache that
+XLA:CPU makes for its float32 matmuls and a GPU does not (other float32 conversions count
+as bf16: it still errs high); ``--compile_for gpu`` compiles for the card as a deviceless
+XLA:GPU target (``requirements-plan-gpu.txt``). Attention is the ``chunked`` flash
+algorithm in plain XLA on a CPU (a GPU's ``auto`` picks cuDNN or it): no ``[queries, keys]``
+scores array. XLA keeps a second copy of the KV cache for a moment between the prefill
+loop and the decoding loop (loop-state copy insertion): the peak includes it.
 """
 
 from __future__ import annotations
@@ -114,8 +117,8 @@ class GenerationPlan:
       kv_cache_bytes: the KV cache (closed form, :func:`jaxfit.models.kv_cache.nbytes`).
       peak_bytes: the compiled program's arguments + outputs - aliased + temporaries.
       temp_bytes: its temporaries (activations, dequantised weights, logits, scores): on
-        a CPU the most that is live at once (:mod:`jaxfit.plan.liveness`), with XLA:CPU's
-        float32 copies of bf16 values counted as the bf16 they are on a GPU.
+        a CPU the most that is live at once (:mod:`jaxfit.plan.liveness`), less XLA:CPU's
+        float32 copies of bf16 values that a GPU does not make (:func:`_gpu_bytes`).
       cpu_upcast_bytes: what that leaves out of XLA:CPU's live peak (0 on a GPU).
       decode_bytes_per_step: what one decoding step reads (see the module docstring).
       flops_per_token: forward FLOPs per token at the full context.
@@ -189,14 +192,32 @@ def abstract_weights(model, family, quant: str):
     return jax.eval_shape(functools.partial(quantize_params, method=quant), params)
 
 
-def _gpu_bytes(value: liveness.Value) -> int:
-    """A temporary's bytes on a GPU: XLA:CPU computes bf16 matmuls in float32 and keeps
-    float32 conversions of their bf16 operands (the LM head, the KV cache, dequantised
-    weights), which XLA:GPU does not; such a value counts as the bf16 it converts (half),
-    which still errs high (a GPU needs no copy at all)."""
-    if value.shape.startswith("f32[") and "convert" in value.name:
-        return value.size // 2
-    return value.size
+def _dims(shape: str) -> tuple[int, ...]:
+    """``(32, 1, 8447)`` of an HLO shape ``f32[32,1,8447]{2,1,0}``."""
+    inner = shape[shape.index("[") + 1 : shape.index("]")]
+    return tuple(int(d) for d in inner.split(",") if d)
+
+
+def _read_in_place(weights, cache) -> set[tuple[int, ...]]:
+    """Sorted dims of the bf16 arrays a GPU reads where they are: the weights' float
+    leaves (and a stacked leaf's per-layer slice) and the KV cache (and a layer's)."""
+    out = set()
+    for x in jax.tree.leaves((weights, cache)):
+        if getattr(x, "dtype", None) == jnp.bfloat16:
+            out.add(tuple(sorted(x.shape)))
+            out.add(tuple(sorted(x.shape[1:])))
+    return out
+
+
+def _gpu_bytes(value: liveness.Value, in_place: set[tuple[int, ...]]) -> int:
+    """A temporary's bytes on a GPU. XLA:CPU computes bf16 matmuls in float32 and keeps
+    float32 conversions of their bf16 operands, which XLA:GPU does not make: a float32
+    conversion of an array a GPU reads in place (``in_place``: the bf16 weights, the KV
+    cache, in any layout) counts 0; one of a computed value (a dequantised NF4 / int8
+    kernel) counts as the bf16 it would be (half), which errs high."""
+    if not (value.shape.startswith("f32[") and "convert" in value.name):
+        return value.size
+    return 0 if tuple(sorted(_dims(value.shape))) in in_place else value.size // 2
 
 
 def _decoder_sizes(model) -> tuple[int, int, int, int]:
@@ -276,8 +297,10 @@ def plan_generation(
     ma = compiled.memory_analysis()
     fixed = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
     temps, upcasts = ma.temp_size_in_bytes, 0
-    if live is not None:  # XLA:CPU's float32 copies of bf16 values, as the bf16 they are
-        temps = live.peak(_gpu_bytes)[0]
+    if live is not None:  # XLA:CPU's float32 copies of bf16 values (_gpu_bytes)
+        cache = jax.eval_shape(lambda: model.init_cache(batch, slots, kv_quant))
+        in_place = _read_in_place(weights, cache)
+        temps = live.peak(lambda v: _gpu_bytes(v, in_place))[0]
         upcasts = live.peak()[0] - temps
     peak = fixed + temps
 
