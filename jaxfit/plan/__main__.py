@@ -120,7 +120,7 @@ def generate_parser() -> cli.ArgumentParser:
         "--new_tokens",
         type=int,
         default=None,
-        help="tokens generated (default min(256, context / 2))",
+        help="tokens generated (default min(512, context / 2))",
     )
     ap.add_argument(
         "--prefill_chunk",

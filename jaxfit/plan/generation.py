@@ -101,7 +101,9 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
 }  # fmt: skip
 QUANT = ("bf16", "int8", "nf4")
 KV_CACHE = ("bf16", "int8")
-DEFAULT_NEW_TOKENS = 256
+# As the default prefill chunk: a context that is a multiple of it then leaves a prompt
+# of whole chunks, and the cache holds context - 1 slots (no padding past the context).
+DEFAULT_NEW_TOKENS = sampling.DEFAULT_PREFILL_CHUNK
 
 
 @dataclasses.dataclass
@@ -246,7 +248,7 @@ def plan_generation(
       context: KV cache length asked for (prompt + new tokens), >= 2.
       batch: sequences decoded together.
       kv_cache_format: one of :data:`KV_CACHE`.
-      new_tokens: tokens generated (default ``min(256, context // 2)``).
+      new_tokens: tokens generated (default ``min(512, context // 2)``).
       prefill_chunk: prompt tokens per prefill step (``0``: the whole prompt at once).
 
     Raises:
