@@ -24,11 +24,12 @@ https://arxiv.org/abs/1904.09751), in that order (all in
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
 
 from jaxfit.models import kv_cache as kv_cache_lib
 
@@ -161,7 +162,7 @@ def prompt_width(length: int, limit: int | None, prefill_chunk: int) -> tuple[in
 
 
 @functools.partial(
-    jax.jit, static_argnames=("model", "max_new_tokens", "prefill_chunk", "kv_quant")
+    jax.jit, static_argnames=("model", "max_new_tokens", "prefill_chunk", "kv_quant", "stream")
 )
 def _generate(
     model,
@@ -178,13 +179,20 @@ def _generate(
     max_new_tokens: int,
     prefill_chunk: int = 0,
     kv_quant: str | None = None,
+    stream: Callable | None = None,
 ):
     batch, bucket = prompt.shape  # prompt_len (traced) real tokens, then padding
     variables = {"params": params}
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    def is_eos(tok):
-        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+    def stops(tok, done):
+        """Rows that end with ``tok``: an EOS id, or ``stream``'s answer (host callback,
+        in step order)."""
+        eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+        if stream is None:
+            return eos
+        answer = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+        return eos | io_callback(stream, answer, tok, done, ordered=True)
 
     # The last token sampled is never fed back, so the cache needs prompt + new - 1 slots;
     # decoding overwrites the padding
@@ -193,7 +201,7 @@ def _generate(
     rng, sub = jax.random.split(rng)
     tok = sample(last, sub)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-    done = is_eos(tok)
+    done = stops(tok, jnp.zeros((batch,), jnp.bool_))
 
     def cond(state):
         t, _, _, _, _, done = state
@@ -205,7 +213,7 @@ def _generate(
         rng, sub = jax.random.split(rng)
         new = jnp.where(done, pad_id, sample(logits[:, -1], sub))
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, t))
-        return t + 1, new, cache, rng, out, done | is_eos(new)
+        return t + 1, new, cache, rng, out, done | stops(new, done)
 
     state = (jnp.int32(1), tok, cache, rng, out, done)
     return jax.lax.while_loop(cond, body, state)[4]
@@ -225,6 +233,7 @@ def generate(
     rng: jax.Array | None = None,
     prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
     kv_cache: str | None = None,
+    stream: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Generate continuations of ``prompt_ids`` with a KV cache.
 
@@ -250,6 +259,11 @@ def generate(
         a per-(token, head) absmax scale (:class:`jaxfit.models.kv_cache.Int8KV`, 0.53x
         the bytes of bf16 at ``head_dim = 128``; its logit error against the float cache is
         measured in ``tests/test_sampling.py``).
+      stream: called on the host after each step, in order, as ``stream(tokens [batch]
+        int32, finished [batch] bool) -> stop [batch] bool`` (a ``jax.experimental.
+        io_callback``): it sees every token as it is generated (``finished`` rows get the
+        padding id) and may end rows (a stop string seen: later positions are padded, as
+        after EOS). Each new function compiles the program once more.
 
     Returns:
       ``np.ndarray [batch, max_new_tokens]`` int32 of generated ids only (``[max_new_tokens]``
@@ -310,6 +324,7 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         prefill_chunk=chunk,
         kv_quant=kv_cache,
+        stream=stream,
     )
     out = np.asarray(out)
     return out[0] if single else out

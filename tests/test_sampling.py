@@ -154,6 +154,33 @@ def test_int8_kv_cache_error_is_bounded(family):
     assert 0 < mean < 0.01 and worst < 0.1, (mean, worst)
 
 
+def test_stream_sees_every_token_and_can_stop_a_row(family):
+    """``stream`` gets each step's tokens in order (equal to the returned ones, the
+    reference being transformers' greedy output) and ends row 0 after its 4th token: row 0
+    is padded after it, row 1 runs on unchanged."""
+    hf_model, model, params, prompts = family
+    if isinstance(hf_model, transformers.LlamaForCausalLM):
+        pytest.skip("family-independent; one family keeps compiles few")
+    ref = _hf_greedy(hf_model, prompts)
+    seen = []
+
+    def stream(tokens, finished):
+        seen.append((np.array(tokens), np.array(finished)))
+        stop = np.zeros(len(tokens), bool)
+        stop[0] = len(seen) == 4
+        return stop
+
+    out = sampling.generate(
+        model, params, prompts, max_new_tokens=NEW, temperature=0, pad_token_id=0, stream=stream
+    )
+    assert len(seen) == NEW
+    np.testing.assert_array_equal(np.stack([t for t, _ in seen], 1)[1], ref[1])
+    np.testing.assert_array_equal(out[1], ref[1])
+    np.testing.assert_array_equal(out[0, :4], ref[0, :4])
+    assert (out[0, 4:] == 0).all()
+    assert [bool(f[0]) for _, f in seen] == [False] * 4 + [True] * (NEW - 4)
+
+
 def test_single_prompt(family):
     hf_model, model, params, prompts = family
     if isinstance(hf_model, transformers.LlamaForCausalLM):
