@@ -32,6 +32,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hf_testing import tiny_llama
 from xla_env import fast_subprocess_env
 
 from jaxfit import config as config_lib
@@ -322,26 +323,15 @@ class Runner:
             transformers.CLIPModel(cfg).save_pretrained(path)
         else:
             tokenizer = self.shared("tokenizers/gpt2/tokenizer.json")
-            decoder = dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
-            shape = dict(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-            )
-            if family == "gpt2":
-                cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256)
-                model = transformers.GPT2LMHeadModel(cfg)
-            elif family == "qwen2":
-                model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, **decoder))
-            else:
-                model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, **decoder))
-            model.save_pretrained(path)
             tok = transformers.GPT2TokenizerFast(tokenizer_file=str(tokenizer))
             tok.chat_template = CHAT_TEMPLATE  # for the chat recipes
-            tok.save_pretrained(path)
+            if family == "gpt2":
+                cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256)
+                transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+                tok.save_pretrained(path)
+            else:  # llama / qwen2: 2 layers of width 64, GQA, GPT-2's tokenizer
+                tiny_llama(path, family=family, vocab_size=50257, max_positions=256,
+                           bos_token_id=50256, eos_token_id=50256, tokenizer=tok)  # fmt: skip
         self.models[family] = path
         return path
 
