@@ -96,8 +96,10 @@ class ExecutionConfig:
       dtype: compute dtype; param_dtype: parameter storage dtype.
       remat_policy: a name from :data:`REMAT_POLICIES`, applied to every layer stack.
       scan_layers: ``nn.scan`` the layer stacks (:func:`stack_layers`).
-      attention_impl: ``implementation`` of :func:`attention`: ``"auto"`` (default; also
-        ``None`` / ``""``), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
+      attention_impl: the ``implementation`` argument of
+        :func:`jaxfit.models.attention.dot_product_attention`: ``"auto"`` (default; also
+        ``None`` / ``""``; :func:`jaxfit.models.attention.choose_attention` decides),
+        ``"xla"``, ``"cudnn"`` or ``"chunked"``.
       mlp_chunk_size: > 0: the MLP runs over blocks of this many positions, each under
         ``jax.checkpoint`` (:func:`sequence_chunked`), so its ``[batch, seq,
         intermediate]`` temporaries exist for one block at a time; 0: at once.

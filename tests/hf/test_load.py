@@ -9,6 +9,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from hf_testing import tiny_llama
 
 from jaxfit import hf, quant
 from jaxfit.hf import families
@@ -21,18 +22,7 @@ transformers = pytest.importorskip("transformers")
 def checkpoints(tmp_path_factory):
     """A tiny transformers Llama saved as one file and as shards (``max_shard_size``)."""
     root = tmp_path_factory.mktemp("ckpt")
-    cfg = transformers.LlamaConfig(
-        vocab_size=61,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    model.save_pretrained(root / "one")
+    model = tiny_llama(root / "one")  # vocabulary 61, 64 positions, seed 0
     model.save_pretrained(root / "sharded", max_shard_size="20KB")
     return root, model
 

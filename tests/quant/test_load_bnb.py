@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bnb_testing import PROJ, reference_weights, require, save_quantized, tiny_llama, write_by_hand
+from bnb_testing import PROJ, reference_weights, require, save_quantized, write_by_hand
+from hf_testing import tiny_llama
 
 from jaxfit import config as config_lib
 from jaxfit import hf, quant
