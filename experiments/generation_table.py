@@ -1,14 +1,15 @@
-"""What a 12 GB card can generate with: the table of docs/generation.md.
+"""What a 12 GB card can generate with: the table of docs/BENCHMARKS.md (see docs/generation.md).
 
   python experiments/generation_table.py --out /tmp/generation_table.json
   python experiments/generation_table.py --write   # also rewrite docs/generation_records.json
 
 Plans (``jaxfit.plan.generation.plan_generation``, the program ``jaxfit.generate`` runs,
 compiled for abstract shapes on this machine's backend) every model x weight format x
-context of the table at batch 1 with a bf16 KV cache and prints it as markdown: weights,
-KV cache, planned peak, fits an RTX 4070 Ti's usable 10.9 GiB, decode bound. ``--write``
-records the rows' planned peaks in ``docs/generation_records.json`` (with the machine and
-commit), which ``tests/plan/test_generation_records.py`` checks within 2%.
+context of the table at batch 1 with a bf16 KV cache and prints the markdown rows of
+docs/BENCHMARKS.md: weights, KV cache, planned peak, fits an RTX 4070 Ti's usable 10.9
+GiB, decode bound. ``--write`` records the rows' planned peaks in
+``docs/generation_records.json`` (with the machine and commit), which
+``tests/plan/test_generation_records.py`` checks within 2%.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                 capture_output=True, text=True).stdout.strip()  # fmt: skip
         record = {
-            "reason": "generation plans of docs/generation.md (experiments/generation_table.py "
+            "reason": "generation plans of docs/BENCHMARKS.md (experiments/generation_table.py "
             "--write); a change that moves a peak by more than 2% updates this file",
             "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
             "backend": jax.default_backend(),

@@ -256,7 +256,7 @@ def generate(
         ``None`` or ``0``: the whole prompt in one step. Greedy tokens do not depend on it
         (tested against transformers); the logits differ by float rounding only.
       kv_cache: ``None``: keys and values in the compute dtype; ``"int8"``: int8 codes with
-        a per-(token, head) absmax scale (:class:`jaxfit.models.kv_cache.Int8KV`, 0.53x
+        a per-(token, head) absmax scale (:class:`jaxfit.models.kv_cache.Int8KV`, 0.52x
         the bytes of bf16 at ``head_dim = 128``; its logit error against the float cache is
         measured in ``tests/test_sampling.py``).
       stream: called on the host after each step, in order, as ``stream(tokens [batch]

@@ -22,7 +22,7 @@ beyond ``index`` hold zeros and are masked.
 scale per (token, head) (:class:`Int8KV`: symmetric round-to-nearest over ``head_dim``,
 the per-token scheme of KIVI's value cache and of vLLM/TensorRT-LLM's int8 KV cache;
 Liu et al. 2024, "KIVI", arXiv:2402.02750, sec. 3): ``head_dim + 4`` bytes per token and
-head instead of ``2 head_dim`` in bf16 (0.53x at ``head_dim = 128``). Each step writes its
+head instead of ``2 head_dim`` in bf16 (0.52x at ``head_dim = 128``). Each step writes its
 new tokens quantised and attends the dequantised cache.
 """
 

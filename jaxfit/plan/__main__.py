@@ -144,6 +144,11 @@ def generate_parser() -> cli.ArgumentParser:
         help="local or gpu (deviceless XLA:GPU, requirements-plan-gpu.txt)",
     )
     ap.add_argument("--json", default=None, help="write the plan(s) as JSON here")
+    ap.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="check the flags and the model, print them, and stop (no compile)",
+    )
     return ap  # fmt: skip
 
 
@@ -161,6 +166,9 @@ def _generate(argv: list[str]) -> int:
         gpu_target = cuda_target.cuda_target(args.device, 1) if args.compile_for == "gpu" else None
     except ValueError as e:
         raise UsageError(f"{e}, in the command line, see --generate --help") from None
+    if args.dry_run:
+        print(vars(args))
+        return 0
 
     def plan_at(context: int):
         try:

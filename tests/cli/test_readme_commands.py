@@ -431,6 +431,13 @@ class Runner:
             out.append(f"{flag}={value}")
         if config is not None:
             out += self.small(command, config, spec)
+        if command.module == "plan" and "--generate" in command.tokens:
+            # the named architecture's plan, on the tiny Llama (a built-in 8B compiles for
+            # ~20 s here; tests/plan/test_generation_records.py plans those), in a budget a
+            # --search_context outgrows after a few compiles
+            tiny = self.tiny_model("llama")
+            out = [f"--model={tiny}" if a.startswith("--model=") else a for a in out]
+            out += ["--budget=64MiB", "--reserve=0"]
         if command.module == "generate":
             out.append("--max_new_tokens=4")
         if command.module == "evaluate_code":  # two problems, short completions
