@@ -1,7 +1,9 @@
 """Sample text from a causal LM with a KV cache.
 
 --model is a Hugging Face model directory (or Hub name) with its tokenizer, or a jaxfit
-workdir (its latest checkpoint and the run's tokenizer). --temperature 0 is greedy.
+workdir (its latest checkpoint and the run's tokenizer). --temperature 0 is greedy. One
+sample is printed token by token as it is generated (--no_stream: at the end); --stop
+ends a sample where its text reaches the string (the text is cut before it).
 
 examples:
   python -m jaxfit.generate --model runs/gpt2_demo --prompt "Ada went to" --temperature 0
@@ -76,6 +78,18 @@ def parser() -> cli.ArgumentParser:
     ap.add_argument("--quant", choices=("nf4", "int8"), default=None, help="quantise an HF model")
     ap.add_argument("--adapter", default="", help="PEFT LoRA adapter directory (HF model)")
     ap.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        help="end a sample where its text reaches this string (repeatable)",
+    )
+    ap.add_argument(
+        "--no_stream",
+        dest="stream",
+        action="store_false",
+        help="print the sample at the end, not token by token (one sample)",
+    )
+    ap.add_argument(
         "--kv_cache",
         choices=("bf16", "int8"),
         default="bf16",
@@ -102,7 +116,12 @@ def _main(argv: list[str] | None) -> int:
     )
     ids = np.asarray(encode(args.prompt), np.int32)
     prompt = np.repeat(ids[None], args.num_samples, axis=0)
-    out = sampling.generate(
+    live = args.stream and args.num_samples == 1
+    texts = StopStrings(decode, args.stop, eos, args.num_samples)
+    if live:
+        texts.on_text = lambda new: print(new, end="", flush=True)
+        print(args.prompt, end="", flush=True)
+    sampling.generate(
         model,
         params,
         prompt,
@@ -114,13 +133,59 @@ def _main(argv: list[str] | None) -> int:
         rng=jax.random.key(args.seed),
         prefill_chunk=args.prefill_chunk,
         kv_cache=None if args.kv_cache == "bf16" else args.kv_cache,
+        stream=texts,
     )
-    for row in out:
-        row = list(row)
-        if eos is not None and eos in row:
-            row = row[: row.index(eos)]
-        print(args.prompt + decode(row))
+    if live:
+        print(texts.flush(0), flush=True)
+    else:
+        for i in range(args.num_samples):
+            print(args.prompt + texts.text(i))
     return 0
+
+
+class StopStrings:
+    """The ``stream`` callback of :func:`jaxfit.sampling.generate` for text: it decodes
+    each row's tokens as they come, ends a row whose text reaches one of ``stops`` (the
+    text is cut before it; an EOS id is not text) and hands row 0's new text to
+    ``on_text`` as it grows (a trailing incomplete UTF-8 character, U+FFFD, is held back
+    until the next token completes it).
+
+    Args:
+      decode: ``ids -> str``; stops: stop strings; eos: the EOS id or ``None``;
+      rows: the batch size.
+    """
+
+    def __init__(self, decode, stops, eos, rows: int):
+        self.decode, self.stops, self.eos = decode, [s for s in stops if s], eos
+        self.ids: list[list[int]] = [[] for _ in range(rows)]
+        self.cut: list[str | None] = [None] * rows
+        self.shown = 0
+        self.on_text = None
+
+    def text(self, row: int) -> str:
+        return self.cut[row] if self.cut[row] is not None else self.decode(self.ids[row])
+
+    def __call__(self, tokens, finished):
+        stop = np.zeros(len(tokens), bool)
+        for row, (tok, done) in enumerate(zip(tokens.tolist(), finished.tolist())):
+            if done or self.cut[row] is not None or tok == self.eos:
+                continue
+            self.ids[row].append(tok)
+            text = self.decode(self.ids[row])
+            hits = [text.find(s) for s in self.stops if s in text]
+            if hits:
+                self.cut[row], stop[row] = text[: min(hits)], True
+        if self.on_text is not None:
+            text = self.text(0)
+            ready = text if self.cut[0] is not None else text.rstrip("\ufffd")
+            if len(ready) > self.shown:
+                self.on_text(ready[self.shown :])
+                self.shown = len(ready)
+        return stop
+
+    def flush(self, row: int) -> str:
+        """What of row ``row``'s text :attr:`on_text` has not been given yet."""
+        return self.text(row)[self.shown :]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -66,6 +66,13 @@ def test_demo_lowers_perplexity_and_samples_its_grammar(tmp_path, capsys):
     args += ["--max_new_tokens", "24", "--kv_cache", "int8", "--prefill_chunk", "4"]
     assert generate_main(args) == 0
     assert capsys.readouterr().out == text
+    # a stop string ends the sample before it, streamed (one sample) or not (two samples)
+    place = re.search(r"Ada went to the (\w+)", text).group(1)
+    stop = ["--max_new_tokens", "24", "--temperature", "0", "--stop", " and"]
+    assert generate_main(args[:4] + stop) == 0
+    assert capsys.readouterr().out == f"Ada went to the {place}\n"
+    assert generate_main(args[:4] + stop + ["--num_samples", "2"]) == 0
+    assert capsys.readouterr().out == f"Ada went to the {place}\n" * 2
 
 
 @pytest.mark.slow
