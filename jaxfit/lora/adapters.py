@@ -74,7 +74,7 @@ class LoraWeight:
     ``base`` is the first field so that ``flax``'s parameter shape check (``Scope.param``
     compares the first leaf with the ``[in, out]`` the initialiser would create) sees the
     base kernel; a quantised base passes it by unboxing to a view of shape ``[in, out]``
-    (see :mod:`jaxfit.quant.leaves`), which ``Scope.param`` does inside this node too.
+    (see :mod:`jaxfit.quant.base`), which ``Scope.param`` does inside this node too.
     """
 
     base: Any
