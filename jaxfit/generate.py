@@ -37,7 +37,20 @@ def parser() -> cli.ArgumentParser:
         "--quant", choices=quant.names(), default=None, help="quantise an HF model while loading"
     )
     ap.add_argument("--adapter", default="", help="PEFT LoRA adapter directory (HF model)")
-    return ap
+    ap.add_argument(
+        "--kv_cache",
+        choices=("bf16", "int8"),
+        default="bf16",
+        help="KV cache storage: the compute dtype (bf16) or int8 + scales",
+    )
+    ap.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=sampling.DEFAULT_PREFILL_CHUNK,
+        help=f"prompt tokens per prefill step ({sampling.DEFAULT_PREFILL_CHUNK}; "
+        "0: the whole prompt at once)",
+    )
+    return ap  # fmt: skip
 
 
 def _main(argv: list[str] | None) -> int:
@@ -60,6 +73,8 @@ def _main(argv: list[str] | None) -> int:
         top_p=args.top_p,
         eos_token_id=eos,
         rng=jax.random.key(args.seed),
+        prefill_chunk=args.prefill_chunk,
+        kv_cache=None if args.kv_cache == "bf16" else args.kv_cache,
     )
     for row in out:
         row = list(row)

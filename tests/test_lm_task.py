@@ -61,6 +61,11 @@ def test_demo_lowers_perplexity_and_samples_its_grammar(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert re.search(r"Ada went to the (forest|river|hill|garden|market|lake) and", text), text
+    # an int8 KV cache and a prompt prefilled in 4-token chunks: the same greedy text
+    args = ["--model", str(workdir), "--prompt", "Ada went to", "--temperature", "0"]
+    args += ["--max_new_tokens", "24", "--kv_cache", "int8", "--prefill_chunk", "4"]
+    assert generate_main(args) == 0
+    assert capsys.readouterr().out == text
 
 
 @pytest.mark.slow
