@@ -30,6 +30,7 @@ from flax import struct
 from jaxfit import evaluate_code, generate, hf, quant, quantize
 from jaxfit.hf.families import DEFAULT_QUANT_RULES as RULES
 from jaxfit.models.llama import LlamaConfig, LlamaForCausalLM
+from jaxfit.plan import __main__ as plan_cli
 from jaxfit.quant import base
 
 NAME = "int4g_test"
@@ -156,6 +157,7 @@ def test_registered_everywhere_while_registered(int4):
         (generate.parser(), "--quant"),
         (evaluate_code.parser(), "--quant"),
         (quantize.parser(), "--method"),
+        (plan_cli.generate_parser(), "--quant"),
     ):
         (action,) = [a for a in parser._actions if flag in a.option_strings]
         assert NAME in action.choices, (parser.prog, action.choices)
