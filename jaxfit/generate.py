@@ -13,55 +13,15 @@ examples:
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
-from pathlib import Path
 
 import jax
 import numpy as np
 
-from jaxfit import cli, hf, lora, quant, sampling, trainer
+from jaxfit import cli, inference, quant, sampling
 
 PROG = "python -m jaxfit.generate"
-
-
-def load_model_and_tokenizer(path: str, *, quant_method: str | None = None, adapter: str = ""):
-    """``(model, params, encode, decode, eos_token_id)`` for a workdir or an HF model.
-
-    For an HF model, ``quant_method`` (``"nf4"`` / ``"int8"``) quantises the weights while
-    loading (``jaxfit.quant.load_quantized``); without it the weights load as stored (a
-    bitsandbytes 4-bit checkpoint as NF4, through ``jaxfit.hf.load_pretrained``).
-    ``adapter`` applies a PEFT LoRA directory.
-    A workdir is sampled as trained (its LoRA adapters over its frozen, possibly quantised,
-    base).
-
-    Raises:
-      FileNotFoundError: neither a jaxfit workdir with a checkpoint nor an HF model.
-    """
-    p = Path(path)
-    saved = p / "config.json"
-    if saved.is_file() and "task" in json.loads(saved.read_text()):
-        _, task, params, _ = trainer.restore_params(p)
-        tok = task.tokenizer
-        params = task.full_params(params, task.frozen)
-        return task.model, params, tok.encode, tok.decode, tok.eos_token_id
-    from transformers import AutoTokenizer
-
-    if quant_method:
-        model, params = quant.load_quantized(path, quant_method)
-    else:
-        model, params = hf.load_pretrained(path, quantize=hf.stored_quantization(path))
-    if adapter:
-        params = lora.load_peft(params, model, adapter)
-    tok = AutoTokenizer.from_pretrained(str(hf.io.resolve(path)))
-    return (
-        model,
-        params,
-        lambda s: tok(s)["input_ids"],
-        lambda ids: tok.decode(ids, skip_special_tokens=False),
-        tok.eos_token_id,
-    )
 
 
 def parser() -> cli.ArgumentParser:
@@ -75,7 +35,9 @@ def parser() -> cli.ArgumentParser:
     ap.add_argument("--top_p", type=float, default=None, help="nucleus sampling mass")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (0)")
     ap.add_argument("--num_samples", type=int, default=1, help="continuations to print (1)")
-    ap.add_argument("--quant", choices=("nf4", "int8"), default=None, help="quantise an HF model")
+    ap.add_argument(
+        "--quant", choices=quant.names(), default=None, help="quantise an HF model while loading"
+    )
     ap.add_argument("--adapter", default="", help="PEFT LoRA adapter directory (HF model)")
     ap.add_argument(
         "--stop",
@@ -108,11 +70,10 @@ def parser() -> cli.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     logging.basicConfig(level=logging.WARNING)
     args = parser().parse_args(argv)
-    saved = Path(args.model) / "config.json"
-    if saved.is_file() and "task" in json.loads(saved.read_text()):
+    if inference.is_workdir(args.model):
         cli.checkpoint_step(args.model)  # a jaxfit run: its checkpoint, before its data
-    model, params, encode, decode, eos = load_model_and_tokenizer(
-        args.model, quant_method=args.quant, adapter=args.adapter
+    model, params, encode, decode, eos = inference.load_model_and_tokenizer(
+        args.model, quantize=args.quant, adapter=args.adapter
     )
     ids = np.asarray(encode(args.prompt), np.int32)
     prompt = np.repeat(ids[None], args.num_samples, axis=0)

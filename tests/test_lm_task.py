@@ -13,8 +13,8 @@ import pytest
 from jaxfit import config as config_lib
 from jaxfit import sharding, trainer
 from jaxfit.export import main as export_main
-from jaxfit.generate import load_model_and_tokenizer
 from jaxfit.generate import main as generate_main
+from jaxfit.inference import load_model_and_tokenizer
 from jaxfit.sampling import generate
 from jaxfit.tasks import build_task
 

@@ -33,7 +33,7 @@ def test_qlora_demo_lowers_the_loss_with_an_nf4_base(tmp_path):
     _, task, params, _ = trainer.restore_params(workdir)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     assert names and all("lora_A" in n or "lora_B" in n for n in names)  # adapters only
-    frozen_leaves = jax.tree.leaves(task.frozen, is_leaf=quant.is_weight_leaf)
+    frozen_leaves = jax.tree.leaves(task.frozen, is_leaf=quant.is_quantized)
     nf4 = [x for x in frozen_leaves if isinstance(x, quant.NF4Weight)]
     assert len(nf4) == 7  # q, k, v, o, gate, up, down of the (scanned) layer stack
 

@@ -179,6 +179,13 @@ def stack_layers(
     )
 
 
+def is_weight_leaf(x: Any) -> bool:
+    """True for a *weight leaf* (see :func:`matmul`): a pytree node standing in the
+    parameter tree for a kernel and implementing ``matmul(x, dtype)`` (a LoRA leaf, a
+    quantised leaf; ``jaxfit.quant.is_quantized`` tells the quantised ones apart)."""
+    return hasattr(x, "matmul")
+
+
 def matmul(x: jax.Array, kernel: Any, dtype: Dtype, *, output_parallel: bool = False) -> jax.Array:
     """``x @ kernel`` in ``dtype`` for a plain kernel array or a weight leaf.
 
@@ -202,7 +209,7 @@ def matmul(x: jax.Array, kernel: Any, dtype: Dtype, *, output_parallel: bool = F
     Returns:
       ``[..., out]`` in ``dtype``.
     """
-    if hasattr(kernel, "matmul"):
+    if is_weight_leaf(kernel):
         return kernel.matmul(x, dtype)
     kernel = placement.gathered(kernel, dtype, unless_split_on=-1 if output_parallel else None)
     return jnp.matmul(x.astype(dtype), jnp.asarray(kernel, dtype))

@@ -106,7 +106,10 @@ def generate_parser() -> cli.ArgumentParser:
         help=f"built-in ({', '.join(generation.ARCHITECTURES)}) or an HF directory",
     )
     ap.add_argument(
-        "--quant", choices=generation.QUANT, default="nf4", help="weight storage (default nf4)"
+        "--quant",
+        choices=generation.weight_formats(),
+        default="nf4",
+        help="weight storage (default nf4)",
     )
     ap.add_argument("--context", type=int, default=2048, help="prompt + new tokens (2048)")
     ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (1)")

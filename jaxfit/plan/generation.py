@@ -47,13 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import perf, sampling, target
+from jaxfit import quant as quant_lib
 from jaxfit.hf import families
 from jaxfit.hf import io as hf_io
 from jaxfit.hf.load import abstract_params
 from jaxfit.models import kv_cache
 from jaxfit.plan import estimate, liveness
 from jaxfit.plan.core import CPU_COMPILE_OPTIONS, _uncached, frozen_bytes_by_kind, tree_bytes
-from jaxfit.quant.leaves import quantize_params
 
 # Built-in architectures: the ``config.json`` of each Hub checkpoint (sizes only).
 _LLAMA2 = dict(
@@ -99,11 +99,16 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
                      num_key_value_heads=4, max_position_embeddings=131072,
                      rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
 }  # fmt: skip
-QUANT = ("bf16", "int8", "nf4")
 KV_CACHE = ("bf16", "int8")
 # As the default prefill chunk: a context that is a multiple of it then leaves a prompt
 # of whole chunks, and the cache holds context - 1 slots (no padding past the context).
 DEFAULT_NEW_TOKENS = sampling.DEFAULT_PREFILL_CHUNK
+
+
+def weight_formats() -> tuple[str, ...]:
+    """The weight storages a plan takes (``--quant``): ``"bf16"`` or a registered
+    quantisation format (:func:`jaxfit.quant.names`: ``"int8"``, ``"nf4"``, ...)."""
+    return ("bf16", *quant_lib.names())
 
 
 @dataclasses.dataclass
@@ -191,7 +196,10 @@ def abstract_weights(model, family, quant: str):
     params = abstract_params(model, family)
     if quant == "bf16":
         return params
-    return jax.eval_shape(functools.partial(quantize_params, method=quant), params)
+    rules = families.DEFAULT_QUANT_RULES
+    return jax.eval_shape(
+        functools.partial(quant_lib.quantize_params, rules=rules, method=quant), params
+    )
 
 
 def _dims(shape: str) -> tuple[int, ...]:
@@ -244,7 +252,7 @@ def plan_generation(
 
     Args:
       name_or_dir: :data:`ARCHITECTURES` name or an HF directory (``config.json`` only).
-      quant: weight storage, one of :data:`QUANT`.
+      quant: weight storage, one of :func:`weight_formats`.
       context: KV cache length asked for (prompt + new tokens), >= 2.
       batch: sequences decoded together.
       kv_cache_format: one of :data:`KV_CACHE`.
@@ -254,8 +262,8 @@ def plan_generation(
     Raises:
       ValueError: an unknown model, format, or sizes out of range (names the argument).
     """
-    if quant not in QUANT:
-        raise ValueError(f"--quant {quant!r}: one of {list(QUANT)}")
+    if quant not in weight_formats():
+        raise ValueError(f"--quant {quant!r}: one of {list(weight_formats())}")
     if kv_cache_format not in KV_CACHE:
         raise ValueError(f"--kv_cache {kv_cache_format!r}: one of {list(KV_CACHE)}")
     if context < 2 or batch < 1 or prefill_chunk < 0:

@@ -1,6 +1,6 @@
 """The one loader, ``jaxfit.hf.load_pretrained``: sharded checkpoints, what
 ``config.json``'s ``quantization_config`` makes it do, and the import layering of
-``jaxfit.hf`` and ``jaxfit.quant`` (each importable first)."""
+``jaxfit.hf`` over ``jaxfit.quant``."""
 
 import json
 import subprocess
@@ -12,7 +12,6 @@ import pytest
 from hf_testing import tiny_llama
 
 from jaxfit import hf, quant
-from jaxfit.hf import families
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -41,7 +40,7 @@ def test_sharded_plain_checkpoint_loads(checkpoints, jit_fast):
         theirs = torch_model(torch.from_numpy(ids)).logits.numpy()
     np.testing.assert_allclose(ours, theirs, atol=1e-5)
     _, q = hf.load_pretrained(root / "sharded", quantize="nf4")  # quantised while streaming
-    leaves = jax.tree.leaves(q, is_leaf=quant.is_weight_leaf)
+    leaves = jax.tree.leaves(q, is_leaf=quant.is_quantized)
     assert sum(isinstance(x, quant.NF4Weight) for x in leaves) == 7
 
 
@@ -83,17 +82,19 @@ def test_stored_quantization_and_quantize_argument(checkpoints, tmp_path):
         hf.load_pretrained(root / "one", quantize="fp8")
 
 
-def test_default_quantisation_rules_are_one_fact():
-    assert tuple(quant.DEFAULT_RULES) == families.DEFAULT_QUANT_RULES
-
-
 @pytest.mark.parametrize("first", ["jaxfit.hf", "jaxfit.quant", "jaxfit.hf.bnb"])
 def test_either_package_imports_first(first):
-    """``jaxfit.hf`` imports the quantised leaves and ``jaxfit.quant``'s loaders import
-    ``jaxfit.hf``: a fresh interpreter must import either side first."""
-    code = (
-        f"import {first}, jaxfit.hf, jaxfit.quant; jaxfit.hf.load_pretrained, "
-        "jaxfit.quant.DEFAULT_RULES"
+    """``jaxfit.hf`` imports ``jaxfit.quant``, which imports nothing of ``jaxfit.hf``: a
+    fresh interpreter imports either first, and ``jaxfit.quant`` alone loads no ``hf``."""
+    code = "\n".join(
+        [
+            "import sys",
+            f"import {first}",
+            "hf = sorted(m for m in sys.modules if m.startswith('jaxfit.hf'))",
+            f"assert {first!r} != 'jaxfit.quant' or not hf, hf",
+            "import jaxfit.hf, jaxfit.quant",
+            "jaxfit.hf.load_pretrained, jaxfit.quant.names",
+        ]
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

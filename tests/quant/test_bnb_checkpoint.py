@@ -17,8 +17,9 @@ from bnb_testing import PROJ, bnb_config, float32_reference, write_by_hand
 from hf_testing import tiny_llama
 
 from jaxfit import hf
+from jaxfit.hf import load_quantized
 from jaxfit.hf.bnb import nf4_from_bnb, nf4_to_bnb, save_bnb_pretrained
-from jaxfit.quant import NF4Weight, load_quantized
+from jaxfit.quant import NF4Weight
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
