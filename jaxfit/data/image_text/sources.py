@@ -544,11 +544,14 @@ def load_source(data_cfg, split: str) -> tuple[list[ImageCaptions], SkipCounter]
             hint="check the image paths, captions and data.holdout_fraction",
         )
     n_caps = sum(len(r.captions) for r in records)
+    table = captions_table(data_cfg, split)
     logger.info(
-        "data %s/%s (%s): %d images, %d captions; skipped %s",
+        "data %s/%s (%s%s%s): %d images, %d captions; skipped %s",
         data_cfg.format,
         split,
         split_name,
+        f", {table}" if table is not None else "",
+        f", {fraction:g} held out by image" if fraction > 0 else "",
         len(records),
         n_caps,
         counter.as_dict() or "nothing",
