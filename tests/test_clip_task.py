@@ -77,6 +77,7 @@ def _metrics(workdir):
     return loss, [x["eval/t2i_R@5"] for x in lines if "eval/t2i_R@5" in x]
 
 
+@pytest.mark.slow
 def test_four_devices_equal_one(tmp_path):
     """The same run with the batch sharded over 4 (fake CPU) devices and on 1 device."""
     build_task(tiny_clip_config(tmp_path / "data"), tmp_path / "probe", sharding.make_mesh())

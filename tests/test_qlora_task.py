@@ -38,6 +38,7 @@ def test_qlora_demo_lowers_the_loss_with_an_nf4_base(tmp_path):
     assert len(nf4) == 7  # q, k, v, o, gate, up, down of the (scanned) layer stack
 
 
+@pytest.mark.slow
 @pytest.mark.shared_data
 @pytest.mark.parametrize("precision", ["nf4", "int8"])
 def test_qlora_from_a_local_hf_llama(tmp_path, precision, capsys):

@@ -4,9 +4,11 @@ summaries), which ``--verbose`` adds; ``train.log`` keeps them either way."""
 
 from __future__ import annotations
 
+import pytest
 from faultlib import train
 
 
+@pytest.mark.slow
 def test_library_info_lines_only_with_verbose(tmp_path):
     quiet = train(tmp_path / "quiet", total_steps=2, eval_every=2)
     assert quiet.returncode == 0, quiet.stderr[-3000:]

@@ -40,6 +40,7 @@ def _error_line(proc) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "split, i, j",
     [("train", 0, 1), ("validation", -1, -2)],
@@ -60,6 +61,7 @@ def test_changed_documents_are_refused_and_nothing_is_written(reference, tmp_pat
     assert checkpoint_steps(workdir)[-1] == 12
 
 
+@pytest.mark.slow
 def test_accepting_a_data_change_resumes_and_records_it(reference, tmp_path):
     workdir = copy_run(reference, tmp_path / "run")
     saved = json.loads((workdir / "data_fingerprint.json").read_text())

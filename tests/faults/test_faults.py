@@ -29,6 +29,7 @@ from faultlib import (
 # --- divergence -----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_nan_keeps_only_finite_checkpoints_and_resumes_with_lower_lr(tmp_path):
     """lr=1e4 diverges within a few steps: the run stops at once (exit 4) naming the step
     and metric, every checkpoint left holds finite values (and the one whose next step was
@@ -85,6 +86,7 @@ KILLS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("when,seed", KILLS)
 def test_kill9_anywhere_then_rerun_is_bit_identical(tmp_path, reference, when, seed):
     """kill -9 at a random moment, in the middle of a checkpoint write, or between a
@@ -116,6 +118,7 @@ def test_kill9_anywhere_then_rerun_is_bit_identical(tmp_path, reference, when, s
 # --- one run per workdir, signals -----------------------------------------------------
 
 
+@pytest.mark.slow
 def test_second_run_is_refused_and_sigterm_checkpoints_with_143(tmp_path):
     """A second run on a busy workdir stops at once (exit 5) naming the holder; SIGTERM
     makes the first checkpoint its step and exit 143 with the command to resume (no
@@ -221,6 +224,7 @@ BAD_VALUES = [
 ]
 
 
+@pytest.mark.slow
 def test_malformed_config_values_exit_2_with_one_line(tmp_path):
     """Each bad value: exit 2, one ``error:`` line naming key and value, no traceback, and
     nothing written into the workdir (checked before any data or model work)."""

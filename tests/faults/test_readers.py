@@ -143,6 +143,7 @@ def test_evaluate_and_export_beside_a_training_run(tmp_path, trial):
 # --- damaged and unsealed checkpoints under the readers ----------------------------------
 
 
+@pytest.mark.slow
 def test_readers_skip_a_damaged_latest_and_write_nothing_non_finite(tmp_path, reference):
     """The latest checkpoint (12) with one flipped bit: evaluate and export warn, naming
     step and file, and use step 9: evaluate's numbers are those of ``--step 9`` on the
@@ -203,6 +204,7 @@ def test_readers_skip_a_damaged_latest_and_write_nothing_non_finite(tmp_path, re
     assert not (tmp_path / "y").exists()
 
 
+@pytest.mark.slow
 def test_unsealed_latest_is_skipped_by_readers_and_sealed_by_the_next_start(tmp_path, reference):
     """Checkpoint 12 without its seal (killed between commit and seal): the readers use
     the sealed step 9 and say why; the next training start checks 12 (orbax's metadata,
@@ -278,6 +280,7 @@ def _fill(path: Path) -> None:
                 assert e.errno == errno.ENOSPC, e
 
 
+@pytest.mark.slow
 def test_disk_full_while_checkpointing_is_one_line_and_keeps_the_last_checkpoint(small_disk):
     """The disk fills up after a checkpoint was sealed: the run stops with exit 7 and one
     ``error:`` line naming the workdir, the free space and the last checkpoint, which

@@ -32,6 +32,7 @@ def _error_line(proc, code: int = 2) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_missing_config_json_and_another_model_is_refused_not_set_aside(reference, tmp_path):
     """Without config.json the config cannot be compared; the checkpoint's shapes can:
     exit 2 "refusing" (it was exit 6 after every checkpoint had been moved aside)."""

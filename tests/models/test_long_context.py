@@ -66,6 +66,7 @@ def test_mlp_chunking_equals_the_unchunked_mlp(make):
     _assert_trees_close(_grads(remat, params, ids, seg)[1], g_plain, rtol=2e-5, atol=1e-7)
 
 
+@pytest.mark.slow
 def test_clip_mlp_chunking_equals_the_unchunked_mlp():
     cfg = CLIPConfig.tiny()
     ids = jnp.asarray(np.random.default_rng(0).integers(0, 99, size=(3, 16)), jnp.int32)

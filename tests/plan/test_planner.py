@@ -42,6 +42,7 @@ BIG_ACTIVATIONS = ["batch_size=64", "micro_batch_size=64", "model.config.n_embd=
     ],
     ids=["no_remat", "full_remat_accumulated"],
 )
+@pytest.mark.slow
 def test_planned_peak_matches_a_measured_cpu_step(overrides, tmp_path):
     spec = f"{GPT2}:demo"
     config = config_lib.load_config(spec, BIG_ACTIVATIONS + overrides)

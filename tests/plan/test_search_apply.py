@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[2]
 GPT2 = f"{REPO / 'configs' / 'gpt2_scratch.py'}:demo"
 
 
+@pytest.mark.slow
 def test_search_picks_the_fastest_remat_at_the_largest_micro_batch_that_fits():
     config = config_lib.load_config(GPT2, ["model.attention_impl=xla"])
     peaks = {
