@@ -504,7 +504,13 @@ def test_commands_run(tmp_path):
             skipped.append(f"{command}: {e}")
             continue
         proc = subprocess.run(
-            [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+            [sys.executable, *argv],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            stdin=subprocess.DEVNULL,
         )
         ran.append(command)
         if proc.returncode != 0:
