@@ -53,6 +53,7 @@ import time
 from jaxfit import cli, perf, sampling, target, validation
 from jaxfit import config as config_lib
 from jaxfit.errors import UsageError
+from jaxfit.hf import architectures
 from jaxfit.plan import apply, core, cuda_target, devices, estimate, generation, report, search
 
 PROG = "python -m jaxfit.plan"
@@ -103,7 +104,7 @@ def generate_parser() -> cli.ArgumentParser:
     ap.add_argument(
         "--model",
         required=True,
-        help=f"built-in ({', '.join(generation.ARCHITECTURES)}) or an HF directory",
+        help=f"built-in ({', '.join(architectures.ARCHITECTURES)}) or an HF directory",
     )
     ap.add_argument(
         "--quant",

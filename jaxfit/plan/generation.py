@@ -48,57 +48,13 @@ import numpy as np
 
 from jaxfit import perf, sampling, target
 from jaxfit import quant as quant_lib
-from jaxfit.hf import families
+from jaxfit.hf import architectures, families
 from jaxfit.hf import io as hf_io
 from jaxfit.hf.load import abstract_params
 from jaxfit.models import kv_cache
 from jaxfit.plan import estimate, liveness
 from jaxfit.plan.core import CPU_COMPILE_OPTIONS, _uncached, frozen_bytes_by_kind, tree_bytes
 
-# Built-in architectures: the ``config.json`` of each Hub checkpoint (sizes only).
-_LLAMA2 = dict(
-    model_type="llama",
-    vocab_size=32000,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
-_LLAMA3 = dict(
-    model_type="llama",
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
-)
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    # meta-llama/Llama-2-7b-hf, -13b-hf, -70b-hf
-    "llama2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "llama2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824,
-                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
-    "llama2-70b": dict(_LLAMA2, hidden_size=8192, intermediate_size=28672,
-                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    # meta-llama/Llama-3.1-8B, Llama-3.1-70B
-    "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    "llama3-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672,
-                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    # openai-community/gpt2
-    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768,
-                 n_layer=12, n_head=12),
-    # Qwen/Qwen2-7B
-    "qwen2-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
-                     intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, max_position_embeddings=131072,
-                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
-}  # fmt: skip
 KV_CACHE = ("bf16", "int8")
 # As the default prefill chunk: a context that is a multiple of it then leaves a prompt
 # of whole chunks, and the cache holds context - 1 slots (no padding past the context).
@@ -162,20 +118,20 @@ class GenerationPlan:
 
 
 def resolve_model(name_or_dir: str) -> tuple[str, dict[str, Any]]:
-    """``(name, HF config dict)`` of a built-in architecture (:data:`ARCHITECTURES`) or of
-    an HF directory's ``config.json``.
+    """``(name, HF config dict)`` of a built-in architecture
+    (:data:`jaxfit.hf.architectures.ARCHITECTURES`) or of an HF directory's ``config.json``.
 
     Raises:
       ValueError: neither a built-in name nor a directory with a config.json (lists the
         names).
     """
-    if name_or_dir in ARCHITECTURES:
-        return name_or_dir, dict(ARCHITECTURES[name_or_dir])
+    if name_or_dir in architectures.ARCHITECTURES:
+        return name_or_dir, dict(architectures.ARCHITECTURES[name_or_dir])
     if os.path.isfile(os.path.join(name_or_dir, "config.json")):
         return os.path.basename(os.path.normpath(name_or_dir)), hf_io.read_config(name_or_dir)
     raise ValueError(
-        f"--model {name_or_dir!r}: not a built-in architecture ({', '.join(ARCHITECTURES)}) "
-        "nor a directory holding a config.json"
+        f"--model {name_or_dir!r}: not a built-in architecture "
+        f"({', '.join(architectures.ARCHITECTURES)}) nor a directory holding a config.json"
     )
 
 
@@ -251,7 +207,7 @@ def plan_generation(
     """Compile ``sampling._generate`` for these abstract shapes and read its memory.
 
     Args:
-      name_or_dir: :data:`ARCHITECTURES` name or an HF directory (``config.json`` only).
+      name_or_dir: a built-in architecture's name or an HF directory (``config.json``).
       quant: weight storage, one of :func:`weight_formats`.
       context: KV cache length asked for (prompt + new tokens), >= 2.
       batch: sequences decoded together.
