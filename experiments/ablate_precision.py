@@ -292,6 +292,8 @@ def worker(args, overrides: list[str]) -> int:
             res["measured_peak_bytes"] = 1024 * peak.peak_kib()
             res["measured_source"] = "process peak RSS"
         res["quant_rel_error"] = base_error(init_from, config)
+        start = evaluate_start(trainer, config, workdir)  # after the memory was read
+        res.update({f"start/{k}": v for k, v in start.items()})
         from jaxfit.plan.core import plan_config
 
         plan = plan_config(config_lib.load_config(args.config, overrides))
@@ -333,6 +335,21 @@ def _train(trainer, config, workdir: Path, out: Path) -> None:
     done = max((r["step"] for r in results.read_metrics(workdir)), default=0)
     if done < config.total_steps:
         raise RuntimeError(f"training stopped at step {done} of {config.total_steps}")
+
+
+def evaluate_start(trainer, config, workdir: Path) -> dict[str, float]:
+    """The arm's starting point evaluated on the validation split: its stored base (int8 /
+    NF4 / bf16 / float32) with the adapters as initialised (``B = 0``: the base's
+    function), per-example results in ``workdir/start/eval/step_0.npz``. Against the base
+    stage's evaluation this is what storing the base costs before any training."""
+    from jaxfit import sharding
+    from jaxfit.tasks import build_task, resolve_config
+    from jaxfit.tasks.base import param_rng
+
+    config = resolve_config(config, workdir)
+    task = build_task(config, workdir, sharding.mesh_from_config(config))
+    params = task.initial_params(param_rng(config), None)
+    return trainer.run_evaluation(task, params, workdir / "start", 0, require_finite=True)
 
 
 def base_error(init_from: str, config) -> float:

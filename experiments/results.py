@@ -32,12 +32,15 @@ MIB = 1 << 20
 
 @dataclasses.dataclass
 class Run:
-    """One run: its table row, train-loss curve and latest per-example evaluation."""
+    """One run: its table row, train-loss curve and latest per-example evaluation;
+    ``start``: the per-example evaluation of its starting point (an ablation arm's
+    ``WORKDIR/start/eval/step_0.npz``), when there is one."""
 
     name: str
     row: dict[str, Any]
     curve: tuple[list[int], list[float]] = ((), ())
     examples: dict[str, np.ndarray] | None = None
+    start: dict[str, np.ndarray] | None = None
 
     @property
     def ok(self) -> bool:
@@ -142,11 +145,13 @@ def summarize_run(workdir: str | Path, name: str | None = None) -> Run:
         )
     row["workdir"] = str(workdir)
     latest = latest_examples(workdir)
+    start = latest_examples(workdir / "start")
     return Run(
         name=name,
         row=row,
         curve=([s for s, _ in losses], [v for _, v in losses]),
         examples=latest[1] if latest else None,
+        start=start[1] if start else None,
     )
 
 
@@ -289,42 +294,69 @@ def _ci(value: float, ci: tuple[float, float], signed: bool = False) -> str:
     return f"{f.format(value)} [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
+def against_baseline(
+    baseline: Run,
+    runs: Sequence[Run],
+    metrics: Sequence[str],
+    *,
+    start: bool = False,
+    resamples: int = bootstrap.RESAMPLES,
+    seed: int = bootstrap.SEED,
+) -> dict[tuple[str, str], bootstrap.Comparison]:
+    """``{(run, metric): comparison}`` of each run's final evaluation (``start``: its
+    starting point's, :attr:`Run.start`) against ``baseline``'s, paired where they
+    evaluated the same examples; the baseline's own entry has its value and interval."""
+    stats = {baseline.name: bootstrap.statistics(baseline.examples or {})}
+    for r in runs:
+        examples = r.start if start else r.examples
+        if examples and r.name != baseline.name:
+            stats[r.name] = bootstrap.statistics(examples)
+    comparisons = bootstrap.compare(stats, baseline.name, metrics, resamples=resamples, seed=seed)
+    return {(c.run, c.metric): c for c in comparisons}
+
+
 def summary_table(
     runs: Sequence[Run],
     comparisons: Sequence[bootstrap.Comparison],
-    against_base: Sequence[bootstrap.Comparison],
     reference: str,
     metric: str,
     baseline: Run | None = None,
+    final_vs_base: dict | None = None,
+    start_vs_base: dict | None = None,
 ) -> str:
     """One row per run: what it trained, its base's quantisation error, ``metric`` with its
-    interval, and its paired difference to the base (``baseline``, when given) and to
-    ``reference``, each with its interval."""
+    interval and its paired difference to ``reference``; with a ``baseline`` (the model
+    every run started from) also each run's starting point and final value against it
+    (:func:`against_baseline`)."""
     by_run = {c.run: c for c in comparisons if c.metric == metric}
-    vs_base = {c.run: c for c in against_base if c.metric == metric and c.diff_ci}
     head = ["run", "trained", "trainable params", "base format", "compute dtype",
-            "base quant. error", f"{metric} [95% CI]"]  # fmt: skip
-    head += [f"{metric} - base [95% CI]"] if baseline is not None else []
+            "base quant. error"]  # fmt: skip
+    base = baseline is not None
+    head += [f"start {metric} - base [95% CI]"] if base else []
+    head += [f"{metric} [95% CI]"]
+    head += [f"{metric} - base [95% CI]"] if base else []
     head += [f"{metric} - {reference} [95% CI]"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    if baseline is not None and (b := next((c for c in against_base if c.run == baseline.name
-                                            and c.metric == metric), None)):  # fmt: skip
-        cells = [f"{baseline.name} (no fine-tuning)", "-", "-", "float", "float32", "0"]
-        cells += [_ci(b.value, b.ci), "-", "-"]
-        lines.append("| " + " | ".join(cells) + " |")
+
+    def diff(table, name):
+        c = (table or {}).get((name, metric))
+        return _ci(c.diff, c.diff_ci, signed=True) if c and c.diff_ci else "-"
+
+    if base and (b := (final_vs_base or {}).get((baseline.name, metric))):
+        cells = [f"{baseline.name} (no fine-tuning)", "-", "-", "float", "float32", "0", "-"]
+        lines.append("| " + " | ".join(cells + [_ci(b.value, b.ci), "-", "-"]) + " |")
     for r in runs:
         c = by_run.get(r.name)
         if c is None:
             continue
         row = r.row
-        params = row.get("trainable_params")
+        params, qerr = row.get("trainable_params"), row.get("quant_rel_error")
         cells = [r.name, str(row.get("trained", "")), _count(params) if _is_number(params) else "-",
-                 str(row.get("base_format", "")), str(row.get("compute_dtype", ""))]  # fmt: skip
-        qerr = row.get("quant_rel_error")
-        cells += [_num(qerr) if _is_number(qerr) else "-", _ci(c.value, c.ci)]
-        if baseline is not None:
-            d = vs_base.get(r.name)
-            cells.append(_ci(d.diff, d.diff_ci, signed=True) if d else "-")
+                 str(row.get("base_format", "")), str(row.get("compute_dtype", "")),
+                 _num(qerr) if _is_number(qerr) else "-"]  # fmt: skip
+        cells += [diff(start_vs_base, r.name)] if base else []
+        cells += [_ci(c.value, c.ci)]
+        cells += [diff(final_vs_base, r.name)] if base else []
         ref = "(reference)" if r.name == reference else "-"
         cells.append(_ci(c.diff, c.diff_ci, signed=True) if c.diff_ci else ref)
         lines.append("| " + " | ".join(cells) + " |")
@@ -348,7 +380,8 @@ def report(
     bootstrapped metrics (default :func:`default_metrics`); ``baseline``: the model every
     run started from, evaluated on the same examples (an ablation's base stage): each
     run's paired difference to it goes into a summary table and into the run's row
-    (``vs_base/<metric>``, ``vs_base/<metric>_lo``, ``vs_base/<metric>_hi``). A warning
+    (``vs_base/<metric>``, ``vs_base/<metric>_lo``, ``vs_base/<metric>_hi``), and so does
+    its starting point's (:attr:`Run.start`; ``start_vs_base/<metric>...``). A warning
     (:func:`mixed_methods`) heads the report when the runs train different parameter sets.
 
     Raises:
@@ -370,17 +403,17 @@ def report(
     comparisons: list[bootstrap.Comparison] = []
     if stats and metrics:
         comparisons = bootstrap.compare(stats, reference, metrics, resamples=resamples, seed=seed)
-        against_base = []
+        final_vs_base = start_vs_base = None
         if baseline is not None and baseline.examples:
-            with_base = {baseline.name: bootstrap.statistics(baseline.examples), **stats}
-            against_base = bootstrap.compare(
-                with_base, baseline.name, metrics, resamples=resamples, seed=seed
-            )
-            for c in against_base:
-                if c.diff_ci is not None:
-                    row = next(r.row for r in ok if r.name == c.run)
-                    key = f"vs_base/{c.metric}"
-                    row[key], (row[f"{key}_lo"], row[f"{key}_hi"]) = c.diff, c.diff_ci
+            kw = dict(resamples=resamples, seed=seed)
+            final_vs_base = against_baseline(baseline, ok, metrics, **kw)
+            start_vs_base = against_baseline(baseline, ok, metrics, start=True, **kw)
+            for prefix, table in (("vs_base", final_vs_base), ("start_vs_base", start_vs_base)):
+                for (name, metric), c in table.items():
+                    if c.diff_ci is not None:
+                        row = next(r.row for r in ok if r.name == name)
+                        key = f"{prefix}/{metric}"
+                        row[key], (row[f"{key}_lo"], row[f"{key}_hi"]) = c.diff, c.diff_ci
         headline = [m for m in metrics if m != "perplexity"]  # loss says it (exp(loss))
         md += [
             "",
@@ -389,9 +422,20 @@ def report(
             "differences are run minus reference, paired when both evaluated the same "
             "examples, significant when the interval excludes 0.",
         ]
+        if final_vs_base:
+            md += [
+                "",
+                f"`base` is the model every run started from ({baseline.row.get('steps')} "
+                "steps of the base stage); `start` is each run's starting point (its stored "
+                "base, adapters as initialised) evaluated before training: the cost of the "
+                "base's storage before the adapters learn.",
+            ]
+        base = baseline if final_vs_base else None
         for metric in headline:
-            md += ["", summary_table(ok, comparisons, against_base, reference, metric,
-                                     baseline if against_base else None)]  # fmt: skip
+            table = summary_table(
+                ok, comparisons, reference, metric, base, final_vs_base, start_vs_base
+            )
+            md += ["", table]
         md += ["", bootstrap_table(comparisons, reference)]
     return "\n".join(md).rstrip() + "\n", comparisons
 
