@@ -58,8 +58,10 @@ once at the end on the config's held-out split, and is measured:
 * the base's quantisation error: relative Frobenius error of the stored frozen kernels
   against the float32 ones (``jaxfit.quant.error_report``; bfloat16 rounding for
   ``lora-bf16``; 0 for a float32 base and full fine-tuning);
-* with a base stage, every arm's paired difference to the base it started from (the base
-  stage's final evaluation, the same examples): how much the adapters learned.
+* with a base stage, every arm's paired differences to the base it started from (the
+  base stage's final evaluation, the same examples): of the arm's final evaluation (what
+  the adapters learned) and of its starting point, evaluated before training in
+  ``OUT/runs/<arm>/start`` (what storing the base costs before the adapters learn).
 
 Arms run one after another, each in a fresh process (``--worker ARM``) writing to
 ``OUT/runs/<arm>`` (its log: ``worker.log``): a crash or OOM is recorded (``status``,
