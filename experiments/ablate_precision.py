@@ -34,8 +34,8 @@ a warning at the top of ``results.md`` and on the plots. ``lora-bf16`` is the re
 of every difference: it computes in bfloat16 like the quantised arms, over a float base.
 ``--arm_override ARM:key=value`` (repeatable) changes one arm's config only (not what it
 trains or its base: that is refused). The GPT-2 demo (``:demo``: LoRA r=16 on every
-linear layer, the demo's lr 3e-3) takes about 7 minutes on a 2-core CPU; its figures are
-in docs/ablation.md.
+linear layer, the demo's lr 3e-3) took 14.5 minutes on a busy 2-core CPU; its figures
+are in docs/ablation.md.
 
 Every arm starts from the same pretrained base (quantised arms learn little over a
 random one): ``--init_from DIR`` (an HF directory or Hub name), else the config's

@@ -165,12 +165,14 @@ def _trained(lora: dict, base_format: str) -> str:
 
 def mixed_methods(runs: Sequence[Run]) -> str:
     """A warning when the successful runs train different parameter sets (full
-    fine-tuning next to LoRA): their differences then measure the method, not the
-    precision. Empty when they all train the same kind of set."""
+    fine-tuning next to LoRA, or LoRA of other ranks or targets): their differences then
+    measure the method, not the precision. Empty when they all train the same set (LoRA
+    over an NF4 base, "QLoRA", trains the same set as LoRA over a float one)."""
     kinds: dict[str, list[str]] = {}
     for r in runs:
         if r.ok:
-            kinds.setdefault(r.row.get("trainable", "?"), []).append(r.name)
+            kind = str(r.row.get("trained", "?")).replace("QLoRA", "LoRA")
+            kinds.setdefault(kind, []).append(r.name)
     if len(kinds) < 2:
         return ""
     parts = "; ".join(f"{kind}: {', '.join(names)}" for kind, names in sorted(kinds.items()))
