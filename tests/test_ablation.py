@@ -194,6 +194,16 @@ def test_arm_names_and_overrides():
         ablate_precision.parse_args(["--config", "c.py", "--out", "o", "--bogus"])
 
 
+def test_help_describes_every_arm(capsys):
+    with pytest.raises(SystemExit):
+        ablate_precision.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for arm in ablate_precision.ARMS:
+        assert re.search(rf"^{re.escape(arm)}\s+(LoRA adapters|every weight)", text, re.M), arm
+    assert "qlora-nf4+adam8" in text and "lora-bf16 (reference)" not in text  # table column
+    assert "bfloat16 (reference)" in text
+
+
 def test_an_arm_override_that_changes_what_trains_is_refused():
     from jaxfit import config as config_lib
 
