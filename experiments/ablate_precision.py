@@ -356,10 +356,11 @@ def evaluate_start(trainer, config, workdir: Path) -> dict[str, float]:
 
 def base_error(init_from: str, config) -> float:
     """Relative Frobenius error ``||W - S(W)||_F / ||W||_F`` of the frozen base as the arm
-    stores it (``S``: int8 / NF4 quantisation, or rounding to bfloat16 for a bf16 LoRA
-    base), over the kernels the quantisers select (:data:`jaxfit.quant.DEFAULT_RULES`;
-    ``jaxfit.quant.error_report``); 0 for a float32 base and for full fine-tuning (float32
-    master weights). The base is read again from ``init_from`` (float32)."""
+    stores it (``S``: quantisation to the arm's ``base_format``, or rounding to bfloat16
+    for a bf16 LoRA base), over the kernels the quantisers select
+    (:data:`jaxfit.hf.families.DEFAULT_QUANT_RULES`; ``jaxfit.quant.error_report``); 0
+    for a float32 base and for full fine-tuning (float32 master weights). The base is
+    read again from ``init_from`` (float32)."""
     import jax.numpy as jnp
 
     from jaxfit import hf, quant
@@ -370,30 +371,28 @@ def base_error(init_from: str, config) -> float:
     if not p.lora or (not p.quantised and stored == jnp.float32):
         return 0.0
     _, params = hf.load_pretrained(init_from, dtype=jnp.float32)
+    rules = hf.families.DEFAULT_QUANT_RULES
     if p.quantised:
-        qparams = quant.quantize_params(params, method=p.base_format, float_dtype=jnp.float32)
+        qparams = quant.quantize_params(params, rules, p.base_format, float_dtype=jnp.float32)
         return float(quant.error_report(params, qparams)["summary"]["rel_frobenius"])
-    return rounding_error(params, stored)
+    return rounding_error(params, stored, rules)
 
 
-def rounding_error(params, dtype) -> float:
-    """``||W - round(W)||_F / ||W||_F`` over the kernels the quantisers select
-    (:data:`jaxfit.quant.DEFAULT_RULES`: the tensors of the quantised arms' errors),
-    ``round`` a cast of the float32 values to ``dtype`` and back."""
-    import jax
+def rounding_error(params, dtype, rules) -> float:
+    """``||W - round(W)||_F / ||W||_F`` over the kernels ``rules`` select
+    (:func:`jaxfit.params.select`; the tensors of the quantised arms' errors), ``round``
+    a cast of the float32 values to ``dtype`` and back."""
     import numpy as np
 
     from jaxfit import params as params_lib
-    from jaxfit import quant
 
-    selected = params_lib.match(params, quant.DEFAULT_RULES)
+    flat = params_lib.flatten(params)
     sq_err = sq_ref = 0.0
-    for w, sel in zip(jax.tree.leaves(params), jax.tree.leaves(selected)):
-        if sel:
-            w = np.asarray(w, np.float32)
-            err = w.astype(np.float64) - np.asarray(w.astype(dtype), np.float64)
-            sq_err += float(np.sum(err**2))
-            sq_ref += float(np.sum(w.astype(np.float64) ** 2))
+    for path in params_lib.select(flat, rules):
+        w = np.asarray(flat[path], np.float32)
+        err = w.astype(np.float64) - np.asarray(w.astype(dtype), np.float64)
+        sq_err += float(np.sum(err**2))
+        sq_ref += float(np.sum(w.astype(np.float64) ** 2))
     return (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0
 
 
