@@ -181,6 +181,23 @@ def test_stream_sees_every_token_and_can_stop_a_row(family):
     assert [bool(f[0]) for _, f in seen] == [False] * 4 + [True] * (NEW - 4)
 
 
+def test_weights_on_host_generate_the_same_tokens(family):
+    """The layer stack in pinned host memory, one layer copied to the device at a time
+    (``weights_on_host``): the greedy tokens of the model on the device, and the stack's
+    arrays really live in host memory."""
+    import dataclasses
+
+    hf_model, model, params, prompts = family
+    host_model = type(model)(dataclasses.replace(model.config, weights_on_host=True))
+    out = sampling.generate(host_model, params, prompts, max_new_tokens=NEW, temperature=0)
+    np.testing.assert_array_equal(out, _hf_greedy(hf_model, prompts))
+    placed = host_model.host_params(params)
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(placed[model.STACK])}
+    assert kinds == {"pinned_host"}
+    rest = [v for k, v in placed.items() if k != model.STACK]
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(rest)} == {"device"}
+
+
 def test_single_prompt(family):
     hf_model, model, params, prompts = family
     if isinstance(hf_model, transformers.LlamaForCausalLM):

@@ -133,6 +133,11 @@ def generate_parser() -> cli.ArgumentParser:
         help=f"prompt tokens per prefill step ({sampling.DEFAULT_PREFILL_CHUNK}; 0: whole prompt)",
     )
     ap.add_argument(
+        "--weights_on_host",
+        action="store_true",
+        help="the layer stack in pinned host memory, a layer at a time on the card",
+    )
+    ap.add_argument(
         "--search_context",
         action="store_true",
         help="find the longest context that fits (multiples of 1024)",
@@ -179,7 +184,7 @@ def _generate(argv: list[str]) -> int:
             return generation.plan_generation(
                 args.model, quant=args.quant, context=context, batch=args.batch,
                 kv_cache_format=args.kv_cache, new_tokens=args.new_tokens,
-                prefill_chunk=args.prefill_chunk,
+                prefill_chunk=args.prefill_chunk, weights_on_host=args.weights_on_host,
             )  # fmt: skip
         except ValueError as e:
             raise UsageError(f"{e}, in the command line, see --generate --help") from None

@@ -21,6 +21,10 @@ multiple of ``--prefill_chunk``, then ``--new_tokens`` generated. Printed:
   whole KV cache at the full context: the slowest step), times the batch;
 * prefill tokens/s: the card's dense bf16 peak at ``--mfu`` over the forward FLOPs per
   token (``2 N + 4 L d T``, :func:`jaxfit.perf.decoder_flops_per_token`).
+* ``--weights_on_host``: the layer stack stays in pinned host memory and one layer's
+  weights are copied to the card as it runs (the model config's ``weights_on_host``):
+  the card holds the embeddings, LM head, KV cache and one layer; every decoding step
+  reads the stack over PCIe 4.0 x16 (31.5 GB/s), which then bounds the rate.
 
 On a CPU the peak is XLA:CPU's program, read from its buffer assignment and live ranges
 (:mod:`jaxfit.plan.liveness`) without the float32 copies of bf16 weights and KV cache that
@@ -83,7 +87,10 @@ class GenerationPlan:
         a CPU the most that is live at once (:mod:`jaxfit.plan.liveness`), less XLA:CPU's
         float32 copies of bf16 values that a GPU does not make (:func:`_gpu_bytes`).
       cpu_upcast_bytes: what that leaves out of XLA:CPU's live peak (0 on a GPU).
-      decode_bytes_per_step: what one decoding step reads (see the module docstring).
+      decode_bytes_per_step: what one decoding step reads from device memory (see the
+        module docstring).
+      host_bytes: the layer stack's bytes in host memory (``weights_on_host``; else 0),
+        which every decoding step reads over the host link.
       flops_per_token: forward FLOPs per token at the full context.
       backend, compile_seconds: where and how long the compile took.
     """
@@ -104,13 +111,18 @@ class GenerationPlan:
     temp_bytes: int
     cpu_upcast_bytes: int
     decode_bytes_per_step: int
+    host_bytes: int
     flops_per_token: float
     backend: str
     compile_seconds: float
 
     def decode_tokens_per_s(self, device: str) -> float:
-        """The bandwidth bound of decoding: ``batch x bandwidth / bytes read per step``."""
-        return self.batch * perf.device(device).memory_gbs * 1e9 / self.decode_bytes_per_step
+        """The bandwidth bound of decoding: ``batch / (bytes read from the device /
+        memory bandwidth + bytes read from the host / the host link)``."""
+        dev = perf.device(device)
+        seconds = self.decode_bytes_per_step / (dev.memory_gbs * 1e9)
+        seconds += self.host_bytes / (perf.PCIE4_X16_GBS * 1e9)
+        return self.batch / seconds
 
     def prefill_tokens_per_s(self, device: str, mfu: float) -> float:
         """``mfu x`` the card's dense bf16 peak over the forward FLOPs per token."""
@@ -135,14 +147,26 @@ def resolve_model(name_or_dir: str) -> tuple[str, dict[str, Any]]:
     )
 
 
-def _model(hf_config: dict[str, Any]):
+def _model(hf_config: dict[str, Any], weights_on_host: bool = False):
     family = families.for_model_type(hf_config.get("model_type", ""))
     config = family.config_from_hf(hf_config)
     impl = "auto" if target.backend() == "gpu" else "chunked"  # see the module docstring
     config = dataclasses.replace(
-        config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=impl
+        config,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        attention_impl=impl,
+        weights_on_host=weights_on_host,
     )
     return family.model_class(config), family
+
+
+def _on_host(tree):
+    """``ShapeDtypeStruct`` s of ``tree`` placed in pinned host memory of the target's
+    first device (how ``sampling.generate`` passes a ``weights_on_host`` stack)."""
+    device = target.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), tree)
 
 
 def abstract_weights(model, family, quant: str):
@@ -203,6 +227,7 @@ def plan_generation(
     kv_cache_format: str = "bf16",
     new_tokens: int | None = None,
     prefill_chunk: int = sampling.DEFAULT_PREFILL_CHUNK,
+    weights_on_host: bool = False,
 ) -> GenerationPlan:
     """Compile ``sampling._generate`` for these abstract shapes and read its memory.
 
@@ -214,6 +239,9 @@ def plan_generation(
       kv_cache_format: one of :data:`KV_CACHE`.
       new_tokens: tokens generated (default ``min(512, context // 2)``).
       prefill_chunk: prompt tokens per prefill step (``0``: the whole prompt at once).
+      weights_on_host: the layer stack in pinned host memory, one layer copied to the
+        device at a time (``weights_on_host`` of the model config): its bytes leave the
+        device's peak and every decoding step reads them over the host link.
 
     Raises:
       ValueError: an unknown model, format, or sizes out of range (names the argument).
@@ -226,7 +254,7 @@ def plan_generation(
         raise ValueError(f"--context {context} (>= 2), --batch {batch} (>= 1) or "
                          f"--prefill_chunk {prefill_chunk} (>= 0) out of range")  # fmt: skip
     name, hf_config = resolve_model(name_or_dir)
-    model, family = _model(hf_config)
+    model, family = _model(hf_config, weights_on_host)
     new = int(new_tokens or max(1, min(DEFAULT_NEW_TOKENS, context // 2)))
     if not 1 <= new < context:
         raise ValueError(f"--new_tokens {new}: between 1 and --context - 1 ({context - 1})")
@@ -241,6 +269,9 @@ def plan_generation(
         raise ValueError(f"--context {context}: {name} has {positions} learned positions")
 
     weights = abstract_weights(model, family, quant)
+    host_bytes = tree_bytes(weights[model.STACK]) if weights_on_host else 0
+    if weights_on_host:
+        weights = {**weights, model.STACK: _on_host(weights[model.STACK])}
     s = jax.ShapeDtypeStruct
     args = (model, weights, s((batch, width), jnp.int32), s((), jnp.int32),
             jax.eval_shape(lambda: jax.random.key(0)), s((), jnp.float32), s((), jnp.int32),
@@ -268,6 +299,8 @@ def plan_generation(
         in_place = _read_in_place(weights, cache)
         temps = live.peak(lambda v: _gpu_bytes(v, in_place))[0]
         upcasts = live.peak()[0] - temps
+    if host_bytes and not getattr(ma, "host_argument_size_in_bytes", 0):
+        fixed -= host_bytes  # XLA:CPU counts host-memory arguments with the device's
     peak = fixed + temps
 
     kv_bytes = kv_cache.nbytes(layers, batch, slots, kv_heads, head_dim, jnp.bfloat16, kv_quant)
@@ -297,7 +330,8 @@ def plan_generation(
         peak_bytes=int(peak),
         temp_bytes=int(temps),
         cpu_upcast_bytes=int(upcasts),
-        decode_bytes_per_step=weights_bytes - embedding + kv_bytes,
+        decode_bytes_per_step=weights_bytes - embedding + kv_bytes - host_bytes,
+        host_bytes=host_bytes,
         flops_per_token=flops,
         backend=target.backend(),
         compile_seconds=seconds,
@@ -340,7 +374,7 @@ def search_context(
 def report(plan: GenerationPlan, device: str, budget: int, usable: int, mfu: float) -> str:
     """The plan as the console prints it."""
     fb = estimate.format_bytes
-    other = plan.peak_bytes - plan.weights_bytes - plan.kv_cache_bytes
+    other = plan.peak_bytes - (plan.weights_bytes - plan.host_bytes) - plan.kv_cache_bytes
     kinds = ", ".join(f"{k} {fb(v)}" for k, v in sorted(plan.weights_by_kind.items()))
     verdict = "FITS" if plan.peak_bytes <= usable else (
         f"DOES NOT FIT (over by {fb(plan.peak_bytes - usable)})")  # fmt: skip
@@ -362,14 +396,21 @@ def report(plan: GenerationPlan, device: str, budget: int, usable: int, mfu: flo
         f"budget {fb(budget)} ({device}) less reserve {fb(budget - usable)} = {fb(usable)} "
         f"usable: {verdict}",
     ]
-    if plan.weights_bytes > usable:
+    if plan.host_bytes:
+        lines.append(
+            f"  of the weights, {fb(plan.host_bytes)} (the layer stack) live in pinned host "
+            "memory, one layer at a time on the device (--weights_on_host)"
+        )
+    elif plan.weights_bytes > usable:
         lines.append("  the weights alone exceed the card: it cannot run without streaming "
                      "weights from host memory (each token then reads them over PCIe)")  # fmt: skip
     dev = perf.device(device)
     lines += [
         f"decode: at most {plan.decode_tokens_per_s(device):,.1f} tokens/s "
-        f"({dev.memory_gbs:g} GB/s / {fb(plan.decode_bytes_per_step)} read per step, "
-        f"batch {plan.batch}, full context)",
+        f"({dev.memory_gbs:g} GB/s / {fb(plan.decode_bytes_per_step)} read per step"
+        + (f" + {perf.PCIE4_X16_GBS:g} GB/s over PCIe / {fb(plan.host_bytes)}"
+           if plan.host_bytes else "")
+        + f", batch {plan.batch}, full context)",
         f"prefill: about {plan.prefill_tokens_per_s(device, mfu):,.0f} tokens/s "
         f"({dev.peak_bf16_tflops:g} TFLOP/s x {mfu:.0%} MFU / {plan.flops_per_token / 1e9:.1f} "
         "GFLOP per token)",
