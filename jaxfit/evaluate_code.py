@@ -85,7 +85,7 @@ def generate_completions(
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
-    model, params, encode, decode, eos = inference.load_model_and_tokenizer(
+    model, params, encode, decode, eos, _ = inference.load_model_and_tokenizer(
         model_path, quantize=quant, adapter=adapter
     )
     if on_loaded is not None:

@@ -5,6 +5,10 @@ workdir (its latest checkpoint and the run's tokenizer). --temperature 0 is gree
 sample is printed token by token as it is generated (--no_stream: at the end); --stop
 ends a sample where its text reaches the string (the text is cut before it).
 
+--chat answers user turns read from stdin, one per line, each from the whole conversation
+rendered with the chat template (the run's data.chat_template or the tokenizer's); an
+answer ends at EOS or at the template's end-of-turn text.
+
 examples:
   python -m jaxfit.generate --model runs/gpt2_demo --prompt "Ada went to" --temperature 0
   python -m jaxfit.generate --model runs/ft/hf --prompt "Hello" --top_k 50 --top_p 0.95
@@ -28,7 +32,14 @@ def parser() -> cli.ArgumentParser:
     """The command line's flags (``--help`` lists them)."""
     ap = cli.ArgumentParser(prog=PROG, description=__doc__)
     ap.add_argument("--model", required=True, help="HF model dir / Hub name, or jaxfit workdir")
-    ap.add_argument("--prompt", required=True, help="text to continue")
+    ap.add_argument("--prompt", default=None, help="text to continue (--chat: the first turn)")
+    ap.add_argument(
+        "--chat",
+        action="store_true",
+        help="a conversation: user turns from stdin, one per line (an empty line "
+        "or end of input ends it); answers rendered with the chat template",
+    )
+    ap.add_argument("--system", default="", help="--chat: the system message")
     ap.add_argument("--max_new_tokens", type=int, default=64, help="tokens to sample (64)")
     ap.add_argument("--temperature", type=float, default=1.0, help="0 = greedy (default 1)")
     ap.add_argument("--top_k", type=int, default=None, help="sample among the k most likely")
@@ -72,36 +83,75 @@ def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     if inference.is_workdir(args.model):
         cli.checkpoint_step(args.model)  # a jaxfit run: its checkpoint, before its data
-    model, params, encode, decode, eos = inference.load_model_and_tokenizer(
+    if args.prompt is None and not args.chat:
+        raise cli.UsageError("--prompt is required (or --chat), in the command line")
+    loaded = inference.load_model_and_tokenizer(
         args.model, quantize=args.quant, adapter=args.adapter
     )
-    ids = np.asarray(encode(args.prompt), np.int32)
-    prompt = np.repeat(ids[None], args.num_samples, axis=0)
+    if args.chat:
+        return _chat(args, loaded)
+    ids = np.asarray(loaded.encode(args.prompt), np.int32)
+    texts = StopStrings(loaded.decode, args.stop, loaded.eos_token_id, args.num_samples)
     live = args.stream and args.num_samples == 1
-    texts = StopStrings(decode, args.stop, eos, args.num_samples)
     if live:
         texts.on_text = lambda new: print(new, end="", flush=True)
         print(args.prompt, end="", flush=True)
-    sampling.generate(
-        model,
-        params,
-        prompt,
-        max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        eos_token_id=eos,
-        rng=jax.random.key(args.seed),
-        prefill_chunk=args.prefill_chunk,
-        kv_cache=None if args.kv_cache == "bf16" else args.kv_cache,
-        stream=texts,
-    )
+    _sample(args, loaded, ids, texts)
     if live:
         print(texts.flush(0), flush=True)
     else:
         for i in range(args.num_samples):
             print(args.prompt + texts.text(i))
     return 0
+
+
+def _sample(args, loaded, ids: np.ndarray, texts: StopStrings) -> None:
+    """``args.num_samples`` continuations of ``ids``, handed to ``texts`` as they come."""
+    sampling.generate(
+        loaded.model,
+        loaded.params,
+        np.repeat(ids[None], args.num_samples, axis=0),
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        eos_token_id=loaded.eos_token_id,
+        rng=jax.random.key(args.seed),
+        prefill_chunk=args.prefill_chunk,
+        kv_cache=None if args.kv_cache == "bf16" else args.kv_cache,
+        stream=texts,
+    )
+
+
+_MARK = "JAXFIT_END_OF_TURN_MARK"
+
+
+def end_of_turn(loaded) -> str:
+    """The text the chat template writes after an assistant's message (e.g. ``<|eot_id|>``
+    of Llama 3, ``<|im_end|>`` of ChatML), stripped; '' when it writes none."""
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _MARK}]
+    text = loaded.decode(loaded.render_chat(messages, generation_prompt=False))
+    return text[text.rindex(_MARK) + len(_MARK) :].strip() if _MARK in text else ""
+
+
+def _chat(args, loaded) -> int:
+    """Answer user turns from stdin, one per line, each from the whole conversation."""
+    messages = [{"role": "system", "content": args.system}] if args.system else []
+    stops = [*args.stop, end_of_turn(loaded)]
+    turns = [args.prompt] if args.prompt else []
+    args.num_samples = 1
+    while True:
+        user = turns.pop(0) if turns else sys.stdin.readline()
+        if not user or not user.strip():
+            return 0
+        messages.append({"role": "user", "content": user.strip()})
+        ids = np.asarray(loaded.render_chat(messages), np.int32)
+        texts = StopStrings(loaded.decode, stops, loaded.eos_token_id, 1)
+        if args.stream:
+            texts.on_text = lambda new: print(new, end="", flush=True)
+        _sample(args, loaded, ids, texts)
+        print(texts.flush(0) if args.stream else texts.text(0), flush=True)
+        messages.append({"role": "assistant", "content": texts.text(0).strip()})
 
 
 class StopStrings:

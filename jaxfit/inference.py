@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from jaxfit import hf, lora, trainer
 
@@ -23,10 +23,50 @@ def is_workdir(path: str | Path) -> bool:
     return saved.is_file() and "task" in json.loads(saved.read_text())
 
 
+class Loaded(NamedTuple):
+    """What :func:`load_model_and_tokenizer` returns (unpacks as a tuple).
+
+    Attributes:
+      model, params: the linen module and its full parameter tree.
+      encode: text -> token ids; decode: ids -> text (special tokens kept).
+      eos_token_id: the end-of-sequence id, or None.
+      render_chat: ``(messages, generation_prompt=True) -> token ids``: the conversation
+        rendered (with the assistant's header after it) by the run's
+        ``data.chat_template`` or the tokenizer's own template
+        (``tokenizer.apply_chat_template(..., add_generation_prompt=True)``), then
+        tokenized with no special tokens added (the template writes them); ``ValueError``
+        when there is no template.
+    """
+
+    model: Any
+    params: Any
+    encode: Callable[[str], list[int]]
+    decode: Callable[[list[int]], str]
+    eos_token_id: int | None
+    render_chat: Callable[[list[dict]], list[int]]
+
+
+def _renderer(hf_tokenizer, template: str, encode, where: str) -> Callable:
+    def render(messages: list[dict], generation_prompt: bool = True) -> list[int]:
+        if not (template or getattr(hf_tokenizer, "chat_template", None)):
+            raise ValueError(f"{where} has no chat template (tokenizer_config.json "
+                             "'chat_template', or a run's data.chat_template)")  # fmt: skip
+        text = hf_tokenizer.apply_chat_template(
+            messages,
+            chat_template=template or None,
+            tokenize=False,
+            add_generation_prompt=generation_prompt,
+        )
+        return encode(text)
+
+    return render
+
+
 def load_model_and_tokenizer(
     path: str | Path, *, quantize: str | None = None, adapter: str = ""
-) -> tuple[Any, Any, Callable[[str], list[int]], Callable[[list[int]], str], int | None]:
-    """``(model, params, encode, decode, eos_token_id)`` for a workdir or an HF model.
+) -> Loaded:
+    """:class:`Loaded` ``(model, params, encode, decode, eos_token_id, render_chat)`` for a
+    workdir or an HF model.
 
     A workdir is sampled as trained (its LoRA adapters over its frozen, possibly
     quantised, base; :func:`jaxfit.trainer.restore_params`; ``quantize`` and ``adapter``
@@ -41,17 +81,20 @@ def load_model_and_tokenizer(
       ValueError: as :func:`jaxfit.hf.load_pretrained` / :func:`jaxfit.lora.load_peft`.
     """
     if is_workdir(path):
-        _, task, params, _ = trainer.restore_params(Path(path))
+        config, task, params, _ = trainer.restore_params(Path(path))
         tok = task.tokenizer
         params = task.full_params(params, task.frozen)
-        return task.model, params, tok.encode, tok.decode, tok.eos_token_id
+        template = config.get("data", {}).get("chat_template", "") or ""
+        render = _renderer(tok.hf, template, tok.encode, f"the run {path}")
+        return Loaded(task.model, params, tok.encode, tok.decode, tok.eos_token_id, render)
     model, params, tok = hf.load_model_and_tokenizer(str(path), quantize=quantize)
     if adapter:
         params = lora.load_peft(params, model, adapter)
-    return (
+    return Loaded(
         model,
         params,
         lambda s: tok(s)["input_ids"],
         lambda ids: tok.decode(ids, skip_special_tokens=False),
         tok.eos_token_id,
+        _renderer(tok, "", lambda t: tok(t, add_special_tokens=False)["input_ids"], str(path)),
     )

@@ -100,7 +100,7 @@ def test_tinyshakespeare_from_scratch(tmp_path):
     start = _initial_eval(config, workdir)
     results = trainer.train(config, workdir)
     assert results["eval/perplexity"] < 0.25 * start["perplexity"], (start, results)
-    model, params, encode, decode, eos = load_model_and_tokenizer(str(workdir))
+    model, params, encode, decode, eos, _ = load_model_and_tokenizer(str(workdir))
     prompt = np.repeat(np.asarray(encode("ROMEO:\n"))[None], 8, axis=0)
     out = generate(
         model,
