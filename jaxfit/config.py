@@ -26,7 +26,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxfit.errors import ShowHelp
+from jaxfit.errors import Error, ShowHelp
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +49,9 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 RHYTHM_FIELDS = ("total_steps", "log_every", "eval_every", "ckpt_every", "seed", "precision")
 
 
-class ConfigError(ValueError):
-    """A config file, argument or override is invalid; the message names the key."""
+class ConfigError(Error, ValueError):
+    """A config file, argument or override is invalid; the message names the key
+    (exit status 2)."""
 
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
