@@ -2,10 +2,11 @@
 
 A config file defines ``get_config(arg: str | None) -> ml_collections.ConfigDict`` (the
 big_vision / Flax-examples convention). ``arg`` is the text after the colon in
-``--config configs/clip_coco.py:demo,batch=32`` and is parsed by
-``configs.common.parse_arg``. Overrides use ``ml_collections.config_flags``: every field is
-overridable as ``--config.optim.lr=3e-4`` with its type checked, and unknown keys are
-rejected. The resolved config is written to ``WORKDIR/config.json``.
+``--config configs/clip_coco.py:demo,batch=32`` and is parsed by :func:`parse_arg`
+(``demo`` flags and ``key=value`` pairs over the file's defaults). Overrides use
+``ml_collections.config_flags``: every field is overridable as ``--config.optim.lr=3e-4``
+with its type checked, and unknown keys are rejected. The resolved config is written to
+``WORKDIR/config.json``.
 """
 
 from __future__ import annotations

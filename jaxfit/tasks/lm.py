@@ -101,10 +101,10 @@ def _head_dim(config) -> int:
 
 
 def attention_choice(config) -> tuple[str, str]:
-    """``(implementation, reason)`` for this machine (:func:`jaxfit.models.layers.
-    choose_attention`): the config's compute dtype and head size, ``seq_len`` queries,
-    ``micro_batch_size`` sequences per call, packed documents (LM batches always carry
-    segment ids). Logged at INFO."""
+    """``(implementation, reason)`` for this machine
+    (:func:`jaxfit.models.attention.choose_attention`): the config's compute dtype and
+    head size, ``seq_len`` queries, ``micro_batch_size`` sequences per call, packed
+    documents (LM batches always carry segment ids). Logged at INFO."""
     impl, reason = attention.choose_attention(
         target.backend(),
         compute_dtype(config),
