@@ -132,6 +132,7 @@ FLOORS: dict[str, int] = {
     ),  # fmt: skip
     "jaxfit.plan": 1,
     "jaxfit.trainer": 2,
+    "jaxfit.run": 2,  # build_run: the trainer, the planner and the benchmarks call it
     "jaxfit.workdir": 2,
     "jaxfit.tasks": 3,
     "jaxfit.validation": 3,
