@@ -55,6 +55,23 @@ class ConfigError(Error, ValueError):
     (exit status 2)."""
 
 
+def invalid(key: str, value: Any, allowed: str) -> ConfigError:
+    """The error of a bad value: ``"<key>=<value> is invalid: <allowed>, set --config.<key>"``."""
+    return ConfigError(f"{key}={value!r} is invalid: {allowed}, set --config.{key}")
+
+
+def check_seq_len(config, positions: Any, where: str) -> None:
+    """Refuse a ``seq_len`` longer than the model's ``positions`` (named by ``where``);
+    nothing to check when either is not an integer.
+
+    Raises:
+      ConfigError: naming ``seq_len``, its value and the model's limit.
+    """
+    seq_len = get_field(config, "seq_len")
+    if isinstance(positions, int) and isinstance(seq_len, int) and seq_len > positions:
+        raise invalid("seq_len", seq_len, f"must be <= the model's {where}={positions}")
+
+
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
 
 

@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxfit import checkpoint, sharding, target
+from jaxfit import checkpoint, sharding, target, tasks
 from jaxfit.config import get_field, set_fields
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import training as lora_training
@@ -492,7 +492,6 @@ def plan_config(config) -> Plan:
         memory[k] for k in ("cpu_fragmentation", "cpu_upcasts", "host_on_device")
     )
     batch_size = config.batch_size
-    seq_len = get_field(config, "seq_len")
     return Plan(
         settings=_settings(cpu_stand_in(config)),
         params={
@@ -507,7 +506,7 @@ def plan_config(config) -> Plan:
             "xla_cost_analysis": float(cost.get("flops", float("nan"))),
         },
         examples_per_step=batch_size,
-        tokens_per_step=batch_size * seq_len if config.task == "lm" else None,
+        tokens_per_step=tasks.entry(config).tokens_per_step(config),
         compile_seconds=seconds,
         backend=target.description(),
         devices=target.device_count(),

@@ -34,6 +34,27 @@ from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 log = logging.getLogger(__name__)
 
 
+def validate(config) -> None:
+    """The CLIP task's rules of a from-scratch config: the vision tower's ``patch_size``
+    divides its ``image_size``.
+
+    Raises:
+      ConfigError: naming the key, its value and what is allowed.
+    """
+    vision = config_lib.get_field(config, "model.vision")
+    if vision is None:
+        return
+    image, patch = vision.get("image_size"), vision.get("patch_size")
+    if isinstance(image, int) and isinstance(patch, int) and (patch <= 0 or image % patch):
+        allowed = f"must divide model.vision.image_size={image}"
+        raise config_lib.invalid("model.vision.patch_size", patch, allowed)
+
+
+def tokens_per_step(config) -> None:
+    """None: a CLIP step is counted in image-text pairs (``batch_size``), not tokens."""
+    return None
+
+
 def resolve_config(config, workdir):
     """``config`` with the fields a CLIP run derives filled (a copy): the synthetic demo
     set's root (``WORKDIR/synthetic_coco``) when ``data.synthetic.enabled`` and no

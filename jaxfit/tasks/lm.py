@@ -47,6 +47,31 @@ def _shape(model) -> tuple[int, int]:
     return family.num_layers(model.config), family.hidden_size(model.config)
 
 
+def validate(config) -> None:
+    """The LM task's rules of a from-scratch config: ``model.family`` one of the LM
+    families (:func:`jaxfit.hf.families.names`), ``seq_len`` within its
+    ``model.config``'s positions.
+
+    Raises:
+      ConfigError: naming the key, its value and what is allowed.
+    """
+    model = config_lib.get_field(config, "model")
+    if model is None or "family" not in model:
+        return
+    if model.family not in families.names("lm"):
+        allowed = f"expected one of {families.names('lm')}"
+        raise config_lib.invalid("model.family", model.family, allowed)
+    if "config" in model:
+        field = families.get(model.family, task="lm").decoder.max_positions
+        config_lib.check_seq_len(config, model.config.get(field), f"model.config.{field}")
+
+
+def tokens_per_step(config) -> int:
+    """Tokens of one optimizer step: ``batch_size`` sequences of ``seq_len`` tokens
+    (``config`` a ConfigDict or a ``config.json`` dict)."""
+    return int(config["batch_size"]) * int(config["seq_len"])
+
+
 def resolve_config(config, workdir):
     """``config`` with the fields an LM run derives filled (a copy): the tokenizer of
     ``init_from`` when none is named, the synthetic corpus's path in ``workdir``, and
