@@ -343,7 +343,7 @@ class CLIPTask(Task):
         out = retrieval.recall_at_k(images, texts, text_to_image, ks=ks)
         out["num_images"] = float(len(images))
         out["num_captions"] = float(len(texts))
-        i2t_rank, t2i_rank = _first_hit_ranks(images, texts, text_to_image, max(ks))
+        i2t_rank, t2i_rank = retrieval.first_hit_ranks(images, texts, text_to_image, max(ks))
         examples = {"i2t_rank": i2t_rank, "t2i_rank": t2i_rank, "ks": np.asarray(ks, np.int32)}
         examples.update(_query_keys(self.val_records, len(images)))
         return out, examples
@@ -355,28 +355,6 @@ def _records_digest(records) -> dict:
     for r in records:
         h.update(json.dumps([r.image_id, list(r.captions)]).encode() + b"\n")
     return {"sha256": h.hexdigest(), "size": len(records)}
-
-
-def _first_hit_ranks(images, texts, text_to_image, kmax: int, chunk: int = 1024):
-    """Per-query position of the first hit among the top ``kmax`` (``kmax`` = none), with
-    the top-K selection of :func:`jaxfit.evals.retrieval.recall_at_k` (so ``mean(rank <
-    K)`` is its recall@K)."""
-    top = jax.jit(lambda q, c: jax.lax.top_k(q @ c.T, min(kmax, c.shape[0]))[1])
-
-    def topk(queries, candidates):
-        c = jnp.asarray(candidates)
-        parts = [
-            np.asarray(top(jnp.asarray(queries[i : i + chunk]), c))
-            for i in range(0, len(queries), chunk)
-        ]
-        return np.concatenate(parts)
-
-    def first(hit):
-        return np.where(hit.any(axis=1), hit.argmax(axis=1), kmax).astype(np.int32)
-
-    i2t = text_to_image[topk(images, texts)] == np.arange(len(images))[:, None]
-    t2i = topk(texts, images) == text_to_image[:, None]
-    return first(i2t), first(t2i)
 
 
 def _query_keys(records, num_images: int) -> dict[str, np.ndarray]:
