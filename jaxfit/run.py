@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from jaxfit import distributed, sharding
 from jaxfit.optim import make_optimizer
 from jaxfit.step import TrainState, abstract_train_state, jit_train_step
-from jaxfit.tasks import build_task, resolve_config
+from jaxfit.tasks import build_task, prepare_data, resolve_config
 from jaxfit.tasks.base import param_rng
 
 
@@ -82,9 +82,11 @@ def build_run(
       config: a validated config (``jaxfit.validation.validate_values``); resolved here
         (:func:`jaxfit.tasks.resolve_config`, idempotent).
       workdir: the run directory (a task's artefacts: tokenizer, token cache).
-      abstract: build the task for planning: no data read, no tokenizer trained, no
-        weights loaded (``build_task(..., abstract=True)``); else the task is built on
-        process 0 first (:func:`jaxfit.distributed.primary_first`: shared data files).
+      abstract: build the task for planning: nothing written, no data read, no tokenizer
+        trained, no weights loaded (``build_task(..., abstract=True)``); else the task's
+        data step runs first (:func:`jaxfit.tasks.prepare_data`: synthetic data, tokenizer,
+        token files), on process 0 before the others
+        (:func:`jaxfit.distributed.primary_first`: shared data files).
       mesh: the device mesh; default :func:`jaxfit.sharding.mesh_from_config` (a reader
         of a finished run may pass one that fits its own devices).
       check_batch: refuse a (micro-)batch the mesh's batch axes do not divide; only a
@@ -104,10 +106,9 @@ def build_run(
         mesh = sharding.mesh_from_config(config)
     if check_batch:
         sharding.check_batch_sizes(config, mesh)
-    if abstract:
-        task = build_task(config, workdir, mesh, abstract=True)
-    else:
-        task = distributed.primary_first(build_task, config, workdir, mesh)
+    # the data step (I/O, shared files: process 0 first), never for an abstract run
+    data = None if abstract else distributed.primary_first(prepare_data, config, workdir)
+    task = build_task(config, workdir, mesh, abstract=abstract, data=data)
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, task.abstract_params())
     abstract_state, state_shardings, make_state = abstract_train_state(
         task, optimizer, config, mesh

@@ -417,7 +417,7 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> di
     workdir_lib.check_resume(config, workdir, resumed)
     if resumed is not None:  # the data files, before any is tokenized
         workdir_lib.check_data(source_fingerprint(config), workdir, resumed, accept=accept_data)
-    run = build_run(config, workdir, abstract=False)  # the task prepares its data files
+    run = build_run(config, workdir, abstract=False)  # with the data step (tokenizer, ...)
     task, mesh = run.task, run.mesh
     data_fingerprint = task.data_fingerprint()  # files and what the task made of them
     accepted = workdir_lib.check_data(data_fingerprint, workdir, resumed, accept=accept_data)

@@ -64,6 +64,9 @@ class TaskEntry:
       validate: ``(config) -> None``: the task's rules of a from-scratch config; raises
         ``ConfigError`` naming the key.
       tokens_per_step: ``(config) -> int | None``.
+      prepare_data: ``(resolved config, workdir) -> data``: the task's I/O (synthetic
+        data written, tokenizer trained or loaded, records read or the corpus tokenized),
+        given to ``task_class(..., data=data)``; never run when planning.
     """
 
     name: str
@@ -72,6 +75,7 @@ class TaskEntry:
     data_files: Callable
     validate: Callable
     tokens_per_step: Callable
+    prepare_data: Callable
 
     @property
     def families(self) -> list[str]:
@@ -87,6 +91,7 @@ def _entry_of(module, task_class: type, name: str) -> TaskEntry:
         data_files=module.data_files,
         validate=module.validate,
         tokens_per_step=module.tokens_per_step,
+        prepare_data=module.prepare_data,
     )
 
 
@@ -123,18 +128,35 @@ def resolve_config(config, workdir: str | Path):
     return entry(config).resolve_config(config_lib.resolve_precision(config), workdir)
 
 
-def build_task(config, workdir, mesh, *, abstract: bool = False):
+def prepare_data(config, workdir: str | Path):
+    """The data step of ``config.task`` on ``resolve_config(config)`` (its I/O: see
+    :class:`TaskEntry`); what ``build_task(..., data=)`` takes.
+
+    Raises:
+      ConfigError: an unknown ``config.task``.
+      jaxfit.errors.DataError / OSError: the data cannot be read.
+    """
+    return entry(config).prepare_data(resolve_config(config, workdir), workdir)
+
+
+def build_task(config, workdir, mesh, *, abstract: bool = False, data=None):
     """Instantiate the task named by ``config.task`` on ``resolve_config(config)``.
 
     ``abstract=True`` builds it for planning (``jaxfit.plan``): model, loss and
-    ``abstract_batch`` / ``abstract_params`` / ``abstract_frozen`` only; no data is read,
-    no tokenizer trained and no weights loaded.
+    ``abstract_batch`` / ``abstract_params`` / ``abstract_frozen`` only; nothing is
+    written, no data is read, no tokenizer trained and no weights loaded. Otherwise the
+    task gets ``data`` (:func:`prepare_data`'s result; run here when not given). The
+    task's constructor itself does no I/O beyond an ``init_from`` ``config.json``.
 
     Raises:
       ConfigError: an unknown ``config.task``.
     """
-    cls = entry(config).task_class
-    return cls(resolve_config(config, workdir), workdir, mesh, abstract=abstract)
+    config = resolve_config(config, workdir)
+    if abstract:
+        data = None
+    elif data is None:
+        data = entry(config).prepare_data(config, workdir)
+    return entry(config).task_class(config, workdir, mesh, data=data)
 
 
 def source_fingerprint(config) -> dict:

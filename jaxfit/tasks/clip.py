@@ -10,6 +10,7 @@ each query's rank of the first hit (saved by the trainer to ``WORKDIR/eval/step_
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -171,57 +172,103 @@ def _execution_overrides(config) -> dict:
     return {k: config.model[k] for k in ("attention_impl", "mlp_chunk_size") if config.model.get(k)}
 
 
+@dataclasses.dataclass
+class CaptionData:
+    """What :func:`prepare_data` read and made: the records of both splits (``val``
+    trimmed to ``eval.max_images``), their skip counters, the SHA-256 of the records
+    before that trim (what a resume compares) and the caption tokenizer."""
+
+    train_records: list
+    val_records: list
+    train_skips: image_text.SkipCounter
+    val_skips: image_text.SkipCounter
+    records_digest: dict
+    tokenizer: tokenizers.CaptionTokenizer
+
+
+def prepare_data(config, workdir) -> CaptionData:
+    """The CLIP task's data step (all its I/O; the trainer calls it through
+    ``jaxfit.run.build_run``, never a planner): the synthetic demo set written under the
+    workdir when it is to be (:func:`ensure_synthetic_data`), both splits' records read
+    (``jaxfit.data.image_text.load_source``), and the caption tokenizer loaded (from
+    ``data.tokenizer`` or ``init_from``) or trained on the training captions into
+    ``WORKDIR/tokenizer``.
+
+    Args:
+      config: a resolved config (:func:`resolve_config`).
+      workdir: the run directory.
+
+    Raises:
+      jaxfit.errors.DataError: a missing data root or an unreadable annotation file.
+    """
+    data = config.data
+    if synthetic_root(config, workdir) is not None:
+        ensure_synthetic_data(config)
+    elif data.synthetic.enabled:
+        log.info(
+            "data.root=%s is set outside the workdir: training on it as data.format=%s says "
+            "(the synthetic demo set is written only under the workdir)",
+            data.root,
+            data.format,
+        )
+    train_records, train_skips = image_text.load_source(data, "train")
+    val_records, val_skips = image_text.load_source(data, "val")
+    # the data, before eval.max_images (which a resume may change) trims it
+    digest = {"train": _records_digest(train_records), "val": _records_digest(val_records)}
+    if config.eval.max_images:
+        val_records = val_records[: config.eval.max_images]
+    if config.init_from:
+        context = base_model(config).config.text.max_position_embeddings
+        tokenizer = tokenizers.CaptionTokenizer.from_pretrained(
+            data.tokenizer or config.init_from, context
+        )
+    else:
+        captions = lambda: (c for r in train_records for c in r.captions)  # noqa: E731
+        tokenizer = tokenizers.tokenizer_from_config(data, Path(workdir) / "tokenizer", captions)
+    return CaptionData(train_records, val_records, train_skips, val_skips, digest, tokenizer)
+
+
 class CLIPTask(Task):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{data, model, init_from,
-    batch_size, micro_batch_size, eval, precision, seed, lora}``."""
+    batch_size, micro_batch_size, eval, precision, seed, lora}``.
+
+    Args:
+      config: a resolved config.
+      workdir: the run directory.
+      mesh: the device mesh.
+      data: :func:`prepare_data`'s result; ``None`` builds the task for planning
+        (``abstract``: no records, and the tokenizer's shape only, ``data.vocab_size``
+        ids, unless ``data.tokenizer`` names one). The constructor writes nothing and
+        reads no data (an ``init_from`` checkpoint's ``config.json`` only).
+    """
 
     peft_task_type = None  # PEFT has no task type for dual encoders
 
-    def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        self.config, self.workdir, self.mesh, self.abstract = config, Path(workdir), mesh, abstract
-        data = config.data
+    def __init__(self, config, workdir, mesh, *, data: CaptionData | None = None):
+        self.config, self.workdir, self.mesh = config, Path(workdir), mesh
+        self.abstract = abstract = data is None
         if abstract:  # planning: no images are read, no tokenizer trained
-            self.train_records = self.val_records = []
+            self.train_records, self.val_records = [], []
             self.train_skips = self.val_skips = image_text.SkipCounter()
             self._records_digest = {}
+            self.tokenizer = None
         else:
-            if synthetic_root(config, workdir) is not None:
-                ensure_synthetic_data(config)
-            elif config.data.synthetic.enabled:
-                log.info(
-                    "data.root=%s is set outside the workdir: training on it as "
-                    "data.format=%s says (the synthetic demo set is written only under "
-                    "the workdir)",
-                    data.root,
-                    data.format,
-                )
-            self.train_records, self.train_skips = image_text.load_source(data, "train")
-            self.val_records, self.val_skips = image_text.load_source(data, "val")
-            # the data, before eval.max_images (which a resume may change) trims it
-            self._records_digest = {
-                "train": _records_digest(self.train_records),
-                "val": _records_digest(self.val_records),
-            }
-            if config.eval.max_images:
-                self.val_records = self.val_records[: config.eval.max_images]
+            self.train_records, self.val_records = data.train_records, data.val_records
+            self.train_skips, self.val_skips = data.train_skips, data.val_skips
+            self._records_digest = data.records_digest
+            self.tokenizer = data.tokenizer
         if config.init_from:
             self.model = base_model(
                 config, remat_policy=config.model.remat_policy, **_execution_overrides(config)
             )
-            source = data.tokenizer or config.init_from
-            context = self.model.config.text.max_position_embeddings
-            self.tokenizer = None
-            if not abstract:
-                self.tokenizer = tokenizers.CaptionTokenizer.from_pretrained(source, context)
         else:
-            if abstract and not data.tokenizer:
-                # the BPE this run would train has (at most) data.vocab_size ids
-                self.tokenizer = tokenizers.TokenizerShape(data.vocab_size, data.context_length)
-            else:
-                self.tokenizer = tokenizers.tokenizer_from_config(
-                    data,
-                    self.workdir / "tokenizer",
-                    lambda: (c for r in self.train_records for c in r.captions),
+            if abstract and config.data.tokenizer:  # a named tokenizer: its own size
+                self.tokenizer = tokenizers.CaptionTokenizer.from_pretrained(
+                    config.data.tokenizer, config.data.context_length
+                )
+            elif abstract:  # the BPE this run would train has (at most) data.vocab_size ids
+                self.tokenizer = tokenizers.TokenizerShape(
+                    config.data.vocab_size, config.data.context_length
                 )
             self.model = clip_model.CLIPModel(model_config(config, self.tokenizer))
         self.image_size = self.model.config.vision.image_size

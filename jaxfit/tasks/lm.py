@@ -143,26 +143,39 @@ def attention_choice(config) -> tuple[str, str]:
     return impl, reason
 
 
+def prepare_data(config, workdir):
+    """The LM task's data step (all its I/O; the trainer calls it through
+    ``jaxfit.run.build_run``, never a planner): the synthetic corpus written when it is to
+    be (:func:`synthetic_path`), then ``jaxfit.data.text.prepare_text_data`` (the
+    tokenizer loaded or trained, the corpus tokenized into ``WORKDIR``'s token files).
+
+    Args:
+      config: a resolved config (:func:`resolve_config`).
+      workdir: the run directory.
+
+    Returns:
+      ``jaxfit.data.text.prepare_text_data``'s result (``.tokenizer`` among it).
+    """
+    data_cfg = config.data
+    if synthetic_path(config, workdir) is not None and not Path(data_cfg.path).is_file():
+        write_synthetic_text(
+            data_cfg.path,
+            num_documents=data_cfg.synthetic.num_documents,
+            seed=data_cfg.synthetic.seed,
+        )
+    return text_data.prepare_text_data(data_cfg, Path(workdir))
+
+
 class LMTask(Task):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{model, init_from, data,
     seq_len, batch_size, micro_batch_size, eval, precision fields, seed, device}`` of a
     config resolved by :func:`resolve_config` (it is not changed here)."""
 
-    def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        self.config, self.workdir, self.mesh, self.abstract = config, Path(workdir), mesh, abstract
-        data_cfg = config.data
-        if abstract:  # planning: no corpus is read, no tokenizer trained
-            self.data = self.tokenizer = None
-        else:
-            if synthetic_path(config, workdir) is not None:
-                if not Path(data_cfg.path).is_file():
-                    write_synthetic_text(
-                        data_cfg.path,
-                        num_documents=data_cfg.synthetic.num_documents,
-                        seed=data_cfg.synthetic.seed,
-                    )
-            self.data = text_data.prepare_text_data(data_cfg, self.workdir)
-            self.tokenizer = self.data.tokenizer
+    def __init__(self, config, workdir, mesh, *, data=None):
+        self.config, self.workdir, self.mesh = config, Path(workdir), mesh
+        self.abstract = abstract = data is None
+        self.data = data  # prepare_data's; None when planning: no corpus, no tokenizer
+        self.tokenizer = None if abstract else data.tokenizer
         if config.init_from:
             self.model = base_model(config, **self._model_overrides())
         else:
