@@ -447,7 +447,20 @@ class Precision:
 
     @property
     def quantised(self) -> bool:
+        """Whether the frozen base is stored in a quantisation format."""
         return self.base_format != "float"
+
+    @property
+    def quantize(self) -> str | None:
+        """The format the base is quantised to while loading (``None``: kept float)."""
+        return self.base_format if self.quantised else None
+
+    @property
+    def base_dtype(self) -> str:
+        """Storage dtype of the float base weights: ``"float32"`` master weights when they
+        train; the compute dtype when the base is frozen under LoRA (half the memory in
+        bf16; QLoRA's float leaves, norms and embeddings, stay in bf16 too)."""
+        return self.compute_dtype if self.lora else "float32"
 
 
 def precision_settings(config) -> Precision:
