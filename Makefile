@@ -29,7 +29,7 @@ install: $(VENV)/.installed
 
 install-dev: $(VENV)/.installed-dev
 
-# bubblewrap isolates evaluate_code's samples (README, "Judging fine-tunes"). Installed
+# bubblewrap isolates evaluate_code's samples (docs/evaluate-code.md). Installed
 # with apt-get when missing and this is root; never fatal (the tests then cover the fallback).
 sandbox-tool:
 	@command -v bwrap >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \

@@ -236,14 +236,15 @@ def _train(trainer, config, workdir: Path, out: Path) -> None:
 
 def quantisation_error(init_from: str, precision: str) -> float:
     """Relative Frobenius error of the base's quantised kernels (0 for float precisions)."""
-    if precision not in ("int8", "nf4"):
-        return 0.0
     import jax.numpy as jnp
 
     from jaxfit import hf, quant
 
+    if precision not in quant.names():
+        return 0.0
     _, params = hf.load_pretrained(init_from, dtype=jnp.float32)
-    qparams = quant.quantize_params(params, method=precision, float_dtype=jnp.float32)
+    rules = hf.families.DEFAULT_QUANT_RULES
+    qparams = quant.quantize_params(params, rules, precision, float_dtype=jnp.float32)
     return float(quant.error_report(params, qparams)["summary"]["rel_frobenius"])
 
 

@@ -5,7 +5,7 @@ overrides, the planned peak in bytes (``peak_target`` of ``jaxfit.plan``, the CP
 of the GPU peak when planned on a CPU), where and when it was recorded, and why it is what
 it is. ``tests/plan/test_memory_records.py`` (slow, in CI) re-plans every entry and fails
 when a peak moves by more than :data:`TOLERANCE` either way: a change that costs memory
-is caught, and one that saves memory updates the record (and the README / BENCHMARKS
+is caught, and one that saves memory updates the record (and the docs/BENCHMARKS.md
 figures that quote it) with its reason.
 
   python -m experiments.memory_records            # re-plan, print old vs new

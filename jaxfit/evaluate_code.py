@@ -42,7 +42,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxfit import cli, generate, sampling
+from jaxfit import cli, inference, sampling
+from jaxfit import quant as quant_lib
 from jaxfit.errors import UsageError
 from jaxfit.evals import code, sandbox
 
@@ -67,8 +68,8 @@ def generate_completions(
 ) -> Iterator[dict[str, Any]]:
     """Yield ``n`` samples ``{"task_id", "completion"}`` per problem from a model.
 
-    The model and tokenizer load with ``jaxfit.generate.load_model_and_tokenizer`` (an HF
-    directory / Hub name with optional ``quant`` (``"nf4"``/``"int8"``) and PEFT
+    The model and tokenizer load with :func:`jaxfit.inference.load_model_and_tokenizer` (an
+    HF directory / Hub name with optional ``quant`` (a registered format) and PEFT
     ``adapter``, or a jaxfit workdir); tokens come from ``jaxfit.sampling.generate`` (KV
     cache) in batches of ``min(batch_size, n)`` copies of the prompt (the last batch of a
     problem is padded to that size and the extra rows dropped, so shapes repeat), with
@@ -84,8 +85,8 @@ def generate_completions(
     """
     if n < 1 or batch_size < 1:
         raise ValueError(f"n and batch_size must be >= 1, got n={n}, batch_size={batch_size}")
-    model, params, encode, decode, eos = generate.load_model_and_tokenizer(
-        model_path, quant_method=quant, adapter=adapter
+    model, params, encode, decode, eos, _ = inference.load_model_and_tokenizer(
+        model_path, quantize=quant, adapter=adapter
     )
     if on_loaded is not None:
         on_loaded()
@@ -200,7 +201,7 @@ def parser() -> cli.ArgumentParser:
     ap.add_argument("--limit", type=int, default=None, help="first N problems only (--model)")
     gen = ap.add_argument_group("generation (--model)")
     gen.add_argument("--adapter", default="", help="PEFT LoRA adapter directory (HF model)")
-    gen.add_argument("--quant", choices=("nf4", "int8"), default=None, help="quantise HF model")
+    gen.add_argument("--quant", choices=quant_lib.names(), default=None, help="quantise HF model")
     gen.add_argument("--n", type=int, default=1, help="samples per problem")
     gen.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     gen.add_argument("--top_p", type=float, default=0.95)

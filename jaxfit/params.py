@@ -2,11 +2,19 @@
 
 Every leaf of a pytree has a *path string*, its keys joined by ``/``
 (``"text_model/layers/mlp/fc1/kernel"``). Rules are regular expressions applied with
-``re.search`` to that string. Weight-decay masks (``optim.py``), parameter shardings
-(``sharding.py``) and, later, LoRA targets, quantisation and freezing all select leaves
-through :func:`match` / :func:`assign`, so one set of names serves every feature
-(the big_vision convention of regex rules over parameter names); trees that mirror the
-parameters (optimizer states) find their parameter with :func:`longest_contained`.
+``re.search`` to that string (the big_vision convention of regex rules over parameter
+names), so one set of names serves every feature:
+
+* :func:`select` (rules and exclusions -> the selected paths, a rule that selects nothing
+  is an error): what gets quantised (:func:`jaxfit.quant.quantize_params`,
+  :func:`jaxfit.quant.random_init.random_quantized_params`, and
+  :func:`jaxfit.hf.load_pretrained` while streaming) and the regex LoRA targets
+  (:func:`jaxfit.lora.targets.select`);
+* :func:`match` (a boolean tree): weight-decay masks (``optim.py``);
+* :func:`assign` (first matching rule's value): parameter shardings (``sharding.py``).
+
+Trees that mirror the parameters (optimizer states) find their parameter with
+:func:`longest_contained`.
 
 Works on any pytree: nested dicts of arrays, ``jax.ShapeDtypeStruct`` trees from
 ``jax.eval_shape``, ``flax.struct`` dataclasses (attribute names become path parts) and
@@ -16,7 +24,7 @@ lists/tuples (the index becomes a path part).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import jax
@@ -53,14 +61,19 @@ def path_str(path: tuple) -> str:
     return "/".join(_key_str(k) for k in path)
 
 
-def flatten(params: PyTree) -> dict[str, Any]:
+def flatten(params: PyTree, *, is_leaf: Callable[[Any], bool] | None = None) -> dict[str, Any]:
     """Flatten a pytree into ``{path_str: leaf}`` in tree-flatten order.
+
+    Args:
+      params: any pytree.
+      is_leaf: as ``jax.tree_util``'s: nodes for which it is true are leaves (e.g. a
+        quantised weight leaf counts as one parameter, not as its arrays).
 
     Raises:
       ValueError: two leaves map to the same path string (e.g. a dict key containing ``/``).
     """
     out: dict[str, Any] = {}
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=is_leaf)[0]:
         name = path_str(path)
         if name in out:
             raise ValueError(f"two parameters share the path string {name!r}")
@@ -139,6 +152,51 @@ def unmatched(params: PyTree, patterns: Sequence[str]) -> list[str]:
     """
     names = list(flatten(params))
     return [p for p, c in zip(patterns, _compile(patterns)) if not any(c.search(n) for n in names)]
+
+
+def select(
+    params: PyTree,
+    rules: Sequence[str],
+    *,
+    exclude: Sequence[str] = (),
+    is_leaf: Callable[[Any], bool] | None = None,
+    what: str = "rules",
+) -> list[str]:
+    """The path strings selected by ``rules``: a leaf is selected when a pattern of
+    ``rules`` ``re.search``-es its path and no pattern of ``exclude`` does.
+
+    The one answer to "which parameters does this feature touch" (quantisation, LoRA
+    regex targets): every rule must select at least one leaf, so a typo fails loudly.
+
+    Args:
+      params: any pytree (arrays, ``jax.ShapeDtypeStruct``, weight leaves with
+        ``is_leaf``), or a flat ``{path_str: leaf}`` dict of candidates.
+      rules: regular expressions, e.g. ``[r"(^|/)layers/.*kernel$"]``.
+      exclude: patterns of paths left out even when a rule selects them (they may match
+        nothing).
+      is_leaf: passed to :func:`flatten` (nodes to treat as one leaf).
+      what: what the rules are called in the error message (``"quantisation rules"``).
+
+    Returns:
+      The selected path strings in tree-flatten order.
+
+    Raises:
+      ValueError: a rule that matches no path (names it and shows some paths), or an
+        invalid regular expression.
+      TypeError: ``rules`` or ``exclude`` is a single string.
+    """
+    names = list(flatten(params, is_leaf=is_leaf))
+    compiled, excluded = _compile(rules), _compile(exclude)
+    if bad := [p for p, c in zip(rules, compiled) if not any(c.search(n) for n in names)]:
+        raise ValueError(
+            f"{what} match no parameter: {bad}; the candidate paths are {names[:12]}"
+            + (f" and {len(names) - 12} more" if len(names) > 12 else "")
+        )
+    return [
+        n
+        for n in names
+        if any(c.search(n) for c in compiled) and not any(c.search(n) for c in excluded)
+    ]
 
 
 def longest_contained(path: str, names) -> str | None:

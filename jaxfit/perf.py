@@ -21,6 +21,10 @@ import dataclasses
 PCIE4_X16_GBS = 31.5
 
 
+# ``memory_gbs``: DRAM bandwidth, GB/s (10^9 bytes): the product pages' "memory
+# bandwidth" (GeForce: data rate x bus width / 8, e.g. RTX 4070 Ti 21 Gbps x 192 bit = 504
+# GB/s; A100 / H100 / H200 datasheets). Decoding a token reads every weight once, so
+# bandwidth / bytes read per token bounds the decode rate (jaxfit.plan.generation).
 @dataclasses.dataclass(frozen=True)
 class Device:
     name: str
@@ -28,21 +32,27 @@ class Device:
     memory_gib: float
     source: str
     link_gbs: float = PCIE4_X16_GBS
+    memory_gbs: float = 0.0
 
 
 DEVICES = {
     d.name: d
     for d in (
-        Device("rtx4070", 58.3, 12, "Ada whitepaper App. A: RTX 4070, FP16 tensor FP32 acc"),
-        Device("rtx4070ti", 80.2, 12, "Ada whitepaper App. A: RTX 4070 Ti, FP16 tensor FP32 acc"),
-        Device("rtx4090", 165.2, 24, "Ada whitepaper App. A: RTX 4090, FP16 tensor FP32 acc"),
-        Device("rtx3090", 71.0, 24, "Ampere GA102 whitepaper: RTX 3090, FP16 tensor FP32 acc"),
-        Device("a100-40gb", 312.0, 40, "A100 datasheet: BF16 tensor core, dense", 300.0),
-        Device("a100-80gb", 312.0, 80, "A100 datasheet: BF16 tensor core, dense", 300.0),
-        Device("h100-sxm", 989.4, 80, "H100 datasheet: BF16 tensor core SXM, dense", 450.0),
-        Device("h200", 989.4, 141, "H200 datasheet: BF16 tensor core, dense", 450.0),
+        Device("rtx4070", 58.3, 12, "Ada whitepaper App. A: RTX 4070, FP16 tensor FP32 acc",
+               memory_gbs=504.2),
+        Device("rtx4070ti", 80.2, 12, "Ada whitepaper App. A: RTX 4070 Ti, FP16 tensor FP32 acc",
+               memory_gbs=504.2),
+        Device("rtx4090", 165.2, 24, "Ada whitepaper App. A: RTX 4090, FP16 tensor FP32 acc",
+               memory_gbs=1008.0),
+        Device("rtx3090", 71.0, 24, "Ampere GA102 whitepaper: RTX 3090, FP16 tensor FP32 acc",
+               memory_gbs=936.2),
+        Device("a100-40gb", 312.0, 40, "A100 datasheet: BF16 tensor core, dense", 300.0, 1555.0),
+        Device("a100-80gb", 312.0, 80, "A100 datasheet: BF16 tensor core, dense", 300.0, 2039.0),
+        Device("h100-sxm", 989.4, 80, "H100 datasheet: BF16 tensor core SXM, dense", 450.0,
+               3350.0),
+        Device("h200", 989.4, 141, "H200 datasheet: BF16 tensor core, dense", 450.0, 4800.0),
     )
-}
+}  # fmt: skip
 
 
 def device(name: str) -> Device:

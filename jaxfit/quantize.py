@@ -1,10 +1,12 @@
-"""Quantisation error report: ``python -m jaxfit.quantize --model PATH [--method nf4|int8]``.
+"""Quantisation error report: ``python -m jaxfit.quantize --model PATH [--method FORMAT]``.
 
 Loads an HF model (directory or Hub name) in float32, quantises its layer kernels as a
-QLoRA / int8 run would (``jaxfit.quant.quantize_params``), and prints per-tensor (per
-layer for stacked tensors) relative Frobenius error ``||W - Q(W)||_F / ||W||_F`` and
-max-abs error, plus the bits per weight achieved (NF4 with double quantisation:
-``4 + 8/64 + 32/(64*256) = 4.127``). ``--json FILE`` writes the full report.
+QLoRA / int8 run would (``jaxfit.quant.quantize_params`` with the family's rules,
+``jaxfit.hf.families.DEFAULT_QUANT_RULES``; --method is any registered format), and
+prints per-tensor (per layer for stacked tensors) relative Frobenius error
+``||W - Q(W)||_F / ||W||_F`` and max-abs error, plus the bits per weight achieved (NF4
+with double quantisation: ``4 + 8/64 + 32/(64*256) = 4.127``). ``--json FILE`` writes
+the full report.
 
 examples:
   python -m jaxfit.quantize --model gpt2 --method nf4
@@ -28,7 +30,7 @@ def parser() -> cli.ArgumentParser:
     """The command line's flags (``--help`` lists them)."""
     ap = cli.ArgumentParser(prog=PROG, description=__doc__)
     ap.add_argument("--model", required=True, help="HF model directory or Hub name")
-    ap.add_argument("--method", choices=("nf4", "int8"), default="nf4", help="nf4 (default)")
+    ap.add_argument("--method", choices=quant.names(), default="nf4", help="format (nf4)")
     ap.add_argument("--json", default="", help="write the full report to this file")
     return ap
 
@@ -36,7 +38,8 @@ def parser() -> cli.ArgumentParser:
 def _main(argv: list[str] | None) -> int:
     args = parser().parse_args(argv)
     _, params = hf.load_pretrained(args.model, dtype=jnp.float32)
-    qparams = quant.quantize_params(params, method=args.method, float_dtype=jnp.float32)
+    rules = hf.families.DEFAULT_QUANT_RULES
+    qparams = quant.quantize_params(params, rules, args.method, float_dtype=jnp.float32)
     report = quant.error_report(params, qparams)
     print(f"{'tensor':60s} {'rel_frobenius':>14s} {'max_abs':>10s}")
     for path, r in report["tensors"].items():

@@ -24,11 +24,14 @@ https://arxiv.org/abs/1904.09751), in that order (all in
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import io_callback
+
+from jaxfit.models import kv_cache as kv_cache_lib
 
 
 def filter_logits(logits: jax.Array, top_k: jax.Array | int, top_p: jax.Array | float) -> jax.Array:
@@ -111,7 +114,56 @@ def prompt_bucket(length: int, limit: int | None = None) -> int:
     return max(bucket, int(length))
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
+DEFAULT_PREFILL_CHUNK = 512
+
+
+def _prefill(model, variables, prompt, prompt_len, cache, chunk: int):
+    """Run the prompt through ``model`` into ``cache``; return the last prompt token's
+    logits ``[batch, vocab]`` float32 and the cache with ``index = prompt_len``.
+
+    ``chunk = 0`` runs the whole (padded) prompt as one step. Otherwise the prompt runs in
+    steps of ``chunk`` tokens (its width is a multiple of ``chunk``), only as many as hold
+    real tokens (``ceil(prompt_len / chunk)``, a ``while`` loop): the activations of one
+    step are those of ``chunk`` tokens (a chunk's queries attend the cache, as a decoding
+    step's do), so a long prompt costs the KV cache plus one chunk's activations, not the
+    whole prompt's. Only the last prompt token's logits are computed."""
+    batch, width = prompt.shape
+    if not chunk or chunk >= width:
+        last, cache = model.apply(variables, prompt, cache, prompt_len - 1, method="decode")
+        return last, cache.replace(index=prompt_len)
+    if width % chunk:
+        raise ValueError(f"prompt width {width} is not a multiple of prefill_chunk {chunk}")
+
+    def step(i, carry):
+        cache, last = carry
+        start = i * chunk
+        ids = jax.lax.dynamic_slice_in_dim(prompt, start, chunk, axis=1)
+        j = prompt_len - 1 - start  # in [0, chunk) in the last step only
+        row, cache = model.apply(variables, ids, cache, jnp.clip(j, 0, chunk - 1), method="decode")
+        return cache, jnp.where(j < chunk, row, last)
+
+    last = jnp.zeros((batch, model.config.vocab_size), jnp.float32)
+    cache, last = jax.lax.fori_loop(0, (prompt_len + chunk - 1) // chunk, step, (cache, last))
+    return last, cache.replace(index=prompt_len)
+
+
+def prompt_width(length: int, limit: int | None, prefill_chunk: int) -> tuple[int, int]:
+    """``(width, chunk)``: the padded prompt width one compiled :func:`generate` serves and
+    the prefill chunk it runs with (``0``: one step). The width is :func:`prompt_bucket`,
+    rounded up to a multiple of ``prefill_chunk`` when it is wider than one chunk; where
+    that would pass ``limit`` (GPT-2's learned positions) the prompt runs in one step."""
+    width = prompt_bucket(length, limit)
+    if not prefill_chunk or width <= prefill_chunk:
+        return width, 0
+    rounded = -(-width // prefill_chunk) * prefill_chunk
+    if limit is not None and rounded > limit:
+        return width, 0
+    return rounded, prefill_chunk
+
+
+@functools.partial(
+    jax.jit, static_argnames=("model", "max_new_tokens", "prefill_chunk", "kv_quant", "stream")
+)
 def _generate(
     model,
     params,
@@ -125,23 +177,31 @@ def _generate(
     pad_id,
     *,
     max_new_tokens: int,
+    prefill_chunk: int = 0,
+    kv_quant: str | None = None,
+    stream: Callable | None = None,
 ):
     batch, bucket = prompt.shape  # prompt_len (traced) real tokens, then padding
     variables = {"params": params}
     sample = functools.partial(sample_logits, temperature=temperature, top_k=top_k, top_p=top_p)
 
-    def is_eos(tok):
-        return jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+    def stops(tok, done):
+        """Rows that end with ``tok``: an EOS id, or ``stream``'s answer (host callback,
+        in step order)."""
+        eos = jnp.any(tok[:, None] == eos_ids[None, :], axis=-1)
+        if stream is None:
+            return eos
+        answer = jax.ShapeDtypeStruct((batch,), jnp.bool_)
+        return eos | io_callback(stream, answer, tok, done, ordered=True)
 
-    # The last token sampled is never fed back, so the cache needs prompt + new - 1 slots.
-    cache = model.init_cache(batch, bucket + max_new_tokens - 1)
-    logits, cache = model.apply(variables, prompt, cache, method="decode")
-    cache = cache.replace(index=prompt_len)  # decoding overwrites the padding
-    last = jax.lax.dynamic_index_in_dim(logits, prompt_len - 1, axis=1, keepdims=False)
+    # The last token sampled is never fed back, so the cache needs prompt + new - 1 slots;
+    # decoding overwrites the padding
+    cache = model.init_cache(batch, bucket + max_new_tokens - 1, kv_quant)
+    last, cache = _prefill(model, variables, prompt, prompt_len, cache, prefill_chunk)
     rng, sub = jax.random.split(rng)
     tok = sample(last, sub)
     out = jnp.full((batch, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(tok)
-    done = is_eos(tok)
+    done = stops(tok, jnp.zeros((batch,), jnp.bool_))
 
     def cond(state):
         t, _, _, _, _, done = state
@@ -153,7 +213,7 @@ def _generate(
         rng, sub = jax.random.split(rng)
         new = jnp.where(done, pad_id, sample(logits[:, -1], sub))
         out = jax.lax.dynamic_update_slice(out, new[:, None], (0, t))
-        return t + 1, new, cache, rng, out, done | is_eos(new)
+        return t + 1, new, cache, rng, out, done | stops(new, done)
 
     state = (jnp.int32(1), tok, cache, rng, out, done)
     return jax.lax.while_loop(cond, body, state)[4]
@@ -171,6 +231,9 @@ def generate(
     eos_token_id: int | Sequence[int] | None = None,
     pad_token_id: int | None = None,
     rng: jax.Array | None = None,
+    prefill_chunk: int | None = DEFAULT_PREFILL_CHUNK,
+    kv_cache: str | None = None,
+    stream: Callable[[np.ndarray, np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Generate continuations of ``prompt_ids`` with a KV cache.
 
@@ -188,6 +251,19 @@ def generate(
         ``None`` never stops early.
       pad_token_id: the padding id (default: the first EOS id, else 0; HF's convention).
       rng: a ``jax.random.key`` (needed when sampling; default ``key(0)``).
+      prefill_chunk: a padded prompt wider than this runs through the model in steps of
+        this many tokens (:func:`_prefill`: the KV cache plus one chunk's activations);
+        ``None`` or ``0``: the whole prompt in one step. Greedy tokens do not depend on it
+        (tested against transformers); the logits differ by float rounding only.
+      kv_cache: ``None``: keys and values in the compute dtype; ``"int8"``: int8 codes with
+        a per-(token, head) absmax scale (:class:`jaxfit.models.kv_cache.Int8KV`, 0.52x
+        the bytes of bf16 at ``head_dim = 128``; its logit error against the float cache is
+        measured in ``tests/test_sampling.py``).
+      stream: called on the host after each step, in order, as ``stream(tokens [batch]
+        int32, finished [batch] bool) -> stop [batch] bool`` (a ``jax.experimental.
+        io_callback``): it sees every token as it is generated (``finished`` rows get the
+        padding id) and may end rows (a stop string seen: later positions are padded, as
+        after EOS). Each new function compiles the program once more.
 
     Returns:
       ``np.ndarray [batch, max_new_tokens]`` int32 of generated ids only (``[max_new_tokens]``
@@ -214,6 +290,10 @@ def generate(
         raise ValueError(f"top_k must be a positive int, got {top_k}")
     if top_p is not None and not 0 < top_p <= 1:
         raise ValueError(f"top_p must be in (0, 1], got {top_p}")
+    if kv_cache not in kv_cache_lib.KV_QUANT:
+        raise ValueError(f"kv_cache={kv_cache!r}; expected one of {list(kv_cache_lib.KV_QUANT)}")
+    if prefill_chunk is not None and prefill_chunk < 0:
+        raise ValueError(f"prefill_chunk must be >= 0 or None, got {prefill_chunk}")
     if eos_token_id is None:
         eos = []
     elif isinstance(eos_token_id, int | np.integer):
@@ -227,7 +307,8 @@ def generate(
     length = prompt.shape[1]
     positions = getattr(model.config, "n_positions", None)  # learned positions end there
     limit = positions - max_new_tokens + 1 if positions else None
-    padded = np.full((prompt.shape[0], prompt_bucket(length, limit)), pad_token_id, np.int32)
+    width, chunk = prompt_width(length, limit, prefill_chunk or 0)
+    padded = np.full((prompt.shape[0], width), pad_token_id, np.int32)
     padded[:, :length] = prompt
     out = _generate(
         model,
@@ -241,6 +322,9 @@ def generate(
         jnp.asarray(eos_ids),
         jnp.int32(pad_token_id),
         max_new_tokens=int(max_new_tokens),
+        prefill_chunk=chunk,
+        kv_quant=kv_cache,
+        stream=stream,
     )
     out = np.asarray(out)
     return out[0] if single else out

@@ -6,7 +6,7 @@ evaluation. A workdir that already holds a checkpoint is resumed from it: parame
 optimizer state, RNG and the data iterator's position, so an interrupted run ends with
 the same parameters as one that ran straight through.
 
-What protects a run (see README "When things go wrong"):
+What protects a run (see docs/troubleshooting.md):
 
 * one run per workdir (``WORKDIR/run.lock``, :mod:`jaxfit.workdir`);
 * a resume may not change shapes or the data order (:func:`jaxfit.workdir.check_resume`);

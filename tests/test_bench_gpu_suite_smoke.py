@@ -20,8 +20,9 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytest``)
     sys.path.insert(0, str(REPO))
 
-from experiments.bench import gpu_common, gpu_decode, gpu_suite, report, seq_search  # noqa: E402
+from experiments.bench import gpu_common, gpu_suite, report, seq_search  # noqa: E402
 from jaxfit import perf, quant  # noqa: E402
+from jaxfit.hf.families import DEFAULT_QUANT_RULES as RULES  # noqa: E402
 from jaxfit.models import llama  # noqa: E402
 from jaxfit.quant import random_init  # noqa: E402
 
@@ -116,7 +117,7 @@ def test_random_quantized_params_matches_quantize_params(method, monkeypatch):
     model = _tiny_llama()
     ids = jnp.zeros((1, 8), jnp.int32)
     key = jax.random.key(0)
-    ref = quant.quantize_params(model.init(key, ids)["params"], method=method)
+    ref = quant.quantize_params(model.init(key, ids)["params"], RULES, method)
     abstract = jax.eval_shape(model.init, key, ids)["params"]
 
     drawn = []
@@ -127,7 +128,7 @@ def test_random_quantized_params_matches_quantize_params(method, monkeypatch):
         return draw(k, shape, dtype, stddev)
 
     monkeypatch.setattr(random_init, "_draw_layer", watch)
-    got = random_init.random_quantized_params(abstract, jax.random.key(1), method=method)
+    got = random_init.random_quantized_params(abstract, jax.random.key(1), RULES, method)
 
     shapes = lambda t: jax.tree.map(lambda x: (x.shape, jnp.dtype(x.dtype)), t)
     assert jax.tree.structure(got) == jax.tree.structure(ref)  # static fields included
@@ -137,8 +138,8 @@ def test_random_quantized_params_matches_quantize_params(method, monkeypatch):
     assert all(len(s) == 2 for s in drawn)
     assert len(drawn) == 7 * 3 + 2
     assert (64, 128) in drawn and (3, 64, 128) not in drawn
-    qleaves = [x for x in jax.tree.leaves(got, is_leaf=quant.is_weight_leaf)]
-    assert sum(quant.is_weight_leaf(x) for x in qleaves) == 7
+    qleaves = [x for x in jax.tree.leaves(got, is_leaf=quant.is_quantized)]
+    assert sum(quant.is_quantized(x) for x in qleaves) == 7
     assert jnp.all(got["layers"]["input_layernorm"]["scale"] == 1)  # norm gains: ones
     logits = model.apply({"params": got}, ids)
     assert logits.shape == (1, 8, 256) and bool(jnp.isfinite(logits).all())
@@ -149,7 +150,7 @@ def test_random_quantized_params_chunked_float_leaves():
     model = _tiny_llama(param_dtype=jnp.bfloat16)
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8), jnp.int32))
     got = random_init.random_quantized_params(
-        abstract["params"], jax.random.key(0), chunk_bytes=10 * 64 * 4
+        abstract["params"], jax.random.key(0), RULES, chunk_bytes=10 * 64 * 4
     )
     emb = got["embed_tokens"]["embedding"]
     assert emb.shape == (256, 64) and emb.dtype == jnp.bfloat16
@@ -246,8 +247,11 @@ def test_next_seqs():
 
 
 def test_bandwidth_table_covers_the_devices():
-    assert set(gpu_decode.BANDWIDTH_GBS) == set(perf.DEVICES)
-    assert all(gbs > 100 and source for gbs, source in gpu_decode.BANDWIDTH_GBS.values())
+    """Every device has its memory bandwidth (the decode bound of gpu_decode and of
+    ``jaxfit.plan --generate``); GeForce: data rate x bus width / 8."""
+    assert all(d.memory_gbs > 100 for d in perf.DEVICES.values())
+    assert perf.device("rtx4070ti").memory_gbs == pytest.approx(21 * 192 / 8, rel=0.001)
+    assert perf.device("rtx4090").memory_gbs == pytest.approx(21 * 384 / 8)
 
 
 def test_record_rows(tmp_path):

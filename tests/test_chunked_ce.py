@@ -16,6 +16,7 @@ import pytest
 
 from jaxfit import config as config_lib
 from jaxfit import losses, objectives, quant
+from jaxfit.hf import families
 from jaxfit.lora import adapters
 from jaxfit.lora import training as lora_training
 from jaxfit.models import gpt2, llama
@@ -199,7 +200,7 @@ def test_lm_task_chunked_loss_with_nf4_and_lora_weight_leaves(jit_fast):
         )
         return adapters.split_trainable(full)
 
-    base = quant.quantize_params(_random_params(model), quant.DEFAULT_RULES + (lm_head,))
+    base = quant.quantize_params(_random_params(model), families.DEFAULT_QUANT_RULES + (lm_head,))
     trainable, frozen = jit_fast(adapted)(base)
     assert isinstance(frozen["lm_head"]["kernel"].base, quant.NF4Weight)
     # B = 0 at init would give A no gradient: perturb every adapter

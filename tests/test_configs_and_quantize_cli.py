@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from hf_testing import tiny_llama
 
 from jaxfit import config as config_lib
 from jaxfit.quantize import main as quantize_main
@@ -23,19 +24,9 @@ def test_every_config_parses(path):
 
 
 def test_quantize_report_cli(tmp_path, capsys):
-    torch = pytest.importorskip("torch")
-    import transformers
-
-    cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=512,
-        intermediate_size=1024,
-        num_hidden_layers=1,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    # one layer of width 512 (transformers' default 2048 positions)
+    tiny_llama(tmp_path / "m", vocab_size=128, max_positions=2048, hidden_size=512,
+               intermediate_size=1024, num_hidden_layers=1)  # fmt: skip
     out = tmp_path / "report.json"
     assert quantize_main(["--model", str(tmp_path / "m"), "--json", str(out)]) == 0
     printed = capsys.readouterr().out

@@ -13,8 +13,8 @@ import pytest
 from jaxfit import config as config_lib
 from jaxfit import sharding, trainer
 from jaxfit.export import main as export_main
-from jaxfit.generate import load_model_and_tokenizer
 from jaxfit.generate import main as generate_main
+from jaxfit.inference import load_model_and_tokenizer
 from jaxfit.sampling import generate
 from jaxfit.tasks import build_task
 
@@ -61,6 +61,18 @@ def test_demo_lowers_perplexity_and_samples_its_grammar(tmp_path, capsys):
     assert code == 0
     text = capsys.readouterr().out
     assert re.search(r"Ada went to the (forest|river|hill|garden|market|lake) and", text), text
+    # an int8 KV cache and a prompt prefilled in 4-token chunks: the same greedy text
+    args = ["--model", str(workdir), "--prompt", "Ada went to", "--temperature", "0"]
+    args += ["--max_new_tokens", "24", "--kv_cache", "int8", "--prefill_chunk", "4"]
+    assert generate_main(args) == 0
+    assert capsys.readouterr().out == text
+    # a stop string ends the sample before it, streamed (one sample) or not (two samples)
+    place = re.search(r"Ada went to the (\w+)", text).group(1)
+    stop = ["--max_new_tokens", "24", "--temperature", "0", "--stop", " and"]
+    assert generate_main(args[:4] + stop) == 0
+    assert capsys.readouterr().out == f"Ada went to the {place}\n"
+    assert generate_main(args[:4] + stop + ["--num_samples", "2"]) == 0
+    assert capsys.readouterr().out == f"Ada went to the {place}\n" * 2
 
 
 @pytest.mark.slow
@@ -88,7 +100,7 @@ def test_tinyshakespeare_from_scratch(tmp_path):
     start = _initial_eval(config, workdir)
     results = trainer.train(config, workdir)
     assert results["eval/perplexity"] < 0.25 * start["perplexity"], (start, results)
-    model, params, encode, decode, eos = load_model_and_tokenizer(str(workdir))
+    model, params, encode, decode, eos, _ = load_model_and_tokenizer(str(workdir))
     prompt = np.repeat(np.asarray(encode("ROMEO:\n"))[None], 8, axis=0)
     out = generate(
         model,

@@ -8,6 +8,7 @@ from pathlib import Path
 import jax
 import numpy as np
 import pytest
+from hf_testing import tiny_llama
 
 from jaxfit import config as config_lib
 from jaxfit import quant, trainer
@@ -32,7 +33,7 @@ def test_qlora_demo_lowers_the_loss_with_an_nf4_base(tmp_path):
     _, task, params, _ = trainer.restore_params(workdir)
     names = [jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_leaves_with_path(params)]
     assert names and all("lora_A" in n or "lora_B" in n for n in names)  # adapters only
-    frozen_leaves = jax.tree.leaves(task.frozen, is_leaf=quant.is_weight_leaf)
+    frozen_leaves = jax.tree.leaves(task.frozen, is_leaf=quant.is_quantized)
     nf4 = [x for x in frozen_leaves if isinstance(x, quant.NF4Weight)]
     assert len(nf4) == 7  # q, k, v, o, gate, up, down of the (scanned) layer stack
 
@@ -40,29 +41,15 @@ def test_qlora_demo_lowers_the_loss_with_an_nf4_base(tmp_path):
 @pytest.mark.shared_data
 @pytest.mark.parametrize("precision", ["nf4", "int8"])
 def test_qlora_from_a_local_hf_llama(tmp_path, precision, capsys):
-    torch = pytest.importorskip("torch")
-    import transformers
+    transformers = pytest.importorskip("transformers")
 
     tok_dir = SHARED / "tokenizers" / "gpt2"
     if not tok_dir.exists():
         pytest.skip("shared tokenizer files not found")
     hf_dir = tmp_path / "llama-random"
-    cfg = transformers.LlamaConfig(
-        vocab_size=50257,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        bos_token_id=50256,
-        eos_token_id=50256,
-    )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(hf_dir)
-    transformers.GPT2TokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json")).save_pretrained(
-        hf_dir
-    )
+    tokenizer = transformers.GPT2TokenizerFast(tokenizer_file=str(tok_dir / "tokenizer.json"))
+    tiny_llama(hf_dir, vocab_size=50257, max_positions=128, bos_token_id=50256,
+               eos_token_id=50256, tokenizer=tokenizer)  # fmt: skip
     text = tmp_path / "train.txt"
     text.write_text("\n\n".join(f"Note {i}: the owl counts stars." for i in range(200)))
     config = config_lib.load_config(

@@ -156,19 +156,22 @@ def random_base(setup):
     import jax
     import jax.numpy as jnp
 
+    from jaxfit.hf.families import DEFAULT_QUANT_RULES
     from jaxfit.lora import training as lora_training
-    from jaxfit.quant.base import is_weight_leaf
+    from jaxfit.quant.base import is_quantized
     from jaxfit.quant.random_init import random_quantized_params
     from jaxfit.tasks.base import param_rng
 
     task, rng = setup.task, param_rng(setup.config)
     want = task.abstract_frozen()
-    kinds = {x.kind for x in jax.tree.leaves(want, is_leaf=is_weight_leaf) if is_weight_leaf(x)}
+    kinds = {x.kind for x in jax.tree.leaves(want, is_leaf=is_quantized) if is_quantized(x)}
     if len(kinds) != 1:
         raise RuntimeError(f"expected one quantised format in the frozen base, got {kinds}")
     ids = jnp.zeros((1, 8), jnp.int32)
     abstract = jax.eval_shape(lambda r: task.model.init(r, ids)["params"], rng)
-    base = random_quantized_params(abstract, rng, method=kinds.pop(), float_dtype=None)
+    base = random_quantized_params(
+        abstract, rng, DEFAULT_QUANT_RULES, kinds.pop(), float_dtype=None
+    )
     trainable, frozen = lora_training.split(base, task.source.lora, rng, task.model)
     shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), t)
     if jax.tree.structure(frozen) != jax.tree.structure(want) or shapes(frozen) != shapes(want):

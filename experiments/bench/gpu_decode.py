@@ -10,7 +10,8 @@ A batch-1 decoding step reads every weight once, so it is bound by memory bandwi
 ``bound = bandwidth / bytes per token``, the bytes of the weights a token reads (all of
 the base but the embedding table, of which it reads one row: NF4 codes, block scales,
 bf16 norms and LM head; the KV cache's few MB are left out). Bandwidths are the vendors'
-(:data:`BANDWIDTH_GBS`); the row gives the measured rate as a fraction of the bound.
+(``memory_gbs`` of :data:`jaxfit.perf.DEVICES`, the table ``jaxfit.plan --generate``
+bounds decoding with); the row gives the measured rate as a fraction of the bound.
 """
 
 from __future__ import annotations
@@ -19,18 +20,8 @@ import statistics
 from pathlib import Path
 
 from experiments.bench import gpu_common
+from jaxfit import perf
 
-# Peak memory bandwidth, GB/s (10^9 bytes/s), by jaxfit.perf.DEVICES name.
-BANDWIDTH_GBS = {
-    "h200": (4800.0, "NVIDIA H200 datasheet: 4.8 TB/s HBM3e"),
-    "h100-sxm": (3350.0, "NVIDIA H100 datasheet: SXM 3.35 TB/s"),
-    "a100-80gb": (2039.0, "NVIDIA A100 datasheet: 80GB SXM 2,039 GB/s"),
-    "a100-40gb": (1555.0, "NVIDIA A100 datasheet: 40GB 1,555 GB/s"),
-    "rtx4090": (1008.0, "Ada whitepaper App. A: RTX 4090 1,008 GB/s"),
-    "rtx4070ti": (504.2, "Ada whitepaper App. A: RTX 4070 Ti 504.2 GB/s"),
-    "rtx4070": (504.2, "Ada whitepaper App. A: RTX 4070 504.2 GB/s"),
-    "rtx3090": (936.2, "Ampere GA102 whitepaper: RTX 3090 936 GB/s"),
-}
 SIZES = {
     "full": dict(config="configs/llama3_8b_qlora.py", prompt=128, new=128, reps=3),
     "quick": dict(config="configs/llama3_8b_qlora.py", prompt=128, new=64, reps=2),
@@ -70,7 +61,8 @@ def worker(spec: dict, peak, save) -> dict:
     per_token = (times[spec["new"]] - times[1]) / (spec["new"] - 1)
     read = _read_bytes(model, base)
     label = out["device_label"]
-    bandwidth, source = BANDWIDTH_GBS.get(label, (None, ""))
+    device = perf.DEVICES.get(label)
+    bandwidth, source = (device.memory_gbs, "jaxfit.perf.DEVICES") if device else (None, "")
     bound = bandwidth * 1e9 / read if bandwidth else None
     notes = f"{format_bytes(read)} read per token"
     if bound:

@@ -15,7 +15,8 @@ Both frameworks train the SAME adapters over the SAME NF4 base on the SAME batch
   checkpoints are) and written with ``save_pretrained`` by the ``init`` worker. Each side
   quantises it while loading, as a user would: jaxfit trains
   ``configs/llama_qlora.py:init_from=<it>`` through the task ``jaxfit.train`` builds (its
-  loader ``jaxfit.quant.load_quantized``; ``compute_dtype`` set in the config), torch
+  loader ``jaxfit.hf.load_pretrained(quantize="nf4")``; ``compute_dtype`` set in the
+  config), torch
   loads it with ``LlamaForCausalLM.from_pretrained(dir, quantization_config=
   BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
   bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=compute_dtype), dtype=

@@ -333,7 +333,7 @@ def warning(isolation: dict) -> str | None:
         + isolation.get("fallback_reason", "unknown reason")
         + "): only a Python guard and partial namespaces isolate them; a determined sample "
         "can signal other processes of its user or read visible files. Install bubblewrap "
-        "(apt-get install bubblewrap) for the isolation README.md describes."
+        "(apt-get install bubblewrap) for the isolation docs/evaluate-code.md describes."
     )
 
 

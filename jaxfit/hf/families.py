@@ -10,9 +10,10 @@ fields hold the sizes a task needs. Every place that needs a family fact reads i
   model -> family (``save_pretrained``);
 * :mod:`jaxfit.lora`: PEFT short names (``targets.PEFT_SHORT_NAMES``), PEFT module names
   through the name map (``peft_io``);
-* :mod:`jaxfit.quant` and :func:`jaxfit.hf.load_pretrained`: the default quantisation
-  rules (every kernel under a stack, :data:`DEFAULT_QUANT_RULES`), name maps for
-  streaming and bitsandbytes;
+* :func:`jaxfit.hf.load_pretrained` and the callers of :func:`jaxfit.quant.quantize_params`
+  (tasks, the quantize CLI): the default quantisation rules (every kernel under a stack,
+  :data:`DEFAULT_QUANT_RULES`, passed in to ``quant``), name maps for streaming and
+  bitsandbytes;
 * :mod:`jaxfit.tasks.lm`: config and module classes of ``model.family``, decoder sizes.
 
 Adding a family is one model file (or a config variant of one, as Qwen2 is of Llama) in
@@ -21,8 +22,8 @@ Adding a family is one model file (or a config variant of one, as Qwen2 is of Ll
 entry in :data:`FAMILIES`.
 
 The registry sits in ``jaxfit.hf`` because its entries reference the HF name maps (so
-it cannot sit below ``hf``); ``lora``, ``quant`` and ``tasks``, the floors above, import
-it, and nothing it imports imports them.
+it cannot sit below ``hf``); ``lora`` and ``tasks``, the floors above, import it, and
+nothing it imports imports them (``quant``, the floor below, never sees it).
 """
 
 from __future__ import annotations

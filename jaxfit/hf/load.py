@@ -17,9 +17,12 @@ What is refused, with the reason: bitsandbytes LLM.int8 and FP4 checkpoints and 
 ``quant_method`` s (:func:`jaxfit.hf.bnb.stored_format`), and ``quantize="int8"`` over an
 NF4 checkpoint (re-quantising compounds two rounding errors).
 
-Layering: this module imports the quantised leaves (:mod:`jaxfit.quant.nf4`,
-:mod:`jaxfit.quant.int8`, :mod:`jaxfit.quant.base`), which import nothing of
-``jaxfit.hf``; :func:`jaxfit.quant.load_quantized` is a thin caller of this function.
+Which weights are quantised is chosen here, by the family's rules
+(:data:`jaxfit.hf.families.DEFAULT_QUANT_RULES` unless ``rules`` are given) through
+:func:`jaxfit.params.select`; how is the registered format's business
+(:mod:`jaxfit.quant.base`: its class, its options and their defaults). ``jaxfit.quant``
+imports nothing of ``jaxfit.hf``; :func:`load_quantized` is the quantised load with
+transformers' 4-bit defaults.
 """
 
 from __future__ import annotations
@@ -27,8 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -36,15 +38,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
+from jaxfit import params as params_lib
+from jaxfit import quant
 from jaxfit.hf import bnb, families, io, mapping
 from jaxfit.hf.families import Family
-from jaxfit.quant import base as quant_base
-from jaxfit.quant import int8 as _int8  # noqa: F401  (registers the "int8" format)
 from jaxfit.quant.nf4 import NF4Weight
 
 log = logging.getLogger(__name__)
-
-QUANTIZE = ("nf4", "int8")
 
 
 def abstract_params(model, family: Family):
@@ -56,8 +56,8 @@ def abstract_params(model, family: Family):
 
 def _check_quantize(stored: str | None, quantize: str | None, where: str) -> None:
     """Refuse a ``quantize`` request the stored format cannot honour (see module doc)."""
-    if quantize is not None and quantize not in QUANTIZE:
-        raise ValueError(f"quantize={quantize!r}; expected None or one of {QUANTIZE}")
+    if quantize is not None and quantize not in quant.names():
+        raise ValueError(f"quantize={quantize!r}; expected None or one of {quant.names()}")
     if stored == "nf4" and quantize not in (None, "nf4"):
         raise ValueError(
             f"{where} is a bitsandbytes NF4 checkpoint; jaxfit does not re-quantise it to "
@@ -125,8 +125,7 @@ def load_pretrained(
     quantize: str | None = None,
     rules: Sequence[str] | None = None,
     exclude: Sequence[str] = (),
-    blocksize: int = 64,
-    double_quant: bool = True,
+    quant_options: Mapping[str, Any] | None = None,
     **config_overrides,
 ):
     """Load an HF checkpoint (local directory or Hub name) as ``(model, params)``.
@@ -151,14 +150,16 @@ def load_pretrained(
         quantised leaves report it as their default ``dequantize`` dtype unless the
         checkpoint stored one.
       compute_dtype: the model's compute ``dtype`` (default: same as ``dtype``).
-      quantize: ``None`` (float weights), ``"nf4"`` or ``"int8"`` (quantised weight
-        leaves; see the table).
+      quantize: ``None`` (float weights) or a registered format name
+        (:func:`jaxfit.quant.names`: ``"int8"``, ``"nf4"``; quantised weight leaves, see
+        the table).
       rules: regular expressions over jaxfit parameter paths of the weights to quantise
         when quantising a float checkpoint (default
         :data:`jaxfit.hf.families.DEFAULT_QUANT_RULES`: every kernel under a layer stack);
         ignored for an NF4 checkpoint (its quantised set is stored).
       exclude: patterns of paths to keep float even if ``rules`` match.
-      blocksize, double_quant: NF4 settings (:meth:`NF4Weight.quantize`) when quantising.
+      quant_options: the format's options when quantising (its ``defaults`` fill the
+        rest; NF4: ``blocksize``, ``double_quant``).
       **config_overrides: fields of the family's config to replace (e.g.
         ``remat_policy="full"``).
 
@@ -177,8 +178,10 @@ def load_pretrained(
     model, family, _ = model_from_config(
         directory, dtype=dtype, compute_dtype=compute_dtype, quantize=quantize, **config_overrides
     )
-    flat_abs = traverse_util.flatten_dict(abstract_params(model, family))
+    abstract = abstract_params(model, family)
+    flat_abs = traverse_util.flatten_dict(abstract)
     all_rules = family.rules(model.config)
+    opts = quant.options(quantize, quant_options) if quantize else {}
     with io.TensorReader(directory) as reader:
         names = family.stored_names(reader.keys())
         bnb.check_names(names, where)
@@ -188,15 +191,17 @@ def load_pretrained(
         if packed and quantize:
             leaf_rules = [r for r in all_rules if r.hf_names()[0] in packed]
         elif quantize:
-            leaf_rules = _select(all_rules, rules, exclude)
+            rules = families.DEFAULT_QUANT_RULES if rules is None else rules
+            chosen = set(
+                params_lib.select(abstract, rules, exclude=exclude, what="quantisation rules")
+            )
+            leaf_rules = [r for r in all_rules if "/".join(r.path) in chosen]
         else:
             leaf_rules = []
 
         out: dict[tuple[str, ...], Any] = {}
         for rule in leaf_rules:
-            out[rule.path] = _leaf_param(
-                rule, flat_abs[rule.path], tensors, packed, quantize, blocksize, double_quant
-            )
+            out[rule.path] = _leaf_param(rule, flat_abs[rule.path], tensors, packed, quantize, opts)
         leaf_paths = {r.path for r in leaf_rules}
         float_rules = [r for r in all_rules if r.path not in leaf_paths]
         float_abs = {k: v for k, v in flat_abs.items() if k not in leaf_paths}
@@ -247,23 +252,6 @@ class _Renamed:
         return self.reader[self.names.get(name, name)]
 
 
-def _select(all_rules, patterns, exclude) -> list:
-    """The name-map rules whose jaxfit path matches ``patterns`` and no ``exclude``."""
-    patterns = tuple(families.DEFAULT_QUANT_RULES if patterns is None else patterns)
-    compiled = [re.compile(p) for p in patterns]
-    excluded = [re.compile(p) for p in exclude]
-    paths = {"/".join(r.path): r for r in all_rules}
-    if bad := [p for p, c in zip(patterns, compiled) if not any(c.search(n) for n in paths)]:
-        raise ValueError(
-            f"quantisation rules match no parameter: {bad}; paths look like {list(paths)[:6]}"
-        )
-    return [
-        r
-        for n, r in paths.items()
-        if any(c.search(n) for c in compiled) and not any(c.search(n) for c in excluded)
-    ]
-
-
 def _host_nf4(tensors, name: str) -> NF4Weight:
     """The stored NF4 weight ``name`` with its arrays on the host CPU device."""
     with jax.default_device(jax.devices("cpu")[0]):
@@ -279,7 +267,7 @@ def _dequantize(tensors, name: str) -> np.ndarray:
         return np.asarray(leaf.dequantize_hf())
 
 
-def _leaf_param(rule, spec, tensors, packed, quantize, blocksize, double_quant):
+def _leaf_param(rule, spec, tensors, packed, quantize, opts):
     """The weight leaf of one rule: stored NF4 (``name in packed``) or quantised from the
     float tensor; per-layer leaves stacked on a leading axis."""
     per_layer = rule.num_layers is not None
@@ -301,7 +289,7 @@ def _leaf_param(rule, spec, tensors, packed, quantize, blocksize, double_quant):
                 f"does not match the model's {kernel_shape} at {where}"
             )
         if name not in packed:
-            leaf = _quantize(x, rule, quantize, blocksize, double_quant)
+            leaf = _quantize(x, rule, quantize, opts)
             del x
         layers.append(leaf)
     return _stack(layers, where) if per_layer else _stack(layers, where, stack=False)
@@ -318,11 +306,80 @@ def _stack(leaves: list, what: str, *, stack: bool = True):
         raise ValueError(f"{what}: layers were quantised with different settings ({e})") from e
 
 
-def _quantize(x, rule, method: str, blocksize: int, double_quant: bool):
+def _quantize(x, rule, method: str, opts: dict):
     """Quantise one host tensor in the layout of ``rule`` (HF layout when it is a plain
-    transpose, skipping a copy)."""
-    cls = quant_base.format_class(method)
-    kwargs = dict(blocksize=blocksize, double_quant=double_quant) if cls is NF4Weight else {}
+    transpose, skipping a copy) with the format's options ``opts``."""
+    cls = quant.format_class(method)
     if rule.transform is mapping.linear:
-        return cls.quantize(x, layout="hf", **kwargs)
-    return cls.quantize(rule.transform.to_jax(x), layout="kernel", **kwargs)
+        return cls.quantize(x, layout="hf", **opts)
+    return cls.quantize(rule.transform.to_jax(x), layout="kernel", **opts)
+
+
+def load_quantized(
+    path_or_name: str | os.PathLike,
+    method: str | None = "nf4",
+    *,
+    rules: Sequence[str] | None = None,
+    exclude: Sequence[str] = (),
+    dtype: Any = jnp.bfloat16,
+    compute_dtype: Any = None,
+    quant_options: Mapping[str, Any] | None = None,
+    **config_overrides,
+):
+    """Load an HF checkpoint as ``(model, params)`` with quantised weight leaves:
+    :func:`load_pretrained` with ``quantize=method`` and bfloat16 float parameters by
+    default (like transformers' 4-bit loading). A float checkpoint is quantised tensor by
+    tensor while it streams; a bitsandbytes 4-bit checkpoint is read as stored.
+
+    Args:
+      path_or_name: a checkpoint directory or Hub name (as ``load_pretrained``).
+      method: a registered format (:func:`jaxfit.quant.names`) for a float checkpoint. A
+        bitsandbytes 4-bit checkpoint is read as stored (:class:`NF4Weight`); ``method``
+        must then be ``"nf4"`` or ``None`` (``None``: ``"nf4"``).
+      rules, exclude, quant_options: as :func:`load_pretrained` (default rules
+        :data:`~jaxfit.hf.families.DEFAULT_QUANT_RULES`; ignored for bitsandbytes
+        checkpoints, whose quantised set is stored).
+      dtype: storage dtype of the float parameters and the model's ``param_dtype``.
+      compute_dtype: the model's compute ``dtype`` (default: ``dtype``).
+      **config_overrides: fields of the family's config to replace.
+
+    Returns:
+      ``(model, params)``; the quantised leaves carry the checkpoint tensor's dtype as
+      their default ``dequantize`` dtype.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`load_pretrained` (``int8`` over an NF4
+      checkpoint is refused there, with the reason).
+    """
+    return load_pretrained(
+        path_or_name,
+        dtype=dtype,
+        compute_dtype=compute_dtype,
+        quantize=method or "nf4",
+        rules=rules,
+        exclude=exclude,
+        quant_options=quant_options,
+        **config_overrides,
+    )
+
+
+def load_model_and_tokenizer(path_or_name: str | os.PathLike, *, quantize: str | None = None):
+    """``(model, params, tokenizer)`` of an HF model directory or Hub name, to sample from.
+
+    ``quantize`` (a registered format) quantises a float checkpoint while loading
+    (:func:`load_quantized`); without it the weights load as stored
+    (:func:`stored_quantization`: a bitsandbytes 4-bit checkpoint as NF4 leaves, a float
+    one in float32). The tokenizer is ``transformers.AutoTokenizer`` of the same
+    directory.
+
+    Raises:
+      FileNotFoundError, ValueError: as :func:`load_pretrained`.
+    """
+    from transformers import AutoTokenizer  # heavy: only when a tokenizer is needed
+
+    if quantize:
+        model, params = load_quantized(path_or_name, quantize)
+    else:
+        model, params = load_pretrained(path_or_name, quantize=stored_quantization(path_or_name))
+    tokenizer = AutoTokenizer.from_pretrained(str(io.resolve(path_or_name)))
+    return model, params, tokenizer

@@ -74,7 +74,7 @@ class LoraWeight:
     ``base`` is the first field so that ``flax``'s parameter shape check (``Scope.param``
     compares the first leaf with the ``[in, out]`` the initialiser would create) sees the
     base kernel; a quantised base passes it by unboxing to a view of shape ``[in, out]``
-    (see :mod:`jaxfit.quant.leaves`), which ``Scope.param`` does inside this node too.
+    (see :mod:`jaxfit.quant.base`), which ``Scope.param`` does inside this node too.
     """
 
     base: Any
@@ -259,7 +259,7 @@ def add_lora(
         a, b = inits[name]
         return LoraWeight(leaf, a, b, scale=scale, dropout=float(dropout))
 
-    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=targets_lib.is_weight_leaf)
+    return jax.tree_util.tree_map_with_path(visit, params, is_leaf=layers.is_weight_leaf)
 
 
 def with_dropout_rng(params: PyTree, rng: jax.Array) -> PyTree:
@@ -367,7 +367,7 @@ def dense_kernel(kernel: Any, dtype: Dtype = jnp.float32) -> jax.Array:
     ``dequantize(dtype)`` (the :mod:`jaxfit.quant` protocol) if it has one, else its own
     ``matmul`` with the identity (``I @ W = W``), vmapped over the layer axis of a stack.
     """
-    if not targets_lib.is_weight_leaf(kernel):
+    if not layers.is_weight_leaf(kernel):
         return jnp.asarray(kernel, dtype)
     if hasattr(kernel, "dequantize"):
         return jnp.asarray(kernel.dequantize(dtype), dtype)
@@ -399,7 +399,7 @@ def merge(params: PyTree) -> PyTree:
 
     def fold(_, leaf):
         base = leaf.base
-        out_dtype = jnp.float32 if targets_lib.is_weight_leaf(base) else jnp.result_type(base)
+        out_dtype = jnp.float32 if layers.is_weight_leaf(base) else jnp.result_type(base)
         return (dense_kernel(base, jnp.float32) + delta(leaf)).astype(out_dtype)
 
     return map_lora(fold, params)
@@ -413,7 +413,7 @@ def unwrap(params: PyTree) -> PyTree:
 def _size(x: Any) -> int:
     if x is None:
         return 0
-    if targets_lib.is_weight_leaf(x):
+    if layers.is_weight_leaf(x):
         return int(np.prod(targets_lib.kernel_shape(x), dtype=np.int64))
     return int(np.prod(np.shape(x)))
 
@@ -429,7 +429,7 @@ def trainable_report(params: PyTree) -> dict:
       ``{"trainable": int, "total": int, "percent": float}`` (``100 * trainable / total``).
     """
     trainable = total = 0
-    for leaf in jax.tree_util.tree_leaves(params, is_leaf=targets_lib.is_weight_leaf):
+    for leaf in jax.tree_util.tree_leaves(params, is_leaf=layers.is_weight_leaf):
         if is_lora(leaf):
             n = _size(leaf.lora_A) + _size(leaf.lora_B)
             trainable += n

@@ -12,14 +12,16 @@ A *target* is one of
   ``_maybe_include_all_linear_layers``: every ``nn.Linear``/``Conv1D`` minus
   ``model.get_output_embeddings()``);
 * anything else: a regular expression ``re.search``-ed on the path string of each linear
-  kernel, as everywhere in jaxfit (:mod:`jaxfit.params`), e.g.
+  kernel, as everywhere in jaxfit: short names and regexes are selection rules of
+  :func:`jaxfit.params.select`, the same mechanism that picks what is quantised, e.g.
   ``r"layers/self_attn/(q|v)_proj/kernel$"``.
 
 A *linear kernel* is a leaf whose path ends in ``kernel`` and whose (logical) shape is
 ``[in, out]``, or ``[L, in, out]`` inside an ``nn.scan`` stack: the kernels of
 :class:`jaxfit.models.layers.Dense`. Convolution kernels (4-D) and embeddings are never
-targets. A weight leaf (quantised or LoRA, anything with ``matmul``) counts as one leaf of
-its logical kernel shape (:func:`kernel_shape`).
+targets. A weight leaf (quantised or LoRA, anything with ``matmul``:
+:func:`jaxfit.models.layers.is_weight_leaf`) counts as one leaf of its logical kernel shape
+(:func:`kernel_shape`).
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ import jax
 
 from jaxfit import params as params_lib
 from jaxfit.hf import families
+from jaxfit.models.layers import is_weight_leaf
 
 PyTree = Any
 
@@ -47,11 +50,6 @@ PEFT_SHORT_NAMES: dict[str, tuple[str, ...]] = {
 LM_HEAD = r"(^|/)lm_head/kernel$"
 
 _SHORT_NAME = re.compile(r"\w+")
-
-
-def is_weight_leaf(x: Any) -> bool:
-    """True for a weight leaf: a pytree node standing for a kernel, with ``matmul``."""
-    return hasattr(x, "matmul")
 
 
 def kernel_shape(leaf: Any) -> tuple[int, ...]:
@@ -138,23 +136,19 @@ def select(params: PyTree, targets: str | Sequence[str]) -> list[str]:
     targets = _as_list(targets)
     if not targets:
         raise ValueError("no LoRA targets given")
-    kernels = list(linear_kernels(params))
+    kernels = linear_kernels(params)
     head = re.compile(LM_HEAD)
     chosen: set[str] = set()
-    for target in targets:
-        if target.lower() == ALL_LINEAR:
-            hits = {k for k in kernels if not head.search(k)}
-        else:
-            regex = rule_regex(target)
-            try:
-                pattern = re.compile(regex)
-            except re.error as e:
-                raise ValueError(f"invalid LoRA target pattern {target!r}: {e}") from e
-            hits = {k for k in kernels if pattern.search(k)}
-        if not hits:
-            raise ValueError(
-                f"LoRA target {target!r} (path regex {rule_regex(target)!r}) matches no linear "
-                f"kernel; the model's linear kernels are {kernels}"
+    if any(t.lower() == ALL_LINEAR for t in targets):
+        chosen = {k for k in kernels if not head.search(k)}
+    rules = [rule_regex(t) for t in targets if t.lower() != ALL_LINEAR]
+    if rules:
+        chosen |= set(
+            params_lib.select(
+                kernels,
+                rules,
+                is_leaf=is_weight_leaf,
+                what=f"LoRA targets {targets} as path regexes",
             )
-        chosen |= hits
+        )
     return [k for k in kernels if k in chosen]

@@ -102,9 +102,16 @@ class CausalLMMixin:
         return jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32)[None], (b, s))
 
     def _empty_cache(
-        self, batch: int, max_len: int, num_layers: int, num_kv_heads: int, head_dim: int
+        self,
+        batch: int,
+        max_len: int,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        quant: str | None = None,
     ) -> kv_cache.KVCache:
-        """An empty :class:`~jaxfit.models.kv_cache.KVCache` in the compute dtype."""
+        """An empty :class:`~jaxfit.models.kv_cache.KVCache` in the compute dtype (or
+        ``quant="int8"``: :class:`~jaxfit.models.kv_cache.Int8KV`)."""
         return kv_cache.init_cache(
             num_layers=num_layers,
             batch=batch,
@@ -112,6 +119,7 @@ class CausalLMMixin:
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
             dtype=self.config.dtype,
+            quant=quant,
         )
 
     def lookup_only_params(self) -> tuple[str, ...]:
@@ -169,18 +177,34 @@ class CausalLMMixin:
         return self.logits(self.hidden_states(input_ids, segment_ids, positions))
 
     def decode(
-        self, input_ids: jax.Array, cache: kv_cache.KVCache
+        self,
+        input_ids: jax.Array,
+        cache: kv_cache.KVCache,
+        logits_index: jax.Array | int | None = None,
     ) -> tuple[jax.Array, kv_cache.KVCache]:
         """Run ``input_ids [batch, n]`` at positions ``cache.index + (0..n-1)``.
 
-        Use ``n = prompt_len`` once (prefill) and then ``n = 1`` per generated token.
+        Use ``n = prompt_len`` once (prefill, or a prompt's chunks in turn) and then
+        ``n = 1`` per generated token.
+
+        Args:
+          input_ids: ``[batch, n]`` int token ids.
+          cache: the :class:`~jaxfit.models.kv_cache.KVCache` (``index + n <= max_len``).
+          logits_index: ``None``: logits of every position; an int32 scalar ``j`` in
+            ``[0, n)``: only row ``j``'s (a prefill needs the last prompt token's alone,
+            and ``[batch, n, vocab]`` float32 logits of a long chunk would cost
+            ``4 n vocab`` bytes per sequence: 1 GiB at n = 2048 and Llama 3's 128,256).
 
         Returns:
-          ``(logits [batch, n, vocab] float32, cache)`` with ``index`` advanced by ``n``.
+          ``(logits, cache)`` with ``index`` advanced by ``n``; logits ``[batch, n, vocab]``
+          float32, or ``[batch, vocab]`` with ``logits_index``.
         """
         b, s = input_ids.shape
         pos = kv_cache.positions(cache, b, s)
         hidden, (k, v) = self._backbone(input_ids, pos, None, (cache.k, cache.v), cache.index)
+        k, v = kv_cache.write(cache.k, k, cache.index), kv_cache.write(cache.v, v, cache.index)
+        if logits_index is not None:
+            hidden = jax.lax.dynamic_index_in_dim(hidden, logits_index, axis=1, keepdims=False)
         return self.logits(hidden), kv_cache.KVCache(k=k, v=v, index=cache.index + s)
 
     def head_kernel(self, params) -> jax.Array:

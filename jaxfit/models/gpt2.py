@@ -161,8 +161,9 @@ class GPT2LMHeadModel(CausalLMMixin, nn.Module):
         x, layer_cache = self.h(x, segment_ids, layer_cache, index)
         return self.ln_f(x), layer_cache
 
-    def init_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:
-        """An empty :class:`~jaxfit.models.kv_cache.KVCache` (no parameters needed).
+    def init_cache(self, batch: int, max_len: int, quant: str | None = None) -> kv_cache.KVCache:
+        """An empty :class:`~jaxfit.models.kv_cache.KVCache` (no parameters needed; int8
+        codes and scales with ``quant="int8"``).
 
         Raises:
           ValueError: ``max_len > n_positions`` (learned positions end there).
@@ -170,4 +171,4 @@ class GPT2LMHeadModel(CausalLMMixin, nn.Module):
         cfg = self.config
         if max_len > cfg.n_positions:
             raise ValueError(f"max_len={max_len} exceeds n_positions={cfg.n_positions}")
-        return self._empty_cache(batch, max_len, cfg.n_layer, cfg.n_head, cfg.head_dim)
+        return self._empty_cache(batch, max_len, cfg.n_layer, cfg.n_head, cfg.head_dim, quant)

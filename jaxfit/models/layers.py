@@ -96,8 +96,10 @@ class ExecutionConfig:
       dtype: compute dtype; param_dtype: parameter storage dtype.
       remat_policy: a name from :data:`REMAT_POLICIES`, applied to every layer stack.
       scan_layers: ``nn.scan`` the layer stacks (:func:`stack_layers`).
-      attention_impl: ``implementation`` of :func:`attention`: ``"auto"`` (default; also
-        ``None`` / ``""``), ``"xla"``, ``"cudnn"`` or ``"chunked"``.
+      attention_impl: the ``implementation`` argument of
+        :func:`jaxfit.models.attention.dot_product_attention`: ``"auto"`` (default; also
+        ``None`` / ``""``; :func:`jaxfit.models.attention.choose_attention` decides),
+        ``"xla"``, ``"cudnn"`` or ``"chunked"``.
       mlp_chunk_size: > 0: the MLP runs over blocks of this many positions, each under
         ``jax.checkpoint`` (:func:`sequence_chunked`), so its ``[batch, seq,
         intermediate]`` temporaries exist for one block at a time; 0: at once.
@@ -177,6 +179,13 @@ def stack_layers(
     )
 
 
+def is_weight_leaf(x: Any) -> bool:
+    """True for a *weight leaf* (see :func:`matmul`): a pytree node standing in the
+    parameter tree for a kernel and implementing ``matmul(x, dtype)`` (a LoRA leaf, a
+    quantised leaf; ``jaxfit.quant.is_quantized`` tells the quantised ones apart)."""
+    return hasattr(x, "matmul")
+
+
 def matmul(x: jax.Array, kernel: Any, dtype: Dtype, *, output_parallel: bool = False) -> jax.Array:
     """``x @ kernel`` in ``dtype`` for a plain kernel array or a weight leaf.
 
@@ -200,7 +209,7 @@ def matmul(x: jax.Array, kernel: Any, dtype: Dtype, *, output_parallel: bool = F
     Returns:
       ``[..., out]`` in ``dtype``.
     """
-    if hasattr(kernel, "matmul"):
+    if is_weight_leaf(kernel):
         return kernel.matmul(x, dtype)
     kernel = placement.gathered(kernel, dtype, unless_split_on=-1 if output_parallel else None)
     return jnp.matmul(x.astype(dtype), jnp.asarray(kernel, dtype))

@@ -207,9 +207,10 @@ class LlamaForCausalLM(CausalLMMixin, nn.Module):
         x, layer_cache = self.layers(x, cos_sin, segment_ids, layer_cache, index)
         return self.norm(x), layer_cache
 
-    def init_cache(self, batch: int, max_len: int) -> kv_cache.KVCache:
+    def init_cache(self, batch: int, max_len: int, quant: str | None = None) -> kv_cache.KVCache:
         """An empty :class:`~jaxfit.models.kv_cache.KVCache`: ``[layers, batch, max_len,
-        num_key_value_heads, head_dim]`` keys/values in the compute dtype."""
+        num_key_value_heads, head_dim]`` keys/values in the compute dtype, or int8 codes
+        and scales with ``quant="int8"``."""
         cfg = self.config
         layers_, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
-        return self._empty_cache(batch, max_len, layers_, heads, cfg.head_dim)
+        return self._empty_cache(batch, max_len, layers_, heads, cfg.head_dim, quant)

@@ -9,6 +9,9 @@
       --mesh fsdp=8    # per-device memory and communication of an FSDP run on 8 cards
   python -m jaxfit.plan --config configs/llama3_8b_qlora.py --device rtx4070ti \\
       --compile_for gpu   # XLA:GPU's own peak for the card, on a machine without a GPU
+  python -m jaxfit.plan --generate --model llama3-8b --quant nf4 --context 8192
+      # generation: weights + KV cache + activations, decode / prefill tokens/s
+      # (jaxfit.plan.generation; --generate --help lists its flags)
 
 Builds the config's model and train step for abstract shapes (no data read, no weights
 loaded, no device memory used), compiles the step on the local backend and prints the
@@ -47,10 +50,10 @@ import logging
 import sys
 import time
 
-from jaxfit import cli, target, validation
+from jaxfit import cli, perf, sampling, target, validation
 from jaxfit import config as config_lib
 from jaxfit.errors import UsageError
-from jaxfit.plan import apply, core, cuda_target, devices, estimate, report, search
+from jaxfit.plan import apply, core, cuda_target, devices, estimate, generation, report, search
 
 PROG = "python -m jaxfit.plan"
 
@@ -87,7 +90,118 @@ def _ints(text: str | None) -> list[int] | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    return cli.run(_main, argv or sys.argv, prog=PROG, doc=__doc__)
+    argv = argv or sys.argv
+    if "--generate" in argv:
+        return cli.run(_generate, argv, prog=PROG + " --generate", doc=generation.__doc__)
+    return cli.run(_main, argv, prog=PROG, doc=__doc__)
+
+
+def generate_parser() -> cli.ArgumentParser:
+    """The flags of ``--generate`` (``--generate --help`` lists them)."""
+    ap = cli.ArgumentParser(prog=PROG + " --generate", description=generation.__doc__)
+    ap.add_argument("--generate", action="store_true", help="plan generation (this mode)")
+    ap.add_argument(
+        "--model",
+        required=True,
+        help=f"built-in ({', '.join(generation.ARCHITECTURES)}) or an HF directory",
+    )
+    ap.add_argument(
+        "--quant",
+        choices=generation.weight_formats(),
+        default="nf4",
+        help="weight storage (default nf4)",
+    )
+    ap.add_argument("--context", type=int, default=2048, help="prompt + new tokens (2048)")
+    ap.add_argument("--batch", type=int, default=1, help="sequences decoded together (1)")
+    ap.add_argument(
+        "--kv_cache",
+        choices=generation.KV_CACHE,
+        default="bf16",
+        help="KV cache storage (default bf16)",
+    )
+    ap.add_argument(
+        "--new_tokens",
+        type=int,
+        default=None,
+        help="tokens generated (default min(512, context / 2))",
+    )
+    ap.add_argument(
+        "--prefill_chunk",
+        type=int,
+        default=sampling.DEFAULT_PREFILL_CHUNK,
+        help=f"prompt tokens per prefill step ({sampling.DEFAULT_PREFILL_CHUNK}; 0: whole prompt)",
+    )
+    ap.add_argument(
+        "--search_context",
+        action="store_true",
+        help="find the longest context that fits (multiples of 1024)",
+    )
+    ap.add_argument("--device", default="rtx4070ti", help="card (jaxfit.perf.DEVICES)")
+    ap.add_argument("--budget", default=None, help="memory budget (default: the card's)")
+    ap.add_argument("--reserve", default=None, help="kept free (default 512MiB + 5%%)")
+    ap.add_argument("--mfu", type=float, default=0.4, help="assumed MFU of the prefill (0.4)")
+    ap.add_argument(
+        "--compile_for",
+        choices=COMPILE_FOR,
+        default="local",
+        help="local or gpu (deviceless XLA:GPU, requirements-plan-gpu.txt)",
+    )
+    ap.add_argument("--json", default=None, help="write the plan(s) as JSON here")
+    ap.add_argument(
+        "--dry_run",
+        action="store_true",
+        help="check the flags and the model, print them, and stop (no compile)",
+    )
+    return ap  # fmt: skip
+
+
+def _generate(argv: list[str]) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    args = generate_parser().parse_args(argv[1:])
+    try:  # before any compile
+        perf.device(args.device)
+        budget = estimate.parse_bytes(args.budget) if args.budget else None
+        budget = budget or int(perf.device(args.device).memory_gib * 2**30)
+        usable = apply.usable_bytes(
+            budget, estimate.parse_bytes(args.reserve) if args.reserve else None
+        )
+        generation.resolve_model(args.model)
+        gpu_target = cuda_target.cuda_target(args.device, 1) if args.compile_for == "gpu" else None
+    except ValueError as e:
+        raise UsageError(f"{e}, in the command line, see --generate --help") from None
+    if args.dry_run:
+        print(vars(args))
+        return 0
+
+    def plan_at(context: int):
+        try:
+            return generation.plan_generation(
+                args.model, quant=args.quant, context=context, batch=args.batch,
+                kv_cache_format=args.kv_cache, new_tokens=args.new_tokens,
+                prefill_chunk=args.prefill_chunk,
+            )  # fmt: skip
+        except ValueError as e:
+            raise UsageError(f"{e}, in the command line, see --generate --help") from None
+
+    with target.compiling_for(gpu_target) if gpu_target else contextlib.nullcontext():
+        plan = plan_at(args.context)
+        print(generation.report(plan, args.device, budget, usable, args.mfu))
+        out = generation.to_json(plan, args.device, usable, args.mfu)
+        if args.search_context:
+            print("\nsearch: longest context")
+            longest, tried = generation.search_context(plan_at, usable)
+            out["search"] = [
+                generation.to_json(p, args.device, usable, args.mfu) for p in tried.values()
+            ]
+            if longest is None:
+                print("nothing tried fits (1,024 tokens do not)")
+            else:
+                print(f"longest: context={longest.context:,} (peak "
+                      f"{estimate.format_bytes(longest.peak_bytes)})")  # fmt: skip
+                out["longest_context"] = longest.context
+    if args.json:
+        generation.dump(args.json, out)
+    return 0
 
 
 def _main(argv: list[str]) -> int:

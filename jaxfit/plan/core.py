@@ -40,7 +40,7 @@ from jaxfit.models.layers import OFFLOAD_NAMES
 from jaxfit.plan import devices as devices_lib
 from jaxfit.plan import flops as flops_lib
 from jaxfit.plan import liveness
-from jaxfit.quant.base import is_weight_leaf
+from jaxfit.quant.base import is_quantized
 from jaxfit.run import build_run
 
 log = logging.getLogger(__name__)
@@ -80,8 +80,8 @@ def frozen_bytes_by_kind(frozen: Any) -> dict[str, int]:
     (``leaf.kind``: ``nf4``, ``int8``; codes and statistics, ``leaf.nbytes``) and float
     leaves by dtype name."""
     out: dict[str, int] = {}
-    for leaf in jax.tree.leaves(frozen, is_leaf=is_weight_leaf):
-        if is_weight_leaf(leaf):
+    for leaf in jax.tree.leaves(frozen, is_leaf=is_quantized):
+        if is_quantized(leaf):
             kind, size = leaf.kind, tree_bytes(leaf)  # its arrays' shards
         elif hasattr(leaf, "dtype"):
             kind, size = np.dtype(leaf.dtype).name, tree_bytes(leaf)

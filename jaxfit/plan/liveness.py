@@ -13,7 +13,8 @@ module (``xla_dump_to``, passed as a compile option: :data:`DUMP_OPTIONS`):
 
 * ``*buffer-assignment.txt``: ``allocation N: size S, preallocated-temp:`` (the heap of
   temporaries), then one `` value: <id NAME @0> (size=S,offset=O): SHAPE`` line per
-  value placed in it;
+  value placed in it (values updated in place, such as a loop's state, share an offset:
+  :meth:`Liveness.peak` counts such a slot once);
 * ``*live-range.txt``: under ``BufferLiveRange:``, ``NAME{index}:start-end`` per value,
   positions in the flattened schedule (XLA's ``HloLiveRange``); a value of a tuple
   element is ``NAME{i}`` in both files (loop state: ``arg_tuple.8{2} (phi)``).
@@ -36,7 +37,7 @@ DUMP_OPTIONS = {"xla_dump_hlo_as_text": True}
 _ALLOCATION = re.compile(r"allocation \d+: size (\d+)(.*)")
 _VALUE = re.compile(
     r" value: <\d+ ([^\s{]+)(\{[^}]*\})?(?: \(phi\))? @\S+> "
-    r"\(size=(\d+),offset=\d+\): (\S+)"
+    r"\(size=(\d+),offset=(\d+)\): (\S+)"
 )
 _RANGE = re.compile(r"\s+([^\s{]+)(\{[^}]*\}):(\d+)-(\d+)\s*$")
 
@@ -52,6 +53,7 @@ class Value:
     shape: str
     start: int
     end: int
+    offset: int = -1  # in the heap; values updated in place share one (a loop's state)
 
 
 @dataclasses.dataclass
@@ -71,16 +73,27 @@ class Liveness:
         """``(bytes, position)``: the most bytes of temporaries live at once, and the
         first schedule position where that happens, each value counted as ``weigh(value)``
         bytes (default its size; 0 leaves it out)."""
-        events: dict[int, int] = {}
+        # A buffer updated in place is several values at one heap slot (a loop's state
+        # before, in and after the loop, whose live ranges touch): one slot counts once
+        # however many of its values are live.
+        events: dict[int, list] = {}
         for v in self.values:
             size = v.size if weigh is None else int(weigh(v))
             if not size:
                 continue
-            events[v.start] = events.get(v.start, 0) + size
-            events[v.end + 1] = events.get(v.end + 1, 0) - size
+            slot = (v.offset, v.size) if v.offset >= 0 else id(v)
+            events.setdefault(v.start, []).append((1, slot, size))
+            events.setdefault(v.end + 1, []).append((-1, slot, size))
+        users: dict = {}
         live, best, at = 0, 0, 0
         for t in sorted(events):
-            live += events[t]
+            for step, slot, size in sorted(events[t], key=lambda e: e[0]):  # ends first
+                before = users.get(slot, 0)
+                users[slot] = before + step
+                if before == 0 and step > 0:
+                    live += size
+                elif before == 1 and step < 0:
+                    live -= size
             if live > best:
                 best, at = live, t
         return best, at
@@ -126,7 +139,7 @@ def parse(assignment: Iterable[str], live_ranges: Iterable[str]) -> Liveness:
         if in_heap and (m := _VALUE.match(line)):
             name, index = m.group(1), m.group(2) or "{}"
             if (span := ranges.get(name + index)) is not None:
-                values.append(Value(name, int(m.group(3)), m.group(4), *span))
+                values.append(Value(name, int(m.group(3)), m.group(5), *span, int(m.group(4))))
     return Liveness(values, heap)
 
 

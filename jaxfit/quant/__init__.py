@@ -1,40 +1,39 @@
-"""Weight quantisation: int8 and NF4 weight leaves, tree transforms, bitsandbytes I/O.
+"""Weight quantisation: the registry of formats (int8, NF4), tree transforms, reports.
 
 ::
 
-    qparams = jaxfit.quant.quantize_params(params, method="nf4")   # same model code
-    model, qparams = jaxfit.quant.load_quantized("meta-llama/Llama-3.2-1B", "nf4")
-    model, qparams = jaxfit.quant.load_quantized("unsloth/Llama-3.2-1B-bnb-4bit")
-    jaxfit.hf.save_bnb_pretrained(model, qparams, "out")          # transformers loads it
+    rules = jaxfit.hf.families.DEFAULT_QUANT_RULES                 # what a family quantises
+    qparams = jaxfit.quant.quantize_params(params, rules, "nf4")   # same model code
+    jaxfit.quant.names()                                           # ("int8", "nf4")
 
-``load_quantized`` is :func:`jaxfit.hf.load_pretrained` with ``quantize=`` (the one
-loader); the bitsandbytes checkpoint format (``nf4_from_bnb``, ``nf4_to_bnb``,
-``save_bnb_pretrained``) is :mod:`jaxfit.hf.bnb`.
+Each format is one module with one registered :class:`~jaxfit.quant.base.WeightLeaf`
+class that owns its options (``defaults``), its storage cost (``bits_per_weight``) and,
+where it has one, a calibration step (``calibrate``); :mod:`jaxfit.quant.base` holds the
+registry. The formats are registered by importing them here: a new format is one module
+plus one import line below. Everything else (``jaxfit.hf.load_pretrained(quantize=)``,
+``config.base_format``, the CLIs' ``--quant`` choices, :func:`bits_per_weight`) reads the
+registry.
 
-Layering: the leaf modules (``base``, ``nf4``, ``int8``) import nothing of ``jaxfit.hf``,
-which imports them; ``leaves``, ``load`` and ``random_init`` sit above ``jaxfit.hf``. As
-importing any ``jaxfit.quant`` module runs this file first, it must import no name of a
-``jaxfit.hf`` module that imports ``jaxfit.quant`` (``hf.bnb``, ``hf.load``): when
-``jaxfit.hf`` is imported first, those are half-initialised at that moment.
+Layering: ``jaxfit.quant`` imports nothing of ``jaxfit.hf``. Loading a checkpoint into
+quantised leaves (``jaxfit.hf.load_pretrained(quantize=...)``,
+:func:`jaxfit.hf.load_quantized`) and the bitsandbytes checkpoint format
+(:mod:`jaxfit.hf.bnb`) live in ``hf``, which imports this package and passes its
+family's selection rules in.
 
 Leaves: :class:`NF4Weight` (bitsandbytes' NF4 layout, :mod:`jaxfit.quant.nf4`) and
 :class:`Int8Weight` (per-output-channel absmax, :mod:`jaxfit.quant.int8`); both implement
 the weight-leaf protocol of :func:`jaxfit.models.layers.matmul`.
 """
 
+# The formats: importing a format module registers it.
+from jaxfit.quant import int8, nf4  # noqa: F401
+from jaxfit.quant.base import format_class, is_quantized, names, options, register
 from jaxfit.quant.int8 import Int8Weight
-from jaxfit.quant.leaves import (
-    DEFAULT_RULES,
-    dequantize_params,
-    is_weight_leaf,
-    quantize_params,
-)
-from jaxfit.quant.load import load_quantized
+from jaxfit.quant.leaves import dequantize_params, quantize_params
 from jaxfit.quant.nf4 import NF4_CODE, NF4Weight, dynamic_map
 from jaxfit.quant.report import bits_per_weight, error_report, leaf_bits, quantization_error
 
 __all__ = [
-    "DEFAULT_RULES",
     "Int8Weight",
     "NF4Weight",
     "NF4_CODE",
@@ -42,9 +41,12 @@ __all__ = [
     "dequantize_params",
     "dynamic_map",
     "error_report",
-    "is_weight_leaf",
+    "format_class",
+    "is_quantized",
     "leaf_bits",
-    "load_quantized",
+    "names",
+    "options",
     "quantization_error",
     "quantize_params",
+    "register",
 ]

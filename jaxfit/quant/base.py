@@ -3,10 +3,23 @@
 A *weight leaf* (see :func:`jaxfit.models.layers.matmul`) stands in the parameter tree
 where a ``kernel [in, out]`` array would be and implements ``matmul(x, dtype)``. A
 quantisation format is a :class:`WeightLeaf` subclass that registers itself under a name
-with :func:`register` (``@register("nf4")``): :func:`format_class` finds it by that name
-(``config.base_format``, ``quantize_params(method=...)``), and every leaf reports its
-format (``leaf.kind``) and its storage (``leaf.nbytes``), so no code matches class names.
-Adding a format (fp8, a GPTQ-style int4) is one module with one registered class.
+with :func:`register` (``@register("nf4")``) and owns everything that varies by format:
+
+* ``quantize(w, *, layout, dtype, **options)`` and ``dequantize`` / ``matmul``;
+* ``defaults``: its options and their default values (NF4: ``blocksize``,
+  ``double_quant``), which :func:`options` checks and completes for every caller;
+* ``bits_per_weight(in_features, **options)``: its storage cost in closed form (the
+  report, :func:`jaxfit.quant.report.bits_per_weight`);
+* ``calibrate``: ``None``, or ``calibrate(w, x, **options) -> leaf``, a quantisation that
+  looks at activations ``x [n, in]`` (GPTQ / AWQ-style formats), used by
+  :func:`jaxfit.quant.quantize_params` when calibration data is given.
+
+:func:`format_class` finds a format by name (``config.base_format``,
+``quantize_params(method=...)``, ``load_pretrained(quantize=...)``), :func:`names` lists
+them (the CLIs' ``--quant`` choices), and every leaf reports its format (``leaf.kind``)
+and its storage (``leaf.nbytes``), so no code matches class or format names. Adding a
+format (fp8, a GPTQ-style int4) is one module with one registered class, imported by
+``jaxfit/quant/__init__.py``.
 
 Why the leaves are also flax ``AxisMetadata`` boxes: ``Module.param`` checks the first
 array of an existing parameter against the initializer's ``[in, out]`` shape
@@ -20,6 +33,8 @@ axis lives in the arrays, the static metadata is per layer.
 
 from __future__ import annotations
 
+import inspect
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import jax
@@ -35,11 +50,27 @@ FORMATS: dict[str, type] = {}
 
 def register(name: str):
     """Class decorator: register a :class:`WeightLeaf` subclass as format ``name`` (sets
-    its ``kind``). ``ValueError`` when the name is taken by another class."""
+    its ``kind``).
+
+    Raises:
+      ValueError: the name is taken by another class, or a key of the class's
+        ``defaults`` is not a keyword argument of its ``quantize``.
+      TypeError: the class does not implement ``quantize`` and ``bits_per_weight``.
+    """
 
     def deco(cls):
         if FORMATS.get(name, cls) is not cls:
             raise ValueError(f"quantisation format {name!r} is already registered")
+        if not issubclass(cls, WeightLeaf) or "quantize" not in dir(cls):
+            raise TypeError(f"format {name!r}: {cls.__name__} is not a WeightLeaf with quantize")
+        if cls.bits_per_weight.__func__ is WeightLeaf.bits_per_weight.__func__:
+            raise TypeError(f"format {name!r}: {cls.__name__} does not define bits_per_weight")
+        keywords = set(inspect.signature(cls.quantize).parameters)
+        if bad := sorted(set(cls.defaults) - keywords):
+            raise ValueError(
+                f"format {name!r}: defaults {bad} are not keyword arguments of "
+                f"{cls.__name__}.quantize"
+            )
         cls.kind = name
         FORMATS[name] = cls
         return cls
@@ -47,13 +78,41 @@ def register(name: str):
     return deco
 
 
+def unregister(name: str) -> None:
+    """Remove format ``name`` from the registry (a format registered by a test);
+    ``KeyError`` if it is not registered."""
+    del FORMATS[name]
+
+
+def names() -> tuple[str, ...]:
+    """The registered format names, sorted: the choices of every ``--quant`` flag."""
+    return tuple(sorted(FORMATS))
+
+
 def format_class(name: str) -> type:
     """The leaf class registered as ``name``; ``ValueError`` listing the known formats."""
     if name not in FORMATS:
         raise ValueError(
-            f"unknown quantisation method (format) {name!r}; expected one of {sorted(FORMATS)}"
+            f"unknown quantisation method (format) {name!r}; expected one of {list(names())}"
         )
     return FORMATS[name]
+
+
+def options(name: str, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Format ``name``'s options: its ``defaults`` updated with ``given``.
+
+    Raises:
+      ValueError: an unknown format, or a key of ``given`` that is not one of the
+        format's options (names the format and its options).
+    """
+    cls = format_class(name)
+    given = dict(given or {})
+    if bad := sorted(set(given) - set(cls.defaults)):
+        raise ValueError(
+            f"quantisation format {name!r} has no option(s) {bad}; its options are "
+            f"{dict(cls.defaults)}"
+        )
+    return {**cls.defaults, **given}
 
 
 class KernelView:
@@ -82,13 +141,28 @@ class KernelView:
 class WeightLeaf(meta.AxisMetadata):
     """Mixin of the quantised leaves: the flax box protocol (see the module docstring).
 
-    Subclasses provide ``kernel_shape`` (per-layer ``(in, out)``), ``dtype`` (name of the
-    float dtype ``dequantize`` returns by default), ``matmul(x, dtype)`` and
-    ``dequantize(dtype=None)``, and are registered with :func:`register`, which sets
-    ``kind`` (the format's name).
+    Subclasses provide ``kernel_shape`` (per-layer ``(in, out)``), ``num_weights``,
+    ``dtype`` (name of the float dtype ``dequantize`` returns by default), the classmethod
+    ``quantize(w, *, layout="kernel", dtype=None, **options)`` (``w`` a float kernel
+    ``[..., in, out]``, or ``[..., out, in]`` with ``layout="hf"``; leading axes are
+    layers), ``matmul(x, dtype)``, ``dequantize(dtype=None)``, :attr:`defaults`,
+    :meth:`bits_per_weight` and optionally :attr:`calibrate`; they are registered with
+    :func:`register`, which sets ``kind`` (the format's name).
     """
 
     kind: ClassVar[str] = ""
+    # The format's options (keyword arguments of ``quantize``) and their defaults.
+    defaults: ClassVar[Mapping[str, Any]] = {}
+    # None, or ``calibrate(w [in, out], x [n, in], **options) -> leaf``: quantise one
+    # layer's kernel using calibration activations ``x`` (see the module docstring).
+    calibrate: ClassVar[Callable[..., WeightLeaf] | None] = None
+
+    @classmethod
+    def bits_per_weight(cls, in_features: int | None = None, **options) -> float:
+        """Storage bits per weight in closed form for ``options`` (the format's
+        ``defaults`` completed); ``in_features`` for formats with per-channel statistics.
+        Every format overrides it (its source in its docstring)."""
+        raise NotImplementedError(f"{cls.__name__} does not define bits_per_weight")
 
     @property
     def nbytes(self) -> int:
@@ -133,6 +207,7 @@ def on_host(fn, *args, result_shapes):
     return fn(*(np.asarray(a) for a in args))
 
 
-def is_weight_leaf(x: Any) -> bool:
-    """True for a quantised leaf (an instance of a registered format)."""
+def is_quantized(x: Any) -> bool:
+    """True for a quantised leaf (an instance of a :class:`WeightLeaf` format); any weight
+    leaf, LoRA ones included, is :func:`jaxfit.models.layers.is_weight_leaf`."""
     return isinstance(x, WeightLeaf)

@@ -65,6 +65,21 @@ class Int8Weight(struct.PyTreeNode, base.WeightLeaf):
     def num_weights(self) -> int:
         return int(np.prod(self.q.shape, dtype=np.int64))
 
+    # No options: one absmax scale per output channel is the whole format.
+    defaults = {}
+
+    @classmethod
+    def bits_per_weight(cls, in_features: int | None = None) -> float:
+        """Storage bits per weight, closed form: ``8 + 32 / in_features`` (an int8 code
+        per weight, one float32 scale per output channel of ``in_features`` weights).
+
+        Raises:
+          ValueError: ``in_features`` not given (the cost depends on it).
+        """
+        if not in_features:
+            raise ValueError("int8 bits per weight depends on in_features")
+        return 8 + 32 / in_features
+
     @classmethod
     def quantize(cls, w: Any, *, layout: str = "kernel", dtype: Any = None) -> Int8Weight:
         """Quantise a float weight.

@@ -5,7 +5,7 @@ Quantized LLMs", https://arxiv.org/abs/2305.14314, section 3 and Appendix E): 16
 quantiles of N(0, 1), normalised to [-1, 1], with an exact zero. The storage format here is
 bit-for-bit the one of ``bitsandbytes.functional.quantize_4bit(A, blocksize=64,
 compress_statistics=..., quant_type="nf4")`` (bitsandbytes 0.50), so NF4 checkpoints move
-between bitsandbytes/transformers and jaxfit (:mod:`jaxfit.quant.bnb_checkpoint`):
+between bitsandbytes/transformers and jaxfit (:mod:`jaxfit.hf.bnb`):
 
 * the weight in Hugging Face layout ``[out, in]`` is flattened row-major and split into
   blocks of ``blocksize`` (64) consecutive elements; ``absmax[b] = max |w|`` per block;
@@ -275,6 +275,29 @@ class NF4Weight(struct.PyTreeNode, base.WeightLeaf):
             * self.hf_shape[0]
             * self.hf_shape[1]
         )
+
+    # The options of quantize and their defaults (bitsandbytes' quantize_4bit defaults
+    # for QLoRA: blocksize 64, compress_statistics=True).
+    defaults = {"blocksize": 64, "double_quant": True}
+
+    @classmethod
+    def bits_per_weight(
+        cls,
+        in_features: int | None = None,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        nested_blocksize: int = NESTED_BLOCKSIZE,
+    ) -> float:
+        """Storage bits per weight, closed form (QLoRA, https://arxiv.org/abs/2305.14314,
+        section 3 "Double Quantization"): ``4 + 32 / blocksize`` without double
+        quantisation (a float32 absmax per block) and ``4 + 8 / blocksize + 32 /
+        (blocksize * nested_blocksize)`` with it (an 8-bit absmax per block, a float32
+        scale per 256 blocks): 4.127 for 64 / 256. Per-tensor constants (the offset and
+        the 256-entry map) are not counted; ``in_features`` does not matter."""
+        if double_quant:
+            return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
+        return 4 + 32 / blocksize
 
     @classmethod
     def quantize(

@@ -7,10 +7,10 @@ leaves, same shapes and dtypes) from the *abstract* parameters
 (``jax.eval_shape(model.init, ...)``) without that: every layer of every selected stacked
 kernel ``[L, in, out]`` is drawn on its own (normal, ``stddev``), quantised at once
 (``NF4Weight.quantize`` / ``Int8Weight.quantize``) and moved to the host; the layers are
-stacked on the host and placed once, as :func:`jaxfit.quant.load.load_quantized` does for a
+stacked on the host and placed once, as :func:`jaxfit.hf.load_pretrained` does for a
 checkpoint streamed layer by layer. The transient device memory beyond the result is one
 layer's float kernel and its quantisation temporaries. The leaves that stay float
-(embeddings, norms, the LM head under :data:`~jaxfit.quant.leaves.DEFAULT_RULES`) are drawn
+(embeddings, norms, the LM head under ``jaxfit.hf.families.DEFAULT_QUANT_RULES``) are drawn
 directly in ``float_dtype``, in row chunks of at most ``chunk_bytes`` written in place.
 
 The values are for benchmarks and tests (throughput and memory do not depend on them):
@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxfit import params as params_lib
-from jaxfit.quant.leaves import DEFAULT_RULES, leaf_class
+from jaxfit.quant import base
+from jaxfit.quant.leaves import check_kernel, selected_kernels
 
 PyTree = Any
 
@@ -92,14 +93,14 @@ def _stack_host(layers: list) -> Any:
 def random_quantized_params(
     abstract: PyTree,
     rng: jax.Array,
-    rules: Sequence[str] | None = None,
+    rules: Sequence[str],
     method: str = "nf4",
     *,
     exclude: Sequence[str] = (),
     float_dtype: Any = jnp.bfloat16,
     stddev: float = 0.02,
     chunk_bytes: int = CHUNK_BYTES,
-    **quant_kwargs,
+    **options,
 ) -> PyTree:
     """Random parameters, quantised as :func:`~jaxfit.quant.quantize_params` would, built
     one layer at a time (see the module docstring).
@@ -110,9 +111,8 @@ def random_quantized_params(
         ``dtype`` recorded in its quantised leaf (as ``quantize_params`` records the dtype
         of the float kernel it was given).
       rng: PRNG key (typed or raw); each leaf's values depend on ``(rng, path)`` only.
-      rules, exclude, method, float_dtype, **quant_kwargs: as ``quantize_params`` (default
-        rules :data:`~jaxfit.quant.leaves.DEFAULT_RULES`; ``float_dtype=None`` keeps each
-        float leaf's abstract dtype).
+      rules, exclude, method, float_dtype, **options: as ``quantize_params``
+        (``float_dtype=None`` keeps each float leaf's abstract dtype).
       stddev: standard deviation of kernels and embeddings.
       chunk_bytes: float leaves whose float32 draw exceeds this are drawn in row chunks.
 
@@ -121,35 +121,25 @@ def random_quantized_params(
       of ``quantize_params`` applied to concrete parameters of ``abstract``'s shapes.
 
     Raises:
-      ValueError: an unknown method, a rule matching no leaf, a selected leaf that is not a
-        2-D / 3-D float kernel (as ``quantize_params``).
+      ValueError: an unknown method or option, a rule matching no leaf, a selected leaf
+        that is not a 2-D / 3-D float kernel (as ``quantize_params``).
     """
-    cls = leaf_class(method)
-    rules = tuple(DEFAULT_RULES if rules is None else rules)
-    if bad := params_lib.unmatched(abstract, rules):
-        raise ValueError(
-            f"quantisation rules match no parameter: {bad}; parameter paths look like "
-            f"{list(params_lib.flatten(abstract))[:6]}"
-        )
-    selected = params_lib.match(abstract, rules)
-    excluded = params_lib.match(abstract, tuple(exclude))
+    cls = base.format_class(method)
+    opts = base.options(method, options)
+    selected = selected_kernels(abstract, rules, exclude)
 
-    def build(path, spec, sel, exc):
+    def build(path, spec):
         name = params_lib.path_str(path)
         key = _leaf_key(rng, name)
         shape, dtype = tuple(spec.shape), jnp.dtype(spec.dtype)
-        if sel and not exc:
-            if len(shape) not in (2, 3) or not jnp.issubdtype(dtype, jnp.floating):
-                raise ValueError(
-                    f"parameter {name!r} with shape {shape} and dtype {dtype} is not a float "
-                    "kernel [in, out] or a stacked [num_layers, in, out] kernel"
-                )
+        if name in selected:
+            check_kernel(name, shape, dtype)
             if len(shape) == 2:
-                return cls.quantize(_draw_layer(key, shape, dtype, stddev), **quant_kwargs)
+                return cls.quantize(_draw_layer(key, shape, dtype, stddev), **opts)
             layers = []
             for i in range(shape[0]):
                 w = _draw_layer(jax.random.fold_in(key, i), shape[1:], dtype, stddev)
-                layers.append(jax.device_get(cls.quantize(w, **quant_kwargs)))
+                layers.append(jax.device_get(cls.quantize(w, **opts)))
                 del w
             return _stack_host(layers)
         out_dtype = dtype
@@ -163,4 +153,4 @@ def random_quantized_params(
             return jnp.zeros(shape, out_dtype)
         return _draw_float(key, shape, out_dtype, stddev, chunk_bytes)
 
-    return jax.tree_util.tree_map_with_path(build, abstract, selected, excluded)
+    return jax.tree_util.tree_map_with_path(build, abstract)

@@ -1,45 +1,37 @@
-"""How much a quantisation costs: per-tensor errors, a model summary, bits per weight."""
+"""How much a quantisation costs: per-tensor errors, a model summary, bits per weight.
+
+Nothing here depends on the format: errors compare ``leaf.dequantize()`` with the float
+weight, measured bits count the arrays a leaf holds, and the closed-form cost is the
+registered format's ``bits_per_weight`` (:mod:`jaxfit.quant.base`)."""
 
 from __future__ import annotations
 
+import inspect
 from typing import Any
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxfit.quant.base import is_weight_leaf
+from jaxfit.quant import base
+from jaxfit.quant.base import is_quantized
 
 
-def bits_per_weight(
-    method: str = "nf4",
-    *,
-    blocksize: int = 64,
-    double_quant: bool = True,
-    nested_blocksize: int = 256,
-    in_features: int | None = None,
-) -> float:
-    """Storage bits per weight of a quantisation scheme, closed form.
-
-    NF4 (QLoRA, https://arxiv.org/abs/2305.14314, section 3 "Double Quantization"):
-    ``4 + 32 / blocksize`` without double quantisation (a float32 absmax per block) and
-    ``4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)`` with it (an 8-bit absmax
-    per block, a float32 scale per 256 blocks): 4.127 for 64 / 256. int8:
-    ``8 + 32 / in_features`` (one float32 scale per output channel). Per-tensor constants
-    (the double-quantisation offset and 256-entry map) are not counted.
+def bits_per_weight(method: str = "nf4", *, in_features: int | None = None, **options) -> float:
+    """Storage bits per weight of a quantisation format, closed form: the registered
+    format's ``bits_per_weight`` (:mod:`jaxfit.quant.base`) with its default options
+    updated by ``options`` (NF4: 4.127 for blocksize 64 with double quantisation; int8:
+    ``8 + 32 / in_features``; each format's docstring gives its source).
 
     Raises:
-      ValueError: unknown method, or int8 without ``in_features``.
+      ValueError: unknown method or option, or a format whose cost needs
+        ``in_features`` without it.
     """
-    if method == "nf4":
-        if double_quant:
-            return 4 + 8 / blocksize + 32 / (blocksize * nested_blocksize)
-        return 4 + 32 / blocksize
-    if method == "int8":
-        if not in_features:
-            raise ValueError("int8 bits per weight depends on in_features")
-        return 8 + 32 / in_features
-    raise ValueError(f"unknown method {method!r}")
+    cls = base.format_class(method)
+    accepted = set(inspect.signature(cls.bits_per_weight).parameters)
+    if bad := sorted(set(options) - accepted):
+        raise ValueError(f"{method} bits_per_weight takes no option(s) {bad}")
+    return cls.bits_per_weight(in_features, **{**cls.defaults, **options})
 
 
 def leaf_bits(leaf: Any) -> float:
@@ -63,7 +55,7 @@ def quantization_error(w: Any, q: Any) -> dict[str, Any]:
       ValueError: shapes differ.
     """
     w = np.asarray(jax.device_get(w), np.float64)
-    deq = q.dequantize("float32") if is_weight_leaf(q) else q
+    deq = q.dequantize("float32") if is_quantized(q) else q
     deq = np.asarray(jax.device_get(deq), np.float64)
     if w.shape != deq.shape:
         raise ValueError(f"float weight {w.shape} and quantised weight {deq.shape} differ")
@@ -84,7 +76,7 @@ def error_report(params: Any, qparams: Any) -> dict[str, Any]:
     Args:
       params: the float parameter tree.
       qparams: the same tree after :func:`jaxfit.quant.quantize_params` (or loaded with
-        :func:`jaxfit.quant.load.load_quantized`).
+        :func:`jaxfit.hf.load_quantized`).
 
     Returns:
       ``{"tensors": {path: {"rel_frobenius", "max_abs", "bits_per_weight"}}, "summary":
@@ -108,7 +100,7 @@ def error_report(params: Any, qparams: Any) -> dict[str, Any]:
     num_weights = 0
     q_bits = 0.0
     for path, q in qflat.items():
-        if not is_weight_leaf(q):
+        if not is_quantized(q):
             continue
         err = quantization_error(flat[path], q)
         rel = np.atleast_1d(err["rel_frobenius"])

@@ -132,7 +132,8 @@ class ParamSource:
     def _stored_base(self, base):
         """A from-scratch ``base`` as the run stores it (quantised when ``base_format`` is)."""
         if self.precision.quantised:
-            base = quant.quantize_params(base, method=self.precision.base_format)
+            rules = hf.families.DEFAULT_QUANT_RULES
+            base = quant.quantize_params(base, rules, self.precision.base_format)
         return base
 
     def _split_base(self, base, rng):

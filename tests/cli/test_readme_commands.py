@@ -1,14 +1,17 @@
-"""Every command the README (and each config file's docstring) shows works as written.
+"""Every command the README, the guides of ``docs/`` and each config file's docstring show
+works as written.
 
-Commands are read at test time from README.md's fenced code blocks and from the docstrings
-of ``configs/*.py``: each line (with its ``\\`` continuations) that starts with
+Commands are read at test time from the fenced code blocks of README.md and of every
+``docs/*.md`` page (:data:`PAGES`, in that order), then from the docstrings of
+``configs/*.py``: each line (with its ``\\`` continuations) that starts with
 ``python -m jaxfit.`` or is ``make demo`` (whose jaxfit command ``make -n demo`` prints).
+A command shown on several pages is checked and run once, where it first appears.
 
 * ``test_command_parses`` (fast): each command's config and flags are checked without any
   work: ``jaxfit.train`` / ``jaxfit.plan`` with ``--dry_run`` (config file, its argument,
   every ``--config.x`` override and flag), the other CLIs through their argument parser.
-  A README that names a flag, config, config argument or field that does not exist fails.
-* ``test_commands_run`` (slow): every command runs, in README order, exactly as written
+  A page that names a flag, config, config argument or field that does not exist fails.
+* ``test_commands_run`` (slow): every command runs, in page order, exactly as written
   except for small sizes (steps, widths, batches: :data:`RHYTHM`, :data:`SMALL`) and
   paths: ``runs/...`` go to a temporary directory, data files to ``../shared/data`` (a
   command that needs them is skipped when it is absent), Hub names and placeholders
@@ -29,6 +32,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from hf_testing import tiny_llama
 from xla_env import fast_subprocess_env
 
 from jaxfit import config as config_lib
@@ -41,6 +45,8 @@ from jaxfit.plan import cuda_target
 
 REPO = Path(__file__).resolve().parents[2]
 SHARED = REPO.parent / "shared" / "data"
+# The pages whose commands are checked: the README first, then every page of docs/.
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 ARGPARSE_CLIS = {
     "evaluate": evaluate,
     "evaluate_code": evaluate_code,
@@ -95,7 +101,7 @@ SMALL = {
     },
 }
 MODEL_FIELDS = ("model.config.", "model.text.", "model.vision.", "model.projection_dim")
-# Data files the README names -> files in ../shared/data.
+# Data files the pages name -> files in ../shared/data.
 SHARED_FILES = {
     "input.txt": "tinyshakespeare/input.txt",
     "data/input.txt": "tinyshakespeare/input.txt",
@@ -116,7 +122,7 @@ PLACEHOLDER = re.compile(r"init_from=[A-Z][A-Z_]+\b")
 
 @dataclasses.dataclass(frozen=True)
 class Command:
-    source: str  # "README.md" or "configs/x.py"
+    source: str  # "README.md", "docs/x.md" or "configs/x.py"
     text: str  # as written (continuations joined)
     tokens: tuple[str, ...]  # ("python", "-m", "jaxfit.train", ...)
 
@@ -169,11 +175,18 @@ def _commands_in(text: str, source: str) -> list[Command]:
     return out
 
 
+def page_commands(page: Path) -> list[Command]:
+    """The commands of ``page``'s fenced code blocks, in order."""
+    text = page.read_text(encoding="utf-8")
+    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", text, re.S | re.M)
+    source = str(page.relative_to(REPO))
+    return [c for block in blocks for c in _commands_in(block, source)]
+
+
 def commands() -> list[Command]:
-    """README's commands in order, then the config docstrings' (duplicates dropped)."""
-    readme = (REPO / "README.md").read_text(encoding="utf-8")
-    blocks = re.findall(r"^```[^\n]*\n(.*?)^```", readme, re.S | re.M)
-    found = [c for block in blocks for c in _commands_in(block, "README.md")]
+    """The pages' commands in order, then the config docstrings' (duplicates dropped: a
+    command keeps the place and source where it first appears)."""
+    found = [c for page in PAGES for c in page_commands(page)]
     for path in sorted((REPO / "configs").glob("*.py")):
         doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
         found += _commands_in(doc, f"configs/{path.name}")
@@ -194,8 +207,43 @@ def _id(c: Command) -> str:
 
 def test_readme_shows_every_cli():
     modules = {c.module for c in COMMANDS}
-    assert {"train", "evaluate", "generate", "export", "plan", "quantize"} <= modules, modules
+    clis = {"train", "evaluate", "generate", "export", "plan", "quantize", "evaluate_code"}
+    assert clis <= modules, modules
     assert any(c.source.startswith("Makefile") for c in COMMANDS) or not shutil.which("make")
+    # the guides' commands are read, and the README keeps a command for each main job
+    for page in ("clip", "language-models", "qlora", "evaluate-code", "planner", "multi-gpu"):
+        assert page_commands(REPO / "docs" / f"{page}.md"), page
+    in_readme = {c.module for c in page_commands(REPO / "README.md")}
+    assert {"train", "evaluate", "generate", "export", "plan", "evaluate_code"} <= in_readme
+
+
+# What a command reads and writes under runs/: (flag, modules where the flag is a read).
+_READS = {"--workdir": ("evaluate", "export"), "--model": None, "--adapter": None}
+_WRITES = {"--workdir": ("train",), "--out": None, "--apply": None}
+
+
+def _runs_paths(command: Command, table: dict) -> set[str]:
+    out = set()
+    for flag, *value in _pairs(list(command.tokens[3:])):
+        modules = table.get(flag, ())
+        if value and (modules is None or command.module in modules):
+            path = {"ADAPTER_DIR": "runs/qlora/adapter"}.get(value[0], value[0])  # Runner's
+            if path.startswith("runs/"):
+                out.add(path.rstrip("/"))
+    return out
+
+
+def test_runs_are_written_before_they_are_read():
+    """In the order the commands run (pages in order), a command that reads ``runs/X``
+    comes after one that writes it: a guide may repeat the README's commands, and the
+    README may show a consumer only together with its producer."""
+    written: set[str] = set()
+    for command in COMMANDS:
+        for path in _runs_paths(command, _READS):
+            assert any(path == w or path.startswith(w + "/") for w in written), (
+                f"{command}\nreads {path}, which no earlier command writes"
+            )
+        written |= _runs_paths(command, _WRITES)
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=_id)
@@ -236,7 +284,7 @@ def _pairs(args: list[str]) -> list[list[str]]:
 
 
 class Runner:
-    """Turns a README command into the one that runs here (see the module docstring)."""
+    """Turns a page's command into the one that runs here (see the module docstring)."""
 
     def __init__(self, root: Path):
         self.root = root
@@ -275,26 +323,15 @@ class Runner:
             transformers.CLIPModel(cfg).save_pretrained(path)
         else:
             tokenizer = self.shared("tokenizers/gpt2/tokenizer.json")
-            decoder = dict(vocab_size=50257, bos_token_id=50256, eos_token_id=50256)
-            shape = dict(
-                hidden_size=64,
-                intermediate_size=128,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=256,
-            )
-            if family == "gpt2":
-                cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256)
-                model = transformers.GPT2LMHeadModel(cfg)
-            elif family == "qwen2":
-                model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**shape, **decoder))
-            else:
-                model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**shape, **decoder))
-            model.save_pretrained(path)
             tok = transformers.GPT2TokenizerFast(tokenizer_file=str(tokenizer))
             tok.chat_template = CHAT_TEMPLATE  # for the chat recipes
-            tok.save_pretrained(path)
+            if family == "gpt2":
+                cfg = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, n_positions=256)
+                transformers.GPT2LMHeadModel(cfg).save_pretrained(path)
+                tok.save_pretrained(path)
+            else:  # llama / qwen2: 2 layers of width 64, GQA, GPT-2's tokenizer
+                tiny_llama(path, family=family, vocab_size=50257, max_positions=256,
+                           bos_token_id=50256, eos_token_id=50256, tokenizer=tok)  # fmt: skip
         self.models[family] = path
         return path
 
@@ -394,6 +431,13 @@ class Runner:
             out.append(f"{flag}={value}")
         if config is not None:
             out += self.small(command, config, spec)
+        if command.module == "plan" and "--generate" in command.tokens:
+            # the named architecture's plan, on the tiny Llama (a built-in 8B compiles for
+            # ~20 s here; tests/plan/test_generation_records.py plans those), in a budget a
+            # --search_context outgrows after a few compiles
+            tiny = self.tiny_model("llama")
+            out = [f"--model={tiny}" if a.startswith("--model=") else a for a in out]
+            out += ["--budget=64MiB", "--reserve=0"]
         if command.module == "generate":
             out.append("--max_new_tokens=4")
         if command.module == "evaluate_code":  # two problems, short completions
@@ -460,7 +504,13 @@ def test_commands_run(tmp_path):
             skipped.append(f"{command}: {e}")
             continue
         proc = subprocess.run(
-            [sys.executable, *argv], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
+            [sys.executable, *argv],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            stdin=subprocess.DEVNULL,
         )
         ran.append(command)
         if proc.returncode != 0:
@@ -469,7 +519,7 @@ def test_commands_run(tmp_path):
                 f"{command}\n  ran: {shlex.join(argv)}\n  exit {proc.returncode}:\n{tail}"
             )
     print("skipped:\n  " + "\n  ".join(skipped) if skipped else "skipped: none")
-    assert ran, "no README command could run here"
+    assert ran, "no command of the pages could run here"
     assert not failures, f"{len(failures)} of {len(ran)} commands failed:\n\n" + "\n\n".join(
         failures
     )

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hf_testing import tiny_llama
 
 from jaxfit import evaluate_code
 from jaxfit.evals import code, sandbox
@@ -214,8 +215,7 @@ def test_human_eval_canonical_solutions_all_pass_and_empty_none(tmp_path):
 
 
 def _tiny_llama(out: Path) -> Path:
-    torch = pytest.importorskip("torch")
-    import transformers
+    transformers = pytest.importorskip("transformers")
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     corpus = [p["prompt"] + p["canonical_solution"] for p in PROBLEMS] * 20
@@ -231,20 +231,19 @@ def _tiny_llama(out: Path) -> Path:
     hf_tok = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, eos_token="<|endoftext|>", bos_token="<|endoftext|>"
     )
-    cfg = transformers.LlamaConfig(
+    tiny_llama(
+        out,
         vocab_size=len(hf_tok),
+        max_positions=256,
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=1,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=256,
         eos_token_id=hf_tok.eos_token_id,
         bos_token_id=hf_tok.bos_token_id,
+        tokenizer=hf_tok,
     )
-    torch.manual_seed(0)
-    transformers.LlamaForCausalLM(cfg).save_pretrained(out)
-    hf_tok.save_pretrained(out)
     return out
 
 

@@ -9,7 +9,7 @@ import re
 import pytest
 from flax import traverse_util
 
-from jaxfit import hf, lora, quant
+from jaxfit import hf, lora
 from jaxfit.hf import families
 from jaxfit.models.clip import CLIPConfig
 from jaxfit.models.gpt2 import GPT2Config
@@ -55,7 +55,7 @@ def test_entry_agrees_with_model_and_name_map(name):
     kernels = [p for p in paths if p.endswith("/kernel")]
     under_stack = {p for p in kernels if family.stack in p.split("/")}
     assert under_stack
-    (rule,) = quant.DEFAULT_RULES
+    (rule,) = families.DEFAULT_QUANT_RULES
     assert {p for p in kernels if re.search(rule, p)} == under_stack
     # every PEFT short name selects a linear kernel
     shapes = hf.abstract_params(model, family)

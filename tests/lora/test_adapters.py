@@ -18,6 +18,7 @@ from jaxfit import checkpoint, lora
 from jaxfit import params as params_lib
 from jaxfit import step as step_lib
 from jaxfit.hf import clip as hf_clip
+from jaxfit.hf import families
 from jaxfit.lora import targets
 from jaxfit.models.clip import CLIPConfig, CLIPModel, CLIPTextConfig, CLIPVisionConfig
 from jaxfit.models.gpt2 import GPT2Config, GPT2LMHeadModel
@@ -197,7 +198,7 @@ def test_bad_input_raises():
     kw = dict(alpha=8, rng=jax.random.key(0))
     with pytest.raises(ValueError, match="'qproj'"):
         lora.add_lora(params, ["q_proj", "qproj"], rank=4, **kw)
-    with pytest.raises(ValueError, match="matches no linear kernel"):
+    with pytest.raises(ValueError, match=r"match no parameter: \['norm/scale'\]"):
         lora.add_lora(params, [r"norm/scale"], rank=4, **kw)
     with pytest.raises(
         ValueError, match=r"rank 9 exceeds min\(in, out\) = 8 of layers/self_attn/k"
@@ -341,7 +342,8 @@ def test_qlora_over_nf4(apply, jit_fast):
     quant = pytest.importorskip("jaxfit.quant")
     model = MODELS["llama"]
     params = _random_params(model)
-    qparams = quant.quantize_params(params, method="nf4", float_dtype=None)
+    rules = families.DEFAULT_QUANT_RULES
+    qparams = quant.quantize_params(params, rules, "nf4", float_dtype=None)
     adapted = lora.add_lora(qparams, "all-linear", rank=2, alpha=4, rng=jax.random.key(0))
     leaf = adapted["layers"]["mlp"]["up_proj"]["kernel"]
     assert isinstance(leaf.base, quant.NF4Weight) and leaf.lora_A.shape == (2, 16, 2)

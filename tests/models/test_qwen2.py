@@ -102,7 +102,7 @@ def test_nf4_quantises_the_stack(model_params, run):
     """The default rules quantise every kernel of the stack (~9 % relative error per
     matrix, NF4's; biases, norms and embeddings stay float); the model runs the leaves."""
     model, params = model_params
-    q = quant.quantize_params(params, method="nf4", float_dtype=None)
+    q = quant.quantize_params(params, families.DEFAULT_QUANT_RULES, "nf4", float_dtype=None)
     deq = quant.dequantize_params(q, jnp.float32)
     for block in ("self_attn", "mlp"):
         for name, sub in q["layers"][block].items():

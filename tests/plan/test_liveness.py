@@ -47,6 +47,33 @@ def test_the_peak_is_the_most_bytes_live_at_once():
     assert [v.name for v in live.live_at(6)] == ["c.3", "b.2", "arg_tuple.8"]
 
 
+def test_a_buffer_updated_in_place_counts_once():
+    """A loop's state before the loop, in it and after it: three values at one heap slot
+    whose live ranges touch. They are one buffer: the peak counts it once (XLA's heap of
+    the 8B generation program held the KV cache once; replaying values, not slots,
+    counted it twice where the prefill loop hands it to the decoding loop)."""
+    assignment = """\
+allocation 0: size 300, preallocated-temp:
+ value: <1 init.1 @0> (size=100,offset=0): bf16[50]{0}
+ value: <2 loop.2{1} (phi) @0> (size=100,offset=0): bf16[50]{0}
+ value: <3 out.3 @0> (size=100,offset=0): bf16[50]{0}
+ value: <4 other.4 @0> (size=60,offset=100): f32[15]{0}
+ value: <5 later.5 @0> (size=100,offset=0): bf16[50]{0}
+"""
+    ranges = """\
+  BufferLiveRange:
+    init.1{}:0-2
+    loop.2{1}:2-6
+    out.3{}:6-8
+    other.4{}:5-7
+    later.5{}:20-22
+"""
+    live = liveness.parse(assignment.splitlines(), ranges.splitlines())
+    assert [v.offset for v in live.values] == [0, 0, 0, 100, 0]
+    assert live.peak() == (160, 5)  # the slot once + other, never 200 + 60
+    assert live.peak(lambda v: 0 if v.name == "other.4" else v.size) == (100, 0)
+
+
 @pytest.mark.skipif(jax.default_backend() != "cpu", reason="reads XLA:CPU's dump")
 def test_a_real_compile_is_read_back(tmp_path):
     def f(x, w):  # [512, 512] @ [512, 2048] -> a 4 MiB float32 product, then reduced

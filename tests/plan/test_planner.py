@@ -77,7 +77,7 @@ def test_qlora_counts_match_peft_and_frozen_shapes_are_real(tmp_path):
     abstract = jax.tree.map(lambda x: (x.shape, x.dtype), task.abstract_frozen())
     assert jax.tree.structure(real) == jax.tree.structure(abstract)
     assert jax.tree.leaves(real) == jax.tree.leaves(abstract)
-    nf4 = [x for x in jax.tree.leaves(task.frozen, is_leaf=quant.is_weight_leaf)
+    nf4 = [x for x in jax.tree.leaves(task.frozen, is_leaf=quant.is_quantized)
            if isinstance(x, quant.NF4Weight)]  # fmt: skip
     assert plan.memory["frozen_nf4"] == sum(core.tree_bytes(x) for x in nf4)
     # planning sizes a BPE still to be trained by its target vocabulary (512 here; the

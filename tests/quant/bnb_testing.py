@@ -49,24 +49,6 @@ def float32_reference(model):
     return model
 
 
-def tiny_llama(out: Path, *, vocab_size=61, max_positions=64, seed=0, **overrides):
-    """A random transformers Llama (2 layers, width 64, GQA) saved to ``out``; returns it."""
-    torch, transformers, _ = require()
-    fields = dict(
-        vocab_size=vocab_size,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=max_positions,
-    )
-    torch.manual_seed(seed)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**fields, **overrides)).eval()
-    model.save_pretrained(out)
-    return model
-
-
 def save_quantized(float_dir: Path, out: Path, *, dtype="float32", max_shard_size=None, **kw):
     """Load ``float_dir`` in transformers with bitsandbytes quantisation (:func:`bnb_config`
     keywords) on the CPU, save it to ``out``; returns the quantised model (float32

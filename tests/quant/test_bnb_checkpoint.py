@@ -14,10 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from bnb_testing import PROJ, bnb_config, float32_reference, write_by_hand
+from hf_testing import tiny_llama
 
 from jaxfit import hf
+from jaxfit.hf import load_quantized
 from jaxfit.hf.bnb import nf4_from_bnb, nf4_to_bnb, save_bnb_pretrained
-from jaxfit.quant import NF4Weight, load_quantized
+from jaxfit.quant import NF4Weight
 
 torch = pytest.importorskip("torch")
 F = pytest.importorskip("bitsandbytes.functional")
@@ -30,18 +32,7 @@ NF4_REL_TOLERANCE = 0.25  # relative logit error vs the float model (see test_qu
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     root = tmp_path_factory.mktemp("bnb")
-    cfg = transformers.LlamaConfig(
-        vocab_size=61,
-        hidden_size=64,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    float_model = transformers.LlamaForCausalLM(cfg).eval()
-    float_model.save_pretrained(root / "float")
+    float_model = tiny_llama(root / "float", intermediate_size=64, num_key_value_heads=4)
     try:
         qmodel = transformers.LlamaForCausalLM.from_pretrained(
             root / "float",
@@ -55,7 +46,7 @@ def checkpoint(tmp_path_factory):
         (root / "q4").mkdir(exist_ok=True)
         write_by_hand(float_model, root / "q4")
         qmodel = None
-    ids = np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 8))
+    ids = np.random.default_rng(0).integers(0, float_model.config.vocab_size, (2, 8))
     return root, qmodel, ids
 
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from bnb_testing import PROJ, reference_weights, require, save_quantized, tiny_llama, write_by_hand
+from bnb_testing import PROJ, reference_weights, require, save_quantized, write_by_hand
+from hf_testing import tiny_llama
 
 from jaxfit import config as config_lib
 from jaxfit import hf, quant
@@ -87,7 +88,7 @@ def test_float_precision_dequantises_bit_exactly(ckpts, variant, caplog):
                 kernel16.T.astype(np.float32),
                 reference_weights(directory, name, torch.bfloat16),
             )
-    assert not any(quant.is_weight_leaf(x) for x in jax.tree.leaves(params))
+    assert not any(quant.is_quantized(x) for x in jax.tree.leaves(params))
 
 
 @pytest.mark.parametrize("as_stored", [False, True], ids=["dequantised_f32", "kept_nf4"])
@@ -98,7 +99,7 @@ def test_logits_match_the_bitsandbytes_model(ckpts, variant, as_stored, jit_fast
     if models[variant] is None:
         pytest.skip("no transformers bitsandbytes model on this CPU")
     model, params = hf.load_pretrained(directory, quantize="nf4" if as_stored else None)
-    leaves = jax.tree.leaves(params, is_leaf=quant.is_weight_leaf)
+    leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
     assert sum(isinstance(x, quant.NF4Weight) for x in leaves) == (7 if as_stored else 0)
     ours = _logits(jit_fast, model, params, ids)
     with torch.no_grad():
@@ -125,7 +126,7 @@ def test_int8_over_nf4_is_refused_with_the_reason(ckpts):
     for load in (
         lambda: hf.load_pretrained(root / "q4", quantize="int8"),
         lambda: hf.model_from_config(root / "q4", quantize="int8"),
-        lambda: quant.load_quantized(root / "q4", "int8"),
+        lambda: hf.load_quantized(root / "q4", "int8"),
     ):
         with pytest.raises(ValueError, match="re-quantise") as e:
             load()
@@ -174,7 +175,7 @@ def test_task_loader_follows_the_precision(ckpts, precision, leaf):
     model = task_base.base_model(config)
     loaded, params = task_base.load_base(config)
     assert loaded.config == model.config
-    leaves = jax.tree.leaves(params, is_leaf=quant.is_weight_leaf)
+    leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
     if leaf is None:  # dequantised into the frozen LoRA base's dtype
         dtype = jnp.float32 if precision == "fp32" else jnp.bfloat16
         assert all(x.dtype == dtype for x in leaves), {x.dtype for x in leaves}

@@ -14,7 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from bnb_testing import require, save_quantized, tiny_llama
+from bnb_testing import require, save_quantized
+from hf_testing import tiny_llama
 from xla_env import fast_subprocess_env
 
 torch, transformers, F = require()

@@ -14,13 +14,14 @@ import numpy as np
 import pytest
 
 from jaxfit import hf
+from jaxfit.hf import load_quantized
+from jaxfit.hf.families import DEFAULT_QUANT_RULES as RULES
 from jaxfit.models.llama import LlamaConfig, LlamaForCausalLM
 from jaxfit.quant import (
     Int8Weight,
     NF4Weight,
     dequantize_params,
     error_report,
-    load_quantized,
     quantize_params,
 )
 
@@ -56,7 +57,7 @@ def _rel(a, b):
 
 def test_default_selection_and_float_dtype(setup):
     _, params, _, _ = setup
-    q = quantize_params(params, method="nf4")
+    q = quantize_params(params, RULES, "nf4")
     for name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         assert isinstance(q["layers"]["self_attn"][name]["kernel"], NF4Weight)
     for name in ("gate_proj", "up_proj", "down_proj"):
@@ -65,7 +66,7 @@ def test_default_selection_and_float_dtype(setup):
     assert q["lm_head"]["kernel"].dtype == jnp.bfloat16  # float leaves: bfloat16
     assert q["embed_tokens"]["embedding"].dtype == jnp.bfloat16
     assert q["layers"]["input_layernorm"]["scale"].dtype == jnp.bfloat16
-    kept = quantize_params(params, method="int8", exclude=[r"down_proj"], float_dtype=None)
+    kept = quantize_params(params, RULES, "int8", exclude=[r"down_proj"], float_dtype=None)
     assert kept["layers"]["mlp"]["down_proj"]["kernel"].dtype == jnp.float32
     assert isinstance(kept["layers"]["mlp"]["up_proj"]["kernel"], Int8Weight)
 
@@ -77,13 +78,15 @@ def test_bad_rules(setup):
     with pytest.raises(ValueError, match="not a float kernel"):
         quantize_params(params, [r"norm/scale$"])
     with pytest.raises(ValueError, match="unknown quantisation method"):
-        quantize_params(params, method="fp4")
+        quantize_params(params, RULES, "fp4")
+    with pytest.raises(ValueError, match=r"'nf4' has no option\(s\) \['block_size'\]"):
+        quantize_params(params, RULES, "nf4", block_size=32)
 
 
 @pytest.mark.parametrize("method", ["nf4", "int8"])
 def test_logits_close_to_float_model(setup, method):
     model, params, ids, apply = setup
-    q = quantize_params(params, method=method, float_dtype=None)
+    q = quantize_params(params, RULES, method, float_dtype=None)
     out = apply(model, q, ids)
     np.testing.assert_allclose(out, apply(model, dequantize_params(q), ids), atol=1e-5)
     assert _rel(out, apply(model, params, ids)) < TOLERANCE[method]
@@ -98,7 +101,7 @@ def test_gradients_flow_through_quantised_layers(setup, jit_fast):
     """QLoRA-style: differentiate the float leaves (here the embedding) through frozen
     NF4 matmuls; the gradient equals that of the dequantised float model."""
     model, params, ids, _ = setup
-    q = quantize_params(params, method="nf4", float_dtype=None)
+    q = quantize_params(params, RULES, "nf4", float_dtype=None)
 
     def loss(emb, tree):
         tree = {**tree, "embed_tokens": {"embedding": emb}}
@@ -116,7 +119,7 @@ def test_load_quantized_streams_a_float_checkpoint(setup, tmp_path):
     hf.save_pretrained(model, params, tmp_path)
     model2, q = load_quantized(tmp_path, "nf4", dtype=jnp.float32)
     assert model2.config.num_hidden_layers == CFG.num_hidden_layers
-    expected = quantize_params(params, method="nf4", float_dtype=jnp.float32)
+    expected = quantize_params(params, RULES, "nf4", float_dtype=jnp.float32)
     jax.tree.map(np.testing.assert_array_equal, q, expected)
     _, q8 = load_quantized(tmp_path, "int8", rules=[r"mlp/.*kernel$"])
     assert isinstance(q8["layers"]["mlp"]["up_proj"]["kernel"], Int8Weight)
