@@ -27,28 +27,7 @@ from __future__ import annotations
 import ml_collections
 
 from jaxfit.config import parse_arg, sibling_config
-
-# Llama 3.1 8B, config.json of meta-llama/Llama-3.1-8B.
-LLAMA3_8B = dict(
-    hidden_size=4096,
-    intermediate_size=14336,
-    num_hidden_layers=32,
-    num_attention_heads=32,
-    num_key_value_heads=8,
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
-    bos_token_id=128000,
-    eos_token_id=128001,
-)
+from jaxfit.hf import architectures
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -56,7 +35,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c = sibling_config(
         __file__, "llama_qlora.py", f"init_from={a.init_from},all_linear=True,steps={a.steps}"
     )
-    c.model.config = ml_collections.ConfigDict(LLAMA3_8B)
+    c.model.config = ml_collections.ConfigDict(architectures.model_config("llama3-8b"))
     c.model.remat_policy = "full"
     c.seq_len = 2048
     c.batch_size = 16

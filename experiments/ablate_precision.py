@@ -1,24 +1,41 @@
-"""Precision ablation: the same model, data and seed under fp32 / bf16 / int8 / NF4 (+ 8-bit Adam).
+"""Precision ablation: the same LoRA adapters trained over a frozen base stored in
+float32, bfloat16, int8 or NF4 (QLoRA); full fine-tuning only when asked.
 
   python experiments/ablate_precision.py --config configs/gpt2_scratch.py:demo \\
-      --out runs/ablate_gpt2 --steps 60 --base_steps 300 --config.lora.targets=c_attn
+      --out runs/ablate_gpt2 --steps 150 --base_steps 300
   python experiments/ablate_precision.py --config configs/clip_coco.py:demo \\
-      --out runs/ablate_clip --arms fp32,bf16,nf4 --steps 60 --base_steps 300
+      --out runs/ablate_clip --steps 150 --base_steps 300
   # an existing pretrained model as the common starting point (no base stage):
   python experiments/ablate_precision.py --config configs/gpt2_finetune.py \\
-      --init_from gpt2 --out runs/ablate_ft --config.data.path=train.txt \\
-      --config.lora.targets=c_attn
+      --init_from gpt2 --out runs/ablate_ft --config.data.path=train.txt
 
-The GPT-2 demo takes about 6 minutes on a 2-core CPU (``:demo`` sizes the model; the
-arms' length is ``--steps``, default the config's ``total_steps``). GPT-2 configs need
-``lora.targets=c_attn`` (or ``all-linear``) for the LoRA arms: their default names
-Llama's projections.
+The question is the QLoRA workflow's (Dettmers et al. 2023, section 4): what does
+storing the frozen base in fewer bits cost a LoRA fine-tune? So the default arms hold
+the adapters fixed (the config's ``lora`` targets, rank, alpha, dropout and
+initialisation; the same data, seed and learning rate) and vary only the base:
 
-Arms (``--arms``, default all five): ``fp32`` and ``bf16`` train every weight (LoRA
-adapters when the config enables ``lora``); ``int8`` and ``nf4`` train LoRA adapters over
-a frozen base quantised to int8 / NF4 (QLoRA); a ``+adam8`` suffix (``nf4+adam8``) also
-keeps Adam's moments in 8 bits (``optim.name=adamw8bit``). ``--arm_override
-ARM:key=value`` (repeatable) changes one arm's config only.
+=================  =======================  ==============  ==================
+arm                trains                   frozen base     compute dtype
+=================  =======================  ==============  ==================
+lora-fp32          LoRA adapters            float32         float32
+lora-bf16          LoRA adapters            bfloat16        bfloat16 (reference)
+lora-int8          LoRA adapters            int8 (absmax)   bfloat16
+qlora-nf4          LoRA adapters            NF4             bfloat16
+qlora-nf4+adam8    LoRA adapters, 8-bit     NF4             bfloat16
+                   Adam moments
+full-fp32          every weight (asked)     -               float32
+full-bf16          every weight (asked)     -               bfloat16
+=================  =======================  ==============  ==================
+
+``--arms`` picks them (default the five LoRA arms); a ``+adam8`` suffix on any arm
+keeps Adam's moments in 8 bits (``optim.name=adamw8bit``). ``full-*`` arms answer
+another question (full fine-tuning against LoRA): a set mixing them with LoRA arms gets
+a warning at the top of ``results.md`` and on the plots. ``lora-bf16`` is the reference
+of every difference: it computes in bfloat16 like the quantised arms, over a float base.
+``--arm_override ARM:key=value`` (repeatable) changes one arm's config only (not what it
+trains or its base: that is refused). The GPT-2 demo (``:demo``: LoRA r=16 on every
+linear layer, the demo's lr 3e-3) took 14.5 minutes on a busy 2-core CPU; its figures
+are in docs/ablation.md.
 
 Every arm starts from the same pretrained base (quantised arms learn little over a
 random one): ``--init_from DIR`` (an HF directory or Hub name), else the config's
@@ -36,8 +53,15 @@ once at the end on the config's held-out split, and is measured:
   compile time (time to the first step), final train loss (mean of the last 10% of
   steps), validation loss + perplexity (LM) or recall@K (CLIP), with 95% bootstrap
   intervals over the evaluation examples and paired differences to the reference arm;
-* the base's quantisation error: relative Frobenius error of the quantised frozen
-  kernels against the float ones (``jaxfit.quant.error_report``; 0 for float arms).
+* what trained: the trainable parameter count (``jaxfit.plan``'s), the base format and
+  the compute dtype;
+* the base's quantisation error: relative Frobenius error of the stored frozen kernels
+  against the float32 ones (``jaxfit.quant.error_report``; bfloat16 rounding for
+  ``lora-bf16``; 0 for a float32 base and full fine-tuning);
+* with a base stage, every arm's paired differences to the base it started from (the
+  base stage's final evaluation, the same examples): of the arm's final evaluation (what
+  the adapters learned) and of its starting point, evaluated before training in
+  ``OUT/runs/<arm>/start`` (what storing the base costs before the adapters learn).
 
 Arms run one after another, each in a fresh process (``--worker ARM``) writing to
 ``OUT/runs/<arm>`` (its log: ``worker.log``): a crash or OOM is recorded (``status``,
@@ -45,8 +69,10 @@ Arms run one after another, each in a fresh process (``--worker ARM``) writing t
 ``OUT/runs/<arm>/result.json`` exists; rerunning with the same ``--out`` skips finished
 arms and re-runs unfinished or failed ones from scratch.
 
-Outputs in ``OUT``: ``results.csv`` (one row per arm), ``results.md`` (the reference arm,
-fp32 or else the first successful one, and relative differences to it), ``bootstrap.csv``,
+Outputs in ``OUT``: ``results.csv`` (one row per arm), ``results.md`` (a summary per
+arm: what trained, the base's quantisation error, the headline metric with its interval
+and its paired differences to the base and to ``lora-bf16`` (else the first successful
+arm); then every measurement as a table with relative differences), ``bootstrap.csv``,
 ``loss.png``, ``memory.png``, ``throughput.png``, ``metrics_ci.png``, and ``tb/<arm>``
 (TensorBoard: ``tensorboard --logdir OUT/tb`` overlays the arms; HParams tab included).
 Config overrides ``--config.key=value`` apply to the base stage and every arm.
@@ -55,6 +81,7 @@ Config overrides ``--config.key=value`` apply to the base stage and every arm.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import logging
 import shutil
@@ -69,23 +96,93 @@ if __package__ in (None, ""):  # run as a file: make ``experiments`` importable
 
 from experiments import results, tensorboard_runs  # noqa: E402
 from experiments.bench import common  # noqa: E402
-
-PRECISIONS = ("fp32", "bf16", "int8", "nf4")
-DEFAULT_ARMS = "fp32,bf16,int8,nf4,nf4+adam8"
+from jaxfit import config as config_lib  # noqa: E402
 
 
-def arm_overrides(arm: str) -> list[str]:
-    """Config overrides of an arm name ``PRECISION[+adam8]``.
+@dataclasses.dataclass(frozen=True)
+class Arm:
+    """One arm: what trains, and how the frozen base is stored.
+
+    Attributes:
+      method: ``"lora"`` (adapters over a float or int8 base), ``"qlora"`` (adapters over
+        an NF4 base, Dettmers et al. 2023) or ``"full"`` (every weight trains).
+      precision: the config's ``precision`` shorthand (:data:`jaxfit.config.PRECISIONS`):
+        compute dtype and base format.
+      adam8: Adam's moments in 8 bits (``optim.name=adamw8bit``).
+    """
+
+    name: str
+    method: str
+    precision: str
+    adam8: bool = False
+
+    @property
+    def lora(self) -> bool:
+        return self.method != "full"
+
+    def overrides(self, has_lora: bool = True) -> list[str]:
+        """The arm's config overrides (``lora.enabled`` only where the config has a
+        ``lora`` section)."""
+        out = [f"precision={self.precision}"]
+        out += [f"lora.enabled={self.lora}"] if has_lora or self.lora else []
+        return out + (["optim.name=adamw8bit"] if self.adam8 else [])
+
+
+# name -> (method, precision). LoRA arms share targets, rank, alpha, init, data, seed and
+# learning rate; only the frozen base's storage (and with it the compute dtype: float32
+# for lora-fp32, bfloat16 for the others) changes between them.
+ARMS = {
+    "lora-fp32": ("lora", "fp32"),
+    "lora-bf16": ("lora", "bf16"),
+    "lora-int8": ("lora", "int8"),
+    "qlora-nf4": ("qlora", "nf4"),
+    "full-fp32": ("full", "fp32"),
+    "full-bf16": ("full", "bf16"),
+}
+DEFAULT_ARMS = "lora-fp32,lora-bf16,lora-int8,qlora-nf4,qlora-nf4+adam8"
+REFERENCE_ARM = "lora-bf16"  # the same compute dtype as the quantised arms: a float base
+_RENAMED = {"fp32": "lora-fp32 or full-fp32", "bf16": "lora-bf16 or full-bf16",
+            "int8": "lora-int8", "nf4": "qlora-nf4"}  # fmt: skip
+
+
+def parse_arm(name: str) -> Arm:
+    """The :class:`Arm` of a name ``NAME[+adam8]``, ``NAME`` a key of :data:`ARMS`.
+
+    Raises:
+      ValueError: an unknown arm name (an old name, ``nf4``, says what replaced it).
+    """
+    base, plus, extra = name.partition("+")
+    if base not in ARMS or (plus and extra != "adam8"):
+        hint = f" (renamed: {base} -> {_RENAMED[base]})" if base in _RENAMED else ""
+        raise ValueError(f"unknown arm {name!r}{hint}: expected NAME[+adam8], NAME in {list(ARMS)}")
+    return Arm(name, *ARMS[base], adam8=bool(plus))
+
+
+def arm_overrides(arm: str, has_lora: bool = True) -> list[str]:
+    """Config overrides of an arm name (:func:`parse_arm`).
 
     Raises:
       ValueError: an unknown arm name.
     """
-    precision, _, extra = arm.partition("+")
-    if precision not in PRECISIONS or extra not in ("", "adam8"):
+    return parse_arm(arm).overrides(has_lora)
+
+
+def check_arm(arm: Arm, config) -> None:
+    """Refuse an arm whose overrides (``--arm_override``, ``--config.``) changed what it
+    trains or its base format: its label would no longer say what ran.
+
+    Raises:
+      ValueError: naming the arm, what it should be and what the config makes of it.
+    """
+    p = config_lib.precision_settings(config)
+    want_compute, want_base = config_lib.PRECISIONS[arm.precision]
+    if (p.lora, p.base_format, p.compute_dtype) != (arm.lora, want_base, want_compute):
         raise ValueError(
-            f"unknown arm {arm!r}: expected PRECISION[+adam8], PRECISION in {PRECISIONS}"
+            f"arm {arm.name!r} is lora={arm.lora}, base_format={want_base!r}, "
+            f"compute_dtype={want_compute!r}, but its config makes it lora={p.lora}, "
+            f"base_format={p.base_format!r}, compute_dtype={p.compute_dtype!r}: do not "
+            "override precision, compute_dtype, base_format or lora.enabled per arm"
         )
-    return [f"precision={precision}"] + (["optim.name=adamw8bit"] if extra else [])
 
 
 def parse_args(argv: list[str]):
@@ -98,7 +195,11 @@ def parse_args(argv: list[str]):
     ap.add_argument("--config", required=True, help="config file[:arg]")
     ap.add_argument("--out", required=True, help="output directory")
     ap.add_argument("--steps", type=int, default=0, help="steps per arm (0: config's)")
-    ap.add_argument("--arms", default=DEFAULT_ARMS)
+    ap.add_argument(
+        "--arms",
+        default=DEFAULT_ARMS,
+        help=f"comma-separated arms NAME[+adam8], NAME in {', '.join(ARMS)} (table above)",
+    )
     ap.add_argument("--init_from", default="", help="pretrained base (HF dir or Hub name)")
     ap.add_argument("--base_steps", type=int, default=0, help="base stage steps (0: config's)")
     ap.add_argument("--arm_override", action="append", default=[], metavar="ARM:KEY=VALUE")
@@ -146,7 +247,7 @@ def stage_overrides(args, config, stage: str, init_from: str) -> list[str]:
     return (
         _rhythm(config, steps, every_step=True)
         + [f"init_from={init_from}"]
-        + arm_overrides(stage)
+        + arm_overrides(stage, has_lora="lora" in config)
         + _shared_data(config, out)
         + mine
     )
@@ -165,13 +266,14 @@ def worker(args, overrides: list[str]) -> int:
     try:
         import jax
 
-        from jaxfit import config as config_lib
         from jaxfit import trainer
 
         init_from = args.init_from  # the driver always passes it
         user = config_lib.load_config(args.config, overrides)
         overrides = overrides + stage_overrides(args, user, stage, init_from)
         config = config_lib.load_config(args.config, overrides)
+        if stage != "base":
+            check_arm(parse_arm(stage), config)
         if stage == "base":
             from jaxfit.export import export
 
@@ -191,11 +293,14 @@ def worker(args, overrides: list[str]) -> int:
         else:
             res["measured_peak_bytes"] = 1024 * peak.peak_kib()
             res["measured_source"] = "process peak RSS"
-        res["quant_rel_error"] = quantisation_error(init_from, config.precision)
+        res["quant_rel_error"] = base_error(init_from, config)
+        start = evaluate_start(trainer, config, workdir)  # after the memory was read
+        res.update({f"start/{k}": v for k, v in start.items()})
         from jaxfit.plan.core import plan_config
 
         plan = plan_config(config_lib.load_config(args.config, overrides))
         res["planned_peak_bytes"] = plan.peak_bytes
+        res["trainable_params"] = int(plan.params["trainable"])
         res["plan"] = plan.to_dict()
         results.write_json(workdir / "result.json", res)
         return 0
@@ -234,18 +339,61 @@ def _train(trainer, config, workdir: Path, out: Path) -> None:
         raise RuntimeError(f"training stopped at step {done} of {config.total_steps}")
 
 
-def quantisation_error(init_from: str, precision: str) -> float:
-    """Relative Frobenius error of the base's quantised kernels (0 for float precisions)."""
+def evaluate_start(trainer, config, workdir: Path) -> dict[str, float]:
+    """The arm's starting point evaluated on the validation split: its stored base (int8 /
+    NF4 / bf16 / float32) with the adapters as initialised (``B = 0``: the base's
+    function), per-example results in ``workdir/start/eval/step_0.npz``. Against the base
+    stage's evaluation this is what storing the base costs before any training."""
+    from jaxfit import sharding
+    from jaxfit.tasks import build_task, resolve_config
+    from jaxfit.tasks.base import param_rng
+
+    config = resolve_config(config, workdir)
+    task = build_task(config, workdir, sharding.mesh_from_config(config))
+    params = task.initial_params(param_rng(config), None)
+    return trainer.run_evaluation(task, params, workdir / "start", 0, require_finite=True)
+
+
+def base_error(init_from: str, config) -> float:
+    """Relative Frobenius error ``||W - S(W)||_F / ||W||_F`` of the frozen base as the arm
+    stores it (``S``: quantisation to the arm's ``base_format``, or rounding to bfloat16
+    for a bf16 LoRA base), over the kernels the quantisers select
+    (:data:`jaxfit.hf.families.DEFAULT_QUANT_RULES`; ``jaxfit.quant.error_report``); 0
+    for a float32 base and for full fine-tuning (float32 master weights). The base is
+    read again from ``init_from`` (float32)."""
     import jax.numpy as jnp
 
     from jaxfit import hf, quant
+    from jaxfit.tasks import base as task_base
 
-    if precision not in quant.names():
+    p = config_lib.precision_settings(config)
+    stored = jnp.dtype(task_base.base_dtype(config))
+    if not p.lora or (not p.quantised and stored == jnp.float32):
         return 0.0
     _, params = hf.load_pretrained(init_from, dtype=jnp.float32)
     rules = hf.families.DEFAULT_QUANT_RULES
-    qparams = quant.quantize_params(params, rules, precision, float_dtype=jnp.float32)
-    return float(quant.error_report(params, qparams)["summary"]["rel_frobenius"])
+    if p.quantised:
+        qparams = quant.quantize_params(params, rules, p.base_format, float_dtype=jnp.float32)
+        return float(quant.error_report(params, qparams)["summary"]["rel_frobenius"])
+    return rounding_error(params, stored, rules)
+
+
+def rounding_error(params, dtype, rules) -> float:
+    """``||W - round(W)||_F / ||W||_F`` over the kernels ``rules`` select
+    (:func:`jaxfit.params.select`; the tensors of the quantised arms' errors), ``round``
+    a cast of the float32 values to ``dtype`` and back."""
+    import numpy as np
+
+    from jaxfit import params as params_lib
+
+    flat = params_lib.flatten(params)
+    sq_err = sq_ref = 0.0
+    for path in params_lib.select(flat, rules):
+        w = np.asarray(flat[path], np.float32)
+        err = w.astype(np.float64) - np.asarray(w.astype(dtype), np.float64)
+        sq_err += float(np.sum(err**2))
+        sq_ref += float(np.sum(w.astype(np.float64) ** 2))
+    return (sq_err / sq_ref) ** 0.5 if sq_ref else 0.0
 
 
 def launch(argv: list[str], stage: str, log: Path) -> int:
@@ -295,12 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     args, overrides = parse_args(argv)
     if args.worker:
         return worker(args, overrides)
-    from jaxfit import config as config_lib
-
     try:
         arms = [a.strip() for a in args.arms.split(",") if a.strip()]
         for arm in arms + [o.partition(":")[0] for o in args.arm_override]:
-            arm_overrides(arm)
+            parse_arm(arm)
         config = config_lib.load_config(args.config, overrides)
     except (ValueError, config_lib.ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
@@ -331,7 +477,10 @@ def main(argv: list[str] | None = None) -> int:
         f"memory: {', '.join(sources) or '-'} (a peak RSS includes the Python/JAX runtime).",
     ]
     ok = [r.name for r in runs if r.ok]
-    reference = next((a for a in ("fp32", "bf16") if a in ok), None)
+    reference = REFERENCE_ARM if REFERENCE_ARM in ok else None  # else the first ok arm
+    baseline = None
+    if Path(init_from) == out / "base" / "hf":
+        baseline = results.summarize_run(out / "base", "base")
     text = results.write_report(
         out,
         runs,
@@ -339,6 +488,7 @@ def main(argv: list[str] | None = None) -> int:
         notes=notes,
         reference=reference,
         resamples=args.resamples,
+        baseline=baseline,
     )
     print(text)
     return 0 if all(r.ok for r in runs) else 1

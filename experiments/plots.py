@@ -8,6 +8,7 @@ earlier report is removed).
 from __future__ import annotations
 
 import math
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -20,7 +21,12 @@ def _finite(x) -> bool:
     return isinstance(x, int | float) and math.isfinite(x)
 
 
-def _save(fig, path: Path) -> None:
+def _save(fig, path: Path, warning: str = "") -> None:
+    """Write ``fig``; a ``warning`` (:func:`experiments.results.mixed_methods`) is drawn
+    in red above the axes, wrapped to the figure's width."""
+    if warning:
+        width = int(fig.get_figwidth() * 12)  # ~12 characters per inch at 8 pt
+        fig.suptitle(textwrap.fill(warning, width), color="red", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -30,8 +36,9 @@ def _clear(path: Path) -> None:
     Path(path).unlink(missing_ok=True)
 
 
-def loss_curves(runs, path: Path) -> None:
-    """``train/loss`` against the step, every run on one axis (log scale)."""
+def loss_curves(runs, path: Path, *, warning: str = "") -> None:
+    """``train/loss`` against the step, every run on one axis (log scale); ``warning``:
+    see :func:`_save`."""
     curves = [r for r in runs if len(r.curve[0])]
     if not curves:
         return _clear(path)
@@ -46,7 +53,7 @@ def loss_curves(runs, path: Path) -> None:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
     ax.set_title("training loss")
-    _save(fig, path)
+    _save(fig, path, warning)
 
 
 def bars(runs, path: Path, series: dict[str, str], unit: str, *, scale: float = 1.0) -> None:
@@ -70,8 +77,9 @@ def bars(runs, path: Path, series: dict[str, str], unit: str, *, scale: float = 
     _save(fig, path)
 
 
-def intervals(comparisons, path: Path) -> None:
-    """Each bootstrapped metric's value with its confidence interval, per run."""
+def intervals(comparisons, path: Path, *, warning: str = "") -> None:
+    """Each bootstrapped metric's value with its confidence interval, per run;
+    ``warning``: see :func:`_save`."""
     metrics = list(dict.fromkeys(c.metric for c in comparisons))
     if not metrics:
         return _clear(path)
@@ -84,4 +92,4 @@ def intervals(comparisons, path: Path) -> None:
         ax.set_xticks(range(len(cs)), [c.run for c in cs], rotation=30)
         ax.set_title(metric)
         ax.grid(True, axis="y", alpha=0.3)
-    _save(fig, path)
+    _save(fig, path, warning)

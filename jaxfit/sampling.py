@@ -259,6 +259,9 @@ def generate(
         a per-(token, head) absmax scale (:class:`jaxfit.models.kv_cache.Int8KV`, 0.52x
         the bytes of bf16 at ``head_dim = 128``; its logit error against the float cache is
         measured in ``tests/test_sampling.py``).
+      A model whose config has ``weights_on_host=True`` keeps its layer stack in pinned
+      host memory (moved there here) and copies one layer's weights to the device at a
+      time: a model larger than the device generates, at the host link's speed.
       stream: called on the host after each step, in order, as ``stream(tokens [batch]
         int32, finished [batch] bool) -> stop [batch] bool`` (a ``jax.experimental.
         io_callback``): it sees every token as it is generated (``finished`` rows get the
@@ -310,6 +313,8 @@ def generate(
     width, chunk = prompt_width(length, limit, prefill_chunk or 0)
     padded = np.full((prompt.shape[0], width), pad_token_id, np.int32)
     padded[:, :length] = prompt
+    if getattr(model.config, "weights_on_host", False):  # the stack to pinned host memory
+        params = model.host_params(params)
     out = _generate(
         model,
         params,

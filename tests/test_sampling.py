@@ -1,6 +1,8 @@
 """``jaxfit.sampling``: greedy decoding token-for-token against ``transformers``' ``generate``,
 EOS handling, sampling filters against HF's logits warpers, seeded sampling."""
 
+import copy
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -76,6 +78,36 @@ def test_greedy_matches_transformers(family):
     assert (out_eos[:, n:] == eos).all()
     np.testing.assert_array_equal(out_eos[0, :3], ref[0, :3])
     assert (out_eos[0, 3:] == eos).all()  # padded with the EOS id after the first EOS
+
+
+def test_greedy_bf16_weights_match_transformers_bf16(family, tmp_path):
+    """bf16 weights and compute on both sides (torch ``.to(bfloat16)``, jaxfit
+    ``dtype=bfloat16``): the same greedy tokens, up to a near-tie. The frameworks round
+    different intermediates to bf16, so where transformers' two best logits are within
+    bf16 rounding the choice may differ; the first differing token (if any) must be such a
+    tie (within 2% of the step's logit range in transformers' own scores), and at least
+    the first 4 tokens of each row must agree."""
+    hf_model, _, _, prompts = family
+    hf_bf16 = copy.deepcopy(hf_model).to(torch.bfloat16).eval()
+    hf_bf16.save_pretrained(tmp_path)
+    model, params = jhf.load_pretrained(tmp_path, dtype=jnp.bfloat16)
+    assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
+    out = sampling.generate(model, params, prompts, max_new_tokens=NEW, temperature=0)
+    for row in range(len(prompts)):
+        with torch.no_grad():
+            ref = hf_bf16.generate(
+                torch.tensor(prompts[row : row + 1]), do_sample=False, max_new_tokens=NEW,
+                output_scores=True, return_dict_in_generate=True, pad_token_id=0,
+                attention_mask=torch.ones((1, prompts.shape[1]), dtype=torch.long),
+            )  # fmt: skip
+        tokens = ref.sequences[0, prompts.shape[1] :].numpy()
+        differ = np.flatnonzero(tokens != out[row])
+        if differ.size:
+            i = int(differ[0])
+            scores = ref.scores[i][0].float().numpy()
+            assert i >= 4, (row, i, tokens, out[row])
+            gap = scores[tokens[i]] - scores[out[row, i]]
+            assert 0 <= gap <= 0.02 * (scores.max() - scores.min()), (row, i, gap)
 
 
 def test_prompt_lengths_share_one_compiled_program(family):
@@ -179,6 +211,23 @@ def test_stream_sees_every_token_and_can_stop_a_row(family):
     np.testing.assert_array_equal(out[0, :4], ref[0, :4])
     assert (out[0, 4:] == 0).all()
     assert [bool(f[0]) for _, f in seen] == [False] * 4 + [True] * (NEW - 4)
+
+
+def test_weights_on_host_generate_the_same_tokens(family):
+    """The layer stack in pinned host memory, one layer copied to the device at a time
+    (``weights_on_host``): the greedy tokens of the model on the device, and the stack's
+    arrays really live in host memory."""
+    import dataclasses
+
+    hf_model, model, params, prompts = family
+    host_model = type(model)(dataclasses.replace(model.config, weights_on_host=True))
+    out = sampling.generate(host_model, params, prompts, max_new_tokens=NEW, temperature=0)
+    np.testing.assert_array_equal(out, _hf_greedy(hf_model, prompts))
+    placed = host_model.host_params(params)
+    kinds = {x.sharding.memory_kind for x in jax.tree.leaves(placed[model.STACK])}
+    assert kinds == {"pinned_host"}
+    rest = [v for k, v in placed.items() if k != model.STACK]
+    assert {x.sharding.memory_kind for x in jax.tree.leaves(rest)} == {"device"}
 
 
 def test_single_prompt(family):

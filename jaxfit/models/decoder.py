@@ -72,6 +72,12 @@ class CausalLMMixin:
     # subclasses set EMBEDDING = name of the token-embedding submodule, and
     # POSITION_EMBEDDING that of learned absolute positions if they have them
     POSITION_EMBEDDING: str | None = None
+    STACK: str = "layers"  # the name of the scanned layer stack's parameters
+
+    def host_params(self, params: dict) -> dict:
+        """``params`` with the layer stack in pinned host memory (the model's
+        ``weights_on_host``; :func:`jaxfit.models.layers.host_stack`)."""
+        return layers.host_stack(params, self.STACK)
 
     def _stack(self, block: type[nn.Module], num_layers: int, in_axes: tuple) -> nn.Module:
         """The scanned (and rematerialised) stack of ``num_layers`` blocks (``setup``);
@@ -83,6 +89,7 @@ class CausalLMMixin:
             remat=cfg.remat_policy,
             scan=cfg.scan_layers,
             in_axes=in_axes,
+            weights_on_host=cfg.weights_on_host,
         )
         return stack(cfg)
 

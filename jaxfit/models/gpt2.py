@@ -145,6 +145,7 @@ class GPT2LMHeadModel(CausalLMMixin, nn.Module):
 
     EMBEDDING = "wte"  # token embedding submodule (tied head)
     POSITION_EMBEDDING = "wpe"  # learned positions: a lookup, no FLOPs
+    STACK = "h"
     config: GPT2Config
 
     def setup(self):

@@ -103,6 +103,12 @@ class ExecutionConfig:
       mlp_chunk_size: > 0: the MLP runs over blocks of this many positions, each under
         ``jax.checkpoint`` (:func:`sequence_chunked`), so its ``[batch, seq,
         intermediate]`` temporaries exist for one block at a time; 0: at once.
+      weights_on_host: the layer stacks' parameters live in host memory (pinned, passed
+        in by the caller: :func:`host_stack`) and each layer's are copied to the device
+        inside the scan, just before the layer runs (:func:`stack_layers`): the device
+        holds one layer's weights at a time, for models larger than the card
+        (``jaxfit.sampling.generate``). Every token then reads the stack over the host
+        link (PCIe).
 
     Raises:
       ValueError: an unknown ``remat_policy`` or ``attention_impl``, a negative
@@ -115,6 +121,7 @@ class ExecutionConfig:
     scan_layers: bool = True
     attention_impl: str | None = "auto"
     mlp_chunk_size: int = 0
+    weights_on_host: bool = False
 
     def __post_init__(self):
         if self.remat_policy not in REMAT_POLICIES:
@@ -130,6 +137,23 @@ class ExecutionConfig:
             raise ValueError(f"mlp_chunk_size must be >= 0, got {self.mlp_chunk_size}")
 
 
+def to_device(tree: Any) -> Any:
+    """``tree``'s arrays copied to the device's own memory (inside ``jit``: a host-to-device
+    transfer of arrays that live in pinned host memory; a no-op for device arrays)."""
+    return jax.tree.map(lambda x: jax.device_put(x, jax.memory.Space.Device), tree)
+
+
+def host_stack(params: dict, stack: str) -> dict:
+    """``params`` with the subtree ``params[stack]`` (a layer stack) moved to pinned host
+    memory of its device(s), the rest as it is (for ``weights_on_host``)."""
+
+    def to_host(x):
+        sharding = x.sharding.with_memory_kind("pinned_host")
+        return jax.device_put(x, sharding)
+
+    return {**params, stack: jax.tree.map(to_host, params[stack])}
+
+
 def stack_layers(
     block: type[nn.Module],
     *,
@@ -138,6 +162,7 @@ def stack_layers(
     scan: bool = True,
     static_argnums: tuple[int, ...] = (),
     in_axes: Any = nn.broadcast,
+    weights_on_host: bool = False,
 ) -> type[nn.Module]:
     """Return a module class that applies ``block`` ``num_layers`` times.
 
@@ -156,6 +181,9 @@ def stack_layers(
       static_argnums: forwarded to ``nn.remat`` (argument indices counted with ``self``).
       in_axes: ``nn.scan`` axes of the extra positional args (default: every extra arg
         is broadcast to all layers, e.g. masks and positions).
+      weights_on_host: each layer's parameters are copied to the device as the layer
+        runs (``nn.map_variables`` with :func:`to_device`; the stack itself stays where
+        the caller put it: pinned host memory, :func:`host_stack`).
 
     Raises:
       ValueError: unknown remat policy, or ``scan=False``.
@@ -169,6 +197,8 @@ def stack_layers(
         )
     else:
         remat_policy(remat)  # validate the name
+    if weights_on_host:
+        layer = nn.map_variables(layer, "params", trans_in_fn=to_device, init=True)
     return nn.scan(
         layer,
         variable_axes={"params": 0},

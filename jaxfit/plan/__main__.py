@@ -53,6 +53,7 @@ import time
 from jaxfit import cli, perf, sampling, target, validation
 from jaxfit import config as config_lib
 from jaxfit.errors import UsageError
+from jaxfit.hf import architectures
 from jaxfit.plan import apply, core, cuda_target, devices, estimate, generation, report, search
 
 PROG = "python -m jaxfit.plan"
@@ -103,7 +104,7 @@ def generate_parser() -> cli.ArgumentParser:
     ap.add_argument(
         "--model",
         required=True,
-        help=f"built-in ({', '.join(generation.ARCHITECTURES)}) or an HF directory",
+        help=f"built-in ({', '.join(architectures.ARCHITECTURES)}) or an HF directory",
     )
     ap.add_argument(
         "--quant",
@@ -130,6 +131,11 @@ def generate_parser() -> cli.ArgumentParser:
         type=int,
         default=sampling.DEFAULT_PREFILL_CHUNK,
         help=f"prompt tokens per prefill step ({sampling.DEFAULT_PREFILL_CHUNK}; 0: whole prompt)",
+    )
+    ap.add_argument(
+        "--weights_on_host",
+        action="store_true",
+        help="the layer stack in pinned host memory, a layer at a time on the card",
     )
     ap.add_argument(
         "--search_context",
@@ -178,7 +184,7 @@ def _generate(argv: list[str]) -> int:
             return generation.plan_generation(
                 args.model, quant=args.quant, context=context, batch=args.batch,
                 kv_cache_format=args.kv_cache, new_tokens=args.new_tokens,
-                prefill_chunk=args.prefill_chunk,
+                prefill_chunk=args.prefill_chunk, weights_on_host=args.weights_on_host,
             )  # fmt: skip
         except ValueError as e:
             raise UsageError(f"{e}, in the command line, see --generate --help") from None

@@ -21,6 +21,10 @@ multiple of ``--prefill_chunk``, then ``--new_tokens`` generated. Printed:
   whole KV cache at the full context: the slowest step), times the batch;
 * prefill tokens/s: the card's dense bf16 peak at ``--mfu`` over the forward FLOPs per
   token (``2 N + 4 L d T``, :func:`jaxfit.perf.decoder_flops_per_token`).
+* ``--weights_on_host``: the layer stack stays in pinned host memory and one layer's
+  weights are copied to the card as it runs (the model config's ``weights_on_host``):
+  the card holds the embeddings, LM head, KV cache and one layer; every decoding step
+  reads the stack over PCIe 4.0 x16 (31.5 GB/s), which then bounds the rate.
 
 On a CPU the peak is XLA:CPU's program, read from its buffer assignment and live ranges
 (:mod:`jaxfit.plan.liveness`) without the float32 copies of bf16 weights and KV cache that
@@ -48,57 +52,13 @@ import numpy as np
 
 from jaxfit import perf, sampling, target
 from jaxfit import quant as quant_lib
-from jaxfit.hf import families
+from jaxfit.hf import architectures, families
 from jaxfit.hf import io as hf_io
 from jaxfit.hf.load import abstract_params
 from jaxfit.models import kv_cache
 from jaxfit.plan import estimate, liveness
 from jaxfit.plan.core import CPU_COMPILE_OPTIONS, _uncached, frozen_bytes_by_kind, tree_bytes
 
-# Built-in architectures: the ``config.json`` of each Hub checkpoint (sizes only).
-_LLAMA2 = dict(
-    model_type="llama",
-    vocab_size=32000,
-    max_position_embeddings=4096,
-    rms_norm_eps=1e-5,
-    rope_theta=10000.0,
-)
-_LLAMA3 = dict(
-    model_type="llama",
-    vocab_size=128256,
-    max_position_embeddings=131072,
-    rms_norm_eps=1e-5,
-    rope_theta=500000.0,
-    rope_scaling=dict(
-        rope_type="llama3",
-        factor=8.0,
-        low_freq_factor=1.0,
-        high_freq_factor=4.0,
-        original_max_position_embeddings=8192,
-    ),
-)
-ARCHITECTURES: dict[str, dict[str, Any]] = {
-    # meta-llama/Llama-2-7b-hf, -13b-hf, -70b-hf
-    "llama2-7b": dict(_LLAMA2, hidden_size=4096, intermediate_size=11008,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32),
-    "llama2-13b": dict(_LLAMA2, hidden_size=5120, intermediate_size=13824,
-                       num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=40),
-    "llama2-70b": dict(_LLAMA2, hidden_size=8192, intermediate_size=28672,
-                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    # meta-llama/Llama-3.1-8B, Llama-3.1-70B
-    "llama3-8b": dict(_LLAMA3, hidden_size=4096, intermediate_size=14336,
-                      num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8),
-    "llama3-70b": dict(_LLAMA3, hidden_size=8192, intermediate_size=28672,
-                       num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8),
-    # openai-community/gpt2
-    "gpt2": dict(model_type="gpt2", vocab_size=50257, n_positions=1024, n_embd=768,
-                 n_layer=12, n_head=12),
-    # Qwen/Qwen2-7B
-    "qwen2-7b": dict(model_type="qwen2", vocab_size=152064, hidden_size=3584,
-                     intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
-                     num_key_value_heads=4, max_position_embeddings=131072,
-                     rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=False),
-}  # fmt: skip
 KV_CACHE = ("bf16", "int8")
 # As the default prefill chunk: a context that is a multiple of it then leaves a prompt
 # of whole chunks, and the cache holds context - 1 slots (no padding past the context).
@@ -127,7 +87,10 @@ class GenerationPlan:
         a CPU the most that is live at once (:mod:`jaxfit.plan.liveness`), less XLA:CPU's
         float32 copies of bf16 values that a GPU does not make (:func:`_gpu_bytes`).
       cpu_upcast_bytes: what that leaves out of XLA:CPU's live peak (0 on a GPU).
-      decode_bytes_per_step: what one decoding step reads (see the module docstring).
+      decode_bytes_per_step: what one decoding step reads from device memory (see the
+        module docstring).
+      host_bytes: the layer stack's bytes in host memory (``weights_on_host``; else 0),
+        which every decoding step reads over the host link.
       flops_per_token: forward FLOPs per token at the full context.
       backend, compile_seconds: where and how long the compile took.
     """
@@ -148,13 +111,18 @@ class GenerationPlan:
     temp_bytes: int
     cpu_upcast_bytes: int
     decode_bytes_per_step: int
+    host_bytes: int
     flops_per_token: float
     backend: str
     compile_seconds: float
 
     def decode_tokens_per_s(self, device: str) -> float:
-        """The bandwidth bound of decoding: ``batch x bandwidth / bytes read per step``."""
-        return self.batch * perf.device(device).memory_gbs * 1e9 / self.decode_bytes_per_step
+        """The bandwidth bound of decoding: ``batch / (bytes read from the device /
+        memory bandwidth + bytes read from the host / the host link)``."""
+        dev = perf.device(device)
+        seconds = self.decode_bytes_per_step / (dev.memory_gbs * 1e9)
+        seconds += self.host_bytes / (perf.PCIE4_X16_GBS * 1e9)
+        return self.batch / seconds
 
     def prefill_tokens_per_s(self, device: str, mfu: float) -> float:
         """``mfu x`` the card's dense bf16 peak over the forward FLOPs per token."""
@@ -162,31 +130,43 @@ class GenerationPlan:
 
 
 def resolve_model(name_or_dir: str) -> tuple[str, dict[str, Any]]:
-    """``(name, HF config dict)`` of a built-in architecture (:data:`ARCHITECTURES`) or of
-    an HF directory's ``config.json``.
+    """``(name, HF config dict)`` of a built-in architecture
+    (:data:`jaxfit.hf.architectures.ARCHITECTURES`) or of an HF directory's ``config.json``.
 
     Raises:
       ValueError: neither a built-in name nor a directory with a config.json (lists the
         names).
     """
-    if name_or_dir in ARCHITECTURES:
-        return name_or_dir, dict(ARCHITECTURES[name_or_dir])
+    if name_or_dir in architectures.ARCHITECTURES:
+        return name_or_dir, dict(architectures.ARCHITECTURES[name_or_dir])
     if os.path.isfile(os.path.join(name_or_dir, "config.json")):
         return os.path.basename(os.path.normpath(name_or_dir)), hf_io.read_config(name_or_dir)
     raise ValueError(
-        f"--model {name_or_dir!r}: not a built-in architecture ({', '.join(ARCHITECTURES)}) "
-        "nor a directory holding a config.json"
+        f"--model {name_or_dir!r}: not a built-in architecture "
+        f"({', '.join(architectures.ARCHITECTURES)}) nor a directory holding a config.json"
     )
 
 
-def _model(hf_config: dict[str, Any]):
+def _model(hf_config: dict[str, Any], weights_on_host: bool = False):
     family = families.for_model_type(hf_config.get("model_type", ""))
     config = family.config_from_hf(hf_config)
     impl = "auto" if target.backend() == "gpu" else "chunked"  # see the module docstring
     config = dataclasses.replace(
-        config, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16, attention_impl=impl
+        config,
+        dtype=jnp.bfloat16,
+        param_dtype=jnp.bfloat16,
+        attention_impl=impl,
+        weights_on_host=weights_on_host,
     )
     return family.model_class(config), family
+
+
+def _on_host(tree):
+    """``ShapeDtypeStruct`` s of ``tree`` placed in pinned host memory of the target's
+    first device (how ``sampling.generate`` passes a ``weights_on_host`` stack)."""
+    device = target.devices()[0]
+    host = jax.sharding.SingleDeviceSharding(device, memory_kind="pinned_host")
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=host), tree)
 
 
 def abstract_weights(model, family, quant: str):
@@ -247,17 +227,21 @@ def plan_generation(
     kv_cache_format: str = "bf16",
     new_tokens: int | None = None,
     prefill_chunk: int = sampling.DEFAULT_PREFILL_CHUNK,
+    weights_on_host: bool = False,
 ) -> GenerationPlan:
     """Compile ``sampling._generate`` for these abstract shapes and read its memory.
 
     Args:
-      name_or_dir: :data:`ARCHITECTURES` name or an HF directory (``config.json`` only).
+      name_or_dir: a built-in architecture's name or an HF directory (``config.json``).
       quant: weight storage, one of :func:`weight_formats`.
       context: KV cache length asked for (prompt + new tokens), >= 2.
       batch: sequences decoded together.
       kv_cache_format: one of :data:`KV_CACHE`.
       new_tokens: tokens generated (default ``min(512, context // 2)``).
       prefill_chunk: prompt tokens per prefill step (``0``: the whole prompt at once).
+      weights_on_host: the layer stack in pinned host memory, one layer copied to the
+        device at a time (``weights_on_host`` of the model config): its bytes leave the
+        device's peak and every decoding step reads them over the host link.
 
     Raises:
       ValueError: an unknown model, format, or sizes out of range (names the argument).
@@ -270,7 +254,7 @@ def plan_generation(
         raise ValueError(f"--context {context} (>= 2), --batch {batch} (>= 1) or "
                          f"--prefill_chunk {prefill_chunk} (>= 0) out of range")  # fmt: skip
     name, hf_config = resolve_model(name_or_dir)
-    model, family = _model(hf_config)
+    model, family = _model(hf_config, weights_on_host)
     new = int(new_tokens or max(1, min(DEFAULT_NEW_TOKENS, context // 2)))
     if not 1 <= new < context:
         raise ValueError(f"--new_tokens {new}: between 1 and --context - 1 ({context - 1})")
@@ -285,6 +269,9 @@ def plan_generation(
         raise ValueError(f"--context {context}: {name} has {positions} learned positions")
 
     weights = abstract_weights(model, family, quant)
+    host_bytes = tree_bytes(weights[model.STACK]) if weights_on_host else 0
+    if weights_on_host:
+        weights = {**weights, model.STACK: _on_host(weights[model.STACK])}
     s = jax.ShapeDtypeStruct
     args = (model, weights, s((batch, width), jnp.int32), s((), jnp.int32),
             jax.eval_shape(lambda: jax.random.key(0)), s((), jnp.float32), s((), jnp.int32),
@@ -312,6 +299,8 @@ def plan_generation(
         in_place = _read_in_place(weights, cache)
         temps = live.peak(lambda v: _gpu_bytes(v, in_place))[0]
         upcasts = live.peak()[0] - temps
+    if host_bytes and not getattr(ma, "host_argument_size_in_bytes", 0):
+        fixed -= host_bytes  # XLA:CPU counts host-memory arguments with the device's
     peak = fixed + temps
 
     kv_bytes = kv_cache.nbytes(layers, batch, slots, kv_heads, head_dim, jnp.bfloat16, kv_quant)
@@ -341,7 +330,8 @@ def plan_generation(
         peak_bytes=int(peak),
         temp_bytes=int(temps),
         cpu_upcast_bytes=int(upcasts),
-        decode_bytes_per_step=weights_bytes - embedding + kv_bytes,
+        decode_bytes_per_step=weights_bytes - embedding + kv_bytes - host_bytes,
+        host_bytes=host_bytes,
         flops_per_token=flops,
         backend=target.backend(),
         compile_seconds=seconds,
@@ -384,7 +374,7 @@ def search_context(
 def report(plan: GenerationPlan, device: str, budget: int, usable: int, mfu: float) -> str:
     """The plan as the console prints it."""
     fb = estimate.format_bytes
-    other = plan.peak_bytes - plan.weights_bytes - plan.kv_cache_bytes
+    other = plan.peak_bytes - (plan.weights_bytes - plan.host_bytes) - plan.kv_cache_bytes
     kinds = ", ".join(f"{k} {fb(v)}" for k, v in sorted(plan.weights_by_kind.items()))
     verdict = "FITS" if plan.peak_bytes <= usable else (
         f"DOES NOT FIT (over by {fb(plan.peak_bytes - usable)})")  # fmt: skip
@@ -406,14 +396,21 @@ def report(plan: GenerationPlan, device: str, budget: int, usable: int, mfu: flo
         f"budget {fb(budget)} ({device}) less reserve {fb(budget - usable)} = {fb(usable)} "
         f"usable: {verdict}",
     ]
-    if plan.weights_bytes > usable:
+    if plan.host_bytes:
+        lines.append(
+            f"  of the weights, {fb(plan.host_bytes)} (the layer stack) live in pinned host "
+            "memory, one layer at a time on the device (--weights_on_host)"
+        )
+    elif plan.weights_bytes > usable:
         lines.append("  the weights alone exceed the card: it cannot run without streaming "
                      "weights from host memory (each token then reads them over PCIe)")  # fmt: skip
     dev = perf.device(device)
     lines += [
         f"decode: at most {plan.decode_tokens_per_s(device):,.1f} tokens/s "
-        f"({dev.memory_gbs:g} GB/s / {fb(plan.decode_bytes_per_step)} read per step, "
-        f"batch {plan.batch}, full context)",
+        f"({dev.memory_gbs:g} GB/s / {fb(plan.decode_bytes_per_step)} read per step"
+        + (f" + {perf.PCIE4_X16_GBS:g} GB/s over PCIe / {fb(plan.host_bytes)}"
+           if plan.host_bytes else "")
+        + f", batch {plan.batch}, full context)",
         f"prefill: about {plan.prefill_tokens_per_s(device, mfu):,.0f} tokens/s "
         f"({dev.peak_bf16_tflops:g} TFLOP/s x {mfu:.0%} MFU / {plan.flops_per_token / 1e9:.1f} "
         "GFLOP per token)",

@@ -437,7 +437,7 @@ class Runner:
             # --search_context outgrows after a few compiles
             tiny = self.tiny_model("llama")
             out = [f"--model={tiny}" if a.startswith("--model=") else a for a in out]
-            out += ["--budget=64MiB", "--reserve=0"]
+            out += ["--budget=64MiB", "--reserve=0B"]
         if command.module == "generate":
             out.append("--max_new_tokens=4")
         if command.module == "evaluate_code":  # two problems, short completions

@@ -84,6 +84,23 @@ def test_the_cache_and_weights_grow_as_the_closed_form(llama_dir):
     assert b.peak_bytes > a.peak_bytes
 
 
+def test_weights_on_host_leave_the_device(llama_dir):
+    """``weights_on_host``: the layer stack's bytes leave the device's peak (the device
+    holds one layer at a time) and each decoding step reads them over PCIe."""
+    kw = dict(quant="bf16", context=128, new_tokens=32, prefill_chunk=32)
+    on_device = generation.plan_generation(llama_dir, **kw)
+    on_host = generation.plan_generation(llama_dir, weights_on_host=True, **kw)
+    stack = L * (sum(i * o for i, o in _kernels()) + 2 * D) * 2  # bf16 kernels and norms
+    assert on_host.host_bytes == stack and on_device.host_bytes == 0
+    assert on_host.weights_bytes == on_device.weights_bytes
+    assert on_host.decode_bytes_per_step == on_device.decode_bytes_per_step - stack
+    assert on_device.peak_bytes - on_host.peak_bytes >= stack // L  # less all but a layer
+    dev = perf.device("rtx4070ti")
+    seconds = on_host.decode_bytes_per_step / (dev.memory_gbs * 1e9)
+    seconds += stack / (perf.PCIE4_X16_GBS * 1e9)
+    assert on_host.decode_tokens_per_s("rtx4070ti") == pytest.approx(1 / seconds)
+
+
 def test_builtin_architectures_count_their_parameters():
     """The built-in sizes give the parameter counts their model cards state (no compile)."""
     counts = {

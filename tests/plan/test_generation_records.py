@@ -45,3 +45,17 @@ def test_planned_peak_matches_its_record(key):
         f"{key}: planned {estimate.format_bytes(plan.peak_bytes)}, recorded "
         f"{estimate.format_bytes(rec['peak_bytes'])} ({RECORDS['reason']})"
     )
+
+
+# docs/generation.md: "the card holds about 4 GiB at 4k tokens ... at most 0.9 tokens/s"
+# (Llama 2 70B, NF4, layer stack in pinned host memory; planned at 2026-12-07 on this
+# CPU: 4.03 GiB, 0.9 tokens/s on an RTX 4070 Ti over PCIe 4.0 x16).
+OFFLOADED_70B = {"peak_gib": 4.03, "decode_tokens_per_s": 0.9}
+
+
+@pytest.mark.slow
+def test_the_offloaded_70b_plan_matches_the_docs():
+    plan = generation.plan_generation("llama2-70b", quant="nf4", context=4096, weights_on_host=True)
+    assert plan.peak_bytes / 2**30 == pytest.approx(OFFLOADED_70B["peak_gib"], rel=TOLERANCE)
+    rate = plan.decode_tokens_per_s("rtx4070ti")
+    assert round(rate, 1) == OFFLOADED_70B["decode_tokens_per_s"], rate
