@@ -26,6 +26,7 @@ import numpy as np
 
 from experiments import bootstrap
 from jaxfit import config as config_lib
+from jaxfit import tasks
 
 MIB = 1 << 20
 
@@ -131,8 +132,10 @@ def summarize_run(workdir: str | Path, name: str | None = None) -> Run:
     row["examples_per_s"] = (
         row["batch_size"] / row["step_time_s"] if row["step_time_s"] else math.nan
     )
-    if row["task"] == "lm":
-        row["tokens_per_s"] = row["examples_per_s"] * config.get("seq_len", math.nan)
+    entry = tasks.TASKS.get(row["task"])  # tokens per step where the task counts them
+    tokens = entry.tokens_per_step(config) if entry is not None and "seq_len" in config else None
+    if tokens:
+        row["tokens_per_s"] = row["examples_per_s"] * tokens / row["batch_size"]
     losses = [(r["step"], r["train/loss"]) for r in records if "train/loss" in r]
     tail = max(1, math.ceil(0.1 * len(losses)))
     row["final_train_loss"] = float(np.mean([v for _, v in losses[-tail:]])) if losses else math.nan

@@ -54,6 +54,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from jaxfit import logs, oom
+from jaxfit.errors import Error
 
 log = logging.getLogger(__name__)
 
@@ -143,9 +144,11 @@ def remove_partial_saves(directory: str | os.PathLike) -> list[str]:
     return sorted(removed)
 
 
-class NoUsableCheckpointError(RuntimeError):
+class NoUsableCheckpointError(Error, RuntimeError):
     """Checkpoints exist but none verifies and restores; ``.problems`` maps each step to
-    what is wrong with it."""
+    what is wrong with it (exit status 6)."""
+
+    exit_code = 6
 
     def __init__(self, message: str, problems: dict[int, str]):
         super().__init__(message)

@@ -7,8 +7,9 @@
   that config's fields with their defaults and comments; exit status 0.
 * a mistake in the input found before work starts: ONE line on stderr,
   ``error: <what>, <where>, <what to do>``, exit status 2 (:data:`USER_ERRORS`, and a
-  ``ValueError`` raised by jaxfit's own code); an out-of-memory error, status 3;
-  non-finite results, 4; no usable checkpoint, 6; a full disk, 7 (one line too). With
+  ``ValueError`` raised by jaxfit's own code); jaxfit's own errors
+  (:class:`jaxfit.errors.Error`) carry their status: out of memory 3, non-finite results
+  4, a busy workdir 5, no usable checkpoint 6, a full disk 7 (one line too). With
   ``--verbose`` or ``JAXFIT_DEBUG=1`` the traceback comes first.
 * anything else: the traceback, as Python prints it (a bug to report).
 
@@ -31,22 +32,17 @@ from pathlib import Path
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 from jaxfit import checkpoint, config_docs  # noqa: E402 (after the environment above)
-from jaxfit.config import ConfigError  # noqa: E402
 from jaxfit.errors import (  # noqa: E402
-    DataError,
     DiskFullError,
+    Error,
     ShowHelp,
     UsageError,
     disk_full_cause,
 )
-from jaxfit.metrics import NonFiniteError  # noqa: E402
-from jaxfit.oom import OutOfMemoryError  # noqa: E402
 
-# Mistakes in a command's input: reported in one line, exit status 2.
+# Python's errors that are mistakes in a command's input: reported in one line, exit
+# status 2 (jaxfit's own carry their status: jaxfit.errors.Error.exit_code).
 USER_ERRORS = (
-    ConfigError,
-    DataError,
-    UsageError,
     FileNotFoundError,
     NotADirectoryError,
     IsADirectoryError,
@@ -76,7 +72,7 @@ def run(
     ``argv`` is passed on as given (``None``: the CLI reads ``sys.argv`` itself).
 
     Returns:
-      ``main``'s exit status, 0 after help, 2 for a user error, 3 out of memory.
+      ``main``'s exit status, 0 after help, else :func:`exit_code` of what it raised.
     """
     try:
         return main(argv)
@@ -105,16 +101,12 @@ def _directory_of(error: BaseException) -> str:
 
 
 def exit_code(error: BaseException) -> int | None:
-    """2 for a user error, 3 for out of memory, 4 for non-finite results, 6 when no
-    checkpoint is usable, 7 for a full disk, ``None`` for anything else (a bug)."""
-    if isinstance(error, OutOfMemoryError):
-        return 3
-    if isinstance(error, NonFiniteError):
-        return 4
-    if isinstance(error, checkpoint.NoUsableCheckpointError):
-        return 6
-    if isinstance(error, DiskFullError):
-        return 7
+    """The exit status ``error`` is reported with: a :class:`jaxfit.errors.Error`'s own
+    ``exit_code`` (2 bad input, 3 out of memory, 4 non-finite results, 5 busy workdir,
+    6 no usable checkpoint, 7 full disk), 2 for :data:`USER_ERRORS` and a ``ValueError``
+    raised by jaxfit's own code, ``None`` for anything else (a bug: the traceback)."""
+    if isinstance(error, Error):
+        return error.exit_code
     if isinstance(error, USER_ERRORS) or _raised_by_jaxfit(error):
         return 2
     return None
@@ -151,9 +143,7 @@ def describe(error: BaseException) -> str:
         }.get(type(error), "check the path")
         return f"{error.strerror.lower()}, {error.filename!r}, {hint}"
     text = " ".join(str(error).split()) or type(error).__name__
-    if isinstance(error, OutOfMemoryError | DiskFullError):
-        return text
-    if not isinstance(error, USER_ERRORS) and not isinstance(error, ValueError):
+    if not isinstance(error, (Error, ValueError, *USER_ERRORS)):
         text = f"{type(error).__name__}: {text}"
     return text
 

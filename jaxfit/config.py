@@ -2,10 +2,11 @@
 
 A config file defines ``get_config(arg: str | None) -> ml_collections.ConfigDict`` (the
 big_vision / Flax-examples convention). ``arg`` is the text after the colon in
-``--config configs/clip_coco.py:demo,batch=32`` and is parsed by
-``configs.common.parse_arg``. Overrides use ``ml_collections.config_flags``: every field is
-overridable as ``--config.optim.lr=3e-4`` with its type checked, and unknown keys are
-rejected. The resolved config is written to ``WORKDIR/config.json``.
+``--config configs/clip_coco.py:demo,batch=32`` and is parsed by :func:`parse_arg`
+(``demo`` flags and ``key=value`` pairs over the file's defaults). Overrides use
+``ml_collections.config_flags``: every field is overridable as ``--config.optim.lr=3e-4``
+with its type checked, and unknown keys are rejected. The resolved config is written to
+``WORKDIR/config.json``.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import ml_collections
 from absl import flags
 from ml_collections import config_flags
 
-from jaxfit.errors import ShowHelp
+from jaxfit.errors import Error, ShowHelp
 
 log = logging.getLogger(__name__)
 
@@ -49,8 +50,26 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 RHYTHM_FIELDS = ("total_steps", "log_every", "eval_every", "ckpt_every", "seed", "precision")
 
 
-class ConfigError(ValueError):
-    """A config file, argument or override is invalid; the message names the key."""
+class ConfigError(Error, ValueError):
+    """A config file, argument or override is invalid; the message names the key
+    (exit status 2)."""
+
+
+def invalid(key: str, value: Any, allowed: str) -> ConfigError:
+    """The error of a bad value: ``"<key>=<value> is invalid: <allowed>, set --config.<key>"``."""
+    return ConfigError(f"{key}={value!r} is invalid: {allowed}, set --config.{key}")
+
+
+def check_seq_len(config, positions: Any, where: str) -> None:
+    """Refuse a ``seq_len`` longer than the model's ``positions`` (named by ``where``);
+    nothing to check when either is not an integer.
+
+    Raises:
+      ConfigError: naming ``seq_len``, its value and the model's limit.
+    """
+    seq_len = get_field(config, "seq_len")
+    if isinstance(positions, int) and isinstance(seq_len, int) and seq_len > positions:
+        raise invalid("seq_len", seq_len, f"must be <= the model's {where}={positions}")
 
 
 HELP_FLAGS = ("-h", "--help", "-help", "--helpfull", "--helpshort")
@@ -428,7 +447,20 @@ class Precision:
 
     @property
     def quantised(self) -> bool:
+        """Whether the frozen base is stored in a quantisation format."""
         return self.base_format != "float"
+
+    @property
+    def quantize(self) -> str | None:
+        """The format the base is quantised to while loading (``None``: kept float)."""
+        return self.base_format if self.quantised else None
+
+    @property
+    def base_dtype(self) -> str:
+        """Storage dtype of the float base weights: ``"float32"`` master weights when they
+        train; the compute dtype when the base is frozen under LoRA (half the memory in
+        bf16; QLoRA's float leaves, norms and embeddings, stay in bf16 too)."""
+        return self.compute_dtype if self.lora else "float32"
 
 
 def precision_settings(config) -> Precision:

@@ -5,6 +5,19 @@ Every ``python -m jaxfit.X`` reports a mistake in its input as one line on stder
 (``jaxfit.cli.run``; ``--verbose`` or ``JAXFIT_DEBUG=1`` adds the traceback). The
 exceptions here carry the parts of that line. This module imports nothing from jaxfit, so
 any layer (data, tasks, models) can raise them.
+
+Every error a command reports in one line derives from :class:`Error` and carries its exit
+status as ``exit_code`` (one mechanism: :func:`jaxfit.cli.exit_code` reads it):
+
+====  ===============================================================================
+2     a mistake in the input (:class:`UsageError`, :class:`DataError`,
+      ``jaxfit.config.ConfigError``, ``jaxfit.workdir.ResumeConfigError``)
+3     out of device memory (``jaxfit.oom.OutOfMemoryError``)
+4     non-finite results (``jaxfit.metrics.NonFiniteError``)
+5     the workdir is held by another run (``jaxfit.workdir.WorkdirBusyError``)
+6     checkpoints exist, none is usable (``jaxfit.checkpoint.NoUsableCheckpointError``)
+7     the disk is full (:class:`DiskFullError`)
+====  ===============================================================================
 """
 
 from __future__ import annotations
@@ -14,11 +27,23 @@ import os
 import shutil
 
 
-class UsageError(ValueError):
+class Error(Exception):
+    """Base of the errors a command line reports in one line (``error: <text>``).
+
+    Attributes:
+      exit_code: the process's exit status for it (class attribute; see the module
+        docstring). Subclasses list a builtin base too (``ValueError``, ``RuntimeError``,
+        ...), so ``except ValueError`` still catches a bad input.
+    """
+
+    exit_code: int = 2
+
+
+class UsageError(Error, ValueError):
     """A command line that cannot run: a missing or contradictory flag."""
 
 
-class DataError(ValueError):
+class DataError(Error, ValueError):
     """Input data that cannot be used: a missing root, an unreadable or malformed file.
 
     Args:
@@ -118,18 +143,20 @@ def _size(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-class DiskFullError(RuntimeError):
+class DiskFullError(Error, RuntimeError):
     """The disk filled up while a run (or a reader) wrote into ``directory``.
 
     ``str(e)`` names the directory, the free and total space of its file system now, the
     file being written when known, and ``note`` (what is intact: the trainer names its
-    last sealed checkpoint). The command lines exit with status 7.
+    last sealed checkpoint). The command lines exit with status 7 (``exit_code``).
 
     Args:
       directory: the workdir (or output directory) on the full disk.
       cause: the error that reported it (see :func:`disk_full_cause`).
       note: what survived and what to do.
     """
+
+    exit_code = 7
 
     def __init__(self, directory: str | os.PathLike, cause: BaseException, note: str = ""):
         self.directory = os.fspath(directory)

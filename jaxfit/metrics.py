@@ -30,6 +30,7 @@ from tensorboard.plugins.text import metadata as text_metadata
 from tensorboard.summary.writer.event_file_writer import EventFileWriter
 from tensorboard.util import tensor_util
 
+from jaxfit.errors import Error
 from jaxfit.evals.retrieval import chance_recall
 
 
@@ -37,13 +38,16 @@ def _to_float(value: Any) -> float:
     return float(np.asarray(jax.device_get(value), dtype=np.float64))
 
 
-class NonFiniteError(FloatingPointError):
-    """A step produced NaN or infinite values; nothing of that step was checkpointed.
+class NonFiniteError(Error, FloatingPointError):
+    """A step produced NaN or infinite values; nothing of that step was checkpointed
+    (exit status 4).
 
     Attributes:
       step: the step whose result is non-finite.
       names: what went bad (metric names, or parameter / optimizer-state paths).
     """
+
+    exit_code = 4
 
     def __init__(self, message: str, *, step: int, names: list[str]):
         super().__init__(message)

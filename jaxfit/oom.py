@@ -7,6 +7,7 @@ planner (which names the same levers) both use it without importing each other.
 from __future__ import annotations
 
 from jaxfit.config import get_field, precision_settings
+from jaxfit.errors import Error
 
 
 def is_out_of_memory(error: BaseException) -> bool:
@@ -36,9 +37,11 @@ def oom_advice(config) -> list[str]:
     return out
 
 
-class OutOfMemoryError(RuntimeError):
+class OutOfMemoryError(Error, RuntimeError):
     """The device ran out of memory compiling or running the first step; the message
-    says what to change. No checkpoint was written by the failed step."""
+    says what to change. No checkpoint was written by the failed step (exit status 3)."""
+
+    exit_code = 3
 
     @classmethod
     def from_config(cls, config, error: BaseException, where: str) -> OutOfMemoryError:

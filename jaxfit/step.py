@@ -1,8 +1,9 @@
 """Training state and the pure train / eval steps.
 
 ``train_step(state, batch, frozen) -> (state, metrics)`` is a pure function of arrays;
-:func:`jit_train_step` jits it once with ``donate_argnums=0`` for the trainer, the planner
-and the benchmarks alike. Everything task-specific (model, loss, GradCache)
+:func:`jit_train_step` jits it once with ``donate_argnums=0``; :func:`jaxfit.run.build_run`
+calls it (and :func:`abstract_train_state`) for the trainer, the planner and the benchmarks
+alike. Everything task-specific (model, loss, GradCache)
 lives in the ``loss_and_grad`` function it is built from.
 """
 

@@ -33,12 +33,11 @@ import shlex
 import sys
 from pathlib import Path
 
-from jaxfit import checkpoint, cli, distributed, logs, runtime, trainer, validation
+from jaxfit import cli, distributed, logs, runtime, trainer, validation
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
 from jaxfit.errors import UsageError
-from jaxfit.oom import OutOfMemoryError
 from jaxfit.plan import apply as plan_apply
 
 
@@ -84,25 +83,15 @@ def _main(argv: list[str]) -> int:
     if flags["dry_run"]:
         print(config)
         return 0
+    # the errors (out of memory, non-finite, busy workdir, ...) carry their exit status
+    # (jaxfit.errors.Error.exit_code, reported by cli.run); a signal is no error
     try:
         results = run(config, flags["workdir"], accept_data_change=flags["accept_data_change"])
-    except OutOfMemoryError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 3
     except trainer.StoppedBySignal as e:
         command = shlex.join(["python", "-m", "jaxfit.train", *argv[1:]])
         resume = f"; resume with: {command}" if e.step is not None else ""
         print(f"{e}{resume}", file=sys.stderr)
         return e.exit_code
-    except trainer.NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 4
-    except workdir_lib.WorkdirBusyError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 5
-    except checkpoint.NoUsableCheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 6
     table = metrics_lib.summary_table(results, title=f"results ({workdir}):")
     if table:
         print(table)

@@ -47,14 +47,13 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxfit import checkpoint, distributed, errors, logs, oom, sharding, target, validation
+from jaxfit import checkpoint, errors, logs, oom, sharding, target, validation
 from jaxfit import config as config_lib
 from jaxfit import metrics as metrics_lib
 from jaxfit import workdir as workdir_lib
-from jaxfit.optim import make_optimizer
-from jaxfit.step import TrainState, abstract_train_state, jit_train_step
-from jaxfit.tasks import build_task, resolve_config, source_fingerprint
-from jaxfit.tasks.base import param_rng
+from jaxfit.run import Run, build_run
+from jaxfit.step import TrainState
+from jaxfit.tasks import resolve_config, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -320,22 +319,21 @@ def _save(ckpt: checkpoint.Checkpointer, step: int, state, iterator) -> None:
     ckpt.save(step, state, {"data": iterator.get_state()}, force=True)
 
 
-def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
-    """Create the train state in its shardings, or restore it from the newest usable
-    checkpoint (newer damaged or non-finite ones are reported and set aside).
+def build_state(run: Run, ckpt: checkpoint.Checkpointer):
+    """Create ``run``'s train state in its shardings (:meth:`jaxfit.run.Run.fresh_state`),
+    or restore it from the newest usable checkpoint (newer damaged or non-finite ones are
+    reported and set aside).
 
     Returns:
-      ``(state, state_shardings, meta)``; ``meta`` is ``None`` for a fresh state.
+      ``(state, meta)``; ``meta`` is ``None`` for a fresh state.
 
     Raises:
       jaxfit.checkpoint.NoUsableCheckpointError: checkpoints exist, none is usable.
     """
-    abstract_state, state_shardings, make_state = abstract_train_state(
-        task, optimizer, config, mesh
-    )
     if ckpt.latest_step() is not None:
         state, meta, step, damaged = ckpt.restore_latest_usable(
-            checkpoint.to_abstract(abstract_state, state_shardings), check=_state_problem
+            checkpoint.to_abstract(run.abstract_state, run.state_shardings),
+            check=_state_problem,
         )
         for bad, problem in damaged.items():
             ckpt.set_aside(bad, problem)
@@ -346,10 +344,8 @@ def build_state(task, optimizer, config, mesh, ckpt: checkpoint.Checkpointer):
                 step,
             )
         log.info("resuming from checkpoint at step %d in %s", step, ckpt.directory)
-        return state, state_shardings, meta
-    params = task.initial_params(param_rng(config), state_shardings.params)
-    state = jax.jit(make_state, out_shardings=state_shardings)(params)
-    return state, state_shardings, None
+        return state, meta
+    return run.fresh_state(), None
 
 
 def train(
@@ -427,19 +423,16 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> di
     workdir_lib.check_resume(config, workdir, resumed)
     if resumed is not None:  # the data files, before any is tokenized
         workdir_lib.check_data(source_fingerprint(config), workdir, resumed, accept=accept_data)
-    mesh = sharding.mesh_from_config(config)
-    sharding.check_batch_sizes(config, mesh)
-    task = distributed.primary_first(build_task, config, workdir, mesh)  # shared data files
+    run = build_run(config, workdir, abstract=False)  # with the data step (tokenizer, ...)
+    task, mesh = run.task, run.mesh
     data_fingerprint = task.data_fingerprint()  # files and what the task made of them
     accepted = workdir_lib.check_data(data_fingerprint, workdir, resumed, accept=accept_data)
-    abstract_params = task.abstract_params()
-    optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
-    workdir_lib.check_shapes(abstract_params, workdir, resumed)  # another model: refused
+    workdir_lib.check_shapes(task.abstract_params(), workdir, resumed)  # another model: refused
     ckpt = checkpoint.Checkpointer(
         workdir / "checkpoints", max_to_keep=config.keep_checkpoints, confirm_saves=True
     )
     try:
-        state, state_shardings, meta = build_state(task, optimizer, config, mesh, ckpt)
+        state, meta = build_state(run, ckpt)
     except Exception as e:
         ckpt.close()
         if oom.is_out_of_memory(e):
@@ -450,7 +443,7 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> di
         iterator.set_state(meta["data"])
     # Inputs keep the shardings they were placed with (state: out_shardings of its
     # creation or restore; batch: shard_batch; frozen base: device_put).
-    step_fn = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
+    step_fn = run.step
     start = int(jax.device_get(state.step))
     if jax.process_index() == 0:
         workdir_lib.record_config(config, workdir, start)  # only now: the state restored
@@ -672,23 +665,21 @@ def restore_params(workdir: str | Path, step: int | None = None):
         mesh = sharding.mesh_from_config(config)
     except ValueError:  # ... else the parameters split over all of them
         mesh = sharding.make_mesh(axes={"data": 1, "fsdp": -1})
-    task = build_task(config, workdir, mesh)
-    abstract_params = task.abstract_params()
-    optimizer, _ = make_optimizer(config.optim, config.total_steps, abstract_params)
+    # a reader trains nothing: the batch need not divide another mesh
+    run = build_run(config, workdir, abstract=False, mesh=mesh, check_batch=False)
     if not (workdir / "checkpoints").is_dir():
         raise FileNotFoundError(f"no checkpoint in {str(workdir / 'checkpoints')!r}")
     # read-only: a run may be writing this workdir (nothing cleaned up, sealed or moved)
     with checkpoint.Checkpointer(workdir / "checkpoints", read_only=True) as ckpt:
         if ckpt.latest_step() is None:
             raise FileNotFoundError(f"no checkpoint in {str(workdir / 'checkpoints')!r}")
-        abstract_state, shardings, _ = abstract_train_state(task, optimizer, config, mesh)
-        abstract = checkpoint.to_abstract(abstract_state, shardings)
+        abstract = checkpoint.to_abstract(run.abstract_state, run.state_shardings)
         if step is None:
             state, _, found, _ = ckpt.restore_latest_usable(abstract, check=_state_problem)
         else:
             state, _ = ckpt.restore_checked(abstract, step, check=_state_problem)
             found = step
-    return config, task, state.params, found
+    return config, run.task, state.params, found
 
 
 def evaluate(workdir: str | Path, step: int | None = None) -> dict[str, float]:

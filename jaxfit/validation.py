@@ -14,12 +14,12 @@ import logging
 import math
 import re
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 
 from jaxfit import config as config_lib
-from jaxfit.config import ConfigError, get_field, precision_settings
+from jaxfit import tasks
+from jaxfit.config import get_field, precision_settings
 from jaxfit.hf import families
 from jaxfit.optim import OPTIMIZERS
 
@@ -34,8 +34,7 @@ def load_config(spec: str, overrides=()) -> ml_collections.ConfigDict:
     return config
 
 
-def _bad(key: str, value: Any, allowed: str) -> ConfigError:
-    return ConfigError(f"{key}={value!r} is invalid: {allowed}, set --config.{key}")
+_bad = config_lib.invalid
 
 
 def _number(
@@ -144,13 +143,15 @@ _WIDTH_HEADS = (("n_embd", "n_head"), ("hidden_size", "num_attention_heads"))
 
 
 def _validate_model_shape(config) -> None:
-    """Cross-field rules of a from-scratch ``config.model``."""
+    """Cross-field rules of a from-scratch ``config.model``: the shared ones here, then the
+    task's (``jaxfit.tasks.TaskEntry.validate``).
+
+    Raises:
+      ConfigError: naming the key; an unknown ``config.task``.
+    """
     model = get_field(config, "model")
     if model is None:
         return
-    if config.get("task") == "lm" and "family" in model:
-        if model.family not in families.names("lm"):
-            raise _bad("model.family", model.family, f"expected one of {families.names('lm')}")
     for part in ("config", "text", "vision"):
         node = model.get(part)
         if node is None:
@@ -165,18 +166,7 @@ def _validate_model_shape(config) -> None:
             raise _bad(
                 f"{where}.num_key_value_heads", kv, f"must divide {where}.num_attention_heads={h}"
             )
-        image, patch = node.get("image_size"), node.get("patch_size")
-        if isinstance(image, int) and isinstance(patch, int) and (patch <= 0 or image % patch):
-            raise _bad(f"{where}.patch_size", patch, f"must divide {where}.image_size={image}")
-    if config.get("task") == "lm" and "family" in model and "config" in model:
-        field = families.get(model.family, task="lm").decoder.max_positions
-        _check_seq_len(config, model.config.get(field), f"model.config.{field}")
-
-
-def _check_seq_len(config, positions, where: str) -> None:
-    seq_len = get_field(config, "seq_len")
-    if isinstance(positions, int) and isinstance(seq_len, int) and seq_len > positions:
-        raise _bad("seq_len", seq_len, f"must be <= the model's {where}={positions}")
+    tasks.entry(config).validate(config)  # the task's own rules (its families, ...)
 
 
 def _validate_init_from(config) -> None:
@@ -193,7 +183,9 @@ def _validate_init_from(config) -> None:
             return  # the loader names the problem
         if family.decoder is not None:
             field = family.decoder.max_positions
-            _check_seq_len(config, hf_config.get(field), f"{field} (in {path}/config.json)")
+            config_lib.check_seq_len(
+                config, hf_config.get(field), f"{field} (in {path}/config.json)"
+            )
         return
     looks_local = value.startswith((".", "/", "~")) or value.endswith("/") or value.count("/") > 1
     if looks_local or not (_HUB_NAME.match(value) or value in LEGACY_HUB_NAMES):

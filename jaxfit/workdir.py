@@ -47,6 +47,7 @@ from etils import epath
 
 from jaxfit import config as config_lib
 from jaxfit.data import fingerprint as fingerprint_lib
+from jaxfit.errors import Error
 
 log = logging.getLogger(__name__)
 
@@ -115,8 +116,11 @@ CHANGEABLE = (
 )
 
 
-class WorkdirBusyError(RuntimeError):
-    """Another live process holds the workdir's lock; the message names it."""
+class WorkdirBusyError(Error, RuntimeError):
+    """Another live process holds the workdir's lock; the message names it (exit
+    status 5)."""
+
+    exit_code = 5
 
 
 class ResumeConfigError(config_lib.ConfigError):

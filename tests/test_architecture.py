@@ -183,6 +183,7 @@ FLOORS: dict[str, int] = {
     "jaxfit.plan": 1,
     "jaxfit.inference": 1,
     "jaxfit.trainer": 2,
+    "jaxfit.run": 2,  # build_run: the trainer, the planner and the benchmarks call it
     "jaxfit.workdir": 2,
     "jaxfit.tasks": 3,
     "jaxfit.validation": 3,

@@ -23,6 +23,7 @@ if str(REPO) not in sys.path:  # ``experiments`` is not installed (plain ``pytes
     sys.path.insert(0, str(REPO))
 
 from experiments.bench import runner  # noqa: E402
+from jaxfit import run as run_lib  # noqa: E402
 from jaxfit.config import load_config  # noqa: E402
 
 # One step, logged, evaluated and checkpointed; a smaller demo corpus (less BPE training).
@@ -79,15 +80,16 @@ def test_bench_step_is_the_training_step(tmp_path):
 
 
 def test_build_uses_jit_train_step(tmp_path, monkeypatch):
-    """The runner's step is ``jaxfit.step.jit_train_step`` of the config's task."""
+    """The runner builds its run with ``jaxfit.run.build_run``: its step is
+    ``jaxfit.step.jit_train_step`` of the config's task, the trainer's."""
     calls = []
-    real = runner.jit_train_step
+    real = run_lib.jit_train_step
 
     def spy(task, *args):
         calls.append(task)
         return real(task, *args)
 
-    monkeypatch.setattr(runner, "jit_train_step", spy)
+    monkeypatch.setattr(run_lib, "jit_train_step", spy)  # build_run jits the step
     config = load_config("configs/gpt2_scratch.py:demo")
     setup = runner.build(config, tmp_path)
     assert calls == [setup.task] and setup.task.abstract

@@ -236,3 +236,36 @@ def test_data_fingerprint_sees_a_changed_caption(tmp_path):
     # eval.max_images (a resume may change it) evaluates fewer images of the same data
     fewer = build_task(tiny_clip_config(data, "eval.max_images=4"), tmp_path / "run", mesh)
     assert len(fewer.val_records) == 4 and fewer.data_fingerprint() == after
+
+
+def test_planning_the_demo_writes_nothing_and_reads_no_data(tmp_path, monkeypatch):
+    """Constructors build; data preparation is a step (``jaxfit.tasks.prepare_data``) only
+    a run takes. Planning the CLIP demo from an empty directory, on a data root that does
+    not exist (and on the synthetic set it would write into its workdir), writes nothing
+    there and reads no records, trains no tokenizer and writes no synthetic data."""
+    from jaxfit.data import image_text
+    from jaxfit.data.image_text import caption_tokenizer, synthetic_coco
+    from jaxfit.plan import core as plan_core
+    from jaxfit.tasks import clip as clip_task
+
+    def refused(*args, **kwargs):
+        raise AssertionError(f"data I/O while planning: {args}")
+
+    for module, name in ((image_text, "load_source"), (clip_task.image_text, "load_source"),
+                         (caption_tokenizer, "load_or_train_caption_bpe"),
+                         (synthetic_coco, "write_synthetic_coco"),
+                         (clip_task.synthetic, "write_synthetic_coco")):  # fmt: skip
+        monkeypatch.setattr(module, name, refused)
+    empty = tmp_path / "cwd"
+    empty.mkdir()
+    monkeypatch.chdir(empty)
+    missing = tmp_path / "no_such_root"
+    spec = str(REPO / "configs" / "clip_coco.py") + ":demo"
+    for overrides in ([f"data.root={missing}", "data.synthetic.enabled=False"], []):
+        config = config_lib.load_config(spec, overrides)
+        plan = plan_core.plan_config(config)
+        assert plan.memory["peak"] > 0 and plan.params["total"] > 0
+        workdir = tmp_path / "workdir"
+        task = build_task(config, workdir, sharding.make_mesh(), abstract=True)
+        assert task.abstract and task.train_records == [] and not workdir.exists()
+    assert list(empty.iterdir()) == [] and not missing.exists()

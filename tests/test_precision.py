@@ -96,3 +96,51 @@ def test_shorthand_and_explicit_fields_build_the_same_frozen_base(tmp_path):
     kinds = {leaf.kind for leaf in jax.tree.leaves(fa, is_leaf=lambda x: hasattr(x, "kind"))
              if hasattr(leaf, "kind")}  # fmt: skip
     assert kinds == {"nf4"}
+
+
+@pytest.mark.parametrize(
+    "precision, lora, storage",
+    [("fp32", False, "float32"), ("bf16", False, "float32"), ("bf16", True, "bfloat16"),
+     ("nf4", False, "bfloat16"), ("int8", False, "bfloat16")],
+)  # fmt: skip
+def test_the_storage_dtype_rule_lives_in_precision(precision, lora, storage):
+    """Float base weights are float32 master weights when they train, the compute dtype
+    when frozen under LoRA (``Precision.base_dtype``; what the loaders are given)."""
+    config = config_lib.load_config(
+        str(REPO / "configs" / "gpt2_lora.py"), [f"precision={precision}", f"lora.enabled={lora}"]
+    )
+    p = precision_settings(config)
+    assert p.base_dtype == storage
+    assert p.quantize == (precision if precision in ("nf4", "int8") else None)
+
+
+def test_lora_takes_a_spec_not_the_config():
+    """``jaxfit.lora`` reads no config: the task builds a ``LoraSpec`` once (``None``
+    when LoRA is off) and ``split`` takes it."""
+    import ast
+
+    from jaxfit.lora import training as lora_training
+    from jaxfit.tasks.base import lora_spec
+
+    for path in (REPO / "jaxfit" / "lora").glob("*.py"):
+        imported = {
+            n.module for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.ImportFrom)
+        } | {
+            a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import)
+            for a in n.names
+        }  # fmt: skip
+        assert "jaxfit.config" not in imported, path
+        assert "config_lib" not in path.read_text(), path
+    config = config_lib.load_config(str(REPO / "configs" / "gpt2_lora.py"), ["lora.rank=4"])
+    spec = lora_spec(config)
+    assert spec == lora_training.LoraSpec(
+        targets=tuple(config.lora.targets), rank=4, alpha=float(config.lora.alpha),
+        dropout=float(config.lora.dropout), use_rslora=bool(config.lora.use_rslora),
+    )  # fmt: skip
+    assert lora_training.LoraSpec(targets="all-linear", rank=2, alpha=4.0).targets == (
+        "all-linear",
+    )
+    off = config_lib.set_fields(config, {"lora.enabled": False, "precision": "fp32"})
+    assert lora_spec(off) is None
+    base = {"w": jax.numpy.ones((2, 2))}
+    assert lora_training.split(base, None, jax.random.key(0)) == (base, None)

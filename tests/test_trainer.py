@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from jaxfit import config as config_lib
+from jaxfit import run as run_lib
 from jaxfit import trainer, validation
 from jaxfit.evals.retrieval import chance_recall
 from jaxfit.evaluate import main as evaluate_main
@@ -266,7 +267,7 @@ def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypat
         ran.append(time.perf_counter() - t0)
         return np.asarray(loss, np.float32)
 
-    real = trainer.jit_train_step
+    real = run_lib.jit_train_step
 
     def slow_step(*args, **kwargs):
         step_fn = real(*args, **kwargs)
@@ -278,7 +279,7 @@ def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypat
 
         return jax.jit(step, donate_argnums=0)
 
-    monkeypatch.setattr(trainer, "jit_train_step", slow_step)
+    monkeypatch.setattr(run_lib, "jit_train_step", slow_step)  # the step build_run jits
     monkeypatch.setattr(trainer, "LONG_CPU_RUN_S", 1.5 * slow)
     workdir = tmp_path / "run"
     config = tiny_clip_config(tmp_path / "data", "total_steps=3", "log_every=1", "eval_every=3")

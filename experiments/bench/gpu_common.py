@@ -172,7 +172,7 @@ def random_base(setup):
     base = random_quantized_params(
         abstract, rng, DEFAULT_QUANT_RULES, kinds.pop(), float_dtype=None
     )
-    trainable, frozen = lora_training.split(base, setup.config, rng, task.model)
+    trainable, frozen = lora_training.split(base, task.source.lora, rng, task.model)
     shapes = lambda t: jax.tree.map(lambda x: (tuple(x.shape), jnp.dtype(x.dtype)), t)
     if jax.tree.structure(frozen) != jax.tree.structure(want) or shapes(frozen) != shapes(want):
         raise RuntimeError("the random base is not the task's frozen base (abstract_frozen)")

@@ -2,11 +2,11 @@
 
 config -> task -> train state -> the SAME jitted step the trainer runs:
 
-* :func:`build`: ``jaxfit.tasks.build_task(config, workdir, mesh)`` (``abstract=True``
-  when neither data nor weights are needed), ``jaxfit.optim.make_optimizer``,
-  ``jaxfit.step.abstract_train_state`` and ``jaxfit.step.jit_train_step``;
-* :func:`fresh_state`: the trainer's fresh state (``task.initial_params`` from
-  ``param_rng(config)``, placed by the jitted ``make_state``), or one over given params;
+* :func:`build`: ``jaxfit.run.build_run(config, workdir, abstract=...)``, what the
+  trainer and the planner build (the config's mesh, the batch-size check, the task, the
+  optimizer, the state's shardings and the jitted step);
+* :func:`fresh_state`: the trainer's fresh state (``jaxfit.run.Run.fresh_state``:
+  ``task.initial_params`` from ``param_rng(config)``), or one over given params;
 * :func:`synthetic_batch`: host arrays of the shapes and dtypes of
   ``task.abstract_batch(batch_size)`` (:mod:`experiments.bench.batches`), placed as the
   trainer places a batch (``jaxfit.sharding.shard_batch``);
@@ -23,7 +23,6 @@ config -> task -> train state -> the SAME jitted step the trainer runs:
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import statistics
 import time
@@ -37,11 +36,8 @@ from experiments.bench import batches
 from experiments.bench.procs import KIB_PER_MIB, PeakRSS
 from jaxfit import perf, sharding
 from jaxfit.config import get_field
-from jaxfit.optim import make_optimizer
 from jaxfit.plan.core import plan_config
-from jaxfit.step import abstract_train_state, jit_train_step
-from jaxfit.tasks import build_task
-from jaxfit.tasks.base import param_rng
+from jaxfit.run import Run, build_run
 
 MIB = 2**20
 
@@ -103,41 +99,22 @@ class Memory:
         return (self.rss.current_kib() or 0) / KIB_PER_MIB
 
 
-@dataclasses.dataclass
-class Setup:
-    """A config's task, optimizer, state shardings and jitted train step."""
+def build(config, workdir, *, abstract: bool = True) -> Run:
+    """Build what ``jaxfit.trainer.train`` builds for ``config`` (:func:`jaxfit.run.build_run`;
+    no data iterator, no checkpoints). ``abstract=False`` reads the config's data and
+    weights (needed for ``init_from`` / ``lora.peft_dir`` values).
 
-    config: Any
-    task: Any
-    mesh: Any
-    optimizer: Any
-    schedule: Any
-    state_shardings: Any
-    make_state: Any
-    step: Any  # jaxfit.step.jit_train_step(task, ...): what jaxfit.train runs
+    Raises:
+      ValueError: the config's mesh does not fit the devices, or does not divide its batch.
+    """
+    return build_run(config, workdir, abstract=abstract)
 
 
-def build(config, workdir, *, abstract: bool = True) -> Setup:
-    """Build what ``jaxfit.trainer.train`` builds for ``config`` (no data iterator, no
-    checkpoints). ``abstract=False`` reads the config's data and weights (needed for
-    ``init_from`` / ``lora.peft_dir`` values)."""
-    mesh = sharding.make_mesh()
-    task = build_task(config, workdir, mesh, abstract=abstract)
-    optimizer, schedule = make_optimizer(config.optim, config.total_steps, task.abstract_params())
-    _, state_shardings, make_state = abstract_train_state(task, optimizer, config, mesh)
-    step = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
-    return Setup(config, task, mesh, optimizer, schedule, state_shardings, make_state, step)
-
-
-def fresh_state(setup: Setup, params=None):
+def fresh_state(setup: Run, params=None):
     """The state a fresh run starts from: ``task.initial_params`` (or ``params``) in the
-    state's shardings, through the trainer's jitted ``make_state``."""
-    shardings = setup.state_shardings.params
-    if params is None:
-        params = setup.task.initial_params(param_rng(setup.config), shardings)
-    else:
-        params = jax.device_put(params, shardings)
-    return jax.jit(setup.make_state, out_shardings=setup.state_shardings)(params)
+    state's shardings, through the trainer's jitted ``make_state``
+    (:meth:`jaxfit.run.Run.fresh_state`)."""
+    return setup.fresh_state(params)
 
 
 def synthetic_batch(task, batch_size: int, seed: int = 0) -> dict[str, np.ndarray]:
@@ -233,7 +210,7 @@ class StepRunner:
     """One compiled step over a fixed batch; :meth:`__call__` runs it once (state donated
     and replaced, ended by ``block_until_ready``) and returns the loss as a float."""
 
-    def __init__(self, setup: Setup, state, batch: dict, frozen=None):
+    def __init__(self, setup: Run, state, batch: dict, frozen=None):
         self.batch = sharding.shard_batch(batch, setup.mesh)
         self.frozen, self.state = frozen, state
         t = time.perf_counter()
@@ -250,7 +227,7 @@ class StepRunner:
 
 
 def measure(
-    setup: Setup,
+    setup: Run,
     state,
     batch: dict,
     frozen=None,

@@ -86,6 +86,48 @@ def recall_at_k(
     return out
 
 
+def first_hit_ranks(
+    image_embeds: np.ndarray,
+    text_embeds: np.ndarray,
+    text_to_image: np.ndarray,
+    kmax: int,
+    *,
+    chunk_size: int = 1024,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per query, the position of the first correct candidate among its top ``kmax``, with
+    the top-K selection of :func:`recall_at_k` (so ``100 * mean(rank < K)`` is its
+    recall@K for every ``K <= kmax``).
+
+    Args:
+      image_embeds: ``[num_images, dim]`` L2-normalised embeddings.
+      text_embeds: ``[num_texts, dim]`` L2-normalised embeddings.
+      text_to_image: ``[num_texts]`` int, the index of each caption's image.
+      kmax: how many top candidates are looked at.
+      chunk_size: queries scored at once (bounds the ``[chunk, candidates]`` score block).
+
+    Returns:
+      ``(i2t_rank, t2i_rank)``: int32 ``[num_images]`` and ``[num_texts]``; ``kmax`` where
+      no correct candidate is among the top ``kmax``.
+    """
+    text_to_image = np.asarray(text_to_image, np.int64)
+    top = jax.jit(lambda q, c: jax.lax.top_k(q @ c.T, min(kmax, c.shape[0]))[1])
+
+    def topk(queries, candidates):
+        c = jnp.asarray(candidates, jnp.float32)
+        parts = [
+            np.asarray(top(jnp.asarray(queries[i : i + chunk_size], jnp.float32), c))
+            for i in range(0, len(queries), chunk_size)
+        ]
+        return np.concatenate(parts)
+
+    def first(hit):
+        return np.where(hit.any(axis=1), hit.argmax(axis=1), kmax).astype(np.int32)
+
+    i2t = text_to_image[topk(image_embeds, text_embeds)] == np.arange(len(image_embeds))[:, None]
+    t2i = topk(text_embeds, image_embeds) == text_to_image[:, None]
+    return first(i2t), first(t2i)
+
+
 def chance_recall(num_images: int, captions_per_image: float, k: int) -> dict[str, float]:
     """Expected recall@K (percent) of random embeddings, for "far above chance" checks.
 

@@ -40,8 +40,6 @@ from jaxfit.hf import qwen2 as hf_qwen2
 from jaxfit.hf.mapping import Rule
 from jaxfit.models import clip, gpt2, llama, qwen2
 
-TASKS = ("lm", "clip")
-
 
 @dataclasses.dataclass(frozen=True)
 class DecoderFields:
@@ -59,7 +57,8 @@ class Family:
 
     Attributes:
       name: the family's name (``config.model.family`` of LM configs).
-      task: the jaxfit task that trains it, one of :data:`TASKS`.
+      task: the jaxfit task that trains it (``config.task``; the task registry,
+        ``jaxfit.tasks.TASKS``, refuses a family of an unregistered task).
       model_types: the ``model_type`` values of HF ``config.json`` it reads.
       config_class: its frozen dataclass config (``jaxfit.models.<family>``).
       model_class: its linen module class (instances carry ``.config``).
@@ -94,10 +93,6 @@ class Family:
     peft_targets: tuple[str, ...]
     decoder: DecoderFields | None = None
     canonical_names: Callable[[Iterable[str]], dict[str, str]] | None = None
-
-    def __post_init__(self):
-        if self.task not in TASKS:
-            raise ValueError(f"family {self.name!r}: task {self.task!r} not in {TASKS}")
 
     def stored_names(self, names: Iterable[str]) -> dict[str, str]:
         """``{rule name: stored name}`` for a checkpoint's tensor names (identity unless

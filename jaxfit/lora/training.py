@@ -1,12 +1,13 @@
-"""LoRA in a training run: the ``config.lora`` fields and the trainable/frozen split.
+"""LoRA in a training run: the adapters' settings (:class:`LoraSpec`) and the
+trainable/frozen split.
 
 Every task uses the same three calls, so LoRA is a transform of the parameter tree and
 never a branch in model or loop code:
 
-* :func:`split` turns base parameters into ``(trainable, frozen)``: with LoRA disabled,
-  everything trains and ``frozen`` is ``None``; enabled, adapters are added at
-  ``config.lora.targets`` and only they train (the frozen base, possibly quantised, is
-  passed to the jitted step as an argument);
+* :func:`split` turns base parameters into ``(trainable, frozen)``: without a spec (LoRA
+  off), everything trains and ``frozen`` is ``None``; with one, adapters are added at its
+  ``targets`` and only they train (the frozen base, possibly quantised, is passed to the
+  jitted step as an argument);
 * :func:`full` rebuilds the parameter tree the model applies (and attaches per-step
   dropout keys when ``lora.dropout > 0``);
 * :func:`for_export` gives a tree of plain kernels (adapters merged) for HF export.
@@ -14,12 +15,12 @@ never a branch in model or loop code:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
 import ml_collections
 
-from jaxfit import config as config_lib
 from jaxfit.lora import adapters, peft_io
 
 PyTree = Any
@@ -42,40 +43,60 @@ def default_lora_config() -> ml_collections.ConfigDict:
     return c
 
 
-def enabled(config) -> bool:
-    """LoRA is on when ``config.lora.enabled`` or the base is quantised
-    (:func:`jaxfit.config.precision_settings`)."""
-    return config_lib.precision_settings(config).lora
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """The adapters of a LoRA run (from ``config.lora``; built once by the task,
+    ``jaxfit.tasks.base.lora_spec``).
+
+    Attributes:
+      targets: PEFT short names, ``"all-linear"`` or regexes over parameter paths
+        (:mod:`jaxfit.lora.targets`).
+      rank: r, the adapters' inner dimension.
+      alpha: the scale numerator (``alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA).
+      dropout: dropout probability on the adapters' input, in [0, 1).
+      use_rslora: scale by ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+      peft_dir: a PEFT adapter directory to start from (``""``: none); its rank, alpha
+        and targets replace the fields above.
+    """
+
+    targets: tuple[str, ...]
+    rank: int
+    alpha: float
+    dropout: float = 0.0
+    use_rslora: bool = False
+    peft_dir: str = ""
+
+    def __post_init__(self):
+        targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+        object.__setattr__(self, "targets", targets)
 
 
 def split(
-    base: PyTree, config, rng: jax.Array, model=None, *, peft_dir: str | None = None
+    base: PyTree, spec: LoraSpec | None, rng: jax.Array, model=None
 ) -> tuple[PyTree, PyTree | None]:
-    """``(trainable, frozen)`` for a run; see the module docstring. With a PEFT directory
-    (``peft_dir``, default ``config.lora.peft_dir``; ``""`` = none) the adapters are read
-    from it (``model`` gives the HF module names) instead of being initialised.
+    """``(trainable, frozen)`` for a run; see the module docstring. With ``spec.peft_dir``
+    the adapters are read from it (``model`` gives the HF module names) instead of being
+    initialised.
 
     Raises:
       ValueError: from :func:`jaxfit.lora.add_lora` (a target matching nothing, a rank
-        larger than a kernel dimension), naming the rule or tensor.
+        larger than a kernel dimension), naming the rule or tensor; a ``peft_dir``
+        without ``model``.
     """
-    if not enabled(config):
+    if spec is None:
         return base, None
-    c = config.lora
-    peft_dir = c.get("peft_dir", "") if peft_dir is None else peft_dir
-    if peft_dir:
+    if spec.peft_dir:
         if model is None:
             raise ValueError("lora.peft_dir needs the model to map PEFT module names")
-        return adapters.split_trainable(peft_io.load_peft(base, model, peft_dir))
-    targets = [c.targets] if isinstance(c.targets, str) else list(c.targets)
+        return adapters.split_trainable(peft_io.load_peft(base, model, spec.peft_dir))
     params = adapters.add_lora(
         base,
-        targets,
-        rank=int(c.rank),
-        alpha=float(c.alpha),
+        list(spec.targets),
+        rank=spec.rank,
+        alpha=spec.alpha,
         rng=rng,
-        use_rslora=bool(c.use_rslora),
-        dropout=float(c.dropout),
+        use_rslora=spec.use_rslora,
+        dropout=spec.dropout,
     )
     return adapters.split_trainable(params)
 

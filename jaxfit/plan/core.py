@@ -1,9 +1,9 @@
 """Plan one configuration: compile its real train step for abstract shapes and read the cost.
 
-``plan_config(config)`` builds the task without data or weights (``build_task(...,
+``plan_config(config)`` builds the run without data or weights (``build_run(...,
 abstract=True)``), the train state, batch and frozen base as ``jax.ShapeDtypeStruct``
 trees, and compiles the SAME jitted step ``jaxfit.train`` runs
-(``step.jit_train_step``) on the local backend, or, inside
+(``jaxfit.run.build_run``) on the local backend, or, inside
 ``jaxfit.target.compiling_for`` (``--compile_for gpu``: :mod:`jaxfit.plan.cuda_target`),
 for a deviceless XLA:GPU target. Nothing is allocated: an 8B QLoRA step compiles on a
 CPU-only machine.
@@ -32,18 +32,16 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxfit import checkpoint, sharding, target
+from jaxfit import checkpoint, sharding, target, tasks
 from jaxfit.config import get_field, set_fields
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import training as lora_training
 from jaxfit.models.layers import OFFLOAD_NAMES
-from jaxfit.optim import make_optimizer
 from jaxfit.plan import devices as devices_lib
 from jaxfit.plan import flops as flops_lib
 from jaxfit.plan import liveness
 from jaxfit.quant.base import is_quantized
-from jaxfit.step import abstract_train_state, jit_train_step
-from jaxfit.tasks import build_task
+from jaxfit.run import build_run
 
 log = logging.getLogger(__name__)
 
@@ -347,15 +345,12 @@ def _trace(config):
     """``(lowerable step, executed FLOPs, pieces)`` of a config, abstract throughout;
     ``pieces`` ends with the step's jaxpr."""
     config = cpu_stand_in(config)
-    mesh = sharding.mesh_from_config(config)
-    sharding.check_batch_sizes(config, mesh)
     with _offload_accounted():
         with tempfile.TemporaryDirectory() as workdir:
-            task = build_task(config, workdir, mesh, abstract=True)
+            run = build_run(config, workdir, abstract=True)  # the step jaxfit.train runs
+        task, mesh = run.task, run.mesh
         abstract_params = task.abstract_params()
-        optimizer, schedule = make_optimizer(config.optim, config.total_steps, abstract_params)
-        state, state_shardings, _ = abstract_train_state(task, optimizer, config, mesh)
-        state = checkpoint.to_abstract(state, state_shardings)
+        state = checkpoint.to_abstract(run.abstract_state, run.state_shardings)
         batch_sharding = sharding.batch_sharding(mesh)
         batch = jax.tree.map(
             lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=batch_sharding),
@@ -364,7 +359,7 @@ def _trace(config):
         frozen = task.abstract_frozen()
         if frozen is not None:  # placed as the trainer places it: split over fsdp
             frozen = checkpoint.to_abstract(frozen, sharding.fsdp_shardings(frozen, mesh))
-        step = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
+        step = run.step
         jaxpr = jax.make_jaxpr(step)(state, batch, frozen)
     executed = flops_lib.jaxpr_flops(jaxpr)
     return step, executed, (task, state, batch, frozen, abstract_params, jaxpr)
@@ -497,7 +492,6 @@ def plan_config(config) -> Plan:
         memory[k] for k in ("cpu_fragmentation", "cpu_upcasts", "host_on_device")
     )
     batch_size = config.batch_size
-    seq_len = get_field(config, "seq_len")
     return Plan(
         settings=_settings(cpu_stand_in(config)),
         params={
@@ -512,7 +506,7 @@ def plan_config(config) -> Plan:
             "xla_cost_analysis": float(cost.get("flops", float("nan"))),
         },
         examples_per_step=batch_size,
-        tokens_per_step=batch_size * seq_len if config.task == "lm" else None,
+        tokens_per_step=tasks.entry(config).tokens_per_step(config),
         compile_seconds=seconds,
         backend=target.description(),
         devices=target.device_count(),

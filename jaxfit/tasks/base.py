@@ -21,6 +21,7 @@ Weights are read only when first needed, so building a task (and planning it,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 from collections.abc import Callable
@@ -44,17 +45,32 @@ def compute_dtype(config):
     return jnp.dtype(config_lib.precision_settings(config).compute_dtype)
 
 
-def base_dtype(config):
-    """Storage dtype of float pretrained weights: float32 master weights when they train;
-    the compute dtype for a frozen LoRA base (half the memory; QLoRA keeps it in bf16)."""
-    return compute_dtype(config) if config_lib.precision_settings(config).lora else jnp.float32
+def lora_spec(config) -> lora_training.LoraSpec | None:
+    """The run's adapters (``config.lora``; ``lora.peft_dir`` included), or ``None`` when
+    LoRA is off (:attr:`jaxfit.config.Precision.lora`: ``lora.enabled`` or a quantised
+    base)."""
+    if not config_lib.precision_settings(config).lora:
+        return None
+    c = config.lora
+    return lora_training.LoraSpec(
+        targets=c.targets,
+        rank=int(c.rank),
+        alpha=float(c.alpha),
+        dropout=float(c.dropout),
+        use_rslora=bool(c.use_rslora),
+        peft_dir=c.get("peft_dir", "") or "",
+    )
 
 
-def _quantize(config) -> str | None:
-    """What :func:`jaxfit.hf.load_pretrained` makes of the checkpoint's weights: the
-    ``base_format`` when quantised, ``None`` (float) otherwise."""
-    precision = config_lib.precision_settings(config)
-    return precision.base_format if precision.quantised else None
+def _dtypes(precision: config_lib.Precision) -> dict:
+    """The dtype and quantisation arguments of the loaders for ``precision``: float base
+    weights in :attr:`~jaxfit.config.Precision.base_dtype`, matmuls in its compute dtype,
+    the base quantised while loading to :attr:`~jaxfit.config.Precision.quantize`."""
+    return {
+        "dtype": jnp.dtype(precision.base_dtype),
+        "compute_dtype": jnp.dtype(precision.compute_dtype),
+        "quantize": precision.quantize,
+    }
 
 
 def load_base(config, **overrides):
@@ -64,13 +80,8 @@ def load_base(config, **overrides):
     checkpoint under ``nf4`` kept as stored, under ``int8`` refused), float otherwise (an
     NF4 checkpoint dequantised exactly). ``overrides`` are model-config fields (e.g.
     ``remat_policy``)."""
-    return hf.load_pretrained(
-        config.init_from,
-        dtype=base_dtype(config),
-        compute_dtype=compute_dtype(config),
-        quantize=_quantize(config),
-        **overrides,
-    )
+    precision = config_lib.precision_settings(config)
+    return hf.load_pretrained(config.init_from, **_dtypes(precision), **overrides)
 
 
 def base_model(config, **overrides):
@@ -78,13 +89,8 @@ def base_model(config, **overrides):
     the dtypes :func:`load_base` gives it; a checkpoint format ``load_base`` would refuse
     (LLM.int8, FP4, NF4 under ``int8``) raises here already. ``overrides``: model-config
     fields."""
-    return hf.model_from_config(
-        config.init_from,
-        dtype=base_dtype(config),
-        compute_dtype=compute_dtype(config),
-        quantize=_quantize(config),
-        **overrides,
-    )[0]
+    precision = config_lib.precision_settings(config)
+    return hf.model_from_config(config.init_from, **_dtypes(precision), **overrides)[0]
 
 
 def param_rng(config) -> jax.Array:
@@ -111,9 +117,12 @@ class ParamSource:
     def __init__(self, config, model, init_base: Callable, *, abstract: bool = False, mesh=None):
         self.config, self.model, self.abstract, self.mesh = config, model, abstract, mesh
         self.precision = config_lib.precision_settings(config)
+        self.lora = lora_spec(config)  # None: everything trains
+        if abstract and self.lora is not None and self.lora.peft_dir:
+            # files cannot be traced: adapters of the config's rank and targets stand in
+            self.lora = dataclasses.replace(self.lora, peft_dir="")
+        self._peft_dir = "" if self.lora is None else self.lora.peft_dir
         self._init_base = init_base
-        lora = config.get("lora")
-        self._peft_dir = "" if abstract or lora is None else lora.get("peft_dir", "")
 
     @property
     def frozen_base(self) -> bool:
@@ -128,7 +137,7 @@ class ParamSource:
         return base
 
     def _split_base(self, base, rng):
-        return lora_training.split(base, self.config, rng, self.model, peft_dir=self._peft_dir)
+        return lora_training.split(base, self.lora, rng, self.model)
 
     def init_params(self, rng: jax.Array):
         """The trainable parameters of a from-scratch base; pure (traceable)."""
@@ -209,16 +218,16 @@ class ParamSource:
         """
         if self.frozen is None:
             raise ValueError("this run has no LoRA adapters; export it in the hf format")
-        c = self.config.lora
+        spec = self.lora
         return peft_io.save_peft(
             lora_adapters.combine(params, self.frozen),
             self.model,
             out_dir,
             base_model_name_or_path=self.config.init_from or None,
-            rank=int(c.rank),
-            alpha=float(c.alpha),
-            dropout=float(c.dropout),
-            use_rslora=bool(c.use_rslora),
+            rank=spec.rank,
+            alpha=spec.alpha,
+            dropout=spec.dropout,
+            use_rslora=spec.use_rslora,
             task_type=task_type,
         )
 

@@ -10,6 +10,7 @@ each query's rank of the first hit (saved by the trainer to ``WORKDIR/eval/step_
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -32,6 +33,27 @@ from jaxfit.models import clip as clip_model
 from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
 
 log = logging.getLogger(__name__)
+
+
+def validate(config) -> None:
+    """The CLIP task's rules of a from-scratch config: the vision tower's ``patch_size``
+    divides its ``image_size``.
+
+    Raises:
+      ConfigError: naming the key, its value and what is allowed.
+    """
+    vision = config_lib.get_field(config, "model.vision")
+    if vision is None:
+        return
+    image, patch = vision.get("image_size"), vision.get("patch_size")
+    if isinstance(image, int) and isinstance(patch, int) and (patch <= 0 or image % patch):
+        allowed = f"must divide model.vision.image_size={image}"
+        raise config_lib.invalid("model.vision.patch_size", patch, allowed)
+
+
+def tokens_per_step(config) -> None:
+    """None: a CLIP step is counted in image-text pairs (``batch_size``), not tokens."""
+    return None
 
 
 def resolve_config(config, workdir):
@@ -150,57 +172,103 @@ def _execution_overrides(config) -> dict:
     return {k: config.model[k] for k in ("attention_impl", "mlp_chunk_size") if config.model.get(k)}
 
 
+@dataclasses.dataclass
+class CaptionData:
+    """What :func:`prepare_data` read and made: the records of both splits (``val``
+    trimmed to ``eval.max_images``), their skip counters, the SHA-256 of the records
+    before that trim (what a resume compares) and the caption tokenizer."""
+
+    train_records: list
+    val_records: list
+    train_skips: image_text.SkipCounter
+    val_skips: image_text.SkipCounter
+    records_digest: dict
+    tokenizer: tokenizers.CaptionTokenizer
+
+
+def prepare_data(config, workdir) -> CaptionData:
+    """The CLIP task's data step (all its I/O; the trainer calls it through
+    ``jaxfit.run.build_run``, never a planner): the synthetic demo set written under the
+    workdir when it is to be (:func:`ensure_synthetic_data`), both splits' records read
+    (``jaxfit.data.image_text.load_source``), and the caption tokenizer loaded (from
+    ``data.tokenizer`` or ``init_from``) or trained on the training captions into
+    ``WORKDIR/tokenizer``.
+
+    Args:
+      config: a resolved config (:func:`resolve_config`).
+      workdir: the run directory.
+
+    Raises:
+      jaxfit.errors.DataError: a missing data root or an unreadable annotation file.
+    """
+    data = config.data
+    if synthetic_root(config, workdir) is not None:
+        ensure_synthetic_data(config)
+    elif data.synthetic.enabled:
+        log.info(
+            "data.root=%s is set outside the workdir: training on it as data.format=%s says "
+            "(the synthetic demo set is written only under the workdir)",
+            data.root,
+            data.format,
+        )
+    train_records, train_skips = image_text.load_source(data, "train")
+    val_records, val_skips = image_text.load_source(data, "val")
+    # the data, before eval.max_images (which a resume may change) trims it
+    digest = {"train": _records_digest(train_records), "val": _records_digest(val_records)}
+    if config.eval.max_images:
+        val_records = val_records[: config.eval.max_images]
+    if config.init_from:
+        context = base_model(config).config.text.max_position_embeddings
+        tokenizer = tokenizers.CaptionTokenizer.from_pretrained(
+            data.tokenizer or config.init_from, context
+        )
+    else:
+        captions = lambda: (c for r in train_records for c in r.captions)  # noqa: E731
+        tokenizer = tokenizers.tokenizer_from_config(data, Path(workdir) / "tokenizer", captions)
+    return CaptionData(train_records, val_records, train_skips, val_skips, digest, tokenizer)
+
+
 class CLIPTask(Task):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{data, model, init_from,
-    batch_size, micro_batch_size, eval, precision, seed, lora}``."""
+    batch_size, micro_batch_size, eval, precision, seed, lora}``.
+
+    Args:
+      config: a resolved config.
+      workdir: the run directory.
+      mesh: the device mesh.
+      data: :func:`prepare_data`'s result; ``None`` builds the task for planning
+        (``abstract``: no records, and the tokenizer's shape only, ``data.vocab_size``
+        ids, unless ``data.tokenizer`` names one). The constructor writes nothing and
+        reads no data (an ``init_from`` checkpoint's ``config.json`` only).
+    """
 
     peft_task_type = None  # PEFT has no task type for dual encoders
 
-    def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        self.config, self.workdir, self.mesh, self.abstract = config, Path(workdir), mesh, abstract
-        data = config.data
+    def __init__(self, config, workdir, mesh, *, data: CaptionData | None = None):
+        self.config, self.workdir, self.mesh = config, Path(workdir), mesh
+        self.abstract = abstract = data is None
         if abstract:  # planning: no images are read, no tokenizer trained
-            self.train_records = self.val_records = []
+            self.train_records, self.val_records = [], []
             self.train_skips = self.val_skips = image_text.SkipCounter()
             self._records_digest = {}
+            self.tokenizer = None
         else:
-            if synthetic_root(config, workdir) is not None:
-                ensure_synthetic_data(config)
-            elif config.data.synthetic.enabled:
-                log.info(
-                    "data.root=%s is set outside the workdir: training on it as "
-                    "data.format=%s says (the synthetic demo set is written only under "
-                    "the workdir)",
-                    data.root,
-                    data.format,
-                )
-            self.train_records, self.train_skips = image_text.load_source(data, "train")
-            self.val_records, self.val_skips = image_text.load_source(data, "val")
-            # the data, before eval.max_images (which a resume may change) trims it
-            self._records_digest = {
-                "train": _records_digest(self.train_records),
-                "val": _records_digest(self.val_records),
-            }
-            if config.eval.max_images:
-                self.val_records = self.val_records[: config.eval.max_images]
+            self.train_records, self.val_records = data.train_records, data.val_records
+            self.train_skips, self.val_skips = data.train_skips, data.val_skips
+            self._records_digest = data.records_digest
+            self.tokenizer = data.tokenizer
         if config.init_from:
             self.model = base_model(
                 config, remat_policy=config.model.remat_policy, **_execution_overrides(config)
             )
-            source = data.tokenizer or config.init_from
-            context = self.model.config.text.max_position_embeddings
-            self.tokenizer = None
-            if not abstract:
-                self.tokenizer = tokenizers.CaptionTokenizer.from_pretrained(source, context)
         else:
-            if abstract and not data.tokenizer:
-                # the BPE this run would train has (at most) data.vocab_size ids
-                self.tokenizer = tokenizers.TokenizerShape(data.vocab_size, data.context_length)
-            else:
-                self.tokenizer = tokenizers.tokenizer_from_config(
-                    data,
-                    self.workdir / "tokenizer",
-                    lambda: (c for r in self.train_records for c in r.captions),
+            if abstract and config.data.tokenizer:  # a named tokenizer: its own size
+                self.tokenizer = tokenizers.CaptionTokenizer.from_pretrained(
+                    config.data.tokenizer, config.data.context_length
+                )
+            elif abstract:  # the BPE this run would train has (at most) data.vocab_size ids
+                self.tokenizer = tokenizers.TokenizerShape(
+                    config.data.vocab_size, config.data.context_length
                 )
             self.model = clip_model.CLIPModel(model_config(config, self.tokenizer))
         self.image_size = self.model.config.vision.image_size
@@ -322,7 +390,7 @@ class CLIPTask(Task):
         out = retrieval.recall_at_k(images, texts, text_to_image, ks=ks)
         out["num_images"] = float(len(images))
         out["num_captions"] = float(len(texts))
-        i2t_rank, t2i_rank = _first_hit_ranks(images, texts, text_to_image, max(ks))
+        i2t_rank, t2i_rank = retrieval.first_hit_ranks(images, texts, text_to_image, max(ks))
         examples = {"i2t_rank": i2t_rank, "t2i_rank": t2i_rank, "ks": np.asarray(ks, np.int32)}
         examples.update(_query_keys(self.val_records, len(images)))
         return out, examples
@@ -334,28 +402,6 @@ def _records_digest(records) -> dict:
     for r in records:
         h.update(json.dumps([r.image_id, list(r.captions)]).encode() + b"\n")
     return {"sha256": h.hexdigest(), "size": len(records)}
-
-
-def _first_hit_ranks(images, texts, text_to_image, kmax: int, chunk: int = 1024):
-    """Per-query position of the first hit among the top ``kmax`` (``kmax`` = none), with
-    the top-K selection of :func:`jaxfit.evals.retrieval.recall_at_k` (so ``mean(rank <
-    K)`` is its recall@K)."""
-    top = jax.jit(lambda q, c: jax.lax.top_k(q @ c.T, min(kmax, c.shape[0]))[1])
-
-    def topk(queries, candidates):
-        c = jnp.asarray(candidates)
-        parts = [
-            np.asarray(top(jnp.asarray(queries[i : i + chunk]), c))
-            for i in range(0, len(queries), chunk)
-        ]
-        return np.concatenate(parts)
-
-    def first(hit):
-        return np.where(hit.any(axis=1), hit.argmax(axis=1), kmax).astype(np.int32)
-
-    i2t = text_to_image[topk(images, texts)] == np.arange(len(images))[:, None]
-    t2i = topk(texts, images) == text_to_image[:, None]
-    return first(i2t), first(t2i)
 
 
 def _query_keys(records, num_images: int) -> dict[str, np.ndarray]:

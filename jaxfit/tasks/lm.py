@@ -47,6 +47,31 @@ def _shape(model) -> tuple[int, int]:
     return family.num_layers(model.config), family.hidden_size(model.config)
 
 
+def validate(config) -> None:
+    """The LM task's rules of a from-scratch config: ``model.family`` one of the LM
+    families (:func:`jaxfit.hf.families.names`), ``seq_len`` within its
+    ``model.config``'s positions.
+
+    Raises:
+      ConfigError: naming the key, its value and what is allowed.
+    """
+    model = config_lib.get_field(config, "model")
+    if model is None or "family" not in model:
+        return
+    if model.family not in families.names("lm"):
+        allowed = f"expected one of {families.names('lm')}"
+        raise config_lib.invalid("model.family", model.family, allowed)
+    if "config" in model:
+        field = families.get(model.family, task="lm").decoder.max_positions
+        config_lib.check_seq_len(config, model.config.get(field), f"model.config.{field}")
+
+
+def tokens_per_step(config) -> int:
+    """Tokens of one optimizer step: ``batch_size`` sequences of ``seq_len`` tokens
+    (``config`` a ConfigDict or a ``config.json`` dict)."""
+    return int(config["batch_size"]) * int(config["seq_len"])
+
+
 def resolve_config(config, workdir):
     """``config`` with the fields an LM run derives filled (a copy): the tokenizer of
     ``init_from`` when none is named, the synthetic corpus's path in ``workdir``, and
@@ -101,10 +126,10 @@ def _head_dim(config) -> int:
 
 
 def attention_choice(config) -> tuple[str, str]:
-    """``(implementation, reason)`` for this machine (:func:`jaxfit.models.layers.
-    choose_attention`): the config's compute dtype and head size, ``seq_len`` queries,
-    ``micro_batch_size`` sequences per call, packed documents (LM batches always carry
-    segment ids). Logged at INFO."""
+    """``(implementation, reason)`` for this machine
+    (:func:`jaxfit.models.attention.choose_attention`): the config's compute dtype and
+    head size, ``seq_len`` queries, ``micro_batch_size`` sequences per call, packed
+    documents (LM batches always carry segment ids). Logged at INFO."""
     impl, reason = attention.choose_attention(
         target.backend(),
         compute_dtype(config),
@@ -118,26 +143,39 @@ def attention_choice(config) -> tuple[str, str]:
     return impl, reason
 
 
+def prepare_data(config, workdir):
+    """The LM task's data step (all its I/O; the trainer calls it through
+    ``jaxfit.run.build_run``, never a planner): the synthetic corpus written when it is to
+    be (:func:`synthetic_path`), then ``jaxfit.data.text.prepare_text_data`` (the
+    tokenizer loaded or trained, the corpus tokenized into ``WORKDIR``'s token files).
+
+    Args:
+      config: a resolved config (:func:`resolve_config`).
+      workdir: the run directory.
+
+    Returns:
+      ``jaxfit.data.text.prepare_text_data``'s result (``.tokenizer`` among it).
+    """
+    data_cfg = config.data
+    if synthetic_path(config, workdir) is not None and not Path(data_cfg.path).is_file():
+        write_synthetic_text(
+            data_cfg.path,
+            num_documents=data_cfg.synthetic.num_documents,
+            seed=data_cfg.synthetic.seed,
+        )
+    return text_data.prepare_text_data(data_cfg, Path(workdir))
+
+
 class LMTask(Task):
     """See ``jaxfit.tasks`` for the interface. Reads ``config.{model, init_from, data,
     seq_len, batch_size, micro_batch_size, eval, precision fields, seed, device}`` of a
     config resolved by :func:`resolve_config` (it is not changed here)."""
 
-    def __init__(self, config, workdir, mesh, *, abstract: bool = False):
-        self.config, self.workdir, self.mesh, self.abstract = config, Path(workdir), mesh, abstract
-        data_cfg = config.data
-        if abstract:  # planning: no corpus is read, no tokenizer trained
-            self.data = self.tokenizer = None
-        else:
-            if synthetic_path(config, workdir) is not None:
-                if not Path(data_cfg.path).is_file():
-                    write_synthetic_text(
-                        data_cfg.path,
-                        num_documents=data_cfg.synthetic.num_documents,
-                        seed=data_cfg.synthetic.seed,
-                    )
-            self.data = text_data.prepare_text_data(data_cfg, self.workdir)
-            self.tokenizer = self.data.tokenizer
+    def __init__(self, config, workdir, mesh, *, data=None):
+        self.config, self.workdir, self.mesh = config, Path(workdir), mesh
+        self.abstract = abstract = data is None
+        self.data = data  # prepare_data's; None when planning: no corpus, no tokenizer
+        self.tokenizer = None if abstract else data.tokenizer
         if config.init_from:
             self.model = base_model(config, **self._model_overrides())
         else:

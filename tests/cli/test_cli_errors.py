@@ -187,6 +187,32 @@ def test_exit_codes_of_checkpoints_results_and_disk(tmp_path):
     assert f"while writing {tmp_path / 'metrics.jsonl'}" in line and line.endswith("intact")
 
 
+def test_every_error_carries_its_exit_code_and_cli_run_reports_it(capsys):
+    """One mechanism: each jaxfit error class carries its status (``exit_code``) and
+    ``cli.run`` reports any of them in one ``error:`` line with it, whichever CLI raised
+    it (``jaxfit.train`` maps none by hand)."""
+    from jaxfit.oom import OutOfMemoryError
+    from jaxfit.workdir import ResumeConfigError, WorkdirBusyError
+
+    expected = {
+        config_lib.ConfigError("bad key"): 2,
+        ResumeConfigError("changed", ["seed"]): 2,
+        DataError("missing root", path="/d"): 2,
+        OutOfMemoryError("out of device memory during the first step"): 3,
+        NonFiniteError("diverged", step=1, names=["loss"]): 4,
+        WorkdirBusyError("held by pid 1"): 5,
+        NoUsableCheckpointError("none", {3: "x"}): 6,
+    }
+    for error, code in expected.items():
+        assert error.exit_code == code and cli.exit_code(error) == code
+
+        def main(argv, error=error):
+            raise error
+
+        assert cli.run(main, [], prog="p", doc=None) == code
+        assert capsys.readouterr().err == f"error: {error}\n"  # no type name, one line
+
+
 def test_a_full_disk_anywhere_is_one_line_with_status_7(tmp_path, capsys):
     """An ``ENOSPC`` raised by any command (a reader writing metrics, an export) is
     reported as a full disk naming the file's directory and its free space, not as a

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from jaxfit.evals.retrieval import chance_recall, recall_at_k
+from jaxfit.evals.retrieval import chance_recall, first_hit_ranks, recall_at_k
 
 
 def _brute_force(img, txt, t2i_idx, k):
@@ -30,6 +30,31 @@ def test_matches_brute_force(chunk):
         assert got[f"i2t_R@{k}"] == pytest.approx(i2t)
         assert got[f"t2i_R@{k}"] == pytest.approx(t2i)
     assert 0 < got["t2i_R@1"] < 100  # the noise level makes the test discriminative
+
+
+@pytest.mark.parametrize("chunk", [3, 1024])
+def test_first_hit_ranks_match_brute_force_and_give_the_recalls(chunk):
+    """Each query's rank of its first correct candidate: the brute-force argsort's, and
+    ``100 * mean(rank < K)`` is recall_at_k's R@K; a miss within ``kmax`` is ``kmax``."""
+    rng = np.random.default_rng(1)
+    img = _normed(rng.normal(size=(13, 8)).astype(np.float32))
+    t2i_idx = np.repeat(np.arange(13), 2)
+    txt = _normed(img[t2i_idx] + 0.9 * rng.normal(size=(26, 8)).astype(np.float32))
+    kmax = 5
+    i2t, t2i = first_hit_ranks(img, txt, t2i_idx, kmax, chunk_size=chunk)
+    sims = img @ txt.T
+    for i in range(13):
+        hits = [r for r, j in enumerate(np.argsort(-sims[i])[:kmax]) if t2i_idx[j] == i]
+        assert i2t[i] == (hits[0] if hits else kmax)
+    for j in range(26):
+        order = list(np.argsort(-sims[:, j])[:kmax])
+        assert t2i[j] == (order.index(t2i_idx[j]) if t2i_idx[j] in order else kmax)
+    recalls = recall_at_k(img, txt, t2i_idx, ks=(1, 5))
+    for k in (1, 5):
+        assert 100 * np.mean(i2t < k) == pytest.approx(recalls[f"i2t_R@{k}"])
+        assert 100 * np.mean(t2i < k) == pytest.approx(recalls[f"t2i_R@{k}"])
+    assert i2t.dtype == t2i.dtype == np.int32
+    assert (t2i == kmax).any()  # some misses: the kmax case is exercised
 
 
 def test_perfect_embeddings_give_full_recall():

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxfit import train, trainer
+from jaxfit import run, train
 
 SLOW = float(os.environ.get("JAXFIT_TEST_SLOW_STEP", "20"))
-_real = trainer.jit_train_step
+_real = run.jit_train_step
 
 
 def _sleep(step, loss):
@@ -39,7 +39,7 @@ def slow_jit_train_step(*args, **kwargs):
     return jax.jit(slow, donate_argnums=0)
 
 
-trainer.jit_train_step = slow_jit_train_step
+run.jit_train_step = slow_jit_train_step  # build_run's step
 
 if __name__ == "__main__":
     sys.exit(train.main(["python -m jaxfit.train", *sys.argv[1:]]))

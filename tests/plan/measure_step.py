@@ -15,9 +15,7 @@ import jax
 
 from jaxfit import config as config_lib
 from jaxfit import sharding, trainer
-from jaxfit import step as step_lib
-from jaxfit.optim import make_optimizer
-from jaxfit.tasks import build_task
+from jaxfit.run import build_run
 
 
 def _kib(field):
@@ -29,18 +27,14 @@ def _kib(field):
 
 def main(spec, *overrides):
     config = config_lib.load_config(spec, overrides)
-    mesh = sharding.make_mesh()
     with tempfile.TemporaryDirectory() as workdir:
-        task = build_task(config, workdir, mesh)
-        optimizer, schedule = make_optimizer(
-            config.optim, config.total_steps, task.abstract_params()
-        )
+        run = build_run(config, workdir, abstract=False)  # what jaxfit.train builds
+        task = run.task
         ckpt = trainer.checkpoint.Checkpointer(f"{workdir}/ckpt")
-        state, shardings, _ = trainer.build_state(task, optimizer, config, mesh, ckpt)
-        step = step_lib.jit_train_step(task, optimizer, schedule, shardings, mesh)
-        batch = sharding.shard_batch(next(task.train_iterator()), mesh)
+        state, _ = trainer.build_state(run, ckpt)
+        batch = sharding.shard_batch(next(task.train_iterator()), run.mesh)
         frozen = task.frozen
-        compiled = step.lower(state, batch, frozen).compile()
+        compiled = run.step.lower(state, batch, frozen).compile()
         jax.block_until_ready((state, batch, frozen))
         before = _kib("VmRSS")
         with open("/proc/self/clear_refs", "w") as f:

@@ -10,6 +10,7 @@ import pytest
 
 from jaxfit import config as config_lib
 from jaxfit import oom, trainer
+from jaxfit import run as run_lib
 from jaxfit import train as train_cli
 from jaxfit.plan import apply, core, search
 
@@ -82,7 +83,7 @@ def test_out_of_memory_in_the_first_step_stops_cleanly_with_advice(tmp_path, mon
 
         return step
 
-    monkeypatch.setattr(trainer, "jit_train_step", jit_oom)
+    monkeypatch.setattr(run_lib, "jit_train_step", jit_oom)  # the step build_run jits
     with pytest.raises(oom.OutOfMemoryError) as err:
         trainer.train(config, tmp_path)
     text = str(err.value)
