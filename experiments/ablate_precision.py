@@ -364,10 +364,9 @@ def base_error(init_from: str, config) -> float:
     import jax.numpy as jnp
 
     from jaxfit import hf, quant
-    from jaxfit.tasks import base as task_base
 
     p = config_lib.precision_settings(config)
-    stored = jnp.dtype(task_base.base_dtype(config))
+    stored = jnp.dtype(p.base_dtype)
     if not p.lora or (not p.quantised and stored == jnp.float32):
         return 0.0
     _, params = hf.load_pretrained(init_from, dtype=jnp.float32)
