@@ -332,6 +332,28 @@ def _uncached(on: bool):
         jax.config.update(name, before)
 
 
+def compile_with_liveness(lowered, module: str):
+    """``(compiled, Liveness or None)``: ``lowered`` compiled for the plan, and on a CPU
+    the live ranges of its temporaries (:mod:`jaxfit.plan.liveness`) read from XLA's dump
+    of module ``module`` (``"jit_train_step"``, ``"jit__generate"``).
+
+    On a CPU the compile uses :data:`CPU_COMPILE_OPTIONS` and asks XLA to dump its buffer
+    assignment and live ranges. A compile read back from jax's persistent cache would
+    write none: the emitter filter (a debug option that matches no emitter) is in jax's
+    cache key and unique, so the lookup misses, and :func:`_uncached` writes no entry. A
+    GPU target compiles with no options and gets ``None``."""
+    on_cpu = target.backend() == "cpu"
+    with tempfile.TemporaryDirectory() as dump, _uncached(on_cpu):
+        options = {
+            **CPU_COMPILE_OPTIONS,
+            **liveness.DUMP_OPTIONS,
+            "xla_dump_to": dump,
+            "xla_dump_emitter_re": f"jaxfit-plan-{os.path.basename(dump)}",
+        }
+        compiled = lowered.compile(options if on_cpu else None)
+        return compiled, liveness.read_dump(dump, module) if on_cpu else None
+
+
 @contextlib.contextmanager
 def _offload_accounted():
     """Silence ``layers.remat_policy``'s warning that ``offload`` saves in place on a CPU:
@@ -447,19 +469,8 @@ def plan_config(config) -> Plan:
     t0 = time.perf_counter()
     step, executed, (task, state, batch, frozen, abstract_params, jaxpr) = _trace(config)
     on_cpu = target.backend() == "cpu"  # a GPU target compiles as XLA:GPU: no CPU terms
-    with _offload_accounted(), tempfile.TemporaryDirectory() as dump, _uncached(on_cpu):
-        # on a CPU, XLA writes its buffer assignment and live ranges (liveness.read_dump);
-        # a compile read back from the persistent cache would write none: the emitter
-        # filter (a debug option that matches no emitter) is in jax's cache key and
-        # unique, so the lookup misses, and _uncached writes no entry
-        options = {
-            **CPU_COMPILE_OPTIONS,
-            **liveness.DUMP_OPTIONS,
-            "xla_dump_to": dump,
-            "xla_dump_emitter_re": f"jaxfit-plan-{os.path.basename(dump)}",
-        }
-        compiled = step.lower(state, batch, frozen).compile(options if on_cpu else None)
-        live = liveness.read_dump(dump) if on_cpu else None
+    with _offload_accounted():
+        compiled, live = compile_with_liveness(step.lower(state, batch, frozen), "jit_train_step")
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     cost = compiled.cost_analysis() or {}

@@ -42,7 +42,6 @@ import dataclasses
 import functools
 import json
 import os
-import tempfile
 import time
 from typing import Any
 
@@ -57,7 +56,7 @@ from jaxfit.hf import io as hf_io
 from jaxfit.hf.load import abstract_params
 from jaxfit.models import kv_cache
 from jaxfit.plan import estimate, liveness
-from jaxfit.plan.core import CPU_COMPILE_OPTIONS, _uncached, frozen_bytes_by_kind, tree_bytes
+from jaxfit.plan.core import compile_with_liveness, frozen_bytes_by_kind, tree_bytes
 
 KV_CACHE = ("bf16", "int8")
 # As the default prefill chunk: a context that is a multiple of it then leaves a prompt
@@ -280,16 +279,7 @@ def plan_generation(
     lowered = sampling._generate.lower(
         *args, max_new_tokens=new, prefill_chunk=chunk, kv_quant=kv_quant
     )
-    on_cpu = target.backend() == "cpu"
-    with tempfile.TemporaryDirectory() as dump, _uncached(on_cpu):
-        options = {  # as plan.core: XLA's buffer assignment and live ranges, uncached
-            **CPU_COMPILE_OPTIONS,
-            **liveness.DUMP_OPTIONS,
-            "xla_dump_to": dump,
-            "xla_dump_emitter_re": f"jaxfit-plan-{os.path.basename(dump)}",
-        }
-        compiled = lowered.compile(options if on_cpu else None)
-        live = liveness.read_dump(dump, "jit__generate") if on_cpu else None
+    compiled, live = compile_with_liveness(lowered, "jit__generate")
     seconds = time.perf_counter() - t0
     ma = compiled.memory_analysis()
     fixed = ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
