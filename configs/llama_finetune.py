@@ -14,9 +14,8 @@ from __future__ import annotations
 
 import ml_collections
 
-from jaxfit.config import parse_arg, run_rhythm
+from jaxfit.config import default_lora_config, parse_arg, run_rhythm
 from jaxfit.data.text import default_text_config
-from jaxfit.lora.training import default_lora_config
 from jaxfit.optim import default_optim_config
 
 

@@ -293,8 +293,11 @@ def worker(args, overrides: list[str]) -> int:
         else:
             res["measured_peak_bytes"] = 1024 * peak.peak_kib()
             res["measured_source"] = "process peak RSS"
-        res["quant_rel_error"] = base_error(init_from, config)
-        start = evaluate_start(trainer, config, workdir)  # after the memory was read
+        from jaxfit.run import build_run
+
+        run = build_run(config, workdir, abstract=False)  # assembled as the trainer does
+        res["quant_rel_error"] = base_error(init_from, run.spec.precision)
+        start = evaluate_start(trainer, run, workdir)  # after the memory was read
         res.update({f"start/{k}": v for k, v in start.items()})
         from jaxfit.plan.core import plan_config
 
@@ -339,33 +342,30 @@ def _train(trainer, config, workdir: Path, out: Path) -> None:
         raise RuntimeError(f"training stopped at step {done} of {config.total_steps}")
 
 
-def evaluate_start(trainer, config, workdir: Path) -> dict[str, float]:
+def evaluate_start(trainer, run, workdir: Path) -> dict[str, float]:
     """The arm's starting point evaluated on the validation split: its stored base (int8 /
     NF4 / bf16 / float32) with the adapters as initialised (``B = 0``: the base's
     function), per-example results in ``workdir/start/eval/step_0.npz``. Against the base
-    stage's evaluation this is what storing the base costs before any training."""
-    from jaxfit import sharding
-    from jaxfit.tasks import build_task, resolve_config
+    stage's evaluation this is what storing the base costs before any training. ``run``:
+    the arm's ``jaxfit.run.Run`` (not abstract)."""
     from jaxfit.tasks.base import param_rng
 
-    config = resolve_config(config, workdir)
-    task = build_task(config, workdir, sharding.mesh_from_config(config))
-    params = task.initial_params(param_rng(config), None)
-    return trainer.run_evaluation(task, params, workdir / "start", 0, require_finite=True)
+    params = run.task.initial_params(param_rng(run.config), None)
+    return trainer.run_evaluation(run.task, params, workdir / "start", 0, require_finite=True)
 
 
-def base_error(init_from: str, config) -> float:
+def base_error(init_from: str, p: config_lib.Precision) -> float:
     """Relative Frobenius error ``||W - S(W)||_F / ||W||_F`` of the frozen base as the arm
     stores it (``S``: quantisation to the arm's ``base_format``, or rounding to bfloat16
     for a bf16 LoRA base), over the kernels the quantisers select
     (:data:`jaxfit.hf.families.DEFAULT_QUANT_RULES`; ``jaxfit.quant.error_report``); 0
     for a float32 base and for full fine-tuning (float32 master weights). The base is
-    read again from ``init_from`` (float32)."""
+    read again from ``init_from`` (float32). ``p``: the arm's resolved precision (its
+    ``jaxfit.tasks.RunSpec``'s)."""
     import jax.numpy as jnp
 
     from jaxfit import hf, quant
 
-    p = config_lib.precision_settings(config)
     stored = jnp.dtype(p.base_dtype)
     if not p.lora or (not p.quantised and stored == jnp.float32):
         return 0.0

@@ -494,14 +494,41 @@ def precision_settings(config) -> Precision:
     return Precision(compute, base, bool(base != "float" or (lora is not None and lora.enabled)))
 
 
-def resolve_precision(config):
-    """A copy of ``config`` with ``compute_dtype``, ``base_format`` and ``lora.enabled``
-    filled from :func:`precision_settings` (what ``config.json`` records)."""
+def resolve_precision(config) -> tuple[Any, Precision]:
+    """``(copy, precision)``: ``config`` with ``compute_dtype``, ``base_format`` and
+    ``lora.enabled`` filled from :func:`precision_settings` (what ``config.json``
+    records), and that :class:`Precision`. The one place a resolved run's precision is
+    decoded (``jaxfit.tasks.resolve_config`` keeps it in the run's specs); code after it
+    reads the specs, never the shorthand.
+
+    Raises:
+      ConfigError: as :func:`precision_settings`.
+    """
     p = precision_settings(config)
     values = {"compute_dtype": p.compute_dtype, "base_format": p.base_format}
     if get_field(config, "lora") is not None:
         values["lora.enabled"] = p.lora
-    return set_fields(config, values, create=True)
+    return set_fields(config, values, create=True), p
+
+
+def default_lora_config() -> ml_collections.ConfigDict:
+    """``config.lora`` with the defaults of jaxfit's QLoRA recipe: r=16, alpha=32,
+    dropout 0.05, the attention projections q/k/v/o (PEFT short names; Dettmers et al.
+    2023, "QLoRA", train adapters on every linear layer for their best results:
+    ``targets="all-linear"``). The run's ``LoraSpec`` is built from it once
+    (``jaxfit.tasks.resolve_config``)."""
+    c = ml_collections.ConfigDict()
+    c.enabled = False  # train adapters over a frozen base (forced on by a quantised base_format)
+    c.rank = 16
+    c.alpha = 32.0
+    c.dropout = 0.05
+    c.use_rslora = False  # scale alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
+    # PEFT short names, "all-linear", or regexes over parameter paths (jaxfit.lora.targets)
+    c.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
+    # a PEFT adapter directory to start from (trained elsewhere); its rank, alpha and
+    # targets replace the fields above
+    c.peft_dir = ""
+    return c
 
 
 def sibling_config(config_file: str | os.PathLike, name: str, arg: str | None = None):

@@ -6,7 +6,7 @@ planner (which names the same levers) both use it without importing each other.
 
 from __future__ import annotations
 
-from jaxfit.config import get_field, precision_settings
+from jaxfit.config import Precision, get_field
 from jaxfit.errors import Error
 
 
@@ -16,9 +16,10 @@ def is_out_of_memory(error: BaseException) -> bool:
     return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text
 
 
-def oom_advice(config) -> list[str]:
+def oom_advice(config, precision: Precision) -> list[str]:
     """What to change after an out-of-memory error, cheapest in speed first: the levers
-    the config does not already pull."""
+    the resolved ``config`` (with its :class:`~jaxfit.config.Precision`, from the run's
+    ``jaxfit.tasks.RunSpec``) does not already pull."""
     out = []
     mb = get_field(config, "micro_batch_size")
     if mb and mb > 1:
@@ -30,7 +31,7 @@ def oom_advice(config) -> list[str]:
         out.append("--config.model.remat_policy=full (recompute activations)")
     if get_field(config, "loss_chunk_size") == 0:
         out.append("--config.loss_chunk_size=1024 (LM head + loss in chunks of tokens)")
-    if not precision_settings(config).quantised:
+    if not precision.quantised:
         out.append("--config.precision=nf4 (QLoRA: a frozen NF4 base + LoRA adapters)")
     if get_field(config, "optim.name") == "adamw":
         out.append("--config.optim.name=adamw8bit (8-bit optimizer moments)")
@@ -44,10 +45,14 @@ class OutOfMemoryError(Error, RuntimeError):
     exit_code = 3
 
     @classmethod
-    def from_config(cls, config, error: BaseException, where: str) -> OutOfMemoryError:
+    def from_config(
+        cls, config, precision: Precision, error: BaseException, where: str
+    ) -> OutOfMemoryError:
+        """The error for ``error`` raised during ``where`` ("the first step") of the run
+        of the resolved ``config`` and its ``precision``, with :func:`oom_advice`."""
         device = get_field(config, "device") or "rtx4070ti"
         first = str(error).strip().splitlines()[0][:300]
-        advice = "\n".join(f"  - {a}" for a in oom_advice(config)) or "  (none left)"
+        advice = "\n".join(f"  - {a}" for a in oom_advice(config, precision)) or "  (none left)"
         return cls(
             f"out of device memory during {where}: {first}\n"
             f"Options (each alone may suffice):\n{advice}\n"

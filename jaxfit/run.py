@@ -24,7 +24,7 @@ from jax.sharding import Mesh
 from jaxfit import distributed, sharding
 from jaxfit.optim import make_optimizer
 from jaxfit.step import TrainState, abstract_train_state, jit_train_step
-from jaxfit.tasks import build_task, prepare_data, resolve_config
+from jaxfit.tasks import RunSpec, build_task, prepare_data, resolve_config
 from jaxfit.tasks.base import param_rng
 
 
@@ -33,9 +33,11 @@ class Run:
     """What a run is made of (see :func:`build_run`).
 
     Attributes:
-      config: the resolved config (``jaxfit.tasks.resolve_config``).
+      spec: the run's specs (``jaxfit.tasks.resolve_config``: config, precision, LoRA,
+        mesh, task entry).
+      config: ``spec.config``, the resolved config.
       task: the task (``jaxfit.tasks``); built ``abstract`` or with its data.
-      mesh: the ``("data", "fsdp")`` device mesh of ``config.mesh``.
+      mesh: the ``("data", "fsdp")`` device mesh (``spec.mesh`` built, or the one given).
       optimizer, schedule: :func:`jaxfit.optim.make_optimizer` of the trainable parameters.
       abstract_state: a ``TrainState`` of ``jax.ShapeDtypeStruct`` (no memory).
       state_shardings: the matching ``TrainState`` of shardings.
@@ -44,7 +46,7 @@ class Run:
         (:func:`jaxfit.step.jit_train_step`; the state donated).
     """
 
-    config: Any
+    spec: RunSpec
     task: Any
     mesh: Mesh
     optimizer: optax.GradientTransformation
@@ -53,6 +55,11 @@ class Run:
     state_shardings: TrainState
     make_state: Any
     step: Any
+
+    @property
+    def config(self):
+        """The resolved config (``spec.config``)."""
+        return self.spec.config
 
     def fresh_state(self, params=None) -> TrainState:
         """The state a fresh run starts from, in :attr:`state_shardings`: the task's
@@ -79,16 +86,16 @@ def build_run(
     """Assemble the run of ``config``: nothing is allocated, compiled or trained.
 
     Args:
-      config: a validated config (``jaxfit.validation.validate_values``); resolved here
-        (:func:`jaxfit.tasks.resolve_config`, idempotent).
+      config: a validated config (``jaxfit.validation.validate_values``), resolved here
+        (:func:`jaxfit.tasks.resolve_config`), or its ``RunSpec``.
       workdir: the run directory (a task's artefacts: tokenizer, token cache).
       abstract: build the task for planning: nothing written, no data read, no tokenizer
         trained, no weights loaded (``build_task(..., abstract=True)``); else the task's
         data step runs first (:func:`jaxfit.tasks.prepare_data`: synthetic data, tokenizer,
         token files), on process 0 before the others
         (:func:`jaxfit.distributed.primary_first`: shared data files).
-      mesh: the device mesh; default :func:`jaxfit.sharding.mesh_from_config` (a reader
-        of a finished run may pass one that fits its own devices).
+      mesh: the device mesh; default the spec's (:meth:`jaxfit.sharding.MeshSpec.build`;
+        a reader of a finished run may pass one that fits its own devices).
       check_batch: refuse a (micro-)batch the mesh's batch axes do not divide; only a
         reader that trains nothing (:func:`jaxfit.trainer.restore_params` on another
         mesh) passes False.
@@ -101,21 +108,22 @@ def build_run(
       ValueError: ``config.mesh`` does not fit the devices, or the mesh's batch axes do
         not divide the (micro-)batch (:func:`jaxfit.sharding.check_batch_sizes`).
     """
-    config = resolve_config(config, workdir)
+    spec = resolve_config(config, workdir)
+    config = spec.config
     if mesh is None:
-        mesh = sharding.mesh_from_config(config)
+        mesh = spec.mesh.build()
     if check_batch:
         sharding.check_batch_sizes(config, mesh)
     # the data step (I/O, shared files: process 0 first), never for an abstract run
-    data = None if abstract else distributed.primary_first(prepare_data, config, workdir)
-    task = build_task(config, workdir, mesh, abstract=abstract, data=data)
+    data = None if abstract else distributed.primary_first(prepare_data, spec, workdir)
+    task = build_task(spec, workdir, mesh, abstract=abstract, data=data)
     optimizer, schedule = make_optimizer(config.optim, config.total_steps, task.abstract_params())
     abstract_state, state_shardings, make_state = abstract_train_state(
         task, optimizer, config, mesh
     )
     step = jit_train_step(task, optimizer, schedule, state_shardings, mesh)
     return Run(
-        config=config,
+        spec=spec,
         task=task,
         mesh=mesh,
         optimizer=optimizer,

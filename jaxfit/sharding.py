@@ -1,6 +1,6 @@
 """Device mesh and shardings: data parallelism, FSDP, and batches of several processes.
 
-The mesh has two axes, ``("data", "fsdp")`` (:func:`mesh_from_config`, from
+The mesh has two axes, ``("data", "fsdp")`` (:class:`MeshSpec`, from
 ``config.mesh``; a ``tensor`` axis would be a third). The batch's leading axis is split
 over both (``BATCH_AXES``). Parameters, gradients and optimizer state are split over
 ``fsdp`` (ZeRO-3 / FSDP: each device holds ``1/fsdp`` of them and XLA's SPMD partitioner
@@ -26,6 +26,7 @@ With ``fsdp=1`` every sharding is the replicated one: plain data parallelism.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -121,46 +122,63 @@ def make_mesh(
     return Mesh(np.asarray(devices, dtype=object).reshape(sizes), tuple(names))
 
 
-def mesh_axes(config) -> dict[str, int]:
-    """``{"data": d, "fsdp": f}`` of ``config.mesh`` (defaults ``data=-1, fsdp=1`` when the
-    config has no ``mesh``: a config saved before meshes existed).
+@dataclasses.dataclass(frozen=True)
+class MeshSpec:
+    """The device mesh a run asks for (``config.mesh``), resolved once
+    (``jaxfit.tasks.resolve_config``) and built over the devices by :meth:`build`.
 
-    Raises:
-      ValueError: an unknown axis, a non-integer size, or ``tensor`` other than 1.
+    Attributes:
+      data: data-parallel devices (parameters replicated over them); ``-1``: the rest.
+      fsdp: devices splitting parameters, gradients and optimizer state; ``-1``: the rest.
     """
-    cfg = config.get("mesh") if hasattr(config, "get") else None
-    values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
-    unknown = sorted(set(values) - {*MESH_AXES, "tensor"})
-    if unknown:
-        raise ValueError(f"config.mesh has unknown axes {unknown}; known: {list(MESH_AXES)}")
-    if int(values.pop("tensor", 1)) != 1:
-        raise ValueError("config.mesh.tensor: tensor parallelism is not implemented; use 1")
-    out = {"data": -1, "fsdp": 1}
-    for k, v in values.items():
-        if isinstance(v, bool) or int(v) != v:
-            raise ValueError(f"config.mesh.{k}={v!r}: an integer (or -1 for the rest)")
-        out[k] = int(v)
-    return out
 
+    data: int = -1
+    fsdp: int = 1
 
-def mesh_from_config(config, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """The ``("data", "fsdp")`` mesh of ``config.mesh`` over all devices (every process's).
+    @classmethod
+    def from_config(cls, config) -> MeshSpec:
+        """``config.mesh`` (defaults ``data=-1, fsdp=1`` when the config has no ``mesh``:
+        a config saved before meshes existed).
 
-    Raises:
-      ValueError: the sizes do not multiply to the device count; the message names
-        ``config.mesh``, the device count and the processes.
-    """
-    axes = mesh_axes(config)
-    n = len(devices) if devices is not None else target.device_count()
-    try:
-        return make_mesh(axes=axes, devices=devices)
-    except ValueError as e:
-        procs = jax.process_count()
-        where = f"{n} devices" + (f" over {procs} processes" if procs > 1 else "")
-        raise ValueError(
-            f"config.mesh {axes} does not fit this run's {where} ({e}); e.g. "
-            f"--config.mesh.data=-1 --config.mesh.fsdp={n} shards parameters over all of them"
-        ) from None
+        Raises:
+          ValueError: an unknown axis, a non-integer size, or ``tensor`` other than 1;
+            the message names ``config.mesh.<axis>``.
+        """
+        cfg = config.get("mesh") if hasattr(config, "get") else None
+        values = dict(cfg.to_dict() if hasattr(cfg, "to_dict") else (cfg or {}))
+        unknown = sorted(set(values) - {*MESH_AXES, "tensor"})
+        if unknown:
+            raise ValueError(f"config.mesh has unknown axes {unknown}; known: {list(MESH_AXES)}")
+        if int(values.pop("tensor", 1)) != 1:
+            raise ValueError("config.mesh.tensor: tensor parallelism is not implemented; use 1")
+        for k, v in values.items():
+            if isinstance(v, bool) or int(v) != v:
+                raise ValueError(f"config.mesh.{k}={v!r}: an integer (or -1 for the rest)")
+        return cls(**{k: int(v) for k, v in values.items()})
+
+    @property
+    def axes(self) -> dict[str, int]:
+        """``{"data": d, "fsdp": f}``, major to minor (``-1``: the rest of the devices)."""
+        return {"data": self.data, "fsdp": self.fsdp}
+
+    def build(self, devices: Sequence[jax.Device] | None = None) -> Mesh:
+        """The ``("data", "fsdp")`` mesh over all devices (every process's) or ``devices``.
+
+        Raises:
+          ValueError: the sizes do not multiply to the device count; the message names
+            ``config.mesh``, the device count and the processes.
+        """
+        n = len(devices) if devices is not None else target.device_count()
+        try:
+            return make_mesh(axes=self.axes, devices=devices)
+        except ValueError as e:
+            procs = jax.process_count()
+            where = f"{n} devices" + (f" over {procs} processes" if procs > 1 else "")
+            raise ValueError(
+                f"config.mesh {self.axes} does not fit this run's {where} ({e}); e.g. "
+                f"--config.mesh.data=-1 --config.mesh.fsdp={n} shards parameters over all "
+                "of them"
+            ) from None
 
 
 def check_batch_sizes(config, mesh: Mesh) -> None:
@@ -418,7 +436,7 @@ def shard_batch(batch: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
       batch: dict of numpy arrays sharing a leading axis: the GLOBAL batch in a
         single-process run; with several processes, this process's rows of it
         (:func:`process_batch_rows`), every process giving the same number.
-      mesh: from :func:`make_mesh` / :func:`mesh_from_config`.
+      mesh: from :func:`make_mesh` / :meth:`MeshSpec.build`.
 
     Returns:
       Dict of global ``jax.Array`` with :func:`batch_sharding` (several processes:

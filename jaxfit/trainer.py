@@ -417,13 +417,14 @@ def _disk_full(workdir: Path, error: BaseException) -> errors.DiskFullError:
 
 def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> dict[str, float]:
     validation.validate_values(config)
-    config = resolve_config(config, workdir)  # every derived field, before it is saved
+    spec = resolve_config(config, workdir)  # every derived field, before it is saved
+    config = spec.config
     # refused before any work or write when it would change shapes, data order or data
     resumed = checkpoint.latest_step_in(workdir / "checkpoints")
     workdir_lib.check_resume(config, workdir, resumed)
     if resumed is not None:  # the data files, before any is tokenized
         workdir_lib.check_data(source_fingerprint(config), workdir, resumed, accept=accept_data)
-    run = build_run(config, workdir, abstract=False)  # with the data step (tokenizer, ...)
+    run = build_run(spec, workdir, abstract=False)  # with the data step (tokenizer, ...)
     task, mesh = run.task, run.mesh
     data_fingerprint = task.data_fingerprint()  # files and what the task made of them
     accepted = workdir_lib.check_data(data_fingerprint, workdir, resumed, accept=accept_data)
@@ -436,7 +437,9 @@ def _train(config, workdir: Path, on_step, stop: _StopSignal, accept_data) -> di
     except Exception as e:
         ckpt.close()
         if oom.is_out_of_memory(e):
-            raise oom.OutOfMemoryError.from_config(config, e, "initialisation") from e
+            raise oom.OutOfMemoryError.from_config(
+                config, spec.precision, e, "initialisation"
+            ) from e
         raise
     iterator = task.train_iterator()
     if meta is not None:
@@ -591,7 +594,9 @@ def _first_step(step_fn, state, batch, task, config):
         t2 = time.perf_counter()
     except Exception as e:
         if oom.is_out_of_memory(e):
-            raise oom.OutOfMemoryError.from_config(config, e, "the first step") from e
+            raise oom.OutOfMemoryError.from_config(
+                config, task.spec.precision, e, "the first step"
+            ) from e
         raise
     return state, metrics, t1 - t0, t2 - t1
 
@@ -599,8 +604,8 @@ def _first_step(step_fn, state, batch, task, config):
 def run_evaluation(
     task, params, workdir: str | Path, step: int, *, require_finite: bool = False
 ) -> dict[str, float]:
-    """The task's evaluation metrics at ``step``; a task with ``evaluate_examples`` also
-    has its per-example results saved to ``WORKDIR/eval/step_<step>.npz`` (atomically,
+    """The task's evaluation metrics at ``step`` (``task.evaluate_examples``), its
+    per-example results saved to ``WORKDIR/eval/step_<step>.npz`` (atomically,
     through a temporary named after this process, so that a reader evaluating beside a
     run never collides with it; process 0 only; read by ``experiments/compare_runs.py``).
 
@@ -608,11 +613,6 @@ def run_evaluation(
       NonFiniteError: with ``require_finite``, a metric is NaN or infinite; nothing was
         written.
     """
-    if not hasattr(task, "evaluate_examples"):
-        metrics = dict(task.evaluate(params))
-        if require_finite:
-            _check_eval_finite(metrics, step)
-        return metrics
     metrics, examples = task.evaluate_examples(params)
     if require_finite:
         _check_eval_finite(metrics, step)
@@ -662,7 +662,7 @@ def restore_params(workdir: str | Path, step: int | None = None):
     workdir = Path(workdir)
     config = config_lib.load_saved_config(workdir)
     try:  # the run's own mesh when it fits these devices ...
-        mesh = sharding.mesh_from_config(config)
+        mesh = sharding.MeshSpec.from_config(config).build()
     except ValueError:  # ... else the parameters split over all of them
         mesh = sharding.make_mesh(axes={"data": 1, "fsdp": -1})
     # a reader trains nothing: the batch need not divide another mesh

@@ -19,7 +19,7 @@ import ml_collections
 
 from jaxfit import config as config_lib
 from jaxfit import tasks
-from jaxfit.config import get_field, precision_settings
+from jaxfit.config import get_field
 from jaxfit.hf import families
 from jaxfit.optim import OPTIMIZERS
 
@@ -118,7 +118,7 @@ def validate_values(config: ml_collections.ConfigDict) -> None:
     _number(config, "data.val_fraction", low=0, high=1, high_open=True)
     if get_field(config, "optim.name") is not None and config.optim.name not in OPTIMIZERS:
         raise _bad("optim.name", config.optim.name, f"expected one of {sorted(OPTIMIZERS)}")
-    if get_field(config, "lora.enabled") or precision_settings(config).lora:
+    if get_field(config, "lora") is not None:  # checked whether or not LoRA is on
         _number(config, "lora.rank", low=1, integer=True)
         _number(config, "lora.alpha", low=0, low_open=True)
         _number(config, "lora.dropout", low=0, high=1, high_open=True)

@@ -254,8 +254,9 @@ def tiny_gpt2_dir(tmp_path_factory):
 
 def _arm_params(arm_name: str, init_from: Path):
     """``(trainable, frozen)`` a fresh run of the arm starts from, built the way the
-    trainer builds them (``ParamSource`` of the arm's config over ``init_from``)."""
+    trainer builds them (``ParamSource`` of the arm's resolved specs over ``init_from``)."""
     from jaxfit import config as config_lib
+    from jaxfit import tasks
     from jaxfit.tasks import base as task_base
 
     arm = ablate_precision.parse_arm(arm_name)
@@ -263,7 +264,9 @@ def _arm_params(arm_name: str, init_from: Path):
         f"{REPO}/configs/gpt2_scratch.py:demo", [f"init_from={init_from}", *arm.overrides()]
     )
     ablate_precision.check_arm(arm, config)
-    source = task_base.ParamSource(config, task_base.base_model(config), init_base=None)
+    spec = tasks.resolve_config(config, init_from)
+    model = task_base.base_model(config.init_from, spec.precision)
+    source = task_base.ParamSource(spec, model, init_base=None)
     return source.initial_params(task_base.param_rng(config), None), source.frozen
 
 

@@ -3,13 +3,14 @@ resolved config (every derived field filled before config.json is written)."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import jax
 import pytest
 
 from jaxfit import config as config_lib
-from jaxfit import tasks
+from jaxfit import sharding, tasks
 from jaxfit.config import ConfigError, Precision, precision_settings
 from jaxfit.sharding import make_mesh
 
@@ -72,14 +73,36 @@ def test_a_quantised_base_needs_a_lora_section():
 def test_resolve_fills_every_derived_field_in_a_copy(tmp_path):
     config = config_lib.load_config(GPT2, ["precision=nf4"])
     before = config.to_dict()
-    resolved = tasks.resolve_config(config, tmp_path)
+    spec = tasks.resolve_config(config, tmp_path)
+    resolved = spec.config
     assert config.to_dict() == before  # the caller's config is never changed
     assert (resolved.compute_dtype, resolved.base_format) == ("bfloat16", "nf4")
     assert resolved.lora.enabled is True
     assert resolved.data.path == str(tmp_path / "synthetic_text.txt")
-    assert tasks.resolve_config(resolved, tmp_path).to_dict() == resolved.to_dict()  # idempotent
-    clip = tasks.resolve_config(config_lib.load_config(CLIP), tmp_path)
+    again = tasks.resolve_config(resolved, tmp_path)  # idempotent
+    assert again.config.to_dict() == resolved.to_dict() and again == dataclasses.replace(
+        spec, config=again.config
+    )
+    assert tasks.resolve_config(spec, tmp_path) is spec
+    clip = tasks.resolve_config(config_lib.load_config(CLIP), tmp_path).config
     assert clip.data.root == str(tmp_path / "synthetic_coco")
+
+
+def test_resolve_gives_frozen_specs(tmp_path):
+    """The run's precision, LoRA and mesh specs and its task entry, made once; frozen."""
+    config = config_lib.load_config(GPT2, ["precision=nf4", "lora.rank=4", "mesh.fsdp=1"])
+    spec = tasks.resolve_config(config, tmp_path)
+    assert spec.task is tasks.TASKS["lm"]
+    assert spec.precision == config_lib.Precision("bfloat16", "nf4", True)
+    assert spec.precision.base_dtype == "bfloat16"
+    assert spec.lora.rank == 4 and spec.lora.alpha == float(config.lora.alpha)
+    assert spec.mesh == sharding.MeshSpec(data=-1, fsdp=1)
+    for frozen, field, value in ((spec, "lora", None), (spec.precision, "lora", False),
+                                 (spec.lora, "rank", 8), (spec.mesh, "fsdp", 2)):  # fmt: skip
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            setattr(frozen, field, value)
+    full = tasks.resolve_config(config_lib.load_config(GPT2, ["precision=fp32"]), tmp_path)
+    assert full.lora is None and full.precision.base_dtype == "float32"
 
 
 def test_shorthand_and_explicit_fields_build_the_same_frozen_base(tmp_path):
@@ -114,13 +137,12 @@ def test_the_storage_dtype_rule_lives_in_precision(precision, lora, storage):
     assert p.quantize == (precision if precision in ("nf4", "int8") else None)
 
 
-def test_lora_takes_a_spec_not_the_config():
-    """``jaxfit.lora`` reads no config: the task builds a ``LoraSpec`` once (``None``
-    when LoRA is off) and ``split`` takes it."""
+def test_lora_takes_a_spec_not_the_config(tmp_path):
+    """``jaxfit.lora`` reads no config: resolving the run builds a ``LoraSpec`` once
+    (``None`` when LoRA is off) and ``split`` takes it."""
     import ast
 
     from jaxfit.lora import training as lora_training
-    from jaxfit.tasks.base import lora_spec
 
     for path in (REPO / "jaxfit" / "lora").glob("*.py"):
         imported = {
@@ -129,10 +151,12 @@ def test_lora_takes_a_spec_not_the_config():
             a.name for n in ast.walk(ast.parse(path.read_text())) if isinstance(n, ast.Import)
             for a in n.names
         }  # fmt: skip
-        assert "jaxfit.config" not in imported, path
+        assert "jaxfit.config" not in imported and "ml_collections" not in imported, path
         assert "config_lib" not in path.read_text(), path
-    config = config_lib.load_config(str(REPO / "configs" / "gpt2_lora.py"), ["lora.rank=4"])
-    spec = lora_spec(config)
+    # an explicit attention: resolving reads nothing of the (Hub) init_from
+    overrides = ["lora.rank=4", "model.attention_impl=xla"]
+    config = config_lib.load_config(str(REPO / "configs" / "gpt2_lora.py"), overrides)
+    spec = tasks.resolve_config(config, tmp_path).lora
     assert spec == lora_training.LoraSpec(
         targets=tuple(config.lora.targets), rank=4, alpha=float(config.lora.alpha),
         dropout=float(config.lora.dropout), use_rslora=bool(config.lora.use_rslora),
@@ -141,6 +165,6 @@ def test_lora_takes_a_spec_not_the_config():
         "all-linear",
     )
     off = config_lib.set_fields(config, {"lora.enabled": False, "precision": "fp32"})
-    assert lora_spec(off) is None
+    assert tasks.resolve_config(off, tmp_path).lora is None
     base = {"w": jax.numpy.ones((2, 2))}
     assert lora_training.split(base, None, jax.random.key(0)) == (base, None)

@@ -116,23 +116,25 @@ def test_optimizer_state_follows_the_parameters(caplog):
             assert specs["1/0/nu/h/b"] == P(None, "fsdp") and "replicated" not in text
 
 
-def test_mesh_from_config_validates_against_the_devices():
+def test_mesh_spec_validates_against_the_devices():
     cfg = ml_collections.ConfigDict({"mesh": {"data": -1, "fsdp": 1}})
-    mesh = sharding.mesh_from_config(cfg)
+    mesh = sharding.MeshSpec.from_config(cfg).build()
     assert mesh.axis_names == ("data", "fsdp")
     assert dict(mesh.shape) == {"data": jax.device_count(), "fsdp": 1}
-    assert dict(sharding.mesh_from_config(ml_collections.ConfigDict()).shape)["fsdp"] == 1
+    assert sharding.MeshSpec.from_config(ml_collections.ConfigDict()) == sharding.MeshSpec(-1, 1)
     n = jax.device_count()
     cfg.mesh.update(data=3, fsdp=4 * n)
     with pytest.raises(ValueError, match=rf"config.mesh .* does not fit this run's {n} device"):
-        sharding.mesh_from_config(cfg)
+        sharding.MeshSpec.from_config(cfg).build()
     cfg.mesh.update(data=-1, fsdp=-1)
     with pytest.raises(ValueError, match="at most one axis may be -1"):
-        sharding.mesh_from_config(cfg)
+        sharding.MeshSpec.from_config(cfg).build()
     with pytest.raises(ValueError, match="tensor parallelism is not implemented"):
-        sharding.mesh_axes(ml_collections.ConfigDict({"mesh": {"tensor": 2}}))
+        sharding.MeshSpec.from_config(ml_collections.ConfigDict({"mesh": {"tensor": 2}}))
     with pytest.raises(ValueError, match="unknown axes"):
-        sharding.mesh_axes(ml_collections.ConfigDict({"mesh": {"model": 2}}))
+        sharding.MeshSpec.from_config(ml_collections.ConfigDict({"mesh": {"model": 2}}))
+    with pytest.raises(ValueError, match=r"config.mesh.fsdp=1.5: an integer"):
+        sharding.MeshSpec.from_config(ml_collections.ConfigDict({"mesh": {"fsdp": 1.5}}))
     assert sharding.process_batch_rows(mesh, 8 * n) == (0, 8 * n)
 
 

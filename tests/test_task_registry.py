@@ -8,6 +8,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import jax
 import ml_collections
 import pytest
 
@@ -78,3 +79,64 @@ def test_no_task_name_compares_outside_the_registry():
     found = [hit for p in files if not p.is_relative_to(inside) for hit in _task_name_compares(p)]
     assert not found, found
     assert _task_name_compares(REPO / "tests" / "test_task_registry.py")  # the scan sees one
+
+
+def _calls(path: Path, name: str) -> list[str]:
+    """Calls of a function or attribute ``name`` (``f(...)`` / ``x.f(...)``) in a file."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Call):
+            f = node.func
+            called = f.id if isinstance(f, ast.Name) else getattr(f, "attr", None)
+            if called == name:
+                found.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    return found
+
+
+def test_precision_is_decoded_once_and_tasks_are_not_probed():
+    """After ``tasks.resolve_config`` the library reads ``RunSpec.precision``: the decoder
+    is called by ``jaxfit/config.py`` alone (load-time check, ``resolve_precision``) and by
+    the ablation's per-arm check of a raw config; and no code asks a task object what it
+    has (``hasattr(task, ...)``): what differs between tasks is a registry hook."""
+    files = [*(REPO / "jaxfit").rglob("*.py"), *(REPO / "experiments").rglob("*.py")]
+    decoders = [hit for p in files for hit in _calls(p, "precision_settings")]
+    assert {h.split(":")[0] for h in decoders} == {
+        "jaxfit/config.py",
+        "experiments/ablate_precision.py",
+    }, decoders
+    assert len([h for h in decoders if h.startswith("experiments/")]) == 1, decoders
+    probes = []
+    for p in files:
+        for node in ast.walk(ast.parse(p.read_text(), filename=str(p))):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "hasattr":
+                target = node.args[0]
+                text = ast.unparse(target)
+                if text == "task" or text.endswith(".task"):
+                    probes.append(f"{p.relative_to(REPO)}:{node.lineno}: {text}")
+    assert not probes, probes
+    assert _calls(REPO / "tests" / "test_task_registry.py", "precision_settings") == []
+    assert _calls(REPO / "jaxfit" / "config.py", "precision_settings")  # the scan sees them
+
+
+def test_plan_hooks(tmp_path):
+    """The planner's task facts come from the registry: tokens per step, the model FLOPs
+    formula (LM: the decoder's ``6 N + 12 L d T`` per token, ``jaxfit.perf``; CLIP: none,
+    the traced step counts) and whether ``--search_seq_len`` applies."""
+    from jaxfit import perf, sharding
+    from jaxfit.plan import search
+
+    mesh = sharding.MeshSpec().build()
+    lm_config = config_lib.load_config(str(REPO / "configs" / "gpt2_scratch.py") + ":demo")
+    lm = tasks.build_task(lm_config, tmp_path / "lm", mesh, abstract=True)
+    assert lm.spec.task is tasks.TASKS["lm"] and tasks.TASKS["lm"].searches_seq_len
+    c = lm.model.config
+    n = sum(x.size for x in jax.tree.leaves(lm.abstract_params()))
+    n -= c.n_positions * c.n_embd  # the position table is a lookup, not a matmul
+    per_token = perf.decoder_flops_per_token(n, c.n_layer, c.n_embd, lm_config.seq_len)
+    assert tasks.TASKS["lm"].model_flops(lm, 4) == 4 * lm_config.seq_len * per_token
+    clip_config = config_lib.load_config(str(REPO / "configs" / "clip_coco.py") + ":demo")
+    clip = tasks.build_task(clip_config, tmp_path / "clip", mesh, abstract=True)
+    assert tasks.TASKS["clip"].model_flops(clip, 4) is None
+    assert not tasks.TASKS["clip"].searches_seq_len
+    with pytest.raises(ValueError, match=r"task 'clip' has no sequence length to search"):
+        search.search_seq_len(clip_config, 1 << 30)

@@ -262,8 +262,10 @@ def measure(
         if error := _foreseen_oom(out.get("planned_peak_mib"), memory.bytes_limit):
             out.update(fit=False, predicted=True, peak_mib=memory.peak_mib(), error=error)
             return out, state
-    if "model_flops_per_step" not in out and hasattr(setup.task, "flops_per_token"):
-        out["model_flops_per_step"] = setup.task.flops_per_token() * n * seq
+    if "model_flops_per_step" not in out:  # the task's formula, where it has one
+        flops = setup.task.spec.task.model_flops(setup.task, n)
+        if flops is not None:
+            out["model_flops_per_step"] = flops
     run = StepRunner(setup, state, batch, frozen)
     times = time_calls(run, warmup, steps)
     med = statistics.median(times)

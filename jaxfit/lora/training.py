@@ -19,34 +19,16 @@ import dataclasses
 from typing import Any
 
 import jax
-import ml_collections
 
 from jaxfit.lora import adapters, peft_io
 
 PyTree = Any
 
 
-def default_lora_config() -> ml_collections.ConfigDict:
-    """``config.lora`` with the defaults of jaxfit's QLoRA recipe: r=16, alpha=32,
-    dropout 0.05, the attention projections q/k/v/o (PEFT short names)."""
-    c = ml_collections.ConfigDict()
-    c.enabled = False  # train adapters over a frozen base (forced on by a quantised base_format)
-    c.rank = 16
-    c.alpha = 32.0
-    c.dropout = 0.05
-    c.use_rslora = False  # scale alpha/sqrt(r) (Kalajdzievski 2023) instead of alpha/r
-    # PEFT short names, "all-linear", or regexes over parameter paths (jaxfit.lora.targets)
-    c.targets = ("q_proj", "k_proj", "v_proj", "o_proj")
-    # a PEFT adapter directory to start from (trained elsewhere); its rank, alpha and
-    # targets replace the fields above
-    c.peft_dir = ""
-    return c
-
-
 @dataclasses.dataclass(frozen=True)
 class LoraSpec:
-    """The adapters of a LoRA run (from ``config.lora``; built once by the task,
-    ``jaxfit.tasks.base.lora_spec``).
+    """The adapters of a LoRA run (from ``config.lora``, built once when the run's config
+    is resolved: ``jaxfit.tasks.resolve_config``).
 
     Attributes:
       targets: PEFT short names, ``"all-linear"`` or regexes over parameter paths

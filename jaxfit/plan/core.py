@@ -32,7 +32,7 @@ import jax
 import numpy as np
 from jax.extend import core as jex_core
 
-from jaxfit import checkpoint, sharding, target, tasks
+from jaxfit import checkpoint, sharding, target
 from jaxfit.config import get_field, set_fields
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.lora import training as lora_training
@@ -224,16 +224,19 @@ def _settings(config) -> dict[str, Any]:
         out["model.attention_impl"] = get_field(config, "model.attention_impl") or "auto"
     out["precision"] = config.precision
     out["optimizer"] = config.optim.name
-    out.update({f"mesh.{k}": int(v) for k, v in sharding.mesh_from_config(config).shape.items()})
+    mesh = sharding.MeshSpec.from_config(config).build()
+    out.update({f"mesh.{k}": int(v) for k, v in mesh.shape.items()})
     return out
 
 
 def _model_flops(config, task, batch_size: int) -> float:
-    """Model FLOPs of one step: the decoder formula when the task has one, else the
-    traced FLOPs of the same step without rematerialisation or micro-batching."""
-    if hasattr(task, "flops_per_token"):
-        with _offload_accounted():
-            return task.flops_per_token() * batch_size * config.seq_len
+    """Model FLOPs of one step: the task's formula (its registry hook,
+    ``jaxfit.tasks.TaskEntry.model_flops``) where it has one, else the traced FLOPs of the
+    same step without rematerialisation or micro-batching."""
+    with _offload_accounted():
+        flops = task.spec.task.model_flops(task, batch_size)
+    if flops is not None:
+        return flops
     plain = {"micro_batch_size": batch_size, "model.remat_policy": "none"}
     if get_field(config, "loss_chunk_size") is not None:
         plain["loss_chunk_size"] = 0
@@ -517,7 +520,7 @@ def plan_config(config) -> Plan:
             "xla_cost_analysis": float(cost.get("flops", float("nan"))),
         },
         examples_per_step=batch_size,
-        tokens_per_step=tasks.entry(config).tokens_per_step(config),
+        tokens_per_step=task.spec.task.tokens_per_step(task.config),
         compile_seconds=seconds,
         backend=target.description(),
         devices=target.device_count(),

@@ -26,6 +26,7 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxfit import tasks
 from jaxfit.models.attention import ATTENTION_CHUNK
 from jaxfit.plan import core
 
@@ -204,10 +205,16 @@ def search_seq_len(
       max_seq_len: upper bound (default: 64 x the config's ``seq_len``).
 
     Raises:
-      ValueError: the config has no ``seq_len`` (not a language model).
+      ValueError: the task does not train on ``seq_len``-token sequences (its registry
+        entry's ``searches_seq_len``), or the config has no ``seq_len``.
     """
-    if core.get_field(config, "seq_len") is None:
-        raise ValueError("--search_seq_len needs a language-model config (seq_len)")
+    task = tasks.entry(config)
+    if not task.searches_seq_len or core.get_field(config, "seq_len") is None:
+        searchable = sorted(n for n, e in tasks.TASKS.items() if e.searches_seq_len)
+        raise ValueError(
+            f"--search_seq_len: task {task.name!r} has no sequence length to search "
+            f"(tasks that do: {searchable}; needs config.seq_len)"
+        )
     chunk = seq_len_step(config)
     start = int(config.seq_len)
     if not valid_seq_len(start, chunk):

@@ -39,29 +39,6 @@ from jaxfit.lora import training as lora_training
 log = logging.getLogger(__name__)
 
 
-def compute_dtype(config):
-    """The jnp dtype activations and matmuls use (``config.compute_dtype``, or what the
-    ``precision`` shorthand stands for: :func:`jaxfit.config.precision_settings`)."""
-    return jnp.dtype(config_lib.precision_settings(config).compute_dtype)
-
-
-def lora_spec(config) -> lora_training.LoraSpec | None:
-    """The run's adapters (``config.lora``; ``lora.peft_dir`` included), or ``None`` when
-    LoRA is off (:attr:`jaxfit.config.Precision.lora`: ``lora.enabled`` or a quantised
-    base)."""
-    if not config_lib.precision_settings(config).lora:
-        return None
-    c = config.lora
-    return lora_training.LoraSpec(
-        targets=c.targets,
-        rank=int(c.rank),
-        alpha=float(c.alpha),
-        dropout=float(c.dropout),
-        use_rslora=bool(c.use_rslora),
-        peft_dir=c.get("peft_dir", "") or "",
-    )
-
-
 def _dtypes(precision: config_lib.Precision) -> dict:
     """The dtype and quantisation arguments of the loaders for ``precision``: float base
     weights in :attr:`~jaxfit.config.Precision.base_dtype`, matmuls in its compute dtype,
@@ -73,24 +50,23 @@ def _dtypes(precision: config_lib.Precision) -> dict:
     }
 
 
-def load_base(config, **overrides):
-    """``(model, params)`` of ``config.init_from`` through the one loader
-    (:func:`jaxfit.hf.load_pretrained`): quantised while streaming when ``base_format`` is
-    quantised (the full-precision model never exists at once; a bitsandbytes NF4
-    checkpoint under ``nf4`` kept as stored, under ``int8`` refused), float otherwise (an
-    NF4 checkpoint dequantised exactly). ``overrides`` are model-config fields (e.g.
+def load_base(init_from: str, precision: config_lib.Precision, **overrides):
+    """``(model, params)`` of the checkpoint ``init_from`` (a local directory or Hub name)
+    through the one loader (:func:`jaxfit.hf.load_pretrained`), stored as ``precision``
+    says: quantised while streaming when its ``base_format`` is quantised (the
+    full-precision model never exists at once; a bitsandbytes NF4 checkpoint under
+    ``nf4`` kept as stored, under ``int8`` refused), float otherwise (an NF4 checkpoint
+    dequantised exactly). ``overrides`` are model-config fields (e.g.
     ``remat_policy``)."""
-    precision = config_lib.precision_settings(config)
-    return hf.load_pretrained(config.init_from, **_dtypes(precision), **overrides)
+    return hf.load_pretrained(init_from, **_dtypes(precision), **overrides)
 
 
-def base_model(config, **overrides):
-    """The module of ``config.init_from`` from its ``config.json`` (no weights read), with
-    the dtypes :func:`load_base` gives it; a checkpoint format ``load_base`` would refuse
-    (LLM.int8, FP4, NF4 under ``int8``) raises here already. ``overrides``: model-config
-    fields."""
-    precision = config_lib.precision_settings(config)
-    return hf.model_from_config(config.init_from, **_dtypes(precision), **overrides)[0]
+def base_model(init_from: str, precision: config_lib.Precision, **overrides):
+    """The module of the checkpoint ``init_from`` from its ``config.json`` (no weights
+    read), with the dtypes :func:`load_base` gives it; a checkpoint format ``load_base``
+    would refuse (LLM.int8, FP4, NF4 under ``int8``) raises here already. ``overrides``:
+    model-config fields."""
+    return hf.model_from_config(init_from, **_dtypes(precision), **overrides)[0]
 
 
 def param_rng(config) -> jax.Array:
@@ -103,8 +79,8 @@ class ParamSource:
     """Where one run's parameters come from (see the module docstring).
 
     Args:
-      config: the resolved run config (``init_from``, ``precision`` fields, ``lora``,
-        ``seed``).
+      spec: the run's ``jaxfit.tasks.RunSpec`` (its precision and LoRA specs; the
+        config's ``init_from``, ``seed`` and ``model.remat_policy``).
       model: the linen module.
       init_base: ``rng -> params``: ``model.init`` on tiny inputs (the full float tree).
       abstract: built for planning: no weights are ever read; ``lora.peft_dir`` adapters
@@ -114,10 +90,10 @@ class ParamSource:
         (:func:`jaxfit.sharding.fsdp_shardings`); None: the default device.
     """
 
-    def __init__(self, config, model, init_base: Callable, *, abstract: bool = False, mesh=None):
-        self.config, self.model, self.abstract, self.mesh = config, model, abstract, mesh
-        self.precision = config_lib.precision_settings(config)
-        self.lora = lora_spec(config)  # None: everything trains
+    def __init__(self, spec, model, init_base: Callable, *, abstract: bool = False, mesh=None):
+        self.config, self.model, self.abstract, self.mesh = spec.config, model, abstract, mesh
+        self.precision: config_lib.Precision = spec.precision
+        self.lora: lora_training.LoraSpec | None = spec.lora  # None: everything trains
         if abstract and self.lora is not None and self.lora.peft_dir:
             # files cannot be traced: adapters of the config's rank and targets stand in
             self.lora = dataclasses.replace(self.lora, peft_dir="")
@@ -171,7 +147,11 @@ class ParamSource:
             raise RuntimeError("a task built with abstract=True has no parameter values")
         rng = param_rng(self.config)
         if self.config.init_from:
-            base = load_base(self.config, remat_policy=self.config.model.remat_policy)[1]
+            base = load_base(
+                self.config.init_from,
+                self.precision,
+                remat_policy=self.config.model.remat_policy,
+            )[1]
         else:  # quantised eagerly: its statistics are computed on the host
             base = self._stored_base(jax.jit(self._init_base)(rng))
         trainable, frozen = self._split_base(base, rng)

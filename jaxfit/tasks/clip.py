@@ -30,7 +30,7 @@ from jaxfit.data.image_text import synthetic_coco as synthetic
 from jaxfit.evals import retrieval
 from jaxfit.models import attention
 from jaxfit.models import clip as clip_model
-from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
+from jaxfit.tasks.base import ParamSource, Task, base_model
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +51,22 @@ def validate(config) -> None:
         raise config_lib.invalid("model.vision.patch_size", patch, allowed)
 
 
+# ``--search_seq_len`` does not apply: captions have the tokenizer's fixed context length.
+SEARCHES_SEQ_LEN = False
+
+
 def tokens_per_step(config) -> None:
     """None: a CLIP step is counted in image-text pairs (``batch_size``), not tokens."""
     return None
 
 
-def resolve_config(config, workdir):
+def model_flops(task, batch_size: int) -> None:
+    """None: CLIP has no closed form here; the planner counts the traced step's FLOPs
+    without rematerialisation or micro-batching (``jaxfit.plan.core``)."""
+    return None
+
+
+def derive_config(config, workdir, precision: config_lib.Precision):
     """``config`` with the fields a CLIP run derives filled (a copy): the synthetic demo
     set's root (``WORKDIR/synthetic_coco``) when ``data.synthetic.enabled`` and no
     ``data.root`` is given, and ``model.attention_impl`` ``"auto"`` / ``""`` (or absent)
@@ -65,17 +75,18 @@ def resolve_config(config, workdir):
     if config.data.synthetic.enabled and not config.data.root:
         values["data.root"] = str(Path(workdir) / "synthetic_coco")
     if config.model.get("attention_impl", "auto") in ("", "auto", None):
-        values["model.attention_impl"] = attention_choice(config)[0]
+        values["model.attention_impl"] = attention_choice(config, precision)[0]
     return config_lib.set_fields(config, values, create=True) if values else config
 
 
-def attention_choice(config) -> tuple[str, str]:
+def attention_choice(config, precision: config_lib.Precision) -> tuple[str, str]:
     """``(implementation, reason)`` for both towers on this machine
-    (:func:`jaxfit.models.attention.choose_attention` per tower: the text tower's padding is
-    key lengths, no dense mask): cuDNN when both towers can run it, else the first
-    tower's fallback. Reads ``init_from``'s ``config.json`` (no weights). Logged at INFO."""
+    (:func:`jaxfit.models.attention.choose_attention` per tower, in ``precision``'s compute
+    dtype; the text tower's padding is key lengths, no dense mask): cuDNN when both towers
+    can run it, else the first tower's fallback. Reads ``init_from``'s ``config.json`` (no
+    weights). Logged at INFO."""
     if config.init_from:
-        c = base_model(config).config
+        c = base_model(config.init_from, precision).config
         text, vision, text_len = c.text, c.vision, c.text.max_position_embeddings
     else:
         text = clip_model.CLIPTextConfig(**config.model.text.to_dict())
@@ -87,7 +98,7 @@ def attention_choice(config) -> tuple[str, str]:
     for name, tower, length in towers:
         impl, reason = attention.choose_attention(
             backend,
-            compute_dtype(config),
+            jnp.dtype(precision.compute_dtype),
             tower.hidden_size // tower.num_attention_heads,
             seq_len=int(length),
             batch=int(config.micro_batch_size),
@@ -103,7 +114,7 @@ def attention_choice(config) -> tuple[str, str]:
 def synthetic_root(config, workdir) -> Path | None:
     """Where the synthetic demo set lives: ``data.root`` when ``data.synthetic.enabled``
     and that root is inside ``workdir`` (``WORKDIR/synthetic_coco`` when the user named
-    none, :func:`resolve_config`), else ``None``: a root the user named elsewhere is the
+    none, :func:`derive_config`), else ``None``: a root the user named elsewhere is the
     user's data, read as ``data.format`` says and never written to."""
     if not config.data.synthetic.enabled or not config.data.root:
         return None
@@ -143,8 +154,10 @@ def ensure_synthetic_data(config) -> None:
         )
 
 
-def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.CLIPConfig:
-    """A from-scratch ``CLIPConfig`` from ``config.model``, sized to the tokenizer."""
+def model_config(spec, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.CLIPConfig:
+    """A from-scratch ``CLIPConfig`` from the ``config.model`` of ``spec`` (a
+    ``jaxfit.tasks.RunSpec``), in its compute dtype, sized to the tokenizer."""
+    config = spec.config
     m = config.model
     text = clip_model.CLIPTextConfig(
         vocab_size=tokenizer.vocab_size,
@@ -155,7 +168,7 @@ def model_config(config, tokenizer: tokenizers.CaptionTokenizer) -> clip_model.C
         **m.text.to_dict(),
     )
     vision = clip_model.CLIPVisionConfig(**m.vision.to_dict())
-    dtype = compute_dtype(config)
+    dtype = jnp.dtype(spec.precision.compute_dtype)
     return clip_model.CLIPConfig(
         text=text,
         vision=vision,
@@ -186,7 +199,7 @@ class CaptionData:
     tokenizer: tokenizers.CaptionTokenizer
 
 
-def prepare_data(config, workdir) -> CaptionData:
+def prepare_data(spec, workdir) -> CaptionData:
     """The CLIP task's data step (all its I/O; the trainer calls it through
     ``jaxfit.run.build_run``, never a planner): the synthetic demo set written under the
     workdir when it is to be (:func:`ensure_synthetic_data`), both splits' records read
@@ -195,12 +208,13 @@ def prepare_data(config, workdir) -> CaptionData:
     ``WORKDIR/tokenizer``.
 
     Args:
-      config: a resolved config (:func:`resolve_config`).
+      spec: the run's ``jaxfit.tasks.RunSpec`` (its resolved config and precision).
       workdir: the run directory.
 
     Raises:
       jaxfit.errors.DataError: a missing data root or an unreadable annotation file.
     """
+    config = spec.config
     data = config.data
     if synthetic_root(config, workdir) is not None:
         ensure_synthetic_data(config)
@@ -218,7 +232,7 @@ def prepare_data(config, workdir) -> CaptionData:
     if config.eval.max_images:
         val_records = val_records[: config.eval.max_images]
     if config.init_from:
-        context = base_model(config).config.text.max_position_embeddings
+        context = base_model(config.init_from, spec.precision).config.text.max_position_embeddings
         tokenizer = tokenizers.CaptionTokenizer.from_pretrained(
             data.tokenizer or config.init_from, context
         )
@@ -229,11 +243,12 @@ def prepare_data(config, workdir) -> CaptionData:
 
 
 class CLIPTask(Task):
-    """See ``jaxfit.tasks`` for the interface. Reads ``config.{data, model, init_from,
-    batch_size, micro_batch_size, eval, precision, seed, lora}``.
+    """See ``jaxfit.tasks`` for the interface. Built from a ``jaxfit.tasks.RunSpec``: its
+    precision and LoRA specs, and its config's ``data, model, init_from, batch_size,
+    micro_batch_size, eval, seed``.
 
     Args:
-      config: a resolved config.
+      spec: the run's ``jaxfit.tasks.RunSpec``.
       workdir: the run directory.
       mesh: the device mesh.
       data: :func:`prepare_data`'s result; ``None`` builds the task for planning
@@ -244,8 +259,9 @@ class CLIPTask(Task):
 
     peft_task_type = None  # PEFT has no task type for dual encoders
 
-    def __init__(self, config, workdir, mesh, *, data: CaptionData | None = None):
-        self.config, self.workdir, self.mesh = config, Path(workdir), mesh
+    def __init__(self, spec, workdir, mesh, *, data: CaptionData | None = None):
+        self.spec, self.workdir, self.mesh = spec, Path(workdir), mesh
+        self.config = config = spec.config
         self.abstract = abstract = data is None
         if abstract:  # planning: no images are read, no tokenizer trained
             self.train_records, self.val_records = [], []
@@ -259,7 +275,10 @@ class CLIPTask(Task):
             self.tokenizer = data.tokenizer
         if config.init_from:
             self.model = base_model(
-                config, remat_policy=config.model.remat_policy, **_execution_overrides(config)
+                config.init_from,
+                spec.precision,
+                remat_policy=config.model.remat_policy,
+                **_execution_overrides(config),
             )
         else:
             if abstract and config.data.tokenizer:  # a named tokenizer: its own size
@@ -270,9 +289,9 @@ class CLIPTask(Task):
                 self.tokenizer = tokenizers.TokenizerShape(
                     config.data.vocab_size, config.data.context_length
                 )
-            self.model = clip_model.CLIPModel(model_config(config, self.tokenizer))
+            self.model = clip_model.CLIPModel(model_config(spec, self.tokenizer))
         self.image_size = self.model.config.vision.image_size
-        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract, mesh=mesh)
+        self.source = ParamSource(spec, self.model, self._init_base, abstract=abstract, mesh=mesh)
         self.num_micro_batches = config.batch_size // config.micro_batch_size
         self.loss_and_grad = objectives.contrastive_loss_and_grad(
             self.model,

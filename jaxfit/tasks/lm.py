@@ -28,7 +28,7 @@ from jaxfit.data.text import write_synthetic_text
 from jaxfit.hf import families
 from jaxfit.lora import adapters as lora_adapters
 from jaxfit.models import attention, rope
-from jaxfit.tasks.base import ParamSource, Task, base_model, compute_dtype
+from jaxfit.tasks.base import ParamSource, Task, base_model
 
 log = logging.getLogger(__name__)
 
@@ -66,13 +66,24 @@ def validate(config) -> None:
         config_lib.check_seq_len(config, model.config.get(field), f"model.config.{field}")
 
 
+# The planner's ``--search_seq_len`` applies: a step trains on ``seq_len``-token sequences.
+SEARCHES_SEQ_LEN = True
+
+
 def tokens_per_step(config) -> int:
     """Tokens of one optimizer step: ``batch_size`` sequences of ``seq_len`` tokens
     (``config`` a ConfigDict or a ``config.json`` dict)."""
     return int(config["batch_size"]) * int(config["seq_len"])
 
 
-def resolve_config(config, workdir):
+def model_flops(task: LMTask, batch_size: int) -> float:
+    """Model FLOPs of one optimizer step of ``batch_size`` sequences:
+    :meth:`LMTask.flops_per_token` x ``batch_size`` x ``seq_len`` (the decoder formula of
+    :func:`jaxfit.perf.decoder_flops_per_token`)."""
+    return task.flops_per_token() * batch_size * int(task.config.seq_len)
+
+
+def derive_config(config, workdir, precision: config_lib.Precision):
     """``config`` with the fields an LM run derives filled (a copy): the tokenizer of
     ``init_from`` when none is named, the synthetic corpus's path in ``workdir``, and
     ``model.attention_impl`` ``"auto"`` / ``""`` resolved for this machine's backend
@@ -84,14 +95,14 @@ def resolve_config(config, workdir):
     if data_cfg.get("synthetic") and data_cfg.synthetic.enabled and not data_cfg.path:
         values["data.path"] = str(Path(workdir) / "synthetic_text.txt")
     if config.model.get("attention_impl", "auto") in ("", "auto", None):
-        values["model.attention_impl"] = attention_choice(config)[0]
+        values["model.attention_impl"] = attention_choice(config, precision)[0]
     return config_lib.set_fields(config, values, create=True) if values else config
 
 
 def synthetic_path(config, workdir) -> Path | None:
     """Where the synthetic demo corpus is written: ``data.path`` when
     ``data.synthetic.enabled`` and that path is inside ``workdir``
-    (``WORKDIR/synthetic_text.txt`` when the user named none, :func:`resolve_config`),
+    (``WORKDIR/synthetic_text.txt`` when the user named none, :func:`derive_config`),
     else ``None``: a path the user named elsewhere is the user's data, read (a missing
     file stops the run) and never written."""
     data_cfg = config.data
@@ -114,26 +125,26 @@ def data_files(config) -> dict[str, list[Path]]:
     return out
 
 
-def _head_dim(config) -> int:
+def _head_dim(config, precision: config_lib.Precision) -> int:
     """Per-head size of the decoder ``config`` trains (``init_from``'s ``config.json``, or
     ``model.config`` over the family's defaults)."""
     if config.init_from:
-        return base_model(config).config.head_dim
+        return base_model(config.init_from, precision).config.head_dim
     family = families.get(config.model.family, task="lm")
     fields = dict(config.model.config.to_dict())
     fields["vocab_size"] = fields.get("vocab_size") or 1  # irrelevant to the head size
     return family.config_class(**fields).head_dim
 
 
-def attention_choice(config) -> tuple[str, str]:
+def attention_choice(config, precision: config_lib.Precision) -> tuple[str, str]:
     """``(implementation, reason)`` for this machine
-    (:func:`jaxfit.models.attention.choose_attention`): the config's compute dtype and
+    (:func:`jaxfit.models.attention.choose_attention`): ``precision``'s compute dtype, the
     head size, ``seq_len`` queries, ``micro_batch_size`` sequences per call, packed
     documents (LM batches always carry segment ids). Logged at INFO."""
     impl, reason = attention.choose_attention(
         target.backend(),
-        compute_dtype(config),
-        _head_dim(config),
+        jnp.dtype(precision.compute_dtype),
+        _head_dim(config, precision),
         seq_len=int(config.seq_len),
         batch=int(config.micro_batch_size),
         segment_ids=True,
@@ -143,19 +154,20 @@ def attention_choice(config) -> tuple[str, str]:
     return impl, reason
 
 
-def prepare_data(config, workdir):
+def prepare_data(spec, workdir):
     """The LM task's data step (all its I/O; the trainer calls it through
     ``jaxfit.run.build_run``, never a planner): the synthetic corpus written when it is to
     be (:func:`synthetic_path`), then ``jaxfit.data.text.prepare_text_data`` (the
     tokenizer loaded or trained, the corpus tokenized into ``WORKDIR``'s token files).
 
     Args:
-      config: a resolved config (:func:`resolve_config`).
+      spec: the run's ``jaxfit.tasks.RunSpec`` (its resolved config).
       workdir: the run directory.
 
     Returns:
       ``jaxfit.data.text.prepare_text_data``'s result (``.tokenizer`` among it).
     """
+    config = spec.config
     data_cfg = config.data
     if synthetic_path(config, workdir) is not None and not Path(data_cfg.path).is_file():
         write_synthetic_text(
@@ -167,17 +179,18 @@ def prepare_data(config, workdir):
 
 
 class LMTask(Task):
-    """See ``jaxfit.tasks`` for the interface. Reads ``config.{model, init_from, data,
-    seq_len, batch_size, micro_batch_size, eval, precision fields, seed, device}`` of a
-    config resolved by :func:`resolve_config` (it is not changed here)."""
+    """See ``jaxfit.tasks`` for the interface. Built from a ``jaxfit.tasks.RunSpec``: its
+    precision and LoRA specs, and its config's ``model, init_from, data, seq_len,
+    batch_size, micro_batch_size, eval, seed, device`` (not changed here)."""
 
-    def __init__(self, config, workdir, mesh, *, data=None):
-        self.config, self.workdir, self.mesh = config, Path(workdir), mesh
+    def __init__(self, spec, workdir, mesh, *, data=None):
+        self.spec, self.workdir, self.mesh = spec, Path(workdir), mesh
+        self.config = config = spec.config
         self.abstract = abstract = data is None
         self.data = data  # prepare_data's; None when planning: no corpus, no tokenizer
         self.tokenizer = None if abstract else data.tokenizer
         if config.init_from:
-            self.model = base_model(config, **self._model_overrides())
+            self.model = base_model(config.init_from, spec.precision, **self._model_overrides())
         else:
             self.model = self._scratch_model()
         if not abstract:
@@ -187,7 +200,7 @@ class LMTask(Task):
                 max_positions=_max_positions(self.model),
                 model_vocab_size=_vocab_size(self.model),
             )
-        self.source = ParamSource(config, self.model, self._init_base, abstract=abstract, mesh=mesh)
+        self.source = ParamSource(spec, self.model, self._init_base, abstract=abstract, mesh=mesh)
         self.num_micro_batches = config.batch_size // config.micro_batch_size
         chunk_size = config.get("loss_chunk_size", 0)
         self.loss_and_grad = objectives.lm_loss_and_grad(
@@ -237,7 +250,7 @@ class LMTask(Task):
         return model_cls(
             cfg_cls(
                 **fields,
-                dtype=compute_dtype(config),
+                dtype=jnp.dtype(self.spec.precision.compute_dtype),
                 param_dtype=jnp.float32,
                 **self._model_overrides(),
             )

@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
         with tempfile.TemporaryDirectory() as workdir:
             trainer.train(config, workdir, on_step=on_step)
             rows = [json.loads(line) for line in open(Path(workdir) / "metrics.jsonl")]
-            task = build_task(config, workdir, sharding.mesh_from_config(config))
+            task = build_task(config, workdir, sharding.MeshSpec.from_config(config).build())
             found["frozen"] = _most(task.frozen) if task.frozen is not None else 0
         found["total"] += found["frozen"]
         losses = [r["train/loss"] for r in rows if "train/loss" in r]

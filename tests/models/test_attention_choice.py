@@ -187,19 +187,19 @@ def test_auto_is_resolved_into_the_config_the_run_records(tmp_path, caplog):
     gpt2 = config_lib.load_config(str(REPO / "configs" / "gpt2_scratch.py") + ":demo")
     assert gpt2.model.attention_impl == "auto"  # the configs' default
     with caplog.at_level(logging.INFO, logger="jaxfit.tasks"):
-        resolved = tasks.resolve_config(gpt2, tmp_path)
+        resolved = tasks.resolve_config(gpt2, tmp_path).config
     expected = "xla" if jax.default_backend() == "cpu" else resolved.model.attention_impl
     assert resolved.model.attention_impl == expected and expected in attention.ATTENTION_IMPLS
     assert "attention: " in caplog.text
-    assert tasks.resolve_config(resolved, tmp_path).to_dict() == resolved.to_dict()
+    assert tasks.resolve_config(resolved, tmp_path).config.to_dict() == resolved.to_dict()
     path = config_lib.save_config(resolved, tmp_path)
     assert config_lib.load_saved_config(tmp_path).model.attention_impl == expected, path
     explicit = config_lib.load_config(
         str(REPO / "configs" / "gpt2_scratch.py") + ":demo", ["model.attention_impl=chunked"]
     )
-    assert tasks.resolve_config(explicit, tmp_path).model.attention_impl == "chunked"
+    assert tasks.resolve_config(explicit, tmp_path).config.model.attention_impl == "chunked"
     clip = tasks.resolve_config(config_lib.load_config(str(REPO / "configs" / "clip_coco.py")
-                                                       + ":demo"), tmp_path)  # fmt: skip
+                                                       + ":demo"), tmp_path).config  # fmt: skip
     assert clip.model.attention_impl == ("xla" if jax.default_backend() == "cpu" else "cudnn")
 
 

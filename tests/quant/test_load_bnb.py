@@ -172,8 +172,9 @@ def test_task_loader_follows_the_precision(ckpts, precision, leaf):
     root, _, _ = ckpts
     arg = f"{QLORA}:demo,init_from={root / 'q4'}"
     config = config_lib.load_config(arg, [f"precision={precision}"])
-    model = task_base.base_model(config)
-    loaded, params = task_base.load_base(config)
+    _, p = config_lib.resolve_precision(config)
+    model = task_base.base_model(config.init_from, p)
+    loaded, params = task_base.load_base(config.init_from, p)
     assert loaded.config == model.config
     leaves = jax.tree.leaves(params, is_leaf=quant.is_quantized)
     if leaf is None:  # dequantised into the frozen LoRA base's dtype
@@ -182,4 +183,5 @@ def test_task_loader_follows_the_precision(ckpts, precision, leaf):
     else:
         assert sum(isinstance(x, leaf) for x in leaves) == 7
     with pytest.raises(ValueError, match="re-quantise"):
-        task_base.base_model(config_lib.load_config(arg, ["precision=int8"]))
+        int8 = config_lib.precision_settings(config_lib.load_config(arg, ["precision=int8"]))
+        task_base.base_model(config.init_from, int8)
