@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import ml_collections
 import numpy as np
 
 from experiments import bootstrap
@@ -118,12 +119,12 @@ def summarize_run(workdir: str | Path, name: str | None = None) -> Run:
     row: dict[str, Any] = {"name": name, "status": "ok" if records else "no metrics"}
     row["task"] = config.get("task", "")
     row["precision"] = config.get("precision", "")
-    compute, base = config_lib.PRECISIONS.get(row["precision"], ("", ""))
-    row["compute_dtype"] = config.get("compute_dtype") or compute
-    row["base_format"] = config.get("base_format") or base
+    row["compute_dtype"], row["base_format"], lora = "", "", False  # no config.json
+    if config:  # the one decoder of the precision fields (config.json records them resolved)
+        p = config_lib.precision_settings(ml_collections.ConfigDict(config))
+        row["compute_dtype"], row["base_format"], lora = p.compute_dtype, p.base_format, p.lora
     row["optimizer"] = config.get("optim", {}).get("name", "")
     lora_cfg = config.get("lora", {})
-    lora = bool(lora_cfg.get("enabled")) or row["base_format"] not in ("", "float")
     row["trainable"] = "lora" if lora else "full"
     row["trained"] = _trained(lora_cfg, row["base_format"]) if lora else "all weights"
     row["steps"] = max((r["step"] for r in records), default=0)

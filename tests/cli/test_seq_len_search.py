@@ -36,7 +36,7 @@ def test_only_valid_lengths_are_probed(monkeypatch, start):
     monkeypatch.setattr(search, "seq_len_step", lambda config: ATTENTION_CHUNK)
     fake, tried = _fake_try(lambda n: n)  # peak grows with the length
     monkeypatch.setattr(search, "_try", fake)
-    config = ml_collections.ConfigDict({"seq_len": start})
+    config = ml_collections.ConfigDict({"task": "lm", "seq_len": start})
     rows = search.search_seq_len(config, usable_bytes=5000, max_seq_len=16384, progress=print)
     assert all(n % ATTENTION_CHUNK == 0 for n in tried), tried
     lengths = [r.overrides["seq_len"] for r in rows]
@@ -49,7 +49,7 @@ def test_short_lengths_step_by_128_below_one_chunk(monkeypatch):
     monkeypatch.setattr(search, "seq_len_step", lambda config: ATTENTION_CHUNK)
     fake, tried = _fake_try(lambda n: n)
     monkeypatch.setattr(search, "_try", fake)
-    config = ml_collections.ConfigDict({"seq_len": 256})
+    config = ml_collections.ConfigDict({"task": "lm", "seq_len": 256})
     rows = search.search_seq_len(config, usable_bytes=400, progress=print)
     assert max(r.overrides["seq_len"] for r in rows if r.fits) == 384
     assert all(search.valid_seq_len(n, ATTENTION_CHUNK) for n in tried)

@@ -96,7 +96,7 @@ def test_seq_len_search_pulls_one_more_lever_where_the_config_does_not_fit(monke
     monkeypatch.setattr(search, "_try", fake_try)
     monkeypatch.setattr(search, "seq_len_step", lambda config: 512)
     config = ml_collections.ConfigDict(
-        {"seq_len": 2048, "loss_chunk_size": 1024,
+        {"task": "lm", "seq_len": 2048, "loss_chunk_size": 1024,
          "model": {"remat_policy": "full", "mlp_chunk_size": 0}}
     )  # fmt: skip
     assert search.seq_len_levers(config) == [
