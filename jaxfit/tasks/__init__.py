@@ -107,7 +107,16 @@ class TaskEntry:
         return families_lib.names(self.name)
 
 
-def _entry_of(module, task_class: type, name: str) -> TaskEntry:
+def entry_of(module, task_class: type, name: str) -> TaskEntry:
+    """The registry entry of a task module: its ``derive_config``, ``data_files``,
+    ``validate``, ``tokens_per_step``, ``model_flops``, ``SEARCHES_SEQ_LEN`` and
+    ``prepare_data``, and ``task_class``. A new task is its module under ``jaxfit/tasks``
+    plus one line in :data:`TASKS` (``tests/test_new_task.py`` registers one from a test
+    and plans and trains it).
+
+    Raises:
+      AttributeError: the module lacks one of those names.
+    """
     return TaskEntry(
         name=name,
         task_class=task_class,
@@ -122,8 +131,8 @@ def _entry_of(module, task_class: type, name: str) -> TaskEntry:
 
 
 TASKS: dict[str, TaskEntry] = {
-    "clip": _entry_of(clip, clip.CLIPTask, "clip"),
-    "lm": _entry_of(lm, lm.LMTask, "lm"),
+    "clip": entry_of(clip, clip.CLIPTask, "clip"),
+    "lm": entry_of(lm, lm.LMTask, "lm"),
 }
 # every model family names a registered task
 _orphans = {f.name: f.task for f in families_lib.FAMILIES.values() if f.task not in TASKS}
