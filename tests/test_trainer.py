@@ -291,11 +291,15 @@ def test_first_step_time_is_its_run_and_compilation_is_apart(tmp_path, monkeypat
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     first = next(r for r in rows if "perf/first_step_time_s" in r)
     assert first["step"] == 1 and len(ran) == 3
-    assert first["perf/first_step_time_s"] == pytest.approx(ran[0], rel=0.1)
-    assert first["perf/compile_time_s"] > 0
+    compile_s = first["perf/compile_time_s"]
+    assert compile_s > 0
+    # the first step's time is its run: the sleep plus a tiny step, never the compilation
+    # (the bounds scale with the compilation, so a loaded machine stretches both alike)
+    assert ran[0] <= first["perf/first_step_time_s"] < ran[0] + 0.5 * compile_s, (first, ran)
     steady = [r["perf/step_time_s"] for r in rows if "perf/step_time_s" in r and r["step"] > 1]
-    # the compilation (seconds) is in none of them; the second step retraces the jit once
-    assert len(steady) == 2 and all(slow <= t < 1.5 * slow for t in steady), steady
+    # the compilation is in none of them; the second step retraces the jit once
+    assert len(steady) == 2, steady
+    assert all(slow <= t < slow + 0.5 * compile_s for t in steady), (steady, compile_s)
 
 
 def test_evaluate_prints_recalls_in_order_with_chance(tmp_path, capsys):
