@@ -123,12 +123,7 @@ class LoraWeight:
         h = x
         if self.dropout > 0.0 and self.dropout_rng is not None:
             keep = 1.0 - self.dropout
-            # Philox-4x32-10 (Salmon et al. 2011; the generator of PyTorch's CUDA dropout)
-            # over the raw key. jax lowers it unrolled on every backend; its default,
-            # Threefry, is a rolled loop on a CPU, whose state and hoisted counters held
-            # 0.45 GiB of the 8B QLoRA plan made on a CPU (9.03 -> 8.58 GiB). The step
-            # compiled for a GPU needs 7.41 GiB with either (docs/BENCHMARKS.md).
-            key = jax.random.wrap_key_data(self.dropout_rng, impl="philox4x32")
+            key = jax.random.wrap_key_data(self.dropout_rng)
             mask = jax.random.bernoulli(key, keep, x.shape)
             h = jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
         a = jnp.asarray(placement.gathered(self.lora_A, dtype), dtype)  # whole under FSDP
