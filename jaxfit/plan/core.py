@@ -126,6 +126,27 @@ def hoisted_upcasts(hlo_text: str) -> dict[str, int]:
     }
 
 
+# jax lowers its Threefry-2x32 hash (``threefry2x32_p``: ``jax.random``, LoRA dropout
+# masks) as a rolled ``while`` loop of 5 x 4 rounds on a CPU only
+# (``_threefry2x32_cpu_lowering_rule`` in ``jax/_src/random/threefry2x32.py``; a GPU gets
+# the unrolled form, fused into the op that uses the bits): the loop's state is
+# ``(i, x0, x1, ks0, ks1, ks2, rotations0, rotations1)``.
+_THREEFRY_LOOP = re.compile(
+    r"%(while[.\d]*) = \(s32\[\], u32\[([\d,]*)\]\{[^}]*\}, u32\[\2\]\{[^}]*\}, "
+    r"u32\[\], u32\[\], u32\[\], u32\[4\]\{0\}, u32\[4\]\{0\}\) while\("
+)
+
+
+def threefry_loops(hlo_text: str) -> set[str]:
+    """Names of the ``while`` instructions of an optimised XLA:CPU program that are jax's
+    rolled Threefry-2x32 hash (:data:`_THREEFRY_LOOP`). Their state holds two ``uint32``
+    arrays of the hashed shape (224 MiB for a LoRA dropout mask of a ``[2048, 14336]`` MLP
+    input) that only a CPU keeps: the deviceless XLA:GPU compile of the 8B QLoRA step
+    needs 7.41 GiB with dropout 0.05 and 7.30 GiB without (docs/BENCHMARKS.md)."""
+    text = re.sub(r"/\*index=\d+\*/", "", hlo_text)
+    return {m.group(1) for m in _THREEFRY_LOOP.finditer(text)}
+
+
 def _f32_bytes(dims: str) -> int:
     return 4 * int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
 
@@ -175,7 +196,8 @@ class Plan:
         ``aliased``, ``temporaries``, ``peak`` (XLA's, on this backend), and
         ``peak_target``: the peak on the card planned for. Compiled on a GPU (or for a
         deviceless XLA:GPU target) it is ``peak``; compiled on a CPU it is ``peak`` less
-        ``cpu_fragmentation``, ``cpu_upcasts`` and ``host_on_device``, each measured where
+        ``cpu_fragmentation``, ``cpu_upcasts``, ``cpu_rng_loops`` and
+        ``host_on_device``, each measured where
         the temporaries peak (:func:`_cpu_only_bytes`, :mod:`jaxfit.plan.liveness`). The
         CPU compile still differs from a GPU's in other ways (fusion; float32
         activations and copies of each layer's weights inside the loop; the blocked
@@ -420,21 +442,27 @@ def _cpu_only_bytes(config, hlo_text: str, jaxpr, live, host_on_device: int) -> 
       (:func:`loop_upcasts`: where XLA:CPU converts a stacked bf16 activation before the
       backward loop, the bf16 original may be dead at the peak, so the copy counts as the
       bf16 stack a GPU holds, half its bytes);
+    * ``cpu_rng_loops``: the state of jax's rolled Threefry loops (:func:`threefry_loops`:
+      LoRA dropout masks; a GPU hashes inside the fusion that uses the bits);
     * ``host_on_device``: under the ``offload`` policy, the layer-input stacks a GPU keeps
       in pinned host memory (:func:`offloaded_stacks`).
 
-    Without the dump (XLA wrote none) the whole sizes are taken off, and no
-    fragmentation."""
+    Without the dump (XLA wrote none) the whole upcast sizes are taken off, no
+    fragmentation and no Threefry state."""
     hoisted, looped = hoisted_upcasts(hlo_text), loop_upcasts(hlo_text)
+    rng_loops = threefry_loops(hlo_text)
     if live is None:
         return {
             "cpu_fragmentation": 0,
             "cpu_upcasts": sum(hoisted.values()) + sum(looped.values()),
+            "cpu_rng_loops": 0,
             "host_on_device": host_on_device,
         }
     stacks = {_dims(s) for s in offloaded_stacks(jaxpr)} if host_on_device else set()
 
-    def gpu_bytes(v, offload: bool) -> int:
+    def gpu_bytes(v, offload: bool, rng: bool = True) -> int:
+        if rng and v.name in rng_loops:  # hashed inside the bits' user on a GPU
+            return 0
         if v.name in hoisted:  # the bf16 argument itself is among the arguments
             return 0
         offloaded = offload and _dims(v.shape) in stacks
@@ -443,12 +471,14 @@ def _cpu_only_bytes(config, hlo_text: str, jaxpr, live, host_on_device: int) -> 
         return 0 if offloaded else v.size
 
     whole, _ = live.peak()
-    no_upcasts, _ = live.peak(lambda v: gpu_bytes(v, offload=False))
+    no_upcasts, _ = live.peak(lambda v: gpu_bytes(v, offload=False, rng=False))
+    no_rng, _ = live.peak(lambda v: gpu_bytes(v, offload=False))
     on_device, _ = live.peak(lambda v: gpu_bytes(v, offload=True))
     return {
         "cpu_fragmentation": max(live.heap_bytes - whole, 0),
         "cpu_upcasts": whole - no_upcasts,
-        "host_on_device": no_upcasts - on_device,
+        "cpu_rng_loops": no_upcasts - no_rng,
+        "host_on_device": no_rng - on_device,
     }
 
 
@@ -499,11 +529,11 @@ def plan_config(config) -> Plan:
     memory["peak"] += memory["temporaries"]
     hlo_text = compiled.as_text()
     memory.update(_host_bytes(config, ma, jaxpr, on_cpu))
-    memory.update({"cpu_fragmentation": 0, "cpu_upcasts": 0})
+    memory.update({"cpu_fragmentation": 0, "cpu_upcasts": 0, "cpu_rng_loops": 0})
     if on_cpu:
         memory.update(_cpu_only_bytes(config, hlo_text, jaxpr, live, memory["host_on_device"]))
     memory["peak_target"] = memory["peak"] - sum(
-        memory[k] for k in ("cpu_fragmentation", "cpu_upcasts", "host_on_device")
+        memory[k] for k in ("cpu_fragmentation", "cpu_upcasts", "cpu_rng_loops", "host_on_device")
     )
     batch_size = config.batch_size
     return Plan(

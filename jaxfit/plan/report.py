@@ -65,6 +65,11 @@ def memory_report(plan: Plan, budget: int, usable: int, device: str) -> str:
             f"  less {format_bytes(m['cpu_upcasts'])} of float32 copies of bf16 arguments "
             "that only XLA:CPU makes (it has no bf16 matmul), live at the peak"
         )
+    if m.get("cpu_rng_loops"):
+        lines.append(
+            f"  less {format_bytes(m['cpu_rng_loops'])} of Threefry loop state (LoRA dropout "
+            "masks: jax hashes in a loop on a CPU only), live at the peak"
+        )
     if m.get("host_on_device"):
         lines.append(
             f"  less {format_bytes(m['host_on_device'])} of layer inputs a GPU keeps in "

@@ -128,9 +128,10 @@ def test_seq_len_search_pulls_one_more_lever_where_the_config_does_not_fit(monke
 def test_llama3_8b_qlora_longest_context_on_cpu():
     """``python -m jaxfit.plan --config configs/llama3_8b_qlora.py --search_seq_len`` (12
     GiB): the CPU estimate of the longest batch-1 context, as docs/BENCHMARKS.md publishes
-    it: 5,120 tokens with the layer inputs offloaded and the MLP in blocks of 2,048
-    (6,144 plans 11.28 GiB with every lever: XLA:CPU's float32 activations). The
-    deviceless XLA:GPU compile of the same steps finds 36,864 (BENCHMARKS)."""
+    it: 7,680 tokens with the layer inputs offloaded and the MLP in blocks of 2,048 (5,120
+    while the plan kept the state of jax's rolled Threefry loops, the LoRA dropout masks'
+    hash on a CPU; longer: XLA:CPU's float32 activations). The deviceless XLA:GPU compile
+    of the same steps finds 36,864 (BENCHMARKS)."""
     from jaxfit.plan.apply import usable_bytes
 
     config = config_lib.load_config(str(REPO / "configs" / "llama3_8b_qlora.py"))
@@ -138,5 +139,48 @@ def test_llama3_8b_qlora_longest_context_on_cpu():
                                  progress=print)  # fmt: skip
     best = max((r for r in rows if r.fits), key=lambda r: r.overrides["seq_len"])
     assert best.overrides == {
-        "seq_len": 5120, "model.remat_policy": "offload", "model.mlp_chunk_size": 2048
+        "seq_len": 7680, "model.remat_policy": "offload", "model.mlp_chunk_size": 2048
     }  # fmt: skip
+
+
+@pytest.mark.skipif(not ON_CPU, reason="jax's CPU lowering of Threefry")
+def test_threefry_loop_state_is_taken_off_the_cpu_estimate():
+    """jax hashes Threefry in a rolled ``while`` loop on a CPU only (a GPU fuses the
+    unrolled hash into the op using the bits): the planner finds those loops in the
+    optimised HLO by their state (two ``uint32`` arrays of the hashed shape) and takes the
+    state live at the peak off the CPU estimate (``cpu_rng_loops``). A LoRA run with
+    dropout has such loops, one without has none."""
+    import jax
+    import jax.numpy as jnp
+
+    def masked(x, keys):
+        def body(h, k):
+            keep = jax.random.bernoulli(jax.random.wrap_key_data(k), 0.9, h.shape)
+            return jnp.tanh(jnp.where(keep, h, 0.0)), None
+
+        return jax.lax.scan(body, x, keys)[0].sum()
+
+    keys = jax.random.key_data(jax.random.split(jax.random.key(0), 3))
+    x = jax.ShapeDtypeStruct((64, 256), jnp.float32)
+    hlo = jax.jit(jax.grad(masked)).lower(x, keys).compile().as_text()
+    loops = core.threefry_loops(hlo)
+    assert loops, "no rolled Threefry loop found"
+    for name in loops:  # each loop's state holds the hashed [64, 256] counters
+        line = next(t for t in hlo.splitlines() if t.lstrip().startswith(f"%{name} = "))
+        assert line.count("u32[64,256]") == 2, line
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not ON_CPU, reason="jax's CPU lowering of Threefry")
+def test_the_8b_plan_leaves_out_the_dropout_hash_state():
+    """The 8B QLoRA plan (dropout 0.05) takes at least one MLP-input mask's loop state
+    (two uint32 [1, 2048, 14336] arrays, 224 MiB) off the CPU estimate; with dropout 0
+    there is nothing to take off."""
+    cfg = str(REPO / "configs" / "llama3_8b_qlora.py")
+    m = core.plan_config(config_lib.load_config(cfg)).memory
+    assert m["cpu_rng_loops"] >= 2 * 4 * 2048 * 14336, m["cpu_rng_loops"]
+    taken_off = sum(m[k] for k in ("cpu_fragmentation", "cpu_upcasts", "cpu_rng_loops"))
+    assert m["peak_target"] == m["peak"] - taken_off - m["host_on_device"]
+    no_dropout = core.plan_config(config_lib.load_config(cfg, ["lora.dropout=0.0"])).memory
+    assert no_dropout["cpu_rng_loops"] == 0
+    assert no_dropout["peak_target"] < m["peak_target"]
