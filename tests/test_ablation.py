@@ -317,8 +317,9 @@ PUBLISHED_BASE_LOSS = 0.7150
 PUBLISHED_LOSS = {"lora-fp32": 0.6880, "qlora-nf4": 0.6881}
 PUBLISHED_TOLERANCE = 0.003
 # docs/BENCHMARKS.md's planned peaks (MiB) of the same arms: XLA's buffers of the step,
-# deterministic for one jax version; 2% is the tolerance of the planner's memory records
-PUBLISHED_PLANNED_MIB = {"lora-fp32": 33.6, "qlora-nf4": 24.2}
+# deterministic for one jax version; 2% is the tolerance of the planner's memory records.
+# NF4: 24.2 until the planner left out jax's CPU-only Threefry loop state (747e472)
+PUBLISHED_PLANNED_MIB = {"lora-fp32": 33.6, "qlora-nf4": 23.7}
 
 
 @pytest.mark.slow
